@@ -1,0 +1,275 @@
+"""The Mixtral sparse-MoE decoder in Flax linen, matching HF `MixtralForCausalLM`.
+
+Why linen: `nn.scan` + `nn.remat` give one compiled layer for all 32 with a single flag, and
+`nn.with_logical_partitioning` attaches logical axis names to every weight, which the sharding rules map to a
+mesh (MaxText's approach). The public API is functional (`init_params`, `forward`): params are a plain
+pytree of arrays, so losses, optimizers, converters and checkpoints never see a Module.
+
+Array names carry their shapes: B batch, S sequence (queries), T keys, D hidden, H query heads,
+K kv heads, G query heads per kv head, Dh head dim, V vocab, E experts, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jsmaug import moe
+from jsmaug.config import MixtralConfig
+
+Params = Any
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, config: MixtralConfig):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(config.param_dtype))
+
+
+def _normal(config: MixtralConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD):
+        weight_D = _param(self, "weight", (x_BxSxD.shape[-1],), ("embed",), nn.initializers.ones, self.config)
+        # Computed in float32 and cast back before the weight, as HF does.
+        xf = x_BxSxD.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return y.astype(x_BxSxD.dtype) * weight_D.astype(x_BxSxD.dtype)
+
+
+def rope_cos_sin(positions_BxS, head_dim: int, theta: float):
+    """rotate_half RoPE tables in float32: (B, S, head_dim) each."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxSxHxDh, cos_BxSxDh, sin_BxSxDh):
+    half = x_BxSxHxDh.shape[-1] // 2
+    x1, x2 = x_BxSxHxDh[..., :half], x_BxSxHxDh[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BxSxDh[:, :, None, :], sin_BxSxDh[:, :, None, :]
+    return (x_BxSxHxDh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BxSxHxDh.dtype)
+
+
+def attention_mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None,
+                         q_index_BxS=None, kv_index_BxT=None):
+    """Causal + same-segment (packing) + not-padding (segment 0) + optional sliding window, as booleans."""
+    kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
+    s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
+    q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
+    k_idx = jnp.arange(t)[None, :] if kv_index_BxT is None else kv_index_BxT
+    q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
+    mask = (k_idx <= q_idx) & (segment_ids_BxS[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] > 0)
+    if sliding_window is not None:
+        # HF: a query sees keys with q - k < window (itself included).
+        mask &= (q_idx - k_idx) < sliding_window
+    return mask
+
+
+class Attention(nn.Module):
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT):
+        c = self.config
+        dtype = _dtype(c.dtype)
+        d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
+        wq = _param(self, "q_proj", (d, h, dh), ("embed", "heads", "head_dim"), _normal(c), c)
+        wk = _param(self, "k_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), _normal(c), c)
+        wv = _param(self, "v_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), _normal(c), c)
+        wo = _param(self, "o_proj", (h, dh, d), ("heads", "head_dim", "embed"), _normal(c), c)
+        x = x_BxSxD.astype(dtype)
+        q_BxSxHxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype)), cos, sin)
+        k_BxSxKxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype)), cos, sin)
+        v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+        b, s = q_BxSxHxDh.shape[:2]
+        q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxSxKxDh,
+                            preferred_element_type=jnp.float32) * (dh ** -0.5)
+        scores = jnp.where(mask_BxSxT[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # softmax in float32
+        out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxSxKxDh)
+        out = jnp.einsum("bshk,hkd->bsd", out_BxSxKxGxDh.reshape(b, s, h, dh), wo.astype(dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD, token_mask_BxS):
+        c = self.config
+        dtype = _dtype(c.dtype)
+        d, f, e = c.hidden_size, c.intermediate_size, c.num_local_experts
+        gate = _param(self, "gate", (d, e), ("embed", "exp"), _normal(c), c)
+        w1 = _param(self, "w1", (e, d, f), ("exp", "embed", "mlp"), _normal(c), c)
+        w3 = _param(self, "w3", (e, d, f), ("exp", "embed", "mlp"), _normal(c), c)
+        w2 = _param(self, "w2", (e, f, d), ("exp", "mlp", "embed"), _normal(c), c)
+        b, s, _ = x_BxSxD.shape
+        x_TxD = x_BxSxD.reshape(b * s, d).astype(dtype)
+        # Router in float32 (its softmax decides which experts run: keep it exact).
+        logits_TxE = x_TxD.astype(jnp.float32) @ gate.astype(jnp.float32)
+        probs_TxE, idx_TxK, w_TxK = moe.route(logits_TxE, c.num_experts_per_tok)
+        y_TxD, dropped = moe.expert_ffn(x_TxD, idx_TxK, w_TxK.astype(dtype), w1, w3, w2, impl=c.moe_impl,
+                                        block_size=c.moe_block_size, capacity_factor=c.moe_capacity_factor)
+        # Load-balancing statistics over unpadded tokens (HF's load_balancing_loss_func with an attention mask).
+        valid_T = token_mask_BxS.reshape(-1).astype(jnp.float32)
+        counts_E = jnp.sum(jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * valid_T[:, None, None], axis=(0, 1))
+        prob_sums_E = jnp.sum(probs_TxE * valid_T[:, None], axis=0)
+        stats = {"counts": counts_E, "prob_sums": prob_sums_E, "dropped": dropped}
+        return y_TxD.reshape(b, s, d), stats
+
+
+class DecoderLayer(nn.Module):
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS):
+        h = Attention(self.config, name="self_attn")(RMSNorm(self.config, name="input_layernorm")(x_BxSxD),
+                                                         cos, sin, mask_BxSxT)
+        x_BxSxD = x_BxSxD + h.astype(x_BxSxD.dtype)
+        y, stats = SparseMoE(self.config, name="block_sparse_moe")(
+            RMSNorm(self.config, name="post_attention_layernorm")(x_BxSxD), token_mask_BxS)
+        return x_BxSxD + y.astype(x_BxSxD.dtype), stats
+
+
+class _ScanBody(nn.Module):
+    """DecoderLayer with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, token_mask):
+        layer_cls = DecoderLayer
+        if self.config.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                      if self.config.remat == "minimal" else None)
+            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+        return layer_cls(self.config, name="layer")(x, cos, sin, mask, token_mask)
+
+
+class Mixtral(nn.Module):
+    config: MixtralConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens", nn.with_logical_partitioning(_normal(c), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size), _dtype(c.param_dtype))
+        self.layers = nn.scan(
+                _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        self.norm = RMSNorm(c, name="norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(_normal(c), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size), _dtype(c.param_dtype))
+
+    def hidden(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
+        """Final normed hidden states (B, S, D) and the stacked per-layer MoE statistics."""
+        c = self.config
+        dtype = _dtype(c.dtype)
+        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(dtype)
+        cos, sin = rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta)
+        mask = attention_mask_BxSxT(segment_ids_BxS, c.sliding_window)
+        token_mask = segment_ids_BxS > 0
+        # One compiled layer for all of them; stats come back stacked over layers.
+        x, stats = self.layers(x, cos, sin, mask, token_mask)
+        return self.norm(x), stats
+
+    def unembed(self, h_BxSxD):
+        dtype = _dtype(self.config.dtype)
+        w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
+        return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(dtype), w.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
+        h, stats = self.hidden(input_ids_BxS, segment_ids_BxS, positions_BxS)
+        return self.unembed(h), stats
+
+
+# ---------------------------------------------------------------------------------------------- functional API
+
+@functools.lru_cache(maxsize=None)
+def _module(config: MixtralConfig) -> Mixtral:
+    return Mixtral(config)
+
+
+def _dummy_inputs():
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return ids, jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: MixtralConfig, rng: jax.Array) -> Params:
+    """Random parameters (a plain pytree of arrays, dtype `config.param_dtype`)."""
+    boxed = _module(config).init(rng, *_dummy_inputs())["params"]
+    return nn.meta.unbox(boxed)
+
+
+def param_shapes(config: MixtralConfig) -> Params:
+    """ShapeDtypeStructs of the params, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def logical_axes(config: MixtralConfig) -> Params:
+    """A pytree like the params whose leaves are PartitionSpecs of *logical* axis names."""
+    boxed = jax.eval_shape(lambda: _module(config).init(jax.random.key(0), *_dummy_inputs())["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def _inputs(input_ids, attention_mask, segment_ids, positions):
+    b, s = input_ids.shape
+    if segment_ids is None:
+        segment_ids = (jnp.ones((b, s), jnp.int32) if attention_mask is None
+                       else jnp.asarray(attention_mask).astype(jnp.int32))
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return jnp.asarray(input_ids, jnp.int32), jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32)
+
+
+def aux_loss_from_stats(config: MixtralConfig, stats, segment_ids_BxS) -> jax.Array:
+    """HF's load-balancing loss (unscaled) from the per-layer statistics the layers return."""
+    num_rows = config.num_hidden_layers * jnp.sum((segment_ids_BxS > 0).astype(jnp.float32))
+    return moe.load_balancing_loss(jnp.sum(stats["counts"], 0), jnp.sum(stats["prob_sums"], 0), num_rows,
+                                   config.num_local_experts)
+
+
+def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
+                   positions=None):
+    """Final hidden states (B, S, D) before the lm_head, the aux loss and the MoE statistics."""
+    ids, seg, pos = _inputs(input_ids, attention_mask, segment_ids, positions)
+    h, stats = _module(config).apply({"params": params}, ids, seg, pos, method=Mixtral.hidden)
+    return h, aux_loss_from_stats(config, stats, seg), stats
+
+
+def unembed(config: MixtralConfig, params: Params, h_BxSxD):
+    """Float32 logits from hidden states (exposed so losses can chunk over the sequence)."""
+    return _module(config).apply({"params": params}, h_BxSxD, method=Mixtral.unembed)
+
+
+def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
+            positions=None, return_stats: bool = False):
+    """Logits (B, S, V) in float32 and HF's load-balancing aux loss (unscaled, padding excluded).
+
+    attention_mask: (B, S) 1 for tokens, 0 for padding. segment_ids (packed sequences, 0 = padding) takes
+    its place when given. positions default to 0..S-1 in every row (HF's default).
+    """
+    h, aux, stats = forward_hidden(config, params, input_ids, attention_mask, segment_ids=segment_ids,
+                                   positions=positions)
+    logits = unembed(config, params, h)
+    return (logits, aux, stats) if return_stats else (logits, aux)

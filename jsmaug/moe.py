@@ -1,0 +1,182 @@
+"""Sparse mixture-of-experts: routing and the expert feed-forward, with several dispatch paths.
+
+All paths compute, for every token t with chosen experts e_1..e_k and weights g_1..g_k,
+    y_t = sum_j g_j * w2[e_j]( silu(w1[e_j] x_t) * w3[e_j] x_t )
+and differ only in how tokens reach their experts:
+
+- "dense":    every expert on every token, masked by the combine weights. E/k times the useful FLOPs;
+              the reference the others are tested against.
+- "ragged":   sort the (token, expert) assignments by expert and run `jax.lax.ragged_dot`. Dropless. On GPU and
+              TPU XLA lowers it to a grouped matmul; on CPU it becomes a masked dense product (E x the FLOPs),
+              so "auto" does not pick it there.
+- "blocked":  sort assignments by expert, pad each expert's group to a multiple of `block_size` rows, and run
+              one (block_size x hidden) @ (hidden x mlp) matmul per block with that block's expert weights, in a
+              `lax.scan`. Dropless; wastes at most block_size-1 rows per expert. The CPU path.
+- "capacity": sort by expert, keep at most C = ceil(capacity_factor * T * k / E) rows per expert, drop the rest
+              (counted). Classic Switch-style; fixed shapes, not dropless.
+
+Array names carry their shapes: T tokens, D hidden, F mlp (intermediate), E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def route(router_logits_TxE: jax.Array, k: int):
+    """Mixtral routing: float32 softmax over experts, top-k, renormalise the k weights to sum to 1.
+
+    Returns (probs_TxE float32, topk_idx_TxK int32, topk_weight_TxK float32).
+    """
+    probs_TxE = jax.nn.softmax(router_logits_TxE.astype(jnp.float32), axis=-1)
+    topk_w_TxK, topk_idx_TxK = jax.lax.top_k(probs_TxE, k)
+    topk_w_TxK = topk_w_TxK / jnp.sum(topk_w_TxK, axis=-1, keepdims=True)
+    return probs_TxE, topk_idx_TxK.astype(jnp.int32), topk_w_TxK
+
+
+def _swiglu(x, w1, w3, w2, dtype):
+    h = jax.nn.silu(x @ w1.astype(dtype)) * (x @ w3.astype(dtype))
+    return h @ w2.astype(dtype)
+
+
+def dense_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
+    """Every expert on every token (reference path)."""
+    dtype = x_TxD.dtype
+    num_experts = w1_ExDxF.shape[0]
+    combine_TxE = jnp.sum(jax.nn.one_hot(idx_TxK, num_experts, dtype=jnp.float32) * w_TxK[..., None], axis=1)
+    h_TxExF = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w1_ExDxF.astype(dtype))) * jnp.einsum(
+        "td,edf->tef", x_TxD, w3_ExDxF.astype(dtype))
+    y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, w2_ExFxD.astype(dtype))
+    return jnp.einsum("ted,te->td", y_TxExD, combine_TxE.astype(dtype)), jnp.zeros((), jnp.int32)
+
+
+def _sort_assignments(idx_TxK, num_experts):
+    """Flattens (token, slot) assignments and sorts them by expert (stable, so token order is kept)."""
+    num_tokens, k = idx_TxK.shape
+    expert_A = idx_TxK.reshape(-1)  # A = T*K assignments, token-major
+    order_A = jnp.argsort(expert_A, stable=True)
+    token_A = (order_A // k).astype(jnp.int32)  # which token each sorted assignment belongs to
+    group_sizes_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
+    return order_A, token_A, expert_A[order_A], group_sizes_E
+
+
+def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
+    weight_A = w_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
+    out = jnp.zeros((num_tokens, y_AxD.shape[-1]), y_AxD.dtype)
+    return out.at[token_A].add(y_AxD * weight_A[:, None])
+
+
+def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
+    """Sorted grouped matmul through `jax.lax.ragged_dot` (dropless)."""
+    dtype = x_TxD.dtype
+    order_A, token_A, _, group_sizes_E = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
+    xs_AxD = x_TxD[token_A]
+    h_AxF = jax.nn.silu(jax.lax.ragged_dot(xs_AxD, w1_ExDxF.astype(dtype), group_sizes_E)) * jax.lax.ragged_dot(
+        xs_AxD, w3_ExDxF.astype(dtype), group_sizes_E)
+    y_AxD = jax.lax.ragged_dot(h_AxF, w2_ExFxD.astype(dtype), group_sizes_E)
+    return _combine(y_AxD, order_A, token_A, w_TxK, x_TxD.shape[0]), jnp.zeros((), jnp.int32)
+
+
+def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size: int = 128):
+    """Sorted, block-padded grouped matmul (dropless): one expert per block of `block_size` rows."""
+    dtype = x_TxD.dtype
+    num_tokens, k = idx_TxK.shape
+    num_experts = w1_ExDxF.shape[0]
+    num_assign = num_tokens * k
+    bs = int(min(block_size, max(8, 1 << (num_assign - 1).bit_length())))  # no bigger than needed
+    order_A, token_A, expert_A, group_sizes_E = _sort_assignments(idx_TxK, num_experts)
+
+    # Each expert's group starts on a block boundary of the padded buffer.
+    padded_sizes_E = (group_sizes_E + bs - 1) // bs * bs
+    padded_ends_E = jnp.cumsum(padded_sizes_E)
+    padded_starts_E = padded_ends_E - padded_sizes_E
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    rank_A = jnp.arange(num_assign, dtype=jnp.int32) - starts_E[expert_A]
+    dest_A = padded_starts_E[expert_A] + rank_A
+
+    num_blocks = math.ceil(num_assign / bs) + num_experts  # static bound on sum_e ceil(g_e / bs)
+    rows = num_blocks * bs
+    xs_RxD = jnp.zeros((rows, x_TxD.shape[1]), dtype).at[dest_A].set(x_TxD[token_A])
+    block_expert_M = jnp.minimum(
+        jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * bs, side="right"), num_experts - 1).astype(jnp.int32)
+    used_blocks = padded_ends_E[-1] // bs
+
+    w1c, w3c, w2c = (w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
+
+    def one_block(_, inp):
+        m, e, xb_BxD = inp
+
+        def compute(xb):
+            return _swiglu(xb, w1c[e], w3c[e], w2c[e], dtype)
+
+        # Blocks past the last used one hold only padding: skip their matmuls.
+        yb = jax.lax.cond(m < used_blocks, compute, jnp.zeros_like, xb_BxD)
+        return None, yb
+
+    _, ys_MxBxD = jax.lax.scan(
+        one_block, None, (jnp.arange(num_blocks), block_expert_M, xs_RxD.reshape(num_blocks, bs, -1)))
+    y_AxD = ys_MxBxD.reshape(rows, -1)[dest_A]
+    return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
+
+
+def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_factor: float = 1.25):
+    """Capacity-factor dispatch: at most C rows per expert; overflowing assignments are dropped and counted.
+
+    Earlier tokens win (assignments are kept in token order within each expert).
+    """
+    dtype = x_TxD.dtype
+    num_tokens, k = idx_TxK.shape
+    num_experts = w1_ExDxF.shape[0]
+    capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    order_A, token_A, expert_A, group_sizes_E = _sort_assignments(idx_TxK, num_experts)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    rank_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
+    keep_A = rank_A < capacity
+    # Dropped assignments write to a scratch slot (index `capacity`) that is cut off afterwards.
+    slot_A = jnp.where(keep_A, rank_A, capacity)
+    buf_ExCxD = jnp.zeros((num_experts, capacity + 1, x_TxD.shape[1]), dtype)
+    buf_ExCxD = buf_ExCxD.at[expert_A, slot_A].set(x_TxD[token_A])[:, :capacity]
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, w1_ExDxF.astype(dtype))) * jnp.einsum(
+        "ecd,edf->ecf", buf_ExCxD, w3_ExDxF.astype(dtype))
+    out_ExCxD = jnp.einsum("ecf,efd->ecd", h, w2_ExFxD.astype(dtype))
+    out_ExCxD = jnp.pad(out_ExCxD, ((0, 0), (0, 1), (0, 0)))  # scratch slot reads back zeros
+    y_AxD = out_ExCxD[expert_A, slot_A]
+    dropped = jnp.sum(~keep_A).astype(jnp.int32)
+    return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> 'ragged' where XLA has a grouped matmul (GPU, TPU), 'blocked' on CPU."""
+    if impl != "auto":
+        return impl
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+
+def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str = "auto",
+               block_size: int = 128, capacity_factor: float = 1.25):
+    """Dispatches to the chosen path. Returns (y_TxD, number of dropped assignments)."""
+    impl = resolve_impl(impl)
+    args = (x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    if impl == "dense":
+        return dense_ffn(*args)
+    if impl == "ragged":
+        return ragged_ffn(*args)
+    if impl == "blocked":
+        return blocked_ffn(*args, block_size=block_size)
+    if impl == "capacity":
+        return capacity_ffn(*args, capacity_factor=capacity_factor)
+    raise ValueError(f"unknown moe_impl {impl!r}")
+
+
+def load_balancing_loss(counts_E, prob_sums_E, num_rows, num_experts: int):
+    """HF's `load_balancing_loss_func` from accumulated statistics.
+
+    counts_E: top-k assignments per expert summed over all layers' (unpadded) tokens;
+    prob_sums_E: router probabilities per expert summed likewise; num_rows: layers x unpadded tokens.
+    aux = E * sum_e (counts_e / N) * (prob_sums_e / N); equals k under perfectly even routing.
+    """
+    n = jnp.maximum(num_rows, 1.0)
+    return num_experts * jnp.sum((counts_E / n) * (prob_sums_E / n))
