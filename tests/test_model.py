@@ -9,6 +9,9 @@ import jax.numpy as jnp
 from hf_fixtures import hf_forward, make_hf_checkpoint
 from jsmaug import hf, model
 
+# One jitted forward shared by every test (the config is static: a frozen, hashable dataclass).
+fwd = jax.jit(model.forward, static_argnums=0)
+
 CASES = {
     # name: (HF config overrides, batch, seq)
     "gqa2_top2": (dict(), 2, 12),
@@ -34,7 +37,7 @@ def case(request, tmp_path_factory):
 def test_logits_and_aux_match_hf(case):
     name, torch_model, config, params, ids, mask = case
     want_logits, want_aux = hf_forward(torch_model, ids, mask)
-    logits, aux = jax.jit(lambda p, i, m: model.forward(config, p, i, m))(params, ids, mask)
+    logits, aux = fwd(config, params, ids, mask)
     logits = np.asarray(logits)
     valid = mask.astype(bool)
     np.testing.assert_allclose(logits[valid], want_logits[valid], atol=1e-4, rtol=0, err_msg=name)
@@ -44,7 +47,7 @@ def test_logits_and_aux_match_hf(case):
 def test_no_padding_matches_hf(case):
     name, torch_model, config, params, ids, _ = case
     want_logits, want_aux = hf_forward(torch_model, ids)
-    logits, aux = jax.jit(lambda p, i: model.forward(config, p, i))(params, ids)
+    logits, aux = fwd(config, params, ids)
     np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0, err_msg=name)
     np.testing.assert_allclose(float(aux), want_aux, atol=1e-5, rtol=0, err_msg=name)
 
@@ -58,8 +61,8 @@ def test_packed_segments_equal_separate_sequences(case):
     pos = np.array([list(range(5)) + list(range(4))])
     fwd = jax.jit(lambda p, i, s, q: model.forward(config, p, i, segment_ids=s, positions=q)[0])
     got = np.asarray(fwd(params, packed, seg, pos))[0]
-    want_a = np.asarray(model.forward(config, params, a[None])[0])[0]
-    want_b = np.asarray(model.forward(config, params, b[None])[0])[0]
+    want_a = np.asarray(fwd(config, params, a[None])[0])[0]
+    want_b = np.asarray(fwd(config, params, b[None])[0])[0]
     np.testing.assert_allclose(got[:5], want_a, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(got[5:], want_b, atol=1e-5, err_msg=name)
 
@@ -67,8 +70,8 @@ def test_packed_segments_equal_separate_sequences(case):
 def test_bfloat16_compute_close_to_float32(case):
     """bf16 compute (float32 master weights): measured max |logit diff| relative to the logit scale."""
     name, _, config, params, ids, mask = case
-    want, _ = model.forward(config, params, ids, mask)
-    got, _ = model.forward(config.replace(dtype="bfloat16"), params, ids, mask)
+    want, _ = fwd(config, params, ids, mask)
+    got, _ = fwd(config.replace(dtype="bfloat16"), params, ids, mask)
     valid = mask.astype(bool)
     err = np.abs(np.asarray(got, np.float32) - np.asarray(want))[valid].max()
     scale = np.abs(np.asarray(want))[valid].max()
@@ -87,8 +90,9 @@ def test_remat_and_logical_axes():
         logits, aux = model.forward(conf, p, ids)
         return jnp.mean(logits ** 2) + aux
 
-    g0 = jax.grad(loss)(params, c)
-    g1 = jax.grad(loss)(params, c.replace(remat="full"))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g0 = grad(params, c)
+    g1 = grad(params, c.replace(remat="full"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g0, g1)
     axes = model.logical_axes(c)
     assert tuple(axes["layers"]["layer"]["block_sparse_moe"]["w1"]) == ("layers", "exp", "embed", "mlp")
