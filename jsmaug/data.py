@@ -1,0 +1,255 @@
+"""Preference data: files -> validated rows -> tokenised pairs -> padded [chosen; rejected] batches.
+
+The data never knows about the mesh or the loss. A batch of `batch_size` pairs is a dict of numpy arrays with
+2 * batch_size rows, the chosen rows first, then the rejected rows in the same order:
+
+    input_ids   (2B, L) int32   <s> prompt completion </s>, then padding (id 0)
+    segment_ids (2B, L) int32   1 on tokens, 0 on padding (the model's attention mask / packing ids)
+    positions   (2B, L) int32   0..n-1 on tokens
+    labels      (2B, L) int32   labels[t] = input_ids[t + 1] (the shift is made here, explicitly); 0 at the end
+    loss_mask   (2B, L) int32   1 where labels[t] is a COMPLETION token (prompt and padding excluded)
+
+L is the smallest of a few fixed lengths (`bucket_lengths`) that holds the batch, so a run compiles a handful of
+step functions at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import grain
+import numpy as np
+
+
+class DataError(ValueError):
+    """A bad input file or row; the message names the file and row (1-based line for JSONL)."""
+
+
+def default_tokenizer_path() -> str:
+    import mistral_common
+
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_path: str | None = None
+    eval_path: str | None = None
+    tokenizer_path: str | None = None  # None = mistral-common's tokenizer.model.v1 (Mixtral's)
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    max_length: int = 256
+    max_prompt_length: int = 128
+    on_bad_row: str = "error"  # "error" | "skip"
+    bucket_lengths: tuple[int, ...] = ()  # () = powers of two from 32 up to max_length, and max_length
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+
+def read_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row'."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:
+            raise DataError(f"{path}: cannot read Parquet ({err})") from err
+        return [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    rows = []
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            where = f"{path}:line {i}"
+            if not raw.strip():
+                continue
+            try:
+                rows.append((where, json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as err:
+                rows.append((where, DataError(f"{where}: text is not valid UTF-8 ({err})")))
+            except json.JSONDecodeError as err:
+                rows.append((where, DataError(f"{where}: not valid JSON ({err.msg})")))
+    return rows
+
+
+def _validate(where: str, row: Any, cfg: DataConfig) -> tuple[str, str, str]:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object with {cfg.prompt_key!r}, {cfg.chosen_key!r}, "
+                        f"{cfg.rejected_key!r}")
+    out = []
+    for key in (cfg.prompt_key, cfg.chosen_key, cfg.rejected_key):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}")
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        out.append(row[key])
+    prompt, chosen, rejected = out
+    if not chosen.strip() or not rejected.strip():
+        raise DataError(f"{where}: empty completion in {cfg.chosen_key if not chosen.strip() else cfg.rejected_key!r}")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+# ------------------------------------------------------------------------------------------------ tokenising
+
+class Tokenizer:
+    """Mixtral's SentencePiece model: <s>=1, </s>=2, no pad id (padding uses 0 and is always masked)."""
+
+    def __init__(self, path: str | None = None):
+        import sentencepiece as spm
+
+        self.path = path or default_tokenizer_path()
+        if not Path(self.path).exists():
+            raise DataError(f"{self.path}: tokenizer model not found")
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+
+
+def tokenize_pair(tok: Tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
+                  max_prompt_length: int) -> dict[str, np.ndarray] | str:
+    """<s> + prompt, and each completion + </s>, tokenised separately so the completion mask is exact.
+
+    Truncation: the prompt keeps its END (cut from the left) to `max_prompt_length` tokens including <s>;
+    completions are cut from the right to fit `max_length`. Returns a drop reason (str) when the prompt alone
+    leaves no room for a completion token.
+    """
+    prompt_ids = [tok.bos_id] + tok.encode(prompt)
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = [tok.bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return "prompt_too_long"
+    chosen_ids = (tok.encode(chosen) + [tok.eos_id])[:room]
+    rejected_ids = (tok.encode(rejected) + [tok.eos_id])[:room]
+    return {"prompt": np.asarray(prompt_ids, np.int32), "chosen": np.asarray(chosen_ids, np.int32),
+            "rejected": np.asarray(rejected_ids, np.int32)}
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = dataclasses.field(default_factory=Counter)
+    skipped_rows: list[str] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lens = np.asarray(self.lengths or [0])
+        return {"pairs_read": self.read, "pairs_kept": self.kept, "dropped": dict(self.dropped),
+                "tokens_per_row_p50_p90_p99_max": [int(np.percentile(lens, q)) for q in (50, 90, 99, 100)]}
+
+    def __str__(self) -> str:
+        s = self.summary()
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
+        p = s["tokens_per_row_p50_p90_p99_max"]
+        return (f"pairs read {s['pairs_read']}, kept {s['pairs_kept']}, dropped: {dropped}; "
+                f"tokens per row p50 {p[0]} p90 {p[1]} p99 {p[2]} max {p[3]}")
+
+
+def prepare(paths: str | Iterable[str], cfg: DataConfig, tok: Tokenizer | None = None
+            ) -> tuple[list[dict[str, np.ndarray]], PrepareReport]:
+    """Reads, validates and tokenises every pair of the given files."""
+    tok = tok or Tokenizer(cfg.tokenizer_path)
+    if cfg.on_bad_row not in ("error", "skip"):
+        raise DataError(f"data.on_bad_row must be 'error' or 'skip', got {cfg.on_bad_row!r}")
+    report = PrepareReport()
+    examples = []
+    for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        for where, row in read_rows(path):
+            report.read += 1
+            try:
+                prompt, chosen, rejected = _validate(where, row, cfg)
+            except DataError as err:
+                if cfg.on_bad_row == "error":
+                    raise
+                reason = str(err).split(": ", 1)[1]
+                report.dropped["bad_row: " + reason.split(" (")[0]] += 1
+                report.skipped_rows.append(str(err))
+                continue
+            ex = tokenize_pair(tok, prompt, chosen, rejected, cfg.max_length, cfg.max_prompt_length)
+            if isinstance(ex, str):
+                report.dropped[ex] += 1
+                continue
+            report.kept += 1
+            n = len(ex["prompt"])
+            report.lengths += [n + len(ex["chosen"]), n + len(ex["rejected"])]
+            examples.append(ex)
+    return examples, report
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+def bucket_lengths(cfg: DataConfig) -> tuple[int, ...]:
+    if cfg.bucket_lengths:
+        return tuple(sorted(cfg.bucket_lengths))
+    out, n = [], 32
+    while n < cfg.max_length:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (cfg.max_length,)
+
+
+def _row(prompt: np.ndarray, completion: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    seq = np.concatenate([prompt, completion])
+    n = len(seq)
+    row = {k: np.zeros(length, np.int32) for k in ("input_ids", "segment_ids", "positions", "labels", "loss_mask")}
+    row["input_ids"][:n] = seq
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n)
+    row["labels"][:n - 1] = seq[1:]
+    # labels[t] = seq[t+1] is a completion token for t+1 >= len(prompt), i.e. t >= len(prompt) - 1.
+    row["loss_mask"][len(prompt) - 1:n - 1] = 1
+    return row
+
+
+def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """[chosen rows; rejected rows], padded to the smallest bucket that fits."""
+    longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+    length = next((b for b in buckets if b >= longest), None)
+    if length is None:
+        raise DataError(f"a pair of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
+    rows = [_row(p["prompt"], p["chosen"], length) for p in pairs] + \
+           [_row(p["prompt"], p["rejected"], length) for p in pairs]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def batches(examples: Sequence[dict], batch_size: int, buckets: Sequence[int], *, seed: int, shuffle: bool = True,
+            repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """A Grain MapDataset of batches: seeded shuffle (a new order each epoch), this process's shard only.
+
+    Random access: batch i of the dataset is a pure function of (examples, seed, i), so a resumed run that
+    asks for batch `step` gets exactly what an uninterrupted run got. The dataset's state IS the step.
+    """
+    if not examples:
+        raise DataError("no examples to batch (every pair was dropped, or the files are empty)")
+    ds = grain.MapDataset.source(list(examples))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    # Every process reads its own interleaved slice of the global (shuffled) order.
+    ds = ds[process_index::process_count]
+    return ds.batch(batch_size, drop_remainder=repeat, batch_fn=lambda xs: collate(xs, buckets))
