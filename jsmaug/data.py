@@ -237,9 +237,11 @@ def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> d
 
 
 def batches(examples: Sequence[dict], batch_size: int, buckets: Sequence[int], *, seed: int, shuffle: bool = True,
-            repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+            repeat: bool = True, process_index: int = 0, process_count: int = 1,
+            batch_fn=None) -> grain.MapDataset:
     """A Grain MapDataset of batches: seeded shuffle (a new order each epoch), this process's shard only.
 
+    `batch_size` is global; each process gets batch_size / process_count pairs of every global batch.
     Random access: batch i of the dataset is a pure function of (examples, seed, i), so a resumed run that
     asks for batch `step` gets exactly what an uninterrupted run got. The dataset's state IS the step.
     """
@@ -252,4 +254,7 @@ def batches(examples: Sequence[dict], batch_size: int, buckets: Sequence[int], *
         ds = ds.repeat(None)
     # Every process reads its own interleaved slice of the global (shuffled) order.
     ds = ds[process_index::process_count]
-    return ds.batch(batch_size, drop_remainder=repeat, batch_fn=lambda xs: collate(xs, buckets))
+    if process_count > 1 and batch_size % process_count:
+        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+    per_process = batch_size // process_count
+    return ds.batch(per_process, drop_remainder=repeat, batch_fn=batch_fn or (lambda xs: collate(xs, buckets)))

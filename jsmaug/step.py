@@ -1,0 +1,141 @@
+"""The jitted DPOP/DPO/SFT train step: one policy forward over [chosen; rejected], frozen reference, optax.
+
+    loss = mean_b preference_loss(b) + router_aux_loss_coef * aux_loss(policy)
+
+The reference enters only through `jax.lax.stop_gradient` (inside `reference_logps` and again inside each loss),
+runs without the aux loss, and is never part of the optimizer state. With `reference.mode=precomputed` the
+batch carries the reference logps and no reference forward runs at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jsmaug import losses, model
+from jsmaug.config import MixtralConfig
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer steps taken (applied or skipped)
+    skipped: jax.Array  # int32 scalar: steps whose loss or gradients were not finite
+    rng: jax.Array  # uint32 key data (reserved for router jitter / dropout)
+
+
+def make_optimizer(train) -> optax.GradientTransformation:
+    """AdamW with warmup then cosine / linear / constant decay, and global-norm clipping."""
+    peak, warm, total = train.learning_rate, train.warmup_steps, train.steps
+    end = peak * train.end_lr_fraction
+    decay_steps = max(total - warm, 1)
+    if train.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.end_lr_fraction)
+    elif train.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]) if warm else decay
+    parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0):
+    """Summed completion logps and token counts for every row of the batch, plus the aux loss and MoE stats."""
+    h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
+                                         positions=batch["positions"])
+    logps, ntok = losses.sequence_logps_from_hidden(
+        h, lambda x: model.unembed(config, params, x), batch["labels"], batch["loss_mask"],
+        chunk_size=chunk_size or None)
+    return logps, ntok, aux, stats
+
+
+def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0):
+    """The frozen reference: stop_gradient on its weights, no aux loss."""
+    logps, _, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size)
+    return jax.lax.stop_gradient(logps)
+
+
+def _split(x):
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    logps, ntok, aux, stats = policy_logps(config, params, batch, chunk_size)
+    pc, pr = _split(logps)
+    nc, nr = _split(ntok)
+    if "ref_logps" in batch:  # precomputed reference: no reference forward
+        rc, rr = _split(jax.lax.stop_gradient(batch["ref_logps"]))
+    elif losses.needs_reference(loss_cfg.type):
+        rc, rr = _split(reference_logps(config, ref_params, batch, chunk_size))
+    else:
+        rc, rr = jax.lax.stop_gradient(pc), jax.lax.stop_gradient(pr)
+    inputs = losses.LossInputs(pc, pr, rc, rr, nc, nr)
+    per_example = losses.preference_loss(loss_cfg.type, inputs, beta=loss_cfg.beta, dpop_lambda=loss_cfg.dpop_lambda,
+                                         label_smoothing=loss_cfg.label_smoothing)
+    pref_loss = jnp.mean(per_example)
+    loss = pref_loss + config.router_aux_loss_coef * aux
+    metrics = losses.preference_metrics(pc, pr, rc, rr, beta=loss_cfg.beta)
+    counts = jnp.sum(stats["counts"], axis=0)
+    metrics.update({
+        "loss": loss, "loss/preference": pref_loss, "moe/aux_loss": aux,
+        "moe/expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0),
+        "moe/dropped": jnp.sum(stats["dropped"]),
+        "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32)),
+    })
+    return loss, metrics
+
+
+def _micro_batches(batch, k: int):
+    """Splits [chosen; rejected] rows into k micro-batches that each keep their pairs together."""
+    def split(x):
+        c, r = _split(x)
+        c = c.reshape(k, c.shape[0] // k, *c.shape[1:])
+        r = r.reshape(k, r.shape[0] // k, *r.shape[1:])
+        return jnp.concatenate([c, r], axis=1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, ref_params, *, config: MixtralConfig, loss_cfg, optimizer,
+               micro_batches: int = 1, chunk_size: int = 0, inject_nan: bool | jax.Array = False):
+    """One optimizer step. A step whose loss or gradient norm is not finite is not applied (and counted)."""
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_and_metrics, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(state.params, ref_params, batch)
+    else:
+        mb = _micro_batches(batch, micro_batches)
+
+        def body(acc, one):
+            (l, m), g = grad_fn(state.params, ref_params, one)
+            return jax.tree.map(jnp.add, acc, (g, l, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(
+            state.params, ref_params, jax.tree.map(lambda x: x[0], mb))))
+        zero_acc = (zeros[1], zeros[0][0], zeros[0][1])
+        (grads, loss, metrics), _ = jax.lax.scan(body, zero_acc, mb)
+        grads, loss = jax.tree.map(lambda g: g / micro_batches, grads), loss / micro_batches
+        tokens = metrics["tokens"]
+        metrics = jax.tree.map(lambda m: m / micro_batches, metrics)
+        metrics["tokens"] = tokens
+    grads = jax.tree.map(lambda g: jnp.where(inject_nan, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                           step=state.step + 1, skipped=state.skipped + (~ok).astype(jnp.int32), rng=state.rng)
+    metrics.update({"grad_norm": grad_norm, "applied": ok.astype(jnp.int32)})
+    return new_state, metrics
+
+
+def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    _, metrics = loss_and_metrics(params, ref_params, batch, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size)
+    return metrics

@@ -1,0 +1,342 @@
+"""DPOP training end to end: `python -m jsmaug.train CONFIG.yaml [key=value ...]`.
+
+files -> tokenised pairs -> Grain batches -> jitted step -> metrics (terminal, metrics.jsonl, TensorBoard)
+and Orbax checkpoints (async, keep K) -> HF export of the final policy in workdir/hf.
+
+Resume: a run started with a workdir that holds checkpoints restores the latest complete one (params,
+optimizer state, step, RNG, skipped count; the data position is the step, since batch i is a pure function of
+(data, seed, i)) and continues exactly where it stopped. The reference is rebuilt from `init_from` (or from
+the seed for a random init), so it is not stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsmaug import checkpoint as ckpt
+from jsmaug import data as data_lib
+from jsmaug import model, step as step_lib
+from jsmaug.config import ConfigError
+from jsmaug.run_config import RunConfig, load_run_config
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def initial_params(cfg: RunConfig):
+    """The starting policy (and so the reference): `init_from` or a seeded random init."""
+    if cfg.init_from:
+        mconf, params = ckpt.load_params(cfg.init_from)
+        if mconf.to_hf_dict() != cfg.model.replace(param_dtype=mconf.param_dtype).to_hf_dict():
+            log(f"note: init_from {cfg.init_from} carries its own model config; using it")
+        return mconf.replace(dtype=cfg.model.dtype, remat=cfg.model.remat, moe_impl=cfg.model.moe_impl,
+                             moe_block_size=cfg.model.moe_block_size), params
+    return cfg.model, model.init_params(cfg.model, jax.random.key(cfg.seed))
+
+
+def _tree_fingerprint(tree) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.asarray(jax.device_get(leaf))
+        h.update(str(a.shape).encode() + str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _examples_fingerprint(examples) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        for k in ("prompt", "chosen", "rejected"):
+            h.update(ex[k].tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+def _fixed_batches(examples, batch_size, buckets):
+    """Every example once, in order, in full batches (the last one padded by repeating its first pair)."""
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i:i + batch_size])
+        n = len(chunk)
+        chunk += [chunk[0]] * (batch_size - n)
+        yield n, data_lib.collate(chunk, buckets)
+
+
+def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, cache_dir: Path, tok_fp: str):
+    """Reference logps of every example (chosen, rejected), cached on disk by a fingerprint of data + weights +
+    tokenizer settings. Returns an (N, 2) float32 array."""
+    fp = hashlib.sha256(json.dumps([_examples_fingerprint(examples), _tree_fingerprint(ref_params), tok_fp,
+                                    cfg.data.max_length, cfg.data.max_prompt_length,
+                                    cfg.reference.dtype]).encode()).hexdigest()[:20]
+    path = cache_dir / f"ref_logps-{fp}.npy"
+    if path.exists():
+        log(f"reference logps: cached {path}")
+        return np.load(path)
+    fn = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size))
+    out = np.zeros((len(examples), 2), np.float32)
+    t0 = time.time()
+    bs = cfg.train.batch_size
+    for i, (n, batch) in enumerate(_fixed_batches(examples, bs, buckets)):
+        lp = np.asarray(fn(ref_params, batch))
+        out[i * bs:i * bs + n, 0] = lp[:n]
+        out[i * bs:i * bs + n, 1] = lp[bs:bs + n]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    log(f"reference logps: computed for {len(examples)} pairs in {time.time() - t0:.1f}s -> {path}")
+    return out
+
+
+def _with_index(examples):
+    return [dict(ex, index=np.int32(i)) for i, ex in enumerate(examples)]
+
+
+def _collate_with_ref(pairs, buckets, ref_table):
+    batch = data_lib.collate(pairs, buckets)
+    if ref_table is not None:
+        idx = np.array([p["index"] for p in pairs])
+        batch["ref_logps"] = np.concatenate([ref_table[idx, 0], ref_table[idx, 1]]).astype(np.float32)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard event files."""
+
+    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool):
+        self.path = workdir / "metrics.jsonl"
+        # After a resume, drop lines logged past the restored checkpoint (they will be logged again).
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
+        self.fh = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a core dependency
+                log("note: tensorboardX not installed; no TensorBoard events")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        rec = {"step": step}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            rec[k] = v.tolist() if v.ndim else (int(v) if v.dtype.kind in "iu" else float(v))
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k == "step":
+                    continue
+                if isinstance(v, list):
+                    for i, x in enumerate(v):
+                        self.tb.add_scalar(f"{k}/{i}", x, step)
+                else:
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self):
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval/loss" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key, title in zip(axes, ["loss", "logps/chosen", "logps/rejected", "rewards/margins"],
+                              ["loss", "policy logps (chosen)", "policy logps (rejected)", "reward margin"]):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval/" + key] for r in evals], "o-", label="eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(raw_config or {}, indent=2, default=str))
+    log(f"jsmaug: workdir {workdir}, backend {jax.default_backend()} x{jax.device_count()}")
+
+    # --- data
+    tok = data_lib.Tokenizer(cfg.data.tokenizer_path)
+    buckets = data_lib.bucket_lengths(cfg.data)
+    train_examples, report = data_lib.prepare(cfg.data.train_path, cfg.data, tok)
+    log(f"train data {cfg.data.train_path}: {report}")
+    for r in report.skipped_rows[:5]:
+        log(f"  skipped: {r}")
+    eval_examples = []
+    if cfg.data.eval_path:
+        eval_examples, ereport = data_lib.prepare(cfg.data.eval_path, cfg.data, tok)
+        log(f"eval data {cfg.data.eval_path}: {ereport}")
+    if len(train_examples) < cfg.train.batch_size:
+        raise data_lib.DataError(f"{cfg.data.train_path}: {len(train_examples)} usable pairs, fewer than "
+                                 f"train.batch_size={cfg.train.batch_size}")
+
+    # --- model, reference, optimizer
+    mconf, params = initial_params(cfg)
+    log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
+        f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), moe_impl={mconf.moe_impl}")
+    # A real copy: the policy's buffers are donated to the step, the reference's must outlive it.
+    ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=cfg.reference.dtype, copy=True), params)
+    optimizer, schedule = step_lib.make_optimizer(cfg.train)
+
+    ref_table = eval_ref_table = None
+    needs_ref = step_lib.losses.needs_reference(cfg.loss.type)
+    if cfg.reference.mode == "precomputed" and needs_ref:
+        ref_table = precompute_reference(cfg, mconf, ref_params, train_examples, buckets, workdir / "ref_cache",
+                                         tok.fingerprint())
+        if eval_examples:
+            eval_ref_table = precompute_reference(cfg, mconf, ref_params, eval_examples, buckets,
+                                                  workdir / "ref_cache", tok.fingerprint())
+        ref_params = None  # training never runs the reference again
+    elif not needs_ref:
+        ref_params = None
+
+    state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.int32(0),
+                                skipped=jnp.int32(0), rng=jax.random.key_data(jax.random.key(cfg.seed)))
+    manager = ckpt.Manager(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    if manager.latest_step() is not None:
+        state, meta = manager.restore(state)
+        start = int(state.step)
+        log(f"resumed from {workdir / 'checkpoints'} at step {start} (skipped so far: {int(state.skipped)})")
+
+    ds_pairs = data_lib.batches(_with_index(train_examples), cfg.train.batch_size, buckets, seed=cfg.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                batch_fn=lambda xs: _collate_with_ref(xs, buckets, ref_table))
+
+    step_fn = jax.jit(functools.partial(
+        step_lib.train_step, config=mconf, loss_cfg=cfg.loss, optimizer=optimizer,
+        micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.logps_chunk_size), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, config=mconf, loss_cfg=cfg.loss,
+                                        chunk_size=cfg.train.logps_chunk_size))
+
+    def evaluate(params_now) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        count = 0
+        ex = _with_index(eval_examples)
+        for i, (n, _) in enumerate(_fixed_batches(ex, cfg.train.batch_size, buckets)):
+            if cfg.log.eval_batches and i >= cfg.log.eval_batches:
+                break
+            chunk = ex[i * cfg.train.batch_size:(i + 1) * cfg.train.batch_size]
+            chunk = chunk + [chunk[0]] * (cfg.train.batch_size - len(chunk))
+            batch = _collate_with_ref(chunk, buckets, eval_ref_table)
+            m = jax.device_get(eval_fn(params_now, ref_params, batch))
+            for k, v in m.items():
+                if np.ndim(v) == 0 and k != "tokens":
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+        return {f"eval/{k}": v / max(count, 1) for k, v in sums.items()}
+
+    writer = MetricsWriter(workdir, start, cfg.log.tensorboard)
+    t_last, steps_since = time.time(), 0
+    t_start = time.time()
+    metrics = None
+    for s in range(start, cfg.train.steps):
+        batch = ds_pairs[s]
+        inject = cfg.debug.nan_at_step == s + 1
+        state, metrics = step_fn(state, batch, ref_params, inject_nan=inject)
+        done = s + 1
+        steps_since += 1
+        if not bool(metrics["applied"]) and cfg.train.on_nonfinite == "stop":
+            manager.wait()
+            raise FloatingPointError(f"step {done}: loss or gradients not finite (train.on_nonfinite=stop)")
+        if done % cfg.log.every == 0 or done == cfg.train.steps:
+            m = jax.device_get(metrics)
+            now = time.time()
+            tok_s = float(m["tokens"]) * steps_since / max(now - t_last, 1e-9)
+            rec = {k: v for k, v in m.items() if k not in ("applied", "tokens")}
+            rec.update(learning_rate=float(schedule(done - 1)), tokens_per_sec=tok_s,
+                       skipped_steps=int(state.skipped))
+            writer.write(done, rec)
+            eta = (cfg.train.steps - done) * (now - t_start) / max(done - start, 1)
+            log(f"step {done}/{cfg.train.steps} loss {float(m['loss']):.4f} acc {float(m['rewards/accuracies']):.2f} "
+                f"margin {float(m['rewards/margins']):.3f} logp_c {float(m['logps/chosen']):.2f} "
+                f"gnorm {float(m['grad_norm']):.2f} {tok_s:,.0f} tok/s ETA {eta:.0f}s")
+            t_last, steps_since = now, 0
+        if eval_examples and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != cfg.train.steps:
+            ev = evaluate(state.params)
+            writer.write(done, ev)
+            log(f"eval @ {done}: loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracies']:.3f}")
+        if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+            manager.save(done, state, {"data_position": done, "seed": cfg.seed, "model_config": mconf.to_dict()})
+        if cfg.debug.kill_at_step == done:
+            manager.wait()  # the test wants a kill *between* saves, not an interrupted one
+            os.kill(os.getpid(), signal.SIGKILL)
+    manager.wait()
+    result: dict[str, Any] = {"steps": cfg.train.steps, "skipped_steps": int(state.skipped),
+                              "seconds": time.time() - t_start}
+    if eval_examples:
+        ev = evaluate(state.params)
+        writer.write(cfg.train.steps, ev)
+        log(f"eval (final): loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracies']:.3f} "
+            f"logps/chosen {ev['eval/logps/chosen']:.2f}")
+        result.update(ev)
+    writer.close()
+    plot_metrics(workdir / "metrics.jsonl", workdir / "metrics.png")
+    if cfg.export_hf:
+        from jsmaug import hf
+
+        summary = hf.save(workdir / "hf", mconf, state.params, tokenizer_path=tok.path, overwrite=True)
+        log(f"exported the final policy to {workdir / 'hf'} ({summary['tensors']} tensors, "
+            f"{summary['bytes'] / 1e6:.1f} MB)")
+    log(f"done: {result}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("usage: python -m jsmaug.train CONFIG.yaml [key=value ...]")
+        return 0 if argv else 2
+    path = None if "=" in argv[0] else argv.pop(0)
+    try:
+        cfg, raw = load_run_config(path, argv)
+        run(cfg, raw)
+    except (ConfigError, data_lib.DataError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
