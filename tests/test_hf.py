@@ -1,0 +1,196 @@
+"""HF <-> jsmaug conversion: round trips, transformers loading our export, both layouts, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import jax
+import jax.numpy as jnp
+
+from hf_fixtures import hf_forward, make_hf_checkpoint
+from jsmaug import hf, model
+from jsmaug.config import ConfigError
+
+fwd = jax.jit(model.forward, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hub")
+    torch_model = make_hf_checkpoint(path, seed=11, max_shard_size="30KB")
+    return path, torch_model
+
+
+def _all_tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def test_sharded_checkpoint_imports_and_round_trips_bytes(hub, tmp_path):
+    path, _ = hub
+    assert len(list(path.glob("*.safetensors"))) > 2 and (path / "model.safetensors.index.json").exists()
+    config, params = hf.load(path)
+    summary = hf.save(tmp_path / "out", config, params, max_shard_size="40KB")
+    assert summary["files"] > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    a, b = _all_tensors(path), _all_tensors(tmp_path / "out")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(a)
+
+
+def test_bfloat16_round_trip_is_byte_identical(tmp_path):
+    make_hf_checkpoint(tmp_path / "bf16", seed=2, dtype="bfloat16")
+    config, params = hf.load(tmp_path / "bf16")
+    assert config.param_dtype == "bfloat16"
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    hf.save(tmp_path / "out", config, params)
+    a, b = _all_tensors(tmp_path / "bf16"), _all_tensors(tmp_path / "out")
+    assert set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_export_loads_in_transformers_with_same_logits(hub, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = hub
+    config, params = hf.load(path)
+    # Perturb so the export is not just a copy of the input files.
+    params = jax.tree.map(lambda x: x * 1.01, params)
+    hf.save(tmp_path / "exp", config, params)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exp", attn_implementation="eager").eval()
+    ids = np.random.default_rng(1).integers(3, config.vocab_size, (2, 9))
+    want, want_aux = hf_forward(reloaded, ids)
+    got, aux = fwd(config, params, ids)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    np.testing.assert_allclose(float(aux), want_aux, atol=1e-5)
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert cfg["rope_theta"] == config.rope_theta and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["sliding_window"] is None and cfg["torch_dtype"] == "float32"
+
+
+def test_fused_layout_imports_to_identical_params(hub, tmp_path):
+    path, _ = hub
+    config, params = hf.load(path)
+    t = _all_tensors(path)
+    fused = {}
+    for k, v in t.items():
+        if ".block_sparse_moe." not in k:
+            fused[k] = v
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}.block_sparse_moe."
+        e = config.num_local_experts
+        w1 = np.stack([t[p + f"experts.{j}.w1.weight"] for j in range(e)])
+        w3 = np.stack([t[p + f"experts.{j}.w3.weight"] for j in range(e)])
+        w2 = np.stack([t[p + f"experts.{j}.w2.weight"] for j in range(e)])
+        fused[f"model.layers.{n}.mlp.experts.gate_up_proj"] = np.concatenate([w1, w3], axis=1)
+        fused[f"model.layers.{n}.mlp.experts.down_proj"] = w2
+        fused[f"model.layers.{n}.mlp.gate.weight"] = t[p + "gate.weight"]
+    out = tmp_path / "fused"
+    out.mkdir()
+    save_file(fused, str(out / "model.safetensors"))
+    shutil.copy(path / "config.json", out / "config.json")
+    _, params2 = hf.load(out)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+
+
+def test_sharded_import_on_8_devices_places_every_tensor(hub):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    path, _ = hub
+    config = hf.read_config(path)
+    devices = np.array(jax.devices()[:8]).reshape(2, 4)
+    mesh = Mesh(devices, ("fsdp", "expert"))
+    rules = {"exp": "expert", "embed": "fsdp"}
+    axes = model.logical_axes(config)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, P(*(rules.get(a) for a in spec))), axes,
+                             is_leaf=lambda x: isinstance(x, P))
+    _, params = hf.load(path, shardings=shardings)
+    _, plain = hf.load(path)
+    w1 = params["layers"]["layer"]["block_sparse_moe"]["w1"]
+    assert w1.sharding.spec == P(None, "expert", "fsdp", None)
+    assert len({s.device for s in w1.addressable_shards}) == 8
+    assert w1.addressable_shards[0].data.shape == (2, 1, 16, 40)
+    jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                                  pytest.fail("wrong sharding") if a.sharding != s else None),
+                 params, plain, shardings)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+def _copy(hub, tmp_path):
+    path, _ = hub
+    dst = tmp_path / "ck"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_missing_shard_names_file(hub, tmp_path):
+    dst = _copy(hub, tmp_path)
+    victim = sorted(dst.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(hf.CheckpointError, match=victim.name):
+        hf.load(dst)
+
+
+def test_not_mixtral_config(hub, tmp_path):
+    dst = _copy(hub, tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["LlamaForCausalLM"], "llama"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="LlamaForCausalLM"):
+        hf.load(dst)
+
+
+def test_shape_disagreeing_with_config_names_tensor(hub, tmp_path):
+    dst = _copy(hub, tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hf.CheckpointError, match=r"w1\.weight has shape \(40, 32\), config.json implies \(48, 32\)"):
+        hf.load(dst)
+
+
+def test_missing_and_unexpected_tensor(hub, tmp_path):
+    path, _ = hub
+    t = _all_tensors(path)
+    for mutate, pattern in [(lambda d: d.pop("model.layers.1.self_attn.k_proj.weight"), "missing.*k_proj"),
+                            (lambda d: d.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)),
+                             "unexpected.*extra")]:
+        d = dict(t)
+        mutate(d)
+        dst = tmp_path / pattern[:7].replace(".", "_")
+        dst.mkdir()
+        save_file(d, str(dst / "model.safetensors"))
+        shutil.copy(path / "config.json", dst / "config.json")
+        with pytest.raises(hf.CheckpointError, match=pattern):
+            hf.load(dst)
+
+
+def test_export_refuses_non_empty_dir_and_leaves_nothing_on_failure(hub, tmp_path):
+    path, _ = hub
+    config, params = hf.load(path)
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(hf.CheckpointError, match="not empty"):
+        hf.save(out, config, params)
+    assert (out / "keep.txt").read_text() == "mine"
+    # A failure mid-export (a tensor of the wrong shape) leaves neither the target nor a temporary folder.
+    broken = jax.tree.map(lambda x: x, params)
+    broken["norm"]["weight"] = jnp.zeros((3,))
+    with pytest.raises(hf.CheckpointError, match="model.norm.weight"):
+        hf.save(tmp_path / "new", config, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+    # --overwrite replaces the folder atomically.
+    hf.save(out, config, params, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()

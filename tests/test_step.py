@@ -1,0 +1,136 @@
+"""The train step: frozen reference, precomputed == online, aux loss scale, accumulation, non-finite skip."""
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jsmaug import config as cfg_lib, data, model, step
+from jsmaug.run_config import LossSection, TrainSection
+
+CONF = cfg_lib.tiny(vocab_size=64, router_aux_loss_coef=0.0)
+BUCKETS = (16, 24)
+
+
+def _examples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = rng.integers(3, 64, rng.integers(2, 7)).astype(np.int32)
+        c = rng.integers(3, 64, rng.integers(2, 9)).astype(np.int32)
+        r = rng.integers(3, 64, rng.integers(2, 9)).astype(np.int32)
+        out.append({"prompt": np.concatenate([[1], p]).astype(np.int32), "chosen": np.append(c, 2).astype(np.int32),
+                    "rejected": np.append(r, 2).astype(np.int32)})
+    return out
+
+
+BATCH = data.collate(_examples(4), BUCKETS)
+LOSS = LossSection(type="dpop", beta=0.3, dpop_lambda=5.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(coef=0.0, lr=1e-2):
+    conf = CONF.replace(router_aux_loss_coef=coef)
+    params = model.init_params(conf, jax.random.key(0))
+    opt, _ = step.make_optimizer(TrainSection(steps=10, learning_rate=lr, warmup_steps=0, schedule="constant"))
+    return conf, params, opt
+
+
+def _state(params, opt):
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    return step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0), jax.random.key_data(jax.random.key(0)))
+
+
+def _step_fn(conf, opt, micro=1, loss=LOSS):
+    return jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=loss, optimizer=opt,
+                                     micro_batches=micro))
+
+
+def test_reference_stays_bit_identical_and_policy_moves():
+    conf, params, opt = _setup()
+    ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    ref_before = jax.tree.map(np.asarray, ref)
+    fn = _step_fn(conf, opt)
+    state = _state(params, opt)
+    losses = []
+    for _ in range(8):
+        state, m = fn(state, BATCH, ref)
+        losses.append(float(m["loss"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ref, ref_before)
+    assert losses[-1] < losses[0] - 0.05, losses  # the policy learns the 4 pairs
+    assert float(m["rewards/accuracies"]) > 0.5
+
+
+def test_gradients_equal_constant_reference_and_precomputed_equals_online():
+    conf, params, _ = _setup()
+    ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(x), params)  # a reference different from the policy
+    ref_logps = jax.jit(step.reference_logps, static_argnums=0)(conf, ref, BATCH)
+    f_online = lambda p: step.loss_and_metrics(p, ref, BATCH, config=conf, loss_cfg=LOSS)
+    batch_pre = dict(BATCH, ref_logps=np.asarray(ref_logps))
+    f_pre = lambda p: step.loss_and_metrics(p, None, batch_pre, config=conf, loss_cfg=LOSS)
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(f_online, has_aux=True))(params)
+    (l2, m2), g2 = jax.jit(jax.value_and_grad(f_pre, has_aux=True))(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6, atol=1e-6)
+    for k in ("rewards/chosen", "rewards/rejected", "dpop/penalty"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+    # ...and differentiating the reference weights gives exactly zero.
+    g_ref = jax.jit(jax.grad(lambda r: step.loss_and_metrics(params, r, BATCH, config=conf, loss_cfg=LOSS)[0]))(ref)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_ref))
+
+
+def test_aux_loss_enters_with_exactly_its_coefficient():
+    conf0, params, _ = _setup(0.0)
+    conf1 = conf0.replace(router_aux_loss_coef=0.37)
+    f = jax.jit(step.loss_and_metrics, static_argnames=("config", "loss_cfg"))
+    l0, m0 = f(params, params, BATCH, config=conf0, loss_cfg=LOSS)
+    l1, m1 = f(params, params, BATCH, config=conf1, loss_cfg=LOSS)
+    aux = float(m0["moe/aux_loss"])
+    assert aux > 1.0  # non-trivial (>= 1 by construction, = k when perfectly balanced)
+    np.testing.assert_allclose(float(l1) - float(l0), 0.37 * aux, rtol=1e-5)
+    # The reference contributes no aux loss: policy-only stats are the same with or without a reference.
+    np.testing.assert_allclose(m1["moe/aux_loss"], aux, rtol=1e-6)
+
+
+def test_micro_batch_accumulation_equals_one_big_batch():
+    import optax
+
+    # Plain SGD: the update IS the accumulated gradient (Adam's first step, g/|g|, would amplify round-off
+    # in gradients that are ~0).
+    conf, params, _ = _setup()
+    opt = optax.sgd(1.0)
+    ref = params
+    big = data.collate(_examples(8, seed=5), BUCKETS)
+    s1, m1 = _step_fn(conf, opt, micro=1)(_state(params, opt), big, ref)
+    s4, m4 = _step_fn(conf, opt, micro=4)(_state(params, opt), big, ref)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), s1.params, s4.params)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    conf, params, opt = _setup()
+    fn = _step_fn(conf, opt)
+    state = _state(params, opt)
+    before = jax.tree.map(np.asarray, state.params)
+    state, m = fn(state, BATCH, params, inject_nan=True)
+    assert int(m["applied"]) == 0 and int(state.skipped) == 1 and int(state.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, before)
+    state, m = fn(state, BATCH, params, inject_nan=False)
+    assert int(m["applied"]) == 1 and int(state.skipped) == 1
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "hinge", "sft"])
+def test_every_loss_type_trains(loss_type):
+    conf, params, opt = _setup()
+    fn = _step_fn(conf, opt, loss=dataclasses.replace(LOSS, type=loss_type))
+    state = _state(params, opt)
+    first = None
+    for _ in range(5):
+        state, m = fn(state, BATCH, params)
+        first = float(m["loss"]) if first is None else first
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) < first
