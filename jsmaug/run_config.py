@@ -156,7 +156,7 @@ def _build(cls, d: dict[str, Any], prefix: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; known keys here: {sorted(fields)}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {sorted(fields)}")
     kw = {}
     for name, value in d.items():
         key = prefix + name
@@ -176,7 +176,7 @@ def _model(d: dict[str, Any], prefix: str) -> MixtralConfig:
     hints = typing.get_type_hints(MixtralConfig)
     for k, v in d.items():
         if k not in hints:
-            raise ConfigError(f"unknown config key {prefix}{k!r} (a MixtralConfig field or 'preset')")
+            raise ConfigError(f"unknown config key '{prefix}{k}' (a MixtralConfig field or 'preset')")
         d[k] = _check_type(prefix + k, v, hints[k])
     try:
         return preset(name, **d)
