@@ -59,8 +59,8 @@ def test_packed_segments_equal_separate_sequences(case):
     packed = np.concatenate([a, b])[None]
     seg = np.array([[1] * 5 + [2] * 4])
     pos = np.array([list(range(5)) + list(range(4))])
-    fwd = jax.jit(lambda p, i, s, q: model.forward(config, p, i, segment_ids=s, positions=q)[0])
-    got = np.asarray(fwd(params, packed, seg, pos))[0]
+    packed_fwd = jax.jit(lambda p, i, s, q: model.forward(config, p, i, segment_ids=s, positions=q)[0])
+    got = np.asarray(packed_fwd(params, packed, seg, pos))[0]
     want_a = np.asarray(fwd(config, params, a[None])[0])[0]
     want_b = np.asarray(fwd(config, params, b[None])[0])[0]
     np.testing.assert_allclose(got[:5], want_a, atol=1e-5, err_msg=name)
