@@ -59,17 +59,44 @@ def _model_config_of(path: Path) -> MixtralConfig:
     return MixtralConfig.from_dict(json.loads(path.read_text()))
 
 
-def load_params(path: str | Path, step: int | None = None) -> tuple[MixtralConfig, Any]:
-    """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
-    (`checkpoints/<step>/`, the latest unless `step`)."""
-    path = Path(path).absolute()
+def _target(config: MixtralConfig, shardings):
     from jsmaug import model
 
+    shapes = model.param_shapes(config)
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def read_model_config(path: str | Path, step: int | None = None) -> MixtralConfig:
+    """The model config stored with a converter checkpoint or a training workdir's checkpoint."""
+    path = Path(path).absolute()
     if (path / "model_config.json").exists():
-        config = _model_config_of(path / "model_config.json")
-        target = model.param_shapes(config)
+        return _model_config_of(path / "model_config.json")
+    mngr, step = _training_manager(path, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if "model_config" not in meta:
+        raise CheckpointError(f"{mngr.directory}/{step}: checkpoint metadata has no model_config")
+    return MixtralConfig.from_dict(meta["model_config"])
+
+
+def load_params(path: str | Path, step: int | None = None, shardings=None) -> tuple[MixtralConfig, Any]:
+    """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
+    (`checkpoints/<step>/`, the latest unless `step`). With `shardings` (a pytree of NamedSharding) each
+    array is restored straight onto its devices, resharding if it was saved on another mesh."""
+    path = Path(path).absolute()
+    config = read_model_config(path, step)
+    target = _target(config, shardings)
+    if (path / "model_config.json").exists():
         with ocp.StandardCheckpointer() as c:
             return config, c.restore(path / "params", target)
+    mngr, step = _training_manager(path, step)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
+    return config, restored.state["params"]
+
+
+def _training_manager(path: Path, step: int | None):
     ckdir = path / "checkpoints" if (path / "checkpoints").exists() else path
     mngr = ocp.CheckpointManager(ckdir)
     steps = mngr.all_steps()
@@ -79,11 +106,4 @@ def load_params(path: str | Path, step: int | None = None) -> tuple[MixtralConfi
     step = max(steps) if step is None else step
     if step not in steps:
         raise CheckpointError(f"{ckdir}: no checkpoint for step {step}; available: {sorted(steps)}")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if "model_config" not in meta:
-        raise CheckpointError(f"{ckdir}/{step}: checkpoint metadata has no model_config")
-    config = MixtralConfig.from_dict(meta["model_config"])
-    target = model.param_shapes(config)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
-    return config, restored.state["params"]
+    return mngr, step

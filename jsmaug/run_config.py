@@ -16,6 +16,7 @@ import yaml
 
 from jsmaug.config import ConfigError, MixtralConfig, preset
 from jsmaug.data import DataConfig
+from jsmaug.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class RunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def validate(self) -> "RunConfig":
         def need(cond, key, msg):

@@ -57,6 +57,7 @@ def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0):
 
 def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0):
     """The frozen reference: stop_gradient on its weights, no aux loss."""
+    batch = unpair(batch)
     logps, _, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size)
     return jax.lax.stop_gradient(logps)
 
@@ -66,7 +67,15 @@ def _split(x):
     return x[:half], x[half:]
 
 
+def unpair(batch):
+    """(2, B, ...) paired arrays (see `sharding.put_batch`) -> [chosen; rejected] rows (2B, ...)."""
+    if batch["input_ids"].ndim == 3:
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+    return batch
+
+
 def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    batch = unpair(batch)
     logps, ntok, aux, stats = policy_logps(config, params, batch, chunk_size)
     pc, pr = _split(logps)
     nc, nr = _split(ntok)
@@ -102,9 +111,10 @@ def _micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, ref_params, *, config: MixtralConfig, loss_cfg, optimizer,
-               micro_batches: int = 1, chunk_size: int = 0, inject_nan: bool | jax.Array = False):
+def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Array = False, *,
+               config: MixtralConfig, loss_cfg, optimizer, micro_batches: int = 1, chunk_size: int = 0):
     """One optimizer step. A step whose loss or gradient norm is not finite is not applied (and counted)."""
+    batch = unpair(batch)
     grad_fn = jax.value_and_grad(
         functools.partial(loss_and_metrics, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
     if micro_batches == 1:
@@ -139,3 +149,33 @@ def train_step(state: TrainState, batch, ref_params, *, config: MixtralConfig, l
 def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
     _, metrics = loss_and_metrics(params, ref_params, batch, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ on a mesh
+
+def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
+    """Where every piece of the train state lives: moments beside their params, scalars replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jsmaug import sharding as shd
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = shd.opt_state_shardings(optimizer, jax.eval_shape(lambda: params), param_sh, mesh)
+    return TrainState(params=param_sh, opt_state=opt_sh, step=replicated, skipped=replicated, rng=replicated)
+
+
+def init_state(optimizer, params, state_sh: TrainState, seed: int) -> TrainState:
+    """A fresh train state placed on `state_sh` (the optimizer state is created directly sharded)."""
+    rep = state_sh.step
+    return TrainState(params=params, opt_state=jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params),
+                      step=jax.device_put(jnp.int32(0), rep), skipped=jax.device_put(jnp.int32(0), rep),
+                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
+
+
+def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralConfig, loss_cfg, optimizer,
+                   micro_batches: int = 1, chunk_size: int = 0):
+    """`train_step` jitted with explicit in/out shardings; the state is donated."""
+    rep = state_sh.step
+    return jax.jit(functools.partial(train_step, config=config, loss_cfg=loss_cfg, optimizer=optimizer,
+                                     micro_batches=micro_batches, chunk_size=chunk_size),
+                   in_shardings=(state_sh, batch_sh, ref_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)

@@ -28,7 +28,7 @@ import numpy as np
 
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
-from jsmaug import model, step as step_lib
+from jsmaug import model, sharding as shd, step as step_lib
 from jsmaug.config import ConfigError
 from jsmaug.run_config import RunConfig, load_run_config
 
@@ -39,15 +39,22 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def initial_params(cfg: RunConfig):
-    """The starting policy (and so the reference): `init_from` or a seeded random init."""
+def model_config(cfg: RunConfig):
+    """The model config: `init_from`'s architecture (with this run's numerics settings), or `model`."""
+    if not cfg.init_from:
+        return cfg.model
+    stored = ckpt.read_model_config(cfg.init_from)
+    if stored.to_hf_dict() != cfg.model.replace(param_dtype=stored.param_dtype).to_hf_dict():
+        log(f"note: init_from {cfg.init_from} carries its own architecture; using it instead of `model`")
+    return stored.replace(dtype=cfg.model.dtype, remat=cfg.model.remat, moe_impl=cfg.model.moe_impl,
+                          moe_block_size=cfg.model.moe_block_size)
+
+
+def initial_params(cfg: RunConfig, mconf, shardings):
+    """The starting policy (and so the reference), created or restored directly onto its shardings."""
     if cfg.init_from:
-        mconf, params = ckpt.load_params(cfg.init_from)
-        if mconf.to_hf_dict() != cfg.model.replace(param_dtype=mconf.param_dtype).to_hf_dict():
-            log(f"note: init_from {cfg.init_from} carries its own model config; using it")
-        return mconf.replace(dtype=cfg.model.dtype, remat=cfg.model.remat, moe_impl=cfg.model.moe_impl,
-                             moe_block_size=cfg.model.moe_block_size), params
-    return cfg.model, model.init_params(cfg.model, jax.random.key(cfg.seed))
+        return ckpt.load_params(cfg.init_from, shardings=shardings)[1]
+    return jax.jit(lambda k: model.init_params(mconf, k), out_shardings=shardings)(jax.random.key(cfg.seed))
 
 
 def _tree_fingerprint(tree) -> str:
@@ -76,7 +83,8 @@ def _fixed_batches(examples, batch_size, buckets):
         yield n, data_lib.collate(chunk, buckets)
 
 
-def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, cache_dir: Path, tok_fp: str):
+def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, cache_dir: Path, tok_fp: str,
+                         put=lambda b: b):
     """Reference logps of every example (chosen, rejected), cached on disk by a fingerprint of data + weights +
     tokenizer settings. Returns an (N, 2) float32 array."""
     fp = hashlib.sha256(json.dumps([_examples_fingerprint(examples), _tree_fingerprint(ref_params), tok_fp,
@@ -91,7 +99,7 @@ def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, c
     t0 = time.time()
     bs = cfg.train.batch_size
     for i, (n, batch) in enumerate(_fixed_batches(examples, bs, buckets)):
-        lp = np.asarray(fn(ref_params, batch))
+        lp = np.asarray(jax.device_get(fn(ref_params, put(batch))))
         out[i * bs:i * bs + n, 0] = lp[:n]
         out[i * bs:i * bs + n, 1] = lp[bs:bs + n]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +201,10 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(raw_config or {}, indent=2, default=str))
-    log(f"jsmaug: workdir {workdir}, backend {jax.default_backend()} x{jax.device_count()}")
+    if cfg.mesh.distributed:
+        jax.distributed.initialize()  # coordinator, process count and id come from the environment
+    log(f"jsmaug: workdir {workdir}, backend {jax.default_backend()} x{jax.device_count()} "
+        f"(process {jax.process_index()}/{jax.process_count()})")
 
     # --- data
     tok = data_lib.Tokenizer(cfg.data.tokenizer_path)
@@ -210,44 +221,57 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
         raise data_lib.DataError(f"{cfg.data.train_path}: {len(train_examples)} usable pairs, fewer than "
                                  f"train.batch_size={cfg.train.batch_size}")
 
-    # --- model, reference, optimizer
-    mconf, params = initial_params(cfg)
+    # --- mesh, model, reference, optimizer
+    mconf = model_config(cfg)
+    mesh = shd.make_mesh(cfg.mesh, mconf)
+    divisor = shd.batch_rows_divisor(mesh, cfg.mesh)
+    if cfg.train.batch_size % divisor or (cfg.train.batch_size // cfg.train.micro_batches) % divisor:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (per micro-batch "
+                          f"{cfg.train.batch_size // cfg.train.micro_batches}) must be divisible by the "
+                          f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
-        f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), moe_impl={mconf.moe_impl}")
-    # A real copy: the policy's buffers are donated to the step, the reference's must outlive it.
-    ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=cfg.reference.dtype, copy=True), params)
+        f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), moe_impl={mconf.moe_impl}; "
+        f"mesh {dict(mesh.shape)}")
+    param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
+    params = initial_params(cfg, mconf, param_sh)
+    # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
+    ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
+                         out_shardings=param_sh)(params)
     optimizer, schedule = step_lib.make_optimizer(cfg.train)
+    state_sh = step_lib.state_shardings(optimizer, params, param_sh, mesh)
+    put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=cfg.mesh)
 
     ref_table = eval_ref_table = None
     needs_ref = step_lib.losses.needs_reference(cfg.loss.type)
     if cfg.reference.mode == "precomputed" and needs_ref:
         ref_table = precompute_reference(cfg, mconf, ref_params, train_examples, buckets, workdir / "ref_cache",
-                                         tok.fingerprint())
+                                         tok.fingerprint(), put)
         if eval_examples:
             eval_ref_table = precompute_reference(cfg, mconf, ref_params, eval_examples, buckets,
-                                                  workdir / "ref_cache", tok.fingerprint())
+                                                  workdir / "ref_cache", tok.fingerprint(), put)
         ref_params = None  # training never runs the reference again
     elif not needs_ref:
         ref_params = None
 
-    state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.int32(0),
-                                skipped=jnp.int32(0), rng=jax.random.key_data(jax.random.key(cfg.seed)))
+    state = step_lib.init_state(optimizer, params, state_sh, cfg.seed)
     manager = ckpt.Manager(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
     if manager.latest_step() is not None:
-        state, meta = manager.restore(state)
+        state, meta = manager.restore(state)  # onto this run's shardings, whatever mesh saved it
         start = int(state.step)
         log(f"resumed from {workdir / 'checkpoints'} at step {start} (skipped so far: {int(state.skipped)})")
 
     ds_pairs = data_lib.batches(_with_index(train_examples), cfg.train.batch_size, buckets, seed=cfg.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 batch_fn=lambda xs: _collate_with_ref(xs, buckets, ref_table))
-
-    step_fn = jax.jit(functools.partial(
-        step_lib.train_step, config=mconf, loss_cfg=cfg.loss, optimizer=optimizer,
-        micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.logps_chunk_size), donate_argnums=0)
+    first = put(ds_pairs[start])
+    batch_sh = jax.tree.map(lambda x: x.sharding, first)
+    ref_sh = None if ref_params is None else param_sh
+    step_fn = step_lib.jit_train_step(state_sh, batch_sh, ref_sh, config=mconf, loss_cfg=cfg.loss,
+                                      optimizer=optimizer, micro_batches=cfg.train.micro_batches,
+                                      chunk_size=cfg.train.logps_chunk_size)
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, config=mconf, loss_cfg=cfg.loss,
-                                        chunk_size=cfg.train.logps_chunk_size))
+                                        chunk_size=cfg.train.logps_chunk_size), out_shardings=state_sh.step)
 
     def evaluate(params_now) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -258,7 +282,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                 break
             chunk = ex[i * cfg.train.batch_size:(i + 1) * cfg.train.batch_size]
             chunk = chunk + [chunk[0]] * (cfg.train.batch_size - len(chunk))
-            batch = _collate_with_ref(chunk, buckets, eval_ref_table)
+            batch = put(_collate_with_ref(chunk, buckets, eval_ref_table))
             m = jax.device_get(eval_fn(params_now, ref_params, batch))
             for k, v in m.items():
                 if np.ndim(v) == 0 and k != "tokens":
@@ -271,9 +295,9 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     t_start = time.time()
     metrics = None
     for s in range(start, cfg.train.steps):
-        batch = ds_pairs[s]
-        inject = cfg.debug.nan_at_step == s + 1
-        state, metrics = step_fn(state, batch, ref_params, inject_nan=inject)
+        batch = first if s == start else put(ds_pairs[s])
+        inject = jnp.asarray(cfg.debug.nan_at_step == s + 1)
+        state, metrics = step_fn(state, batch, ref_params, inject)
         done = s + 1
         steps_since += 1
         if not bool(metrics["applied"]) and cfg.train.on_nonfinite == "stop":

@@ -117,10 +117,10 @@ def test_non_finite_step_is_skipped_and_counted():
     fn = _step_fn(conf, opt)
     state = _state(params, opt)
     before = jax.tree.map(np.asarray, state.params)
-    state, m = fn(state, BATCH, params, inject_nan=True)
+    state, m = fn(state, BATCH, params, True)
     assert int(m["applied"]) == 0 and int(state.skipped) == 1 and int(state.step) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, before)
-    state, m = fn(state, BATCH, params, inject_nan=False)
+    state, m = fn(state, BATCH, params, False)
     assert int(m["applied"]) == 1 and int(state.skipped) == 1
 
 

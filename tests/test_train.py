@@ -22,9 +22,11 @@ SMALL = ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden
          "log.tensorboard=false", "export_hf=false", "checkpoint.every=2"]
 
 
-def _run(args, check=True):
+def _run(args, check=True, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     # Share compiled steps between the subprocess runs of this module.
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
@@ -92,6 +94,23 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     assert final["eval/loss/preference"] < np.log(2) - 0.05 and final["eval/rewards/accuracies"] > 0.5
     train = [x for x in a if "loss" in x]
     assert train[-1]["loss/preference"] < train[0]["loss/preference"]
+
+    # The same run on 8 devices (expert 4 x tensor 2), killed, then resumed on another mesh
+    # (fsdp 2 x expert 2 x tensor 2): Orbax reshards the checkpoint and the metrics follow the 1-device run.
+    moved = tmp_path / "moved"
+    r = _run([*common, f"workdir={moved}", "debug.kill_at_step=5", "mesh.data=1", "mesh.expert=4",
+              "mesh.tensor=2"], check=False,
+             devices=8)
+    assert r.returncode == -9, r.stderr[-2000:]
+    r = _run([*common, f"workdir={moved}", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+             devices=8)
+    assert "'fsdp': 2, 'expert': 2, 'tensor': 2" in r.stdout and "at step 4" in r.stdout
+    c = _metrics(moved)
+    assert [x["step"] for x in c] == [x["step"] for x in a]
+    for x, y in zip(strip(a), strip(c)):
+        for k, v in x.items():
+            np.testing.assert_allclose(np.asarray(y[k], float), np.asarray(v, float), rtol=2e-4, atol=2e-4,
+                                       err_msg=f"step {x['step']} {k}")
 
 
 def test_precomputed_reference_mode_matches_online(tmp_path):

@@ -1,0 +1,114 @@
+"""Sharding on 8 fake CPU devices: the same numbers as 1 device, experts really split, mesh errors, resharding."""
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jsmaug import config as cfg_lib, data, model, sharding as shd, step
+from jsmaug.config import ConfigError
+from jsmaug.run_config import LossSection
+
+CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02)
+LOSS = LossSection(type="dpop", beta=0.3, dpop_lambda=5.0)
+# SGD with momentum: the update is a linear function of the gradient, so 1e-5 compares the sharded math itself.
+# (Adam's first steps are ~lr * sign(g), which turns round-off in gradients that are ~0 into lr-sized jumps.)
+import optax  # noqa: E402
+
+OPT = optax.sgd(0.5, momentum=0.9)
+
+
+def _batch(seed):
+    rng = np.random.default_rng(seed)
+    ex = []
+    for _ in range(8):
+        ex.append({"prompt": np.r_[1, rng.integers(3, 64, 4)].astype(np.int32),
+                   "chosen": np.r_[rng.integers(3, 64, rng.integers(2, 7)), 2].astype(np.int32),
+                   "rejected": np.r_[rng.integers(3, 64, rng.integers(2, 7)), 2].astype(np.int32)})
+    return data.collate(ex, (16,))
+
+
+BATCHES = [_batch(1), _batch(2)]
+
+
+def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None):
+    mesh = shd.make_mesh(mesh_cfg, CONF, devices)
+    param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
+    params = jax.jit(lambda k: model.init_params(CONF, k), out_shardings=param_sh)(jax.random.key(0))
+    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+    state_sh = step.state_shardings(OPT, params, param_sh, mesh)
+    if state is None:
+        state = step.init_state(OPT, params, state_sh, seed=0)
+    else:  # a state from another mesh: reshard it onto this one
+        state = jax.device_put(state, state_sh)
+    put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=mesh_cfg)
+    batch_sh = jax.tree.map(lambda x: x.sharding, put(BATCHES[0]))
+    fn = step.jit_train_step(state_sh, batch_sh, param_sh, config=CONF, loss_cfg=LOSS, optimizer=OPT)
+    losses = []
+    for _ in range(steps):
+        state, m = fn(state, put(BATCHES[int(state.step) % 2]), ref, jnp.asarray(False))
+        losses.append(float(m["loss"]))
+    return state, losses, mesh
+
+
+@pytest.fixture(scope="module")
+def single():
+    state, losses, _ = _train(shd.MeshConfig(data=1), jax.devices()[:1])
+    return jax.tree.map(np.asarray, state.params), losses
+
+
+MESHES = {"data8": shd.MeshConfig(data=8), "data2_expert4": shd.MeshConfig(data=2, expert=4),
+          "fsdp2_expert2_tensor2": shd.MeshConfig(data=1, fsdp=2, expert=2, tensor=2)}
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_mesh_matches_single_device(single, name):
+    assert len(jax.devices()) == 8
+    state, losses, mesh = _train(MESHES[name], jax.devices())
+    np.testing.assert_allclose(losses, single[1], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5),
+                 state.params, single[0])
+    w1 = state.params["layers"]["layer"]["block_sparse_moe"]["w1"]  # (L, E, D, F)
+    ep = mesh.shape["expert"]
+    assert "expert" in str(w1.sharding.spec) or ep == 1
+    local_e = {s.data.shape[1] for s in w1.addressable_shards}
+    assert local_e == {CONF.num_local_experts // ep}, (local_e, ep)
+    if name == "fsdp2_expert2_tensor2":
+        assert w1.sharding.spec == P(None, "expert", "fsdp", "tensor")
+        assert {s.data.shape for s in w1.addressable_shards} == {(2, 2, 16, 24)}
+        # the optimizer's momentum is sharded like its params
+        trace = state.opt_state[0].trace["layers"]["layer"]["block_sparse_moe"]["w1"]
+        assert trace.sharding.spec == w1.sharding.spec
+
+
+def test_state_saved_on_one_mesh_continues_on_another(single):
+    a_state, a_losses, _ = _train(MESHES["data2_expert4"], jax.devices(), steps=1)
+    b_state, b_losses, mesh = _train(MESHES["fsdp2_expert2_tensor2"], jax.devices(), steps=1, state=a_state)
+    assert int(b_state.step) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5),
+                 b_state.params, single[0])
+
+
+def test_mesh_errors_say_what_to_change():
+    with pytest.raises(ConfigError, match="multiply to 6 but there are 8 devices"):
+        shd.make_mesh(shd.MeshConfig(data=3, expert=2), CONF, jax.devices())
+    with pytest.raises(ConfigError, match="mesh.expert=8 does not divide num_local_experts=4"):
+        shd.make_mesh(shd.MeshConfig(data=1, expert=8), CONF, jax.devices())
+    with pytest.raises(ConfigError, match="only one axis may be -1"):
+        shd.make_mesh(shd.MeshConfig(data=-1, fsdp=-1), CONF, jax.devices())
+    with pytest.raises(ConfigError, match="does not divide the 8 devices"):
+        shd.make_mesh(shd.MeshConfig(data=-1, expert=3), CONF, jax.devices())
+    mesh = shd.make_mesh(shd.MeshConfig(data=-1, expert=2), CONF, jax.devices())
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
+
+
+def test_spec_rules_replicate_what_does_not_divide():
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, tensor=8), CONF, jax.devices())
+    table = shd.MeshConfig().rule_table()
+    # 2 kv heads cannot be split 8 ways: replicated; 64 vocab can.
+    assert shd.spec_for(("embed", "kv_heads", "head_dim"), (32, 2, 8), mesh, table) == P(None, None, None)
+    assert shd.spec_for(("vocab", "embed"), (64, 32), mesh, table) == P("tensor", None)
