@@ -1,0 +1,139 @@
+"""Plan a TPU pod run without a pod: ahead-of-time compile the real DPOP train step for a TPU topology on a
+CPU-only host (libtpu from PyPI: `pip install -e ".[tpu]"`), and print per-chip memory against HBM and the
+compiled FLOPs against the analytic count.
+
+    python tools/plan_pod.py --topology v5p-128 [--config configs/smaug_mixtral_8x7b.yaml] [key=value ...]
+
+Overrides are the training config's (`mesh.fsdp=16 mesh.expert=4 train.batch_size=64 data.max_length=1024`).
+Nothing is allocated: params, optimizer state, reference and batch are ShapeDtypeStructs with shardings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from jsmaug import model, sharding as shd, step  # noqa: E402
+from jsmaug.run_config import load_run_config  # noqa: E402
+
+# name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
+TOPOLOGIES = {
+    "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1), 4, 95, 459),
+    "v5p-64": ("v5:2x4x4", "megacore", (2, 2, 1), 32, 95, 459),
+    "v5p-128": ("v5:4x4x4", "megacore", (2, 2, 1), 64, 95, 459),
+    "v5p-256": ("v5:4x4x8", "megacore", (2, 2, 1), 128, 95, 459),
+    "v6e-8": ("v6e:2x4", "default", (2, 2, 1), 8, 32, 918),
+    "v6e-64": ("v6e:8x8", "default", (2, 2, 1), 64, 32, 918),
+    "v6e-256": ("v6e:16x16", "default", (2, 2, 1), 256, 32, 918),
+}
+
+
+def analytic_flops_per_step(c, tokens: int, seq: int, with_reference: bool) -> float:
+    """MaxText's training-FLOPs count (calculate_tflops_training_per_device), for the whole step.
+
+    Per token: router 2*D*E, experts 3 matmuls * 2*D*F * k, qkv 2*D*(Hq+2Hkv)*Dh, out 2*D*Hq*Dh, attention
+    4*S*Hq*Dh halved for causal, embedding/unembedding 2*D*V; training = 3x forward. The frozen reference adds
+    one forward (1x) over the same tokens.
+    """
+    d, f, e, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
+    hq, hkv, dh, v, L = c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim, c.vocab_size, \
+        c.num_hidden_layers
+    per_layer = 2 * d * e + 3 * 2 * d * f * k + 2 * d * (hq + 2 * hkv) * dh + 2 * d * hq * dh + 4 * seq * hq * dh / 2
+    fwd = tokens * (L * per_layer + 2 * d * v)
+    return fwd * (3 + (1 if with_reference else 0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
+    ap.add_argument("--config", default="configs/smaug_mixtral_8x7b.yaml")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg, _ = load_run_config(args.config, args.overrides)
+    topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[args.topology]
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chip_config_name=chip_cfg,
+                                        chips_per_host_bounds=per_host, num_slices=1)
+    devices = topo.devices
+    assert len(devices) == n_dev, (len(devices), n_dev)
+    # TPU: dropless grouped matmul through ragged_dot (XLA's native ragged dot on TPU).
+    mconf = cfg.model.replace(moe_impl="ragged" if cfg.model.moe_impl in ("auto", "blocked") else cfg.model.moe_impl)
+    mesh = shd.make_mesh(cfg.mesh, mconf, devices)
+    print(f"{args.topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+          f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
+    param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
+    shapes = model.param_shapes(mconf)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+    precomputed = cfg.reference.mode == "precomputed"
+    ref = None if precomputed else jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.reference.dtype), sharding=sh), shapes, param_sh)
+    optimizer, _ = step.make_optimizer(cfg.train)
+    state_sh = step.state_shardings(optimizer, params, param_sh, mesh)
+    opt_abs = jax.eval_shape(optimizer.init, params)
+    opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_abs,
+                       state_sh.opt_state)
+    rep = NamedSharding(mesh, P())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    state = step.TrainState(params, opt, scalar, scalar, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+    b, s = cfg.train.batch_size, cfg.data.max_length
+    keys = ["input_ids", "segment_ids", "positions", "labels", "loss_mask"]
+    batch = {k: jax.ShapeDtypeStruct((2, b, s), jnp.int32, sharding=shd.batch_sharding(mesh, cfg.mesh, 3))
+             for k in keys}
+    if precomputed:
+        batch["ref_logps"] = jax.ShapeDtypeStruct((2, b), jnp.float32, sharding=shd.batch_sharding(mesh, cfg.mesh, 2))
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    fn = step.jit_train_step(state_sh, batch_sh, None if ref is None else param_sh, config=mconf,
+                             loss_cfg=cfg.loss, optimizer=optimizer, micro_batches=cfg.train.micro_batches,
+                             chunk_size=cfg.train.logps_chunk_size)
+    t0 = time.time()
+    compiled = fn.lower(state, batch, ref, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gib = 2 ** 30
+    args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    out_b, alias_b = mem.output_size_in_bytes, getattr(mem, "alias_size_in_bytes", 0)
+    total = args_b + temp_b + out_b - alias_b
+    flops_compiled = float(cost.get("flops", 0.0)) if cost else 0.0
+    tokens = 2 * b * s
+    flops_analytic = analytic_flops_per_step(mconf, tokens, s, with_reference=not precomputed) / n_dev
+    print(f"compiled in {time.time() - t0:.0f}s")
+    print(f"per device: arguments {args_b / gib:.2f} GiB, temporaries {temp_b / gib:.2f} GiB, outputs "
+          f"{out_b / gib:.2f} GiB (aliased {alias_b / gib:.2f}), total {total / gib:.2f} GiB of {hbm_gib} GiB HBM")
+    print(f"FLOPs per device per step: compiled {flops_compiled / 1e12:.1f} TFLOP, analytic (MaxText formula) "
+          f"{flops_analytic / 1e12:.1f} TFLOP, ratio {flops_compiled / max(flops_analytic, 1):.2f}")
+    print(f"at 50% MFU a step would take {flops_analytic / (0.5 * peak_tflops * 1e12):.2f}s "
+          f"({tokens / (flops_analytic / (0.5 * peak_tflops * 1e12)) / n_dev:,.0f} tokens/s/device)")
+    if total > hbm_gib * gib:
+        print(f"DOES NOT FIT: {total / gib:.1f} GiB > {hbm_gib} GiB per device. Largest per-device parameters:")
+        sizes = []
+        for path, sds in jax.tree_util.tree_flatten_with_path(params)[0]:
+            shard = sds.sharding.shard_shape(sds.shape)
+            nbytes = jnp.dtype(sds.dtype).itemsize
+            for d_ in shard:
+                nbytes *= d_
+            sizes.append((nbytes, jax.tree_util.keystr(path), shard))
+        for nbytes, name, shard in sorted(sizes, reverse=True)[:5]:
+            print(f"  {name} {shard}: {nbytes / gib:.2f} GiB (x3 with the Adam moments)")
+        print("  try: more fsdp/expert sharding, model.remat=full, smaller micro-batches, reference.mode=precomputed")
+        return 1
+    print("FITS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
