@@ -49,6 +49,10 @@ class DataConfig:
     max_prompt_length: int = 128
     on_bad_row: str = "error"  # "error" | "skip"
     bucket_lengths: tuple[int, ...] = ()  # () = powers of two from 32 up to max_length, and max_length
+    # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
+    tfds_config: str | None = None  # generic | metamath | arc | hellaswag
+    tfds_manual_dir: str | None = None  # where the raw files lie
+    tfds_data_dir: str | None = None  # where the prepared array_record files go (default ~/tensorflow_datasets)
 
 
 # ------------------------------------------------------------------------------------------------ reading files
@@ -80,6 +84,32 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 rows.append((where, DataError(f"{where}: text is not valid UTF-8 ({err})")))
             except json.JSONDecodeError as err:
                 rows.append((where, DataError(f"{where}: not valid JSON ({err.msg})")))
+    return rows
+
+
+def tfds_source(cfg: DataConfig, split: str):
+    """The TFDS builder's random-access data source for a split (built once from manual_dir if needed)."""
+    import tensorflow_datasets as tfds
+
+    from jsmaug.datasets.preference_pairs import PreferencePairs
+
+    if cfg.tfds_manual_dir is None:
+        raise DataError("data.tfds_manual_dir: required with data.tfds_config (the folder holding the files)")
+    builder = PreferencePairs(config=cfg.tfds_config, data_dir=cfg.tfds_data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=cfg.tfds_manual_dir))
+    if split not in builder.info.splits:
+        raise DataError(f"tfds {cfg.tfds_config}: no split {split!r}; have {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def read_tfds_rows(cfg: DataConfig, split: str) -> list[tuple[str, dict]]:
+    src = tfds_source(cfg, split)
+    keys = {"prompt": cfg.prompt_key, "chosen": cfg.chosen_key, "rejected": cfg.rejected_key}
+    rows = []
+    for i in range(len(src)):
+        ex = src[i]
+        rows.append((f"tfds {cfg.tfds_config}/{split}:row {i}",
+                     {keys[k]: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in ex.items()}))
     return rows
 
 
@@ -178,7 +208,8 @@ def prepare(paths: str | Iterable[str], cfg: DataConfig, tok: Tokenizer | None =
     report = PrepareReport()
     examples = []
     for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        for where, row in read_rows(path):
+        rows = read_tfds_rows(cfg, str(path)) if cfg.tfds_config else read_rows(path)
+        for where, row in rows:
             report.read += 1
             try:
                 prompt, chosen, rejected = _validate(where, row, cfg)

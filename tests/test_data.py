@@ -147,3 +147,35 @@ def test_sample_data_is_generated_deterministically(tmp_path):
     ex, rep = data.prepare(["data/sample/train.jsonl", "data/sample/test.jsonl"], data.DataConfig(max_length=128,
                                                                                                    max_prompt_length=64))
     assert rep.kept == rep.read == 380 and not rep.dropped
+
+
+def test_tfds_builder_array_record_equals_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"Q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(9)]
+    manual = tmp_path / "manual"
+    (manual / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:6]), manual / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[6:]), manual / "data" / "test-00000-of-00001.parquet")
+    cfg = data.DataConfig(tfds_config="metamath", tfds_manual_dir=str(manual), tfds_data_dir=str(tmp_path / "tfds"))
+    train, rep = data.prepare("train", cfg, TOK)
+    test, _ = data.prepare("test", cfg, TOK)
+    assert rep.read == 6 and len(train) == 6 and len(test) == 3
+    assert list((tmp_path / "tfds").rglob("*.array_record*"))  # really stored as array_record
+    _write_jsonl(tmp_path / "t.jsonl", rows[:6])
+    want, _ = data.prepare(tmp_path / "t.jsonl", data.DataConfig(), TOK)
+    got = sorted(train, key=lambda e: e["prompt"].tolist())
+    want = sorted(want, key=lambda e: e["prompt"].tolist())
+    for x, y in zip(got, want):
+        for k in ("prompt", "chosen", "rejected"):
+            np.testing.assert_array_equal(x[k], y[k])
+    # A split that is not there, and a malformed file, fail clearly.
+    with pytest.raises(data.DataError, match="no split 'validation'"):
+        data.prepare("validation", cfg, TOK)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_jsonl(bad / "train.jsonl", [{"prompt": "p", "chosen": "c"}])
+    with pytest.raises(data.DataError, match=r"train.jsonl:line 1: missing field 'rejected'"):
+        data.prepare("train", data.DataConfig(tfds_config="generic", tfds_manual_dir=str(bad),
+                                              tfds_data_dir=str(tmp_path / "tfds2")), TOK)

@@ -100,7 +100,14 @@ def main(argv=None) -> int:
                              loss_cfg=cfg.loss, optimizer=optimizer, micro_batches=cfg.train.micro_batches,
                              chunk_size=cfg.train.logps_chunk_size)
     t0 = time.time()
-    compiled = fn.lower(state, batch, ref, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+    try:
+        compiled = fn.lower(state, batch, ref, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"compile refused after {time.time() - t0:.0f}s: {str(err).splitlines()[0]}")
+        _largest(params, hbm_gib)
+        return 1
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -119,20 +126,27 @@ def main(argv=None) -> int:
     print(f"at 50% MFU a step would take {flops_analytic / (0.5 * peak_tflops * 1e12):.2f}s "
           f"({tokens / (flops_analytic / (0.5 * peak_tflops * 1e12)) / n_dev:,.0f} tokens/s/device)")
     if total > hbm_gib * gib:
-        print(f"DOES NOT FIT: {total / gib:.1f} GiB > {hbm_gib} GiB per device. Largest per-device parameters:")
-        sizes = []
-        for path, sds in jax.tree_util.tree_flatten_with_path(params)[0]:
-            shard = sds.sharding.shard_shape(sds.shape)
-            nbytes = jnp.dtype(sds.dtype).itemsize
-            for d_ in shard:
-                nbytes *= d_
-            sizes.append((nbytes, jax.tree_util.keystr(path), shard))
-        for nbytes, name, shard in sorted(sizes, reverse=True)[:5]:
-            print(f"  {name} {shard}: {nbytes / gib:.2f} GiB (x3 with the Adam moments)")
-        print("  try: more fsdp/expert sharding, model.remat=full, smaller micro-batches, reference.mode=precomputed")
+        print(f"DOES NOT FIT: {total / gib:.1f} GiB > {hbm_gib} GiB per device.")
+        _largest(params, hbm_gib)
         return 1
     print("FITS")
     return 0
+
+
+def _largest(params, hbm_gib) -> None:
+    gib = 2 ** 30
+    print(f"DOES NOT FIT in {hbm_gib} GiB per device. Largest per-device parameters:")
+    sizes = []
+    for path, sds in jax.tree_util.tree_flatten_with_path(params)[0]:
+        shard = sds.sharding.shard_shape(sds.shape)
+        nbytes = jnp.dtype(sds.dtype).itemsize
+        for d_ in shard:
+            nbytes *= d_
+        sizes.append((nbytes, jax.tree_util.keystr(path), shard))
+    for nbytes, name, shard in sorted(sizes, reverse=True)[:5]:
+        print(f"  {name} {shard}: {nbytes / gib:.2f} GiB (x3 with the Adam moments)")
+    print("  temporaries dominate when the expert weights are gathered per layer (GSPMD dispatch); try: a larger "
+          "expert/fsdp product, model.remat=full, fewer tokens per device, reference.mode=precomputed")
 
 
 if __name__ == "__main__":

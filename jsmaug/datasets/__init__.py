@@ -1,0 +1,1 @@
+"""TFDS dataset builders (each in its own package folder, as TFDS expects)."""
