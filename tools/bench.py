@@ -1,0 +1,280 @@
+"""Side-by-side performance figures, all measured in one process and one run.
+
+    python tools/bench.py [--quick] [--skip_torch] [--json_out FILE]
+
+Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config}) and a table at the end:
+  peak        f32 matmul rate of this machine (the MFU denominator on CPU; nominal bf16 peak on GPU/TPU)
+  moe/*       MoE expert layer fwd+bwd (top-2 of 8): our dropless path vs one dense matmul of the same useful
+              FLOPs, vs ragged_dot, vs every-expert-on-every-token; in useful GFLOP/s
+  step/*      DPOP step vs SFT step on the same tokens, online and precomputed reference
+  torch/*     jsmaug's jitted DPOP step vs HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch
+              (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
+  mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
+Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jsmaug import config as cfg_lib, model, moe, step  # noqa: E402
+from jsmaug.run_config import LossSection, TrainSection  # noqa: E402
+
+RESULTS: list[dict] = []
+NOMINAL_BF16_PEAK = {"gpu": {"H100": 989e12, "H200": 989e12, "A100": 312e12}, "tpu": {}}
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    return f"{platform.node() or 'host'} {dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpus)"
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def timeit(fn, *args, reps: int = 5, min_time: float = 0.5) -> float:
+    """Median seconds per call after a compile + warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    t_end = time.time() + min_time
+    while len(times) < reps or time.time() < t_end:
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+        if len(times) >= 50:
+            break
+    return float(np.median(times))
+
+
+def record(name, a, b, unit, config, a_label, b_label):
+    rec = {"name": name, "a": a, "b": b, "ratio": a / b if b else float("nan"), "unit": unit, "a_is": a_label,
+           "b_is": b_label, "machine": machine(), "config": config, "peak_rss_gb": round(rss_gb(), 2)}
+    RESULTS.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ peak
+
+def measure_peak(n: int) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    sec = timeit(f, a, a)
+    return 2 * n ** 3 / sec
+
+
+# ------------------------------------------------------------------------------------------------ MoE layer
+
+def bench_moe(tokens, d, f, e, k, peak, block):
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (tokens, d))
+    logits = jax.random.normal(ks[1], (tokens, e))
+    w1 = jax.random.normal(ks[2], (e, d, f)) * 0.05
+    w3 = jax.random.normal(ks[3], (e, d, f)) * 0.05
+    w2 = jax.random.normal(ks[4], (e, f, d)) * 0.05
+    useful = 3 * tokens * k * 3 * 2 * d * f  # fwd+bwd = 3x forward; 3 matmuls of 2*d*f per assignment
+
+    def layer(impl):
+        def loss(x, w1, w3, w2):
+            _, idx, w = moe.route(logits, k)
+            y, _ = moe.expert_ffn(x, idx, w, w1, w3, w2, impl=impl, block_size=block)
+            return jnp.sum(y * y)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+    def dense_equiv(x, w1, w3, w2):
+        xs = jnp.tile(x, (k, 1))  # T*k rows through one expert: the same useful FLOPs in plain matmuls
+        return jnp.sum(moe._swiglu(xs, w1[0], w3[0], w2[0], x.dtype) ** 2)
+
+    rates = {}
+    rates["dense_matmul"] = useful / timeit(jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3))), x, w1, w3, w2)
+    for impl in ("blocked", "ragged", "dense"):
+        rates[impl] = useful / timeit(layer(impl), x, w1, w3, w2)
+    cfg = f"T={tokens} D={d} F={f} E={e} top-{k} f32 fwd+bwd block={block}"
+    record("moe/blocked_vs_dense_matmul", rates["blocked"] / 1e9, rates["dense_matmul"] / 1e9, "useful GFLOP/s",
+           cfg, "jsmaug blocked dropless", "one dense matmul, same useful FLOPs")
+    record("moe/blocked_vs_ragged_dot", rates["blocked"] / 1e9, rates["ragged"] / 1e9, "useful GFLOP/s", cfg,
+           "jsmaug blocked dropless", "jax.lax.ragged_dot")
+    record("moe/blocked_vs_every_expert", rates["blocked"] / 1e9, rates["dense"] / 1e9, "useful GFLOP/s", cfg,
+           "jsmaug blocked dropless", "every expert on every token")
+    record("moe/blocked_vs_peak", rates["blocked"] / 1e9, peak / 1e9, "GFLOP/s", cfg, "jsmaug blocked", "matmul peak")
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+def _batch(rng, pairs, length, vocab):
+    ids = rng.integers(3, vocab, (2 * pairs, length)).astype(np.int32)
+    seg = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()
+    labels = np.roll(ids, -1, axis=1)
+    loss_mask = np.zeros_like(ids)
+    loss_mask[:, length // 2:-1] = 1  # second half is the completion
+    return {"input_ids": ids, "segment_ids": seg, "positions": pos, "labels": labels, "loss_mask": loss_mask}
+
+
+def step_fn(conf, loss_type, chunk):
+    opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-4, schedule="constant"))
+    fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type=loss_type, beta=0.3),
+                                   optimizer=opt, chunk_size=chunk), donate_argnums=0)
+    return fn, opt
+
+
+def time_step(conf, loss_type, batch, ref, chunk=0, reps=3):
+    fn, opt = step_fn(conf, loss_type, chunk)
+    params = model.init_params(conf, jax.random.key(0))
+    state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
+                            jax.random.key_data(jax.random.key(0)))
+    state, m = fn(state, batch, ref, False)  # compile
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        state, m = fn(state, batch, ref, False)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def bench_steps(conf, pairs, length, label):
+    rng = np.random.default_rng(0)
+    batch = _batch(rng, pairs, length, conf.vocab_size)
+    ref = model.init_params(conf, jax.random.key(0))
+    ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf))(ref, batch))
+    pre = dict(batch, ref_logps=ref_logps)
+    t_sft = time_step(conf, "sft", batch, None)
+    t_online = time_step(conf, "dpop", batch, ref)
+    t_pre = time_step(conf, "dpop", pre, None)
+    cfg = f"{label}: {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens"
+    record("step/dpop_online_vs_sft", t_online, t_sft, "s/step", cfg, "DPOP, online reference", "SFT, same tokens")
+    record("step/dpop_precomputed_vs_sft", t_pre, t_sft, "s/step", cfg, "DPOP, precomputed reference",
+           "SFT, same tokens")
+    return t_online, batch, ref
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+def bench_torch(conf, pairs, length, t_jax, threads):
+    import torch
+    from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
+
+    torch.set_num_threads(threads)
+    hf_cfg = HFConfig(**{k: v for k, v in conf.to_hf_dict().items()
+                         if k not in ("architectures", "model_type", "rope_parameters", "torch_dtype")})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    policy = MixtralForCausalLM(hf_cfg).train()
+    ref = MixtralForCausalLM(hf_cfg).eval()
+    ref.load_state_dict(policy.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    rng = np.random.default_rng(0)
+    b = _batch(rng, pairs, length, conf.vocab_size)
+    ids = torch.as_tensor(b["input_ids"], dtype=torch.long)
+    labels = torch.as_tensor(b["labels"], dtype=torch.long)
+    mask = torch.as_tensor(b["loss_mask"], dtype=torch.float32)
+
+    def logps(m, with_aux):
+        out = m(ids, output_router_logits=with_aux)
+        lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels[..., None])[..., 0]
+        return (lp * mask).sum(-1), (out.aux_loss if with_aux else 0.0)
+
+    def one_step():
+        pl, aux = logps(policy, True)
+        with torch.no_grad():
+            rl, _ = logps(ref, False)
+        pc, pr, rc, rr = pl[:pairs], pl[pairs:], rl[:pairs], rl[pairs:]
+        delta = (pc - rc) - (pr - rr)
+        loss = -torch.nn.functional.logsigmoid(0.3 * (delta - 50.0 * torch.clamp(rc - pc, min=0))).mean()
+        loss = loss + conf.router_aux_loss_coef * aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+
+    one_step()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t)
+    t_torch = float(np.median(times))
+    tokens = 2 * pairs * length
+    record("torch/jsmaug_vs_pytorch_dpop_step", tokens / t_jax, tokens / t_torch, "tokens/s",
+           f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
+           "jsmaug jitted DPOP step", "HF transformers + PyTorch DPOP step")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, not figures to report)")
+    ap.add_argument("--skip_torch", action="store_true")
+    ap.add_argument("--json_out", default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plan_pod import analytic_flops_per_step
+
+    q = args.quick
+    backend = jax.default_backend()
+    print(f"# jsmaug bench on {machine()}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    measured_peak = measure_peak(256 if q else 2048)
+    peak = measured_peak
+    if backend == "gpu":
+        kind = jax.devices()[0].device_kind
+        peak = next((v for k, v in NOMINAL_BF16_PEAK["gpu"].items() if k in kind), measured_peak)
+    record("peak/matmul", measured_peak / 1e9, peak / 1e9, "GFLOP/s", "f32 square matmul" if not q else "quick",
+           "measured", "MFU denominator")
+
+    bench_moe(256 if q else 2048, 64 if q else 512, 128 if q else 1024, 8, 2, peak, 32 if q else 256)
+
+    small = cfg_lib.tiny(vocab_size=512 if q else 32000, hidden_size=64 if q else 256,
+                         intermediate_size=128 if q else 512, num_hidden_layers=2 if q else 4, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=1024, moe_block_size=64 if q else 256)
+    pairs, length = (2, 32) if q else (4, 256)
+    t_online, _, _ = bench_steps(small, pairs, length, "step model")
+
+    if not args.skip_torch:
+        bench_torch(small, pairs, length, t_online, threads=os.cpu_count() or 1)
+
+    mfu_conf = small if q else cfg_lib.tiny(
+        vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        moe_block_size=256)
+    mpairs, mlen = (2, 32) if q else (4, 256)
+    rng = np.random.default_rng(1)
+    batch = _batch(rng, mpairs, mlen, mfu_conf.vocab_size)
+    ref = model.init_params(mfu_conf, jax.random.key(1))
+    t = time_step(mfu_conf, "dpop", batch, ref)
+    flops = analytic_flops_per_step(mfu_conf, 2 * mpairs * mlen, mlen, with_reference=True)
+    record("mfu/dpop_step", flops / t / 1e9, peak / 1e9, "GFLOP/s",
+           f"{mfu_conf.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
+           "model FLOPs / step time", "peak")
+
+    print("\n| comparison | a | b | a/b | unit |\n|---|---|---|---|---|")
+    for r in RESULTS:
+        print(f"| {r['name']} ({r['a_is']} vs {r['b_is']}) | {r['a']:.4g} | {r['b']:.4g} | {r['ratio']:.3f} | "
+              f"{r['unit']} |")
+    print(f"\npeak RSS {rss_gb():.2f} GB")
+    if args.json_out:
+        Path(args.json_out).write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
