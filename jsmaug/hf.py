@@ -1,6 +1,6 @@
-"""Hugging Face <-> jsmaug weight conversion (safetensors, numpy API; no torch).
+"""Hugging Face <-> jsmaug weight conversion (safetensors files through numpy; no torch).
 
-Import (`load`) reads tensor by tensor from memory-mapped safetensors and builds each stacked parameter one
+Import (`load`) reads tensor by tensor (plain reads, no mmap) and builds each stacked parameter one
 layer at a time into a preallocated device array (donated update), so host memory stays near one layer's
 expert stack, never the model. Accepts the hub layout (per-expert w1/w2/w3) and transformers-5's fused layout
 (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight`).
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from jsmaug.config import MixtralConfig
 
@@ -73,6 +72,54 @@ def _expected_hf_shape(config: MixtralConfig, name: str) -> tuple[int, ...] | No
 
 # ------------------------------------------------------------------------------------------------ reading
 
+_NP_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+              "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+
+
+class _SafetensorsFile:
+    """Reads one tensor at a time with plain file reads (no mmap).
+
+    safetensors' own reader memory-maps the whole file; every page it touches then stays in this process's RSS
+    until the map closes, so reading a checkpoint tensor by tensor still shows the whole checkpoint in RSS.
+    Explicit reads keep the footprint at one tensor.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > 100_000_000:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {hlen})")
+            try:
+                header = json.loads(fh.read(hlen))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: not a safetensors file ({err})") from err
+        header.pop("__metadata__", None)
+        self.base = 8 + hlen
+        self.entries = header
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] not in _NP_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        dtype = _NP_DTYPES[e["dtype"]]
+        start, end = e["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self.base + start)
+        if arr.size != count:
+            raise CheckpointError(f"{self.path}: tensor {name} is truncated (file shorter than its header says)")
+        return arr.reshape(e["shape"])
+
+
 class _Reader:
     """Lazy access to the tensors of an HF folder (single file or sharded with an index)."""
 
@@ -98,10 +145,7 @@ class _Reader:
         self._handles = {}
         self.location: dict[str, str] = {}
         for fn in files:
-            try:
-                h = safe_open(str(hf_dir / fn), framework="np")
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(f"{hf_dir / fn}: cannot read safetensors file ({err})") from err
+            h = _SafetensorsFile(hf_dir / fn)
             self._handles[fn] = h
             for k in h.keys():
                 self.location[k] = fn
@@ -116,12 +160,12 @@ class _Reader:
         return set(self.location)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+        return self._handles[self.location[name]].shape(name)
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.location:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing")
-        arr = self._handles[self.location[name]].get_tensor(name)
+        arr = self._handles[self.location[name]].get(name)
         self.read_bytes += arr.nbytes
         self.read_count += 1
         return arr
