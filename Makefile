@@ -21,7 +21,7 @@ train: $(STAMP)
 	$(PY) -m jsmaug.train $(CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=10
 
 clean:
 	rm -rf .venv runs .jax_cache .pytest_cache

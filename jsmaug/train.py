@@ -74,13 +74,13 @@ def _examples_fingerprint(examples) -> str:
     return h.hexdigest()[:16]
 
 
-def _fixed_batches(examples, batch_size, buckets):
-    """Every example once, in order, in full batches (the last one padded by repeating its first pair)."""
+def _fixed_chunks(examples, batch_size):
+    """Every example once, in order, in full batches of pairs (the last one padded by repeating its first pair);
+    yields (number of real pairs, pairs)."""
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i:i + batch_size])
         n = len(chunk)
-        chunk += [chunk[0]] * (batch_size - n)
-        yield n, data_lib.collate(chunk, buckets)
+        yield n, chunk + [chunk[0]] * (batch_size - n)
 
 
 def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, cache_dir: Path, tok_fp: str,
@@ -98,8 +98,8 @@ def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, c
     out = np.zeros((len(examples), 2), np.float32)
     t0 = time.time()
     bs = cfg.train.batch_size
-    for i, (n, batch) in enumerate(_fixed_batches(examples, bs, buckets)):
-        lp = np.asarray(jax.device_get(fn(ref_params, put(batch))))
+    for i, (n, chunk) in enumerate(_fixed_chunks(examples, bs)):
+        lp = np.asarray(jax.device_get(fn(ref_params, put(data_lib.collate(chunk, buckets)))))
         out[i * bs:i * bs + n, 0] = lp[:n]
         out[i * bs:i * bs + n, 1] = lp[bs:bs + n]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -276,12 +276,9 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     def evaluate(params_now) -> dict[str, float]:
         sums: dict[str, float] = {}
         count = 0
-        ex = _with_index(eval_examples)
-        for i, (n, _) in enumerate(_fixed_batches(ex, cfg.train.batch_size, buckets)):
+        for i, (n, chunk) in enumerate(_fixed_chunks(_with_index(eval_examples), cfg.train.batch_size)):
             if cfg.log.eval_batches and i >= cfg.log.eval_batches:
                 break
-            chunk = ex[i * cfg.train.batch_size:(i + 1) * cfg.train.batch_size]
-            chunk = chunk + [chunk[0]] * (cfg.train.batch_size - len(chunk))
             batch = put(_collate_with_ref(chunk, buckets, eval_ref_table))
             m = jax.device_get(eval_fn(params_now, ref_params, batch))
             for k, v in m.items():
