@@ -290,28 +290,32 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     writer = MetricsWriter(workdir, start, cfg.log.tensorboard)
     t_last, steps_since = time.time(), 0
     t_start = time.time()
-    metrics = None
+    window = None  # metrics summed on device since the last log line (no host sync per step)
     for s in range(start, cfg.train.steps):
         batch = first if s == start else put(ds_pairs[s])
         inject = jnp.asarray(cfg.debug.nan_at_step == s + 1)
         state, metrics = step_fn(state, batch, ref_params, inject)
+        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
         done = s + 1
         steps_since += 1
-        if not bool(metrics["applied"]) and cfg.train.on_nonfinite == "stop":
+        if cfg.train.on_nonfinite == "stop" and not bool(metrics["applied"]):
             manager.wait()
             raise FloatingPointError(f"step {done}: loss or gradients not finite (train.on_nonfinite=stop)")
         if done % cfg.log.every == 0 or done == cfg.train.steps:
-            m = jax.device_get(metrics)
+            m = jax.device_get(window)
+            window = None
             now = time.time()
-            tok_s = float(m["tokens"]) * steps_since / max(now - t_last, 1e-9)
-            rec = {k: v for k, v in m.items() if k not in ("applied", "tokens")}
+            tok_s = float(m["tokens"]) / max(now - t_last, 1e-9)
+            # Logged values are means over the steps since the last log line.
+            rec = {k: np.asarray(v) / steps_since for k, v in m.items() if k not in ("applied", "tokens")}
             rec.update(learning_rate=float(schedule(done - 1)), tokens_per_sec=tok_s,
                        skipped_steps=int(state.skipped))
             writer.write(done, rec)
             eta = (cfg.train.steps - done) * (now - t_start) / max(done - start, 1)
-            log(f"step {done}/{cfg.train.steps} loss {float(m['loss']):.4f} acc {float(m['rewards/accuracies']):.2f} "
-                f"margin {float(m['rewards/margins']):.3f} logp_c {float(m['logps/chosen']):.2f} "
-                f"gnorm {float(m['grad_norm']):.2f} {tok_s:,.0f} tok/s ETA {eta:.0f}s")
+            log(f"step {done}/{cfg.train.steps} loss {float(rec['loss']):.4f} "
+                f"acc {float(rec['rewards/accuracies']):.2f} margin {float(rec['rewards/margins']):.3f} "
+                f"logp_c {float(rec['logps/chosen']):.2f} gnorm {float(rec['grad_norm']):.2f} "
+                f"{tok_s:,.0f} tok/s ETA {eta:.0f}s")
             t_last, steps_since = now, 0
         if eval_examples and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != cfg.train.steps:
             ev = evaluate(state.params)
