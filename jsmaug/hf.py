@@ -288,8 +288,9 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     """Reads an HF Mixtral folder -> (MixtralConfig, params).
 
     dtype: the parameter dtype to store (default: the checkpoint's config `torch_dtype`/`dtype`, else float32).
-    shardings: a pytree like the params of NamedShardings (e.g. from `jsmaug.sharding`); each tensor is placed
-      directly with its sharding. `mesh` is accepted for symmetry and used only to check the shardings.
+    mesh: a `jax.sharding.Mesh` with jsmaug's axes (`jsmaug.sharding.make_mesh`): params are placed with the
+      default logical-axis rules. shardings: a pytree like the params of NamedShardings (wins over `mesh`).
+      Either way each layer goes straight onto its devices; nothing is assembled on one device first.
     """
     hf_dir = Path(hf_dir)
     cfg_json = json.loads((hf_dir / "config.json").read_text()) if (hf_dir / "config.json").exists() else {}
@@ -306,6 +307,10 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     from jsmaug import model  # local import: model imports flax, which hf users may not need for reading names
 
     shapes = model.param_shapes(config)
+    if shardings is None and mesh is not None:
+        from jsmaug import sharding as shd
+
+        shardings = shd.param_shardings(config, mesh, shd.MeshConfig())
     shard_map = dict(_leaf_paths(shardings)) if shardings is not None else {}
     np_dtype = jnp.dtype(config.param_dtype)
     params: dict = {}

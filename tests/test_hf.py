@@ -123,6 +123,12 @@ def test_sharded_import_on_8_devices_places_every_tensor(hub):
     jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                                   pytest.fail("wrong sharding") if a.sharding != s else None),
                  params, plain, shardings)
+    # mesh= uses the default rule table: experts over `expert`, embed over `fsdp`.
+    from jsmaug import sharding as shd
+
+    mesh2 = shd.make_mesh(shd.MeshConfig(data=2, fsdp=1, expert=4), config, jax.devices())
+    _, p2 = hf.load(path, mesh=mesh2)
+    assert p2["layers"]["layer"]["block_sparse_moe"]["w2"].sharding.spec == P(None, "expert", None, None)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
