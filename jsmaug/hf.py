@@ -409,7 +409,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
+def commit_dir(tmp: Path, out_dir: Path) -> None:
     """Replaces out_dir by tmp with renames only (the old folder is removed after the new one is in place)."""
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
@@ -470,7 +470,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
              "_from_model_config": True}, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        _commit_dir(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,10 +33,12 @@ def main(argv=None) -> int:
         config, params = hf.load(args.hf_dir, dtype=args.dtype, progress=True)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        checkpoint.save_params(tmp, config, params)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            checkpoint.save_params(tmp, config, params)
+            hf.commit_dir(tmp, out)  # renames only: an existing out_dir is replaced, never half-written
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except (hf.CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
