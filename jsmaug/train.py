@@ -11,7 +11,6 @@ the seed for a random init), so it is not stored twice.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -257,7 +256,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     manager = ckpt.Manager(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
     if manager.latest_step() is not None:
-        state, meta = manager.restore(state)  # onto this run's shardings, whatever mesh saved it
+        state, _ = manager.restore(state)  # onto this run's shardings, whatever mesh saved it
         start = int(state.step)
         log(f"resumed from {workdir / 'checkpoints'} at step {start} (skipped so far: {int(state.skipped)})")
 

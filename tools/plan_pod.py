@@ -11,8 +11,6 @@ Nothing is allocated: params, optimizer state, reference and batch are ShapeDtyp
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import os
 import sys
 import time
