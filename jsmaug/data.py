@@ -243,7 +243,8 @@ def bucket_lengths(cfg: DataConfig) -> tuple[int, ...]:
     return tuple(out) + (cfg.max_length,)
 
 
-def _row(prompt: np.ndarray, completion: np.ndarray, length: int) -> dict[str, np.ndarray]:
+def completion_row(prompt: np.ndarray, completion: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """One model row: prompt + completion padded to `length`, loss_mask on the completion's labels."""
     seq = np.concatenate([prompt, completion])
     n = len(seq)
     row = {k: np.zeros(length, np.int32) for k in ("input_ids", "segment_ids", "positions", "labels", "loss_mask")}
@@ -262,8 +263,8 @@ def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> d
     length = next((b for b in buckets if b >= longest), None)
     if length is None:
         raise DataError(f"a pair of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
-    rows = [_row(p["prompt"], p["chosen"], length) for p in pairs] + \
-           [_row(p["prompt"], p["rejected"], length) for p in pairs]
+    rows = [completion_row(p["prompt"], p["chosen"], length) for p in pairs] + \
+           [completion_row(p["prompt"], p["rejected"], length) for p in pairs]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

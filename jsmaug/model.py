@@ -84,7 +84,10 @@ class Attention(nn.Module):
     config: MixtralConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT):
+    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, cache=None, cache_index=None):
+        """With `cache` = (k, v) of shape (B, T, K, Dh), the new keys and values are written at slots
+        cache_index .. cache_index + S and the queries attend over all T slots (`mask_BxSxT` says which).
+        Returns (output, updated cache or None)."""
         c = self.config
         dtype = _dtype(c.dtype)
         d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
@@ -96,6 +99,11 @@ class Attention(nn.Module):
         q_BxSxHxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype)), cos, sin)
         k_BxSxKxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype)), cos, sin)
         v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_BxSxKxDh = jax.lax.dynamic_update_slice(cache[0], k_BxSxKxDh.astype(cache[0].dtype), start)
+            v_BxSxKxDh = jax.lax.dynamic_update_slice(cache[1], v_BxSxKxDh.astype(cache[1].dtype), start)
+            cache = (k_BxSxKxDh, v_BxSxKxDh)
         b, s = q_BxSxHxDh.shape[:2]
         q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
         scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxSxKxDh,
@@ -104,7 +112,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # softmax in float32
         out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxSxKxDh)
         out = jnp.einsum("bshk,hkd->bsd", out_BxSxKxGxDh.reshape(b, s, h, dh), wo.astype(dtype))
-        return out
+        return out, cache
 
 
 class SparseMoE(nn.Module):
@@ -138,27 +146,28 @@ class DecoderLayer(nn.Module):
     config: MixtralConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS):
-        h = Attention(self.config, name="self_attn")(RMSNorm(self.config, name="input_layernorm")(x_BxSxD),
-                                                         cos, sin, mask_BxSxT)
+    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS, cache_index=None, cache=None):
+        h, cache = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index)
         x_BxSxD = x_BxSxD + h.astype(x_BxSxD.dtype)
         y, stats = SparseMoE(self.config, name="block_sparse_moe")(
             RMSNorm(self.config, name="post_attention_layernorm")(x_BxSxD), token_mask_BxS)
-        return x_BxSxD + y.astype(x_BxSxD.dtype), stats
+        return x_BxSxD + y.astype(x_BxSxD.dtype), (stats, cache)
 
 
 class _ScanBody(nn.Module):
-    """DecoderLayer with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
+    """DecoderLayer with the (carry, xs) -> (carry, ys) signature nn.scan wants. `cache` (this layer's slice
+    of the stacked KV cache, or None) is scanned over; everything else is broadcast."""
     config: MixtralConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask):
+    def __call__(self, x, cos, sin, mask, token_mask, cache_index, cache):
         layer_cls = DecoderLayer
         if self.config.remat != "none":
             policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                       if self.config.remat == "minimal" else None)
             layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
-        return layer_cls(self.config, name="layer")(x, cos, sin, mask, token_mask)
+        return layer_cls(self.config, name="layer")(x, cos, sin, mask, token_mask, cache_index, cache)
 
 
 class Mixtral(nn.Module):
@@ -171,7 +180,7 @@ class Mixtral(nn.Module):
             (c.vocab_size, c.hidden_size), _dtype(c.param_dtype))
         self.layers = nn.scan(
                 _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, name="layers")
         self.norm = RMSNorm(c, name="norm")
@@ -189,8 +198,26 @@ class Mixtral(nn.Module):
         mask = attention_mask_BxSxT(segment_ids_BxS, c.sliding_window)
         token_mask = segment_ids_BxS > 0
         # One compiled layer for all of them; stats come back stacked over layers.
-        x, stats = self.layers(x, cos, sin, mask, token_mask)
+        x, (stats, _) = self.layers(x, cos, sin, mask, token_mask, None, None)
         return self.norm(x), stats
+
+    def decode(self, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
+        """S new tokens at cache slots cache_index .. cache_index + S - 1 (prefill: S = prompt length;
+        decoding: S = 1). kv_valid_BxT marks the slots that hold real tokens, these included.
+        cache = (k, v), each (L, B, T, K, Dh). Returns float32 logits (B, S, V) and the updated cache."""
+        c = self.config
+        b, s = input_ids_BxS.shape
+        t = kv_valid_BxT.shape[1]
+        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(_dtype(c.dtype))
+        cos, sin = rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta)
+        q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
+        # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
+        # distance: the causal and sliding-window tests can use slot indices.
+        mask = attention_mask_BxSxT(q_valid_BxS, c.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
+                                    q_index_BxS=cache_index + jnp.arange(s)[None, :],
+                                    kv_index_BxT=jnp.arange(t)[None, :])
+        x, (_, cache) = self.layers(x, cos, sin, mask, q_valid_BxS > 0, cache_index, cache)
+        return self.unembed(self.norm(x)), cache
 
     def unembed(self, h_BxSxD):
         dtype = _dtype(self.config.dtype)
@@ -273,3 +300,16 @@ def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=Non
                                    positions=positions)
     logits = unembed(config, params, h)
     return (logits, aux, stats) if return_stats else (logits, aux)
+
+
+def init_cache(config: MixtralConfig, batch: int, length: int):
+    """An empty KV cache (k, v), each (layers, batch, length, kv_heads, head_dim) in the compute dtype."""
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.resolved_head_dim)
+    return jnp.zeros(shape, _dtype(config.dtype)), jnp.zeros(shape, _dtype(config.dtype))
+
+
+def decode(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
+    """Incremental forward with a KV cache (see `Mixtral.decode`): (logits (B, S, V) float32, new cache)."""
+    return _module(config).apply({"params": params}, jnp.asarray(input_ids_BxS, jnp.int32),
+                                 jnp.asarray(positions_BxS, jnp.int32), jnp.asarray(kv_valid_BxT, jnp.int32),
+                                 cache, cache_index, method=Mixtral.decode)

@@ -2,7 +2,8 @@
 
 MetaMath-like pairs: a worked arithmetic solution (chosen) vs the same solution with exactly one number edited
 (rejected): the low-edit-distance case the DPOP paper is about. ARC-like pairs: a multiple-choice science
-question, the correct answer vs each wrong one.
+question, the correct answer vs each wrong one. mc.jsonl: the same ARC-like questions as multiple choice
+(query, four choices, gold index), the format `tools/evaluate.py --mc` reads.
 
     python tools/make_sample_data.py [--out_dir data/sample] [--check]
 """
@@ -71,6 +72,15 @@ def arc_pairs() -> list[dict]:
     return out
 
 
+def arc_multiple_choice(rng: random.Random) -> list[dict]:
+    out = []
+    for q, right, wrongs in ARC:
+        choices = [right] + list(wrongs)
+        rng.shuffle(choices)
+        out.append({"query": f"Question: {q}\nAnswer:", "choices": choices, "gold": choices.index(right)})
+    return out
+
+
 def build() -> dict[str, list[dict]]:
     rng = random.Random(20240213)
     math = [arithmetic_pair(rng) for _ in range(320)]
@@ -79,7 +89,7 @@ def build() -> dict[str, list[dict]]:
     train = math[:288] + arc[:48]
     test = math[288:] + arc[48:]
     rng.shuffle(train)
-    return {"train": train, "test": test}
+    return {"train": train, "test": test, "mc": arc_multiple_choice(random.Random(7))}
 
 
 def render(rows: list[dict]) -> str:
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text(render(rows))
         tmp.replace(out / f"{split}.jsonl")
-        print(f"wrote {out / f'{split}.jsonl'}: {len(rows)} pairs")
+        print(f"wrote {out / f'{split}.jsonl'}: {len(rows)} rows")
     return 0
 
 
