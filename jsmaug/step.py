@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jsmaug import losses, model
@@ -74,7 +75,8 @@ def unpair(batch):
     return batch
 
 
-def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    """Per-pair loss inputs and losses: (LossInputs, per-example loss (B,), aux loss, MoE stats)."""
     batch = unpair(batch)
     logps, ntok, aux, stats = policy_logps(config, params, batch, chunk_size)
     pc, pr = _split(logps)
@@ -88,6 +90,14 @@ def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_c
     inputs = losses.LossInputs(pc, pr, rc, rr, nc, nr)
     per_example = losses.preference_loss(loss_cfg.type, inputs, beta=loss_cfg.beta, dpop_lambda=loss_cfg.dpop_lambda,
                                          label_smoothing=loss_cfg.label_smoothing)
+    return inputs, per_example, aux, stats
+
+
+def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    batch = unpair(batch)
+    inputs, per_example, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+                                                  chunk_size=chunk_size)
+    pc, pr, rc, rr = inputs[:4]
     pref_loss = jnp.mean(per_example)
     loss = pref_loss + config.router_aux_loss_coef * aux
     metrics = losses.preference_metrics(pc, pr, rc, rr, beta=loss_cfg.beta)
@@ -147,8 +157,21 @@ def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Arra
 
 
 def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
-    _, metrics = loss_and_metrics(params, ref_params, batch, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size)
-    return metrics
+    """Per-pair values (not batch means, so a caller can drop padding pairs): the four logps, the preference
+    loss of each pair, and the batch's aux loss."""
+    inputs, per_example, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+                                              chunk_size=chunk_size)
+    return {"pc": inputs.policy_chosen_logps, "pr": inputs.policy_rejected_logps, "rc": inputs.reference_chosen_logps,
+            "rr": inputs.reference_rejected_logps, "loss": per_example, "aux": aux}
+
+
+def eval_metrics(per_pair, aux_mean: float, *, config: MixtralConfig, loss_cfg) -> dict[str, float]:
+    """Metrics (the trainer's names) from `eval_step` outputs concatenated over the real pairs of a split."""
+    m = losses.preference_metrics(*(jnp.asarray(per_pair[k]) for k in ("pc", "pr", "rc", "rr")), beta=loss_cfg.beta)
+    pref = float(np.mean(per_pair["loss"]))
+    m.update({"loss/preference": pref, "loss": pref + config.router_aux_loss_coef * aux_mean,
+              "moe/aux_loss": aux_mean})
+    return {k: float(v) for k, v in m.items()}
 
 
 # ------------------------------------------------------------------------------------------------ on a mesh

@@ -273,18 +273,20 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                                         chunk_size=cfg.train.logps_chunk_size), out_shardings=state_sh.step)
 
     def evaluate(params_now) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        count = 0
+        parts: dict[str, list] = {}
+        aux_sum, count = 0.0, 0
         for i, (n, chunk) in enumerate(_fixed_chunks(_with_index(eval_examples), cfg.train.batch_size)):
             if cfg.log.eval_batches and i >= cfg.log.eval_batches:
                 break
             batch = put(_collate_with_ref(chunk, buckets, eval_ref_table))
-            m = jax.device_get(eval_fn(params_now, ref_params, batch))
-            for k, v in m.items():
-                if np.ndim(v) == 0 and k != "tokens":
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
+            out = jax.device_get(eval_fn(params_now, ref_params, batch))
+            for k in ("pc", "pr", "rc", "rr", "loss"):
+                parts.setdefault(k, []).append(np.asarray(out[k])[:n])  # the padding pairs are dropped
+            aux_sum += float(out["aux"]) * n
             count += n
-        return {f"eval/{k}": v / max(count, 1) for k, v in sums.items()}
+        per_pair = {k: np.concatenate(v) for k, v in parts.items()}
+        m = step_lib.eval_metrics(per_pair, aux_sum / count, config=mconf, loss_cfg=cfg.loss)
+        return {f"eval/{k}": v for k, v in m.items()}
 
     writer = MetricsWriter(workdir, start, cfg.log.tensorboard)
     t_last, steps_since = time.time(), 0
@@ -330,7 +332,8 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                               "seconds": time.time() - t_start}
     if eval_examples:
         ev = evaluate(state.params)
-        writer.write(cfg.train.steps, ev)
+        if start < cfg.train.steps:  # a run resumed when already complete has this line already
+            writer.write(cfg.train.steps, ev)
         log(f"eval (final): loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracies']:.3f} "
             f"logps/chosen {ev['eval/logps/chosen']:.2f}")
         result.update(ev)

@@ -134,3 +134,22 @@ def test_every_loss_type_trains(loss_type):
         state, m = fn(state, BATCH, params)
         first = float(m["loss"]) if first is None else first
     assert np.isfinite(float(m["loss"])) and float(m["loss"]) < first
+
+
+def test_eval_metrics_drop_padding_pairs():
+    """eval_step's per-pair values, cut to the real pairs, give the metrics of exactly those pairs: a batch of
+    3 real pairs padded with a copy of the first equals loss_and_metrics on the 3 pairs alone."""
+    conf, params, _ = _setup()
+    ref = jax.tree.map(lambda x: x * 0.95, params)
+    ex = _examples(3, seed=7)
+    want_loss, want = step.loss_and_metrics(params, ref, data.collate(ex, BUCKETS), config=conf, loss_cfg=LOSS)
+    out = jax.device_get(step.eval_step(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS))
+    per_pair = {k: np.asarray(out[k])[:3] for k in ("pc", "pr", "rc", "rr", "loss")}
+    got = step.eval_metrics(per_pair, float(out["aux"]), config=conf, loss_cfg=LOSS)
+    for k in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "loss/preference",
+              "dpop/penalty"):
+        np.testing.assert_allclose(got[k], float(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(got["loss"], float(want_loss), rtol=1e-5)
+    # The padded batch's own means differ (the copy counts twice): the cut above is what makes them equal.
+    _, padded = step.loss_and_metrics(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS)
+    assert abs(float(padded["logps/chosen"]) - got["logps/chosen"]) > 1e-3

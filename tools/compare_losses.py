@@ -1,0 +1,175 @@
+"""The Smaug paper's experiment: DPO vs DPOP (and any other loss) from one start, on identical batches.
+
+    python tools/compare_losses.py [--config configs/tiny_dpop.yaml] [--losses dpo dpop] \
+        [--init_from CKPT | --sft_steps 150] [--steps 120] [--out runs/compare] [key=value ...]
+
+1. The start: --init_from (a converter checkpoint or a training workdir), or an SFT warm-up of --sft_steps steps
+   (loss.type=sft on the chosen completions of the config's training data) from the config's model, so the
+   start already gives the chosen answers a reasonable likelihood, as the paper's models did.
+2. One training run per loss from that start, with the same seed, so step i sees the same batch in every run
+   (a batch is a pure function of data, seed and step). Everything else comes from --config and the overrides.
+3. The start and every final policy are scored on the eval split (`jsmaug.eval.preference_eval`, the start as
+   the reference).
+
+Writes OUT/compare_losses.png (train logps of chosen and rejected completions and preference accuracy over
+steps, eval points as markers) and OUT/summary.json (per loss: start and end chosen / rejected logps on the
+eval split, eval reward accuracy, the fraction of eval pairs whose chosen logp fell). Runs live in OUT/<loss>;
+rerunning with the same OUT resumes or reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jsmaug import checkpoint, data as data_lib, eval as eval_lib, losses, train  # noqa: E402
+from jsmaug.config import ConfigError  # noqa: E402
+from jsmaug.run_config import load_run_config  # noqa: E402
+
+COLORS = {"dpo": "tab:red", "dpop": "tab:blue", "ipo": "tab:green", "hinge": "tab:purple", "sft": "tab:gray"}
+
+
+def _run(config: str, overrides: list[str], extra: list[str]) -> None:
+    cfg, raw = load_run_config(config, overrides + extra)
+    train.run(cfg, raw)
+
+
+def _records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("logps/chosen", "log p(chosen)"), ("logps/rejected", "log p(rejected)"),
+              ("rewards/accuracies", "preference accuracy")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, workdir in runs.items():
+        recs = _records(workdir)
+        tr = [r for r in recs if "loss" in r]
+        ev = [r for r in recs if "eval/loss" in r]
+        color = COLORS.get(name)
+        for ax, (key, label) in zip(axes, panels):
+            ax.plot([r["step"] for r in tr], [r[key] for r in tr], color=color, label=f"{name} (train)")
+            if ev:
+                ax.plot([r["step"] for r in ev], [r["eval/" + key] for r in ev], "o--", color=color, alpha=0.7,
+                        label=f"{name} (eval)")
+            ax.set_title(label)
+            ax.set_xlabel("step")
+    for ax, (key, _) in zip(axes, panels):
+        if key in start_eval:
+            ax.axhline(start_eval[key], color="black", linestyle=":", linewidth=1, label="start (eval)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/tiny_dpop.yaml")
+    ap.add_argument("--losses", nargs="+", default=["dpo", "dpop"])
+    ap.add_argument("--init_from", default=None, help="the start (skips the SFT warm-up)")
+    ap.add_argument("--sft_steps", type=int, default=150)
+    ap.add_argument("--sft_learning_rate", type=float, default=None, help="default: the config's")
+    ap.add_argument("--steps", type=int, default=120, help="steps of every preference run")
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the config, for every run")
+    args = ap.parse_args(argv)
+    # `--losses dpo dpop key=value`: argparse hands the overrides to --losses; move them back.
+    args.overrides = [x for x in args.losses if "=" in x] + args.overrides
+    args.losses = [x for x in args.losses if "=" not in x]
+    out = Path(args.out)
+    t_all = time.time()
+    try:
+        for name in args.losses:
+            if name not in losses.LOSSES:
+                raise ConfigError(f"--losses: unknown loss {name!r}; known: {sorted(losses.LOSSES)}")
+        base, _ = load_run_config(args.config, args.overrides)
+        if not base.data.eval_path:
+            raise ConfigError("data.eval_path: the comparison scores every run on the eval split; set one")
+        common = ["export_hf=false", f"checkpoint.every={max(args.steps, args.sft_steps)}", "checkpoint.keep=1"]
+        start = args.init_from
+        if start is None:
+            if args.sft_steps < 1:
+                raise ConfigError("give --init_from or --sft_steps > 0")
+            sft = ["loss.type=sft", f"train.steps={args.sft_steps}", f"workdir={out / 'sft'}", "init_from=null",
+                   "log.eval_every=0"]
+            if args.sft_learning_rate is not None:
+                sft.append(f"train.learning_rate={args.sft_learning_rate}")
+            print(f"== SFT warm-up: {args.sft_steps} steps -> {out / 'sft'}", flush=True)
+            _run(args.config, args.overrides, common + sft)
+            start = str(out / "sft")
+        runs = {}
+        for name in args.losses:
+            print(f"== {name}: {args.steps} steps from {start} -> {out / name}", flush=True)
+            _run(args.config, args.overrides,
+                 common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / name}",
+                           f"init_from={start}"])
+            runs[name] = out / name
+
+        # Score the start and every final policy on the eval split, the start as the reference.
+        tok = data_lib.Tokenizer(base.data.tokenizer_path)
+        examples, _ = data_lib.prepare(base.data.eval_path, base.data, tok)
+        mconf, start_params = checkpoint.load_params(start)
+        scored = {"start": eval_lib.preference_eval(mconf, start_params, examples, start_params, beta=base.loss.beta)}
+        for name, workdir in runs.items():
+            _, params = checkpoint.load_params(workdir)
+            scored[name] = eval_lib.preference_eval(mconf, params, examples, start_params, beta=base.loss.beta)
+    except (ConfigError, data_lib.DataError, checkpoint.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    s0 = scored["start"]
+    summary = {"config": args.config, "overrides": args.overrides, "start": start, "steps": args.steps,
+               "eval_path": base.data.eval_path, "eval_pairs": s0["pairs"],
+               "start_eval": {"logps/chosen": s0["logps/chosen"], "logps/rejected": s0["logps/rejected"],
+                              "logps/accuracy": s0["logps/accuracy"]},
+               "losses": {}, "seconds": None}
+    for name, workdir in runs.items():
+        s = scored[name]
+        train_recs = [r for r in _records(workdir) if "loss" in r]
+        summary["losses"][name] = {
+            "start_chosen_logps": s0["logps/chosen"], "end_chosen_logps": s["logps/chosen"],
+            "start_rejected_logps": s0["logps/rejected"], "end_rejected_logps": s["logps/rejected"],
+            "chosen_logps_change": s["logps/chosen"] - s0["logps/chosen"],
+            "rejected_logps_change": s["logps/rejected"] - s0["logps/rejected"],
+            "eval_reward_accuracy": s["rewards/accuracies"], "eval_logps_accuracy": s["logps/accuracy"],
+            "eval_fraction_chosen_decreased": s["chosen_logps_decreased"],
+            "train_first": {k: train_recs[0][k] for k in ("step", "logps/chosen", "logps/rejected")},
+            "train_last": {k: train_recs[-1][k] for k in ("step", "logps/chosen", "logps/rejected",
+                                                          "rewards/accuracies")},
+        }
+    summary["seconds"] = round(time.time() - t_all, 1)
+    plot(runs, out / "compare_losses.png",
+         f"{args.config}: {', '.join(args.losses)} from {start}, {args.steps} steps, identical batches",
+         summary["start_eval"])
+    eval_lib.write_json(out / "summary.json", summary)
+
+    print(f"\neval split {base.data.eval_path} ({s0['pairs']} pairs); start: logp(chosen) "
+          f"{s0['logps/chosen']:.2f}, logp(rejected) {s0['logps/rejected']:.2f}")
+    print(f"{'loss':<8}{'chosen start':>14}{'chosen end':>12}{'rejected end':>14}{'reward acc':>12}"
+          f"{'chosen fell':>13}")
+    for name, s in summary["losses"].items():
+        print(f"{name:<8}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
+              f"{s['end_rejected_logps']:>14.2f}{s['eval_reward_accuracy']:>12.2f}"
+              f"{s['eval_fraction_chosen_decreased']:>13.2f}")
+    print(f"wrote {out / 'compare_losses.png'} and {out / 'summary.json'} ({summary['seconds']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
