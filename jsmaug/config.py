@@ -19,7 +19,7 @@ _HF_FIELDS = (
     "initializer_range",
 )
 
-MOE_IMPLS = ("auto", "dense", "blocked", "ragged", "capacity")
+MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "capacity")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

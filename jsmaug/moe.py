@@ -9,9 +9,13 @@ and differ only in how tokens reach their experts:
 - "ragged":   sort the (token, expert) assignments by expert and run `jax.lax.ragged_dot`. Dropless. On GPU and
               TPU XLA lowers it to a grouped matmul; on CPU it becomes a masked dense product (E x the FLOPs),
               so "auto" does not pick it there.
+- "bucketed": sort by expert into an (E, C, D) buffer whose capacity C is the smallest of a few static sizes
+              (1.125x, 1.25x, ... the mean load, up to T) that holds the busiest expert: `lax.switch` picks the
+              compiled branch at run time. Dropless, one batched matmul per weight, a hand-written VJP.
+              The CPU default: as fast as one dense matmul of the same useful FLOPs (tools/bench.py).
 - "blocked":  sort assignments by expert, pad each expert's group to a multiple of `block_size` rows, and run
               one (block_size x hidden) @ (hidden x mlp) matmul per block with that block's expert weights, in a
-              `lax.scan`. Dropless; wastes at most block_size-1 rows per expert. The CPU path.
+              `lax.scan`. Dropless; wastes at most block_size-1 rows per expert, whatever the imbalance.
 - "capacity": sort by expert, keep at most C = ceil(capacity_factor * T * k / E) rows per expert, drop the rest
               (counted). Classic Switch-style; fixed shapes, not dropless.
 
@@ -20,6 +24,7 @@ Array names carry their shapes: T tokens, D hidden, F mlp (intermediate), E expe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -127,11 +132,105 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
 
     Earlier tokens win (assignments are kept in token order within each expert).
     """
-    dtype = x_TxD.dtype
     num_tokens, k = idx_TxK.shape
     num_experts = w1_ExDxF.shape[0]
     capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    sorted_ = _sort_assignments(idx_TxK, num_experts)
+    return _capacity_compute(x_TxD, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, sorted_, capacity)
+
+
+def bucket_capacities(num_tokens: int, k: int, num_experts: int,
+                      factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0)) -> tuple[int, ...]:
+    """The static per-expert capacities `bucketed_ffn` chooses from: factor x the mean load, rounded up to a
+    multiple of 8, and finally `num_tokens` (an expert never gets more rows than there are tokens)."""
+    mean = num_tokens * k / num_experts
+    caps = {min(num_tokens, -(-math.ceil(f * mean) // 8) * 8) for f in factors}
+    return tuple(sorted(caps | {num_tokens}))
+
+
+def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
+                 factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0)):
+    """Dropless capacity dispatch: the capacity is the smallest of a few static sizes that holds the busiest
+    expert (`lax.switch` over one compiled branch per size), so nothing is dropped and the expert matmuls are
+    one batched (E, C, D) x (E, D, F) product. With balanced routing C is ~1.1-1.25x the mean load; its cost
+    grows with the busiest expert's load (all tokens on one expert costs as much as `dense`).
+
+    The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make
+    every branch emit the union of all branches' residuals (zero-filled (E, C_max, F) buffers), which cost
+    more than the matmuls here. The residuals are per assignment instead, the same shape in every branch."""
+    dtype = x_TxD.dtype
+    num_tokens, k = idx_TxK.shape
+    num_experts = w1_ExDxF.shape[0]
+    caps = bucket_capacities(num_tokens, k, num_experts, factors)
     order_A, token_A, expert_A, group_sizes_E = _sort_assignments(idx_TxK, num_experts)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    slot_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
+    branch = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes_E), side="left").astype(jnp.int32)
+    y_AxD = _grouped_swiglu(caps, x_TxD, w1_ExDxF.astype(dtype), w3_ExDxF.astype(dtype), w2_ExFxD.astype(dtype),
+                            token_A, expert_A, slot_A, branch)
+    return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
+
+
+def _to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
+    buf = jnp.zeros((num_experts, capacity, v_AxN.shape[-1]), v_AxN.dtype)
+    return buf.at[expert_A, slot_A].set(v_AxN, unique_indices=True)
+
+
+def _grouped_forward(capacity, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
+    """y per assignment, and the two pre-activations per assignment (the backward's residuals)."""
+    xb_ExCxD = _to_buffer(x_TxD[token_A], expert_A, slot_A, w1.shape[0], capacity)
+    p1_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w1)
+    p3_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w3)
+    out_ExCxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(p1_ExCxF) * p3_ExCxF, w2)
+    return out_ExCxD[expert_A, slot_A], p1_ExCxF[expert_A, slot_A], p3_ExCxF[expert_A, slot_A]
+
+
+def _grouped_backward(capacity, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1_AxF, p3_AxF, g_AxD):
+    num_experts = w1.shape[0]
+    buf = lambda v: _to_buffer(v, expert_A, slot_A, num_experts, capacity)  # padding rows are zeros
+    xb, p1, p3, dout = buf(x_TxD[token_A]), buf(p1_AxF), buf(p3_AxF), buf(g_AxD)
+    sig = jax.nn.sigmoid(p1)
+    s1 = p1 * sig
+    h = s1 * p3
+    dw2 = jnp.einsum("ecf,ecd->efd", h, dout)
+    dh = jnp.einsum("ecd,efd->ecf", dout, w2)
+    dp1 = dh * p3 * (sig * (1 + p1 * (1 - sig)))  # d silu(z) / dz = sig(z) (1 + z (1 - sig(z)))
+    dp3 = dh * s1
+    dxb = jnp.einsum("ecf,edf->ecd", dp1, w1) + jnp.einsum("ecf,edf->ecd", dp3, w3)
+    dw1 = jnp.einsum("ecd,ecf->edf", xb, dp1)
+    dw3 = jnp.einsum("ecd,ecf->edf", xb, dp3)
+    dx = jnp.zeros_like(x_TxD).at[token_A].add(dxb[expert_A, slot_A])
+    return dx, dw1, dw3, dw2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _grouped_swiglu(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+    """SwiGLU experts on the sorted assignments, capacity caps[branch] (the smallest that holds every group)."""
+    return _grouped_swiglu_fwd(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)[0]
+
+
+def _grouped_swiglu_fwd(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+    branches = [functools.partial(_grouped_forward, c) for c in caps]
+    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A)
+    return y, (x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3)
+
+
+def _grouped_swiglu_bwd(caps, res, g_AxD):
+    x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3 = res
+    branches = [functools.partial(_grouped_backward, c) for c in caps]
+    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1, p3,
+                                       g_AxD)
+    return dx, dw1, dw3, dw2, None, None, None, None
+
+
+_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
+def _capacity_compute(x_TxD, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, sorted_, capacity: int):
+    dtype = x_TxD.dtype
+    num_experts = w1_ExDxF.shape[0]
+    num_tokens, k = w_TxK.shape
+    order_A, token_A, expert_A, group_sizes_E = sorted_
     starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     rank_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
     keep_A = rank_A < capacity
@@ -149,10 +248,10 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'ragged' where XLA has a grouped matmul (GPU, TPU), 'blocked' on CPU."""
+    """'auto' -> 'ragged' where XLA has a grouped matmul (GPU, TPU), 'bucketed' on CPU."""
     if impl != "auto":
         return impl
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "bucketed" if jax.default_backend() == "cpu" else "ragged"
 
 
 def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str = "auto",
@@ -168,6 +267,8 @@ def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str
         return blocked_ffn(*args, block_size=block_size)
     if impl == "capacity":
         return capacity_ffn(*args, capacity_factor=capacity_factor)
+    if impl == "bucketed":
+        return bucketed_ffn(*args)
     raise ValueError(f"unknown moe_impl {impl!r}")
 
 

@@ -28,7 +28,7 @@ def _layer(impl, **kw):
 
 
 @pytest.mark.parametrize("impl,kw", [("ragged", {}), ("blocked", {"block_size": 8}), ("blocked", {"block_size": 128}),
-                                     ("capacity", {"capacity_factor": 100.0})])
+                                     ("capacity", {"capacity_factor": 100.0}), ("bucketed", {})])
 @pytest.mark.parametrize("k", [1, 2])
 def test_paths_match_dense(impl, kw, k):
     x, logits, w1, w3, w2, _ = _problem(k=k)
@@ -77,3 +77,18 @@ def test_load_balancing_loss_is_k_under_even_routing():
     counts = jnp.full((e,), 10.0 * k / e)  # 10 tokens, perfectly spread
     probs = jnp.full((e,), 10.0 / e)
     np.testing.assert_allclose(moe.load_balancing_loss(counts, probs, 10.0, e), k, rtol=1e-6)
+
+
+@pytest.mark.parametrize("skew", [0.0, 3.0, 30.0])
+def test_bucketed_is_dropless_at_every_capacity(skew):
+    """Balanced, skewed and all-on-one-expert routing pick different branches; each equals dense."""
+    x, logits, w1, w3, w2, k = _problem(num_tokens=64, e=4, k=2, seed=3)
+    logits = logits.at[:, 1].add(skew)
+    _, idx, w = moe.route(logits, k)
+    caps = moe.bucket_capacities(64, k, 4)
+    busiest = int(np.bincount(np.asarray(idx).ravel(), minlength=4).max())
+    y, dropped = jax.jit(moe.bucketed_ffn)(x, idx, w, w1, w3, w2)
+    y_dense, _ = moe.dense_ffn(x, idx, w, w1, w3, w2)
+    np.testing.assert_allclose(y, y_dense, atol=1e-5)
+    assert int(dropped) == 0 and caps[-1] == 64 and busiest <= caps[-1]
+    assert caps == tuple(sorted(caps)) and all(c % 8 == 0 for c in caps)

@@ -4,8 +4,9 @@
 
 Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config}) and a table at the end:
   peak        f32 matmul rate of this machine (the MFU denominator on CPU; nominal bf16 peak on GPU/TPU)
-  moe/*       MoE expert layer fwd+bwd (top-2 of 8): our dropless path vs one dense matmul of the same useful
-              FLOPs, vs ragged_dot, vs every-expert-on-every-token; in useful GFLOP/s
+  moe/*       MoE expert layer fwd+bwd (top-2 of 8): our dropless paths (bucketed, the CPU default; blocked)
+              vs one dense matmul of the same useful FLOPs, vs ragged_dot, vs every-expert-on-every-token;
+              in useful GFLOP/s
   step/*      DPOP step vs SFT step on the same tokens, online and precomputed reference
   torch/*     jsmaug's jitted DPOP step vs HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch
               (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
@@ -101,16 +102,19 @@ def bench_moe(tokens, d, f, e, k, peak, block):
 
     rates = {}
     rates["dense_matmul"] = useful / timeit(jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3))), x, w1, w3, w2)
-    for impl in ("blocked", "ragged", "dense"):
+    for impl in ("bucketed", "blocked", "ragged", "dense"):
         rates[impl] = useful / timeit(layer(impl), x, w1, w3, w2)
     cfg = f"T={tokens} D={d} F={f} E={e} top-{k} f32 fwd+bwd block={block}"
+    ours = "jsmaug bucketed dropless (the CPU default)"
+    record("moe/bucketed_vs_dense_matmul", rates["bucketed"] / 1e9, rates["dense_matmul"] / 1e9, "useful GFLOP/s",
+           cfg, ours, "one dense matmul, same useful FLOPs")
+    record("moe/bucketed_vs_ragged_dot", rates["bucketed"] / 1e9, rates["ragged"] / 1e9, "useful GFLOP/s", cfg,
+           ours, "jax.lax.ragged_dot")
+    record("moe/bucketed_vs_every_expert", rates["bucketed"] / 1e9, rates["dense"] / 1e9, "useful GFLOP/s", cfg,
+           ours, "every expert on every token")
     record("moe/blocked_vs_dense_matmul", rates["blocked"] / 1e9, rates["dense_matmul"] / 1e9, "useful GFLOP/s",
            cfg, "jsmaug blocked dropless", "one dense matmul, same useful FLOPs")
-    record("moe/blocked_vs_ragged_dot", rates["blocked"] / 1e9, rates["ragged"] / 1e9, "useful GFLOP/s", cfg,
-           "jsmaug blocked dropless", "jax.lax.ragged_dot")
-    record("moe/blocked_vs_every_expert", rates["blocked"] / 1e9, rates["dense"] / 1e9, "useful GFLOP/s", cfg,
-           "jsmaug blocked dropless", "every expert on every token")
-    record("moe/blocked_vs_peak", rates["blocked"] / 1e9, peak / 1e9, "GFLOP/s", cfg, "jsmaug blocked", "matmul peak")
+    record("moe/bucketed_vs_peak", rates["bucketed"] / 1e9, peak / 1e9, "GFLOP/s", cfg, ours, "matmul peak")
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -132,41 +136,61 @@ def step_fn(conf, loss_type, chunk):
     return fn, opt
 
 
-def time_step(conf, loss_type, batch, ref, chunk=0, reps=3):
-    fn, opt = step_fn(conf, loss_type, chunk)
-    params = model.init_params(conf, jax.random.key(0))
-    state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
-                            jax.random.key_data(jax.random.key(0)))
-    state, m = fn(state, batch, ref, False)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(reps):
+class StepRunner:
+    """A compiled train step and its state, timed one step at a time (so several runners can alternate)."""
+
+    def __init__(self, conf, loss_type, batch, ref, chunk=0):
+        self.fn, opt = step_fn(conf, loss_type, chunk)
+        params = model.init_params(conf, jax.random.key(0))
+        self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
+                                     jax.random.key_data(jax.random.key(0)))
+        self.batch, self.ref, self.times = batch, ref, []
+        self.run()  # compile + warm-up
+        self.times = []
+
+    def run(self):
         t = time.perf_counter()
-        state, m = fn(state, batch, ref, False)
+        self.state, m = self.fn(self.state, self.batch, self.ref, False)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        self.times.append(time.perf_counter() - t)
+
+    def median(self) -> float:
+        return float(np.median(self.times))
 
 
-def bench_steps(conf, pairs, length, label):
+def time_interleaved(runners: dict[str, StepRunner], rounds: int) -> dict[str, float]:
+    """Median step time of each runner, the runners alternating step by step (A B C A B C ...), so drifts in
+    the machine's speed hit every contender alike."""
+    for _ in range(rounds):
+        for r in runners.values():
+            r.run()
+    return {k: r.median() for k, r in runners.items()}
+
+
+def time_step(conf, loss_type, batch, ref, chunk=0, reps=3):
+    return time_interleaved({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
+
+
+def bench_steps(conf, pairs, length, label, rounds=5):
     rng = np.random.default_rng(0)
     batch = _batch(rng, pairs, length, conf.vocab_size)
     ref = model.init_params(conf, jax.random.key(0))
     ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf))(ref, batch))
     pre = dict(batch, ref_logps=ref_logps)
-    t_sft = time_step(conf, "sft", batch, None)
-    t_online = time_step(conf, "dpop", batch, ref)
-    t_pre = time_step(conf, "dpop", pre, None)
-    cfg = f"{label}: {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens"
-    record("step/dpop_online_vs_sft", t_online, t_sft, "s/step", cfg, "DPOP, online reference", "SFT, same tokens")
-    record("step/dpop_precomputed_vs_sft", t_pre, t_sft, "s/step", cfg, "DPOP, precomputed reference",
+    t = time_interleaved({"sft": StepRunner(conf, "sft", batch, None),
+                          "online": StepRunner(conf, "dpop", batch, ref),
+                          "pre": StepRunner(conf, "dpop", pre, None)}, rounds)
+    cfg = f"{label}: {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens, median of {rounds} interleaved"
+    record("step/dpop_online_vs_sft", t["online"], t["sft"], "s/step", cfg, "DPOP, online reference",
            "SFT, same tokens")
-    return t_online, batch, ref
+    record("step/dpop_precomputed_vs_sft", t["pre"], t["sft"], "s/step", cfg, "DPOP, precomputed reference",
+           "SFT, same tokens")
+    return t["online"], batch, ref
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def bench_torch(conf, pairs, length, t_jax, threads):
+def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
     import torch
     from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
 
@@ -207,11 +231,13 @@ def bench_torch(conf, pairs, length, t_jax, threads):
 
     one_step()
     times = []
-    for _ in range(3):
+    jax_runner.times = []
+    for _ in range(rounds):  # alternating with jsmaug's step
+        jax_runner.run()
         t = time.perf_counter()
         one_step()
         times.append(time.perf_counter() - t)
-    t_torch = float(np.median(times))
+    t_torch, t_jax = float(np.median(times)), jax_runner.median()
     tokens = 2 * pairs * length
     record("torch/jsmaug_vs_pytorch_dpop_step", tokens / t_jax, tokens / t_torch, "tokens/s",
            f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
@@ -247,10 +273,10 @@ def main(argv=None) -> int:
                          num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                          max_position_embeddings=1024, moe_block_size=64 if q else 256)
     pairs, length = (2, 32) if q else (4, 256)
-    t_online, _, _ = bench_steps(small, pairs, length, "step model")
+    _, batch, ref = bench_steps(small, pairs, length, "step model")
 
     if not args.skip_torch:
-        bench_torch(small, pairs, length, t_online, threads=os.cpu_count() or 1)
+        bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1)
 
     mfu_conf = small if q else cfg_lib.tiny(
         vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
