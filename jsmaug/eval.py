@@ -62,7 +62,7 @@ def _buckets(longest: int) -> tuple[int, ...]:
 
 
 def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
-                     batch_size: int = 16, chunk_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 16, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) and the continuation's token count for every (context_ids,
     continuation_ids) pair, as float64 / int arrays of shape (N,)."""
     if not items:
@@ -95,7 +95,7 @@ def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.nda
 # ------------------------------------------------------------------------------------------------ preference
 
 def preference_eval(config: MixtralConfig, params, examples: Sequence[dict], ref_params=None, *, beta: float = 0.3,
-                    batch_size: int = 16, chunk_size: int = 0) -> dict[str, Any]:
+                    batch_size: int = 16, chunk_size: int = 64) -> dict[str, Any]:
     """Metrics on tokenised pairs (`data.prepare` output). Always: mean chosen / rejected logps and
     `logps/accuracy` (chosen more likely than rejected). With a reference model: the implicit rewards
     beta * (policy - reference) and their accuracy and margin (TRL's names), as the trainer logs them."""
@@ -163,7 +163,7 @@ def encode_pair(tok: data_lib.Tokenizer, context: str, continuation: str) -> tup
 
 
 def multiple_choice_eval(config: MixtralConfig, params, tok: data_lib.Tokenizer, rows: Sequence[dict], *,
-                         delimiter: str = " ", batch_size: int = 16, chunk_size: int = 0) -> dict[str, Any]:
+                         delimiter: str = " ", batch_size: int = 16, chunk_size: int = 64) -> dict[str, Any]:
     """acc and acc_norm over `read_multiple_choice` rows, plus every row's log-likelihoods."""
     items, owner = [], []
     for r, row in enumerate(rows):

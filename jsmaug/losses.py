@@ -121,8 +121,11 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
                                chunk_size: int | None = None):
     """Like `sequence_logps`, from final hidden states and an `unembed(h) -> logits` function.
 
-    With `chunk_size`, logits exist one (B, chunk, V) slice at a time, forward and backward (the chunk is
-    recomputed in the backward pass): the full (B, S, V) array is never materialised.
+    With `chunk_size`, only the `loss_mask` positions are unembedded: they are gathered to the front of the
+    flattened (B * S) positions and processed B * chunk_size rows at a time, and chunks past the last masked
+    position are skipped at run time (`lax.cond`). Prompt and padding positions never reach the vocabulary
+    matmul and log-softmax, forward or backward. Each chunk is recomputed in the backward pass, so the (rows, V)
+    logits exist one chunk at a time.
     """
     chex.assert_rank(hidden_BxSxD, 3)
     mask = loss_mask_BxS.astype(jnp.float32)
@@ -130,11 +133,38 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
     def chunk_fn(h, lb):
         return _label_logps(unembed(h), lb)
 
-    if chunk_size is None or chunk_size >= hidden_BxSxD.shape[1]:
+    if chunk_size is None:
         lp = chunk_fn(hidden_BxSxD, labels_BxS)
     else:
-        lp = _chunked_over_sequence(jax.checkpoint(chunk_fn), hidden_BxSxD, labels_BxS, chunk_size)
+        lp = _masked_positions_only(jax.checkpoint(chunk_fn), hidden_BxSxD, labels_BxS, loss_mask_BxS,
+                                    chunk_size * hidden_BxSxD.shape[0])
     return jnp.sum(lp * mask, axis=1), jnp.sum(loss_mask_BxS.astype(jnp.int32), axis=1)
+
+
+def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, rows: int):
+    """fn(h (1, rows, D), labels (1, rows)) -> (1, rows) on the masked positions only; 0 elsewhere."""
+    b, s, d = h_BxSxD.shape
+    labels_BxS, mask_BxS = jnp.asarray(labels_BxS), jnp.asarray(mask_BxS)
+    n = b * s
+    rows = min(rows, n)
+    pad = -n % rows
+    keep_N = mask_BxS.reshape(n) > 0
+    order_N = jnp.argsort(~keep_N, stable=True)  # masked positions first, in order
+    count = jnp.sum(keep_N.astype(jnp.int32))
+    live_N = (jnp.arange(n) < count)[:, None]  # the tail of the last computed chunk is unmasked: feed it zeros
+    h_N = jnp.pad(jnp.where(live_N, h_BxSxD.reshape(n, d)[order_N], 0), ((0, pad), (0, 0)))
+    lb_N = jnp.pad(labels_BxS.reshape(n)[order_N], (0, pad))
+    num_chunks = (n + pad) // rows
+
+    def one(args):
+        i, h, lb = args
+        return jax.lax.cond(i * rows < count, lambda: fn(h[None], lb[None])[0],
+                            lambda: jnp.zeros((rows,), jnp.float32))
+
+    lp = jax.lax.map(one, (jnp.arange(num_chunks), h_N.reshape(num_chunks, rows, d),
+                           lb_N.reshape(num_chunks, rows))).reshape(-1)[:n]
+    lp = jnp.where(live_N[:, 0], lp, 0.0)
+    return jnp.zeros((n,), jnp.float32).at[order_N].set(lp, unique_indices=True).reshape(b, s)
 
 
 def _chunked_over_sequence(fn, x_BxSx_, labels_BxS, chunk: int):

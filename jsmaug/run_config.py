@@ -33,7 +33,7 @@ class TrainSection:
     b2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     on_nonfinite: str = "skip"  # skip (count and go on) | stop
-    logps_chunk_size: int = 0  # >0: compute log-probs over sequence chunks (never the whole (B, S, V) logits)
+    logps_chunk_size: int = 64  # >0: log-probs of completion positions only, batch x this many rows at a time; 0: all positions at once
 
 
 @dataclasses.dataclass(frozen=True)

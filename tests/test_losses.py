@@ -191,6 +191,33 @@ def test_sequence_logps_naive_and_chunked():
     chunked = lambda w: jnp.sum(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask, chunk_size=4)[0])
     np.testing.assert_allclose(chunked(w), plain(w), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(chunked)(w), jax.grad(plain)(w), rtol=1e-5, atol=1e-6)
+    for chunk in (1, 2, 5, 50):
+        f = lambda h, w: jnp.sum(jnp.sin(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask,
+                                                                            chunk_size=chunk)[0]))
+        g = lambda h, w: jnp.sum(jnp.sin(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask)[0]))
+        for a, b_, name in zip(jax.grad(f, (0, 1))(h, w), jax.grad(g, (0, 1))(h, w), ("hidden", "unembed")):
+            np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk} {name}")
+    zero = jnp.zeros_like(mask)
+    np.testing.assert_array_equal(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, zero,
+                                                                    chunk_size=2)[0], np.zeros(b))
+
+
+def test_chunked_logps_never_touch_unmasked_positions():
+    """Prompt and padding positions never reach the unembedding: NaN hidden states there change nothing."""
+    rng = np.random.default_rng(1)
+    b, s, d, v = 2, 12, 4, 9
+    mask = np.zeros((b, s), np.int32)
+    mask[0, 8:11] = 1
+    mask[1, 3:5] = 1
+    h = rng.normal(size=(b, s, d)).astype(np.float32)
+    h_nan = np.where(mask[..., None] > 0, h, np.nan).astype(np.float32)
+    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    f = lambda h, w: losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask, chunk_size=1)[0]
+    np.testing.assert_allclose(f(h_nan, w), f(h, w), rtol=1e-6)
+    grad_w = jax.grad(lambda w: jnp.sum(f(h_nan, w)))(w)
+    assert np.all(np.isfinite(grad_w))
+    assert not np.all(np.isfinite(losses.sequence_logps_from_hidden(h_nan, lambda x: x @ w, labels, mask)[0]))
 
 
 def test_bad_inputs_raise_clearly():

@@ -100,10 +100,17 @@ def bench_moe(tokens, d, f, e, k, peak, block):
         xs = jnp.tile(x, (k, 1))  # T*k rows through one expert: the same useful FLOPs in plain matmuls
         return jnp.sum(moe._swiglu(xs, w1[0], w3[0], w2[0], x.dtype) ** 2)
 
-    rates = {}
-    rates["dense_matmul"] = useful / timeit(jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3))), x, w1, w3, w2)
-    for impl in ("bucketed", "blocked", "ragged", "dense"):
-        rates[impl] = useful / timeit(layer(impl), x, w1, w3, w2)
+    fns = {"dense_matmul": jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3)))}
+    fns.update({impl: layer(impl) for impl in ("bucketed", "blocked", "ragged", "dense")})
+    for fn in fns.values():
+        jax.block_until_ready(fn(x, w1, w3, w2))  # compile + warm-up
+    times = {name: [] for name in fns}
+    for _ in range(5):  # interleaved, so a drift in the machine's speed hits every contender alike
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x, w1, w3, w2))
+            times[name].append(time.perf_counter() - t)
+    rates = {name: useful / float(np.median(ts)) for name, ts in times.items()}
     cfg = f"T={tokens} D={d} F={f} E={e} top-{k} f32 fwd+bwd block={block}"
     ours = "jsmaug bucketed dropless (the CPU default)"
     record("moe/bucketed_vs_dense_matmul", rates["bucketed"] / 1e9, rates["dense_matmul"] / 1e9, "useful GFLOP/s",
@@ -129,6 +136,9 @@ def _batch(rng, pairs, length, vocab):
     return {"input_ids": ids, "segment_ids": seg, "positions": pos, "labels": labels, "loss_mask": loss_mask}
 
 
+CHUNK = 64  # the trainer's default train.logps_chunk_size
+
+
 def step_fn(conf, loss_type, chunk):
     opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-4, schedule="constant"))
     fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type=loss_type, beta=0.3),
@@ -139,7 +149,7 @@ def step_fn(conf, loss_type, chunk):
 class StepRunner:
     """A compiled train step and its state, timed one step at a time (so several runners can alternate)."""
 
-    def __init__(self, conf, loss_type, batch, ref, chunk=0):
+    def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK):
         self.fn, opt = step_fn(conf, loss_type, chunk)
         params = model.init_params(conf, jax.random.key(0))
         self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
@@ -167,7 +177,7 @@ def time_interleaved(runners: dict[str, StepRunner], rounds: int) -> dict[str, f
     return {k: r.median() for k, r in runners.items()}
 
 
-def time_step(conf, loss_type, batch, ref, chunk=0, reps=3):
+def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
     return time_interleaved({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
 
 
@@ -175,7 +185,7 @@ def bench_steps(conf, pairs, length, label, rounds=5):
     rng = np.random.default_rng(0)
     batch = _batch(rng, pairs, length, conf.vocab_size)
     ref = model.init_params(conf, jax.random.key(0))
-    ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf))(ref, batch))
+    ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf, chunk_size=CHUNK))(ref, batch))
     pre = dict(batch, ref_logps=ref_logps)
     t = time_interleaved({"sft": StepRunner(conf, "sft", batch, None),
                           "online": StepRunner(conf, "dpop", batch, ref),
