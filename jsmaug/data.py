@@ -233,14 +233,19 @@ def prepare(paths: str | Iterable[str], cfg: DataConfig, tok: Tokenizer | None =
 
 # ------------------------------------------------------------------------------------------------ batching
 
+def power_of_two_buckets(max_length: int) -> tuple[int, ...]:
+    """Powers of two from 32 below `max_length`, then `max_length` itself."""
+    out, n = [], 32
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_length,)
+
+
 def bucket_lengths(cfg: DataConfig) -> tuple[int, ...]:
     if cfg.bucket_lengths:
         return tuple(sorted(cfg.bucket_lengths))
-    out, n = [], 32
-    while n < cfg.max_length:
-        out.append(n)
-        n *= 2
-    return tuple(out) + (cfg.max_length,)
+    return power_of_two_buckets(cfg.max_length)
 
 
 def completion_row(prompt: np.ndarray, completion: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -263,8 +268,12 @@ def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> d
     length = next((b for b in buckets if b >= longest), None)
     if length is None:
         raise DataError(f"a pair of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
-    rows = [completion_row(p["prompt"], p["chosen"], length) for p in pairs] + \
-           [completion_row(p["prompt"], p["rejected"], length) for p in pairs]
+    return stack_rows([completion_row(p["prompt"], p["chosen"], length) for p in pairs] +
+                      [completion_row(p["prompt"], p["rejected"], length) for p in pairs])
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`completion_row` dicts -> one batch dict of (rows, L) arrays."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

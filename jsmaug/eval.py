@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jsmaug import data as data_lib
-from jsmaug import model, step as step_lib
+from jsmaug import step as step_lib
 from jsmaug.config import MixtralConfig
 
 
@@ -53,14 +53,6 @@ def _logps_fn(config: MixtralConfig, chunk_size: int):
     return jax.jit(fn)
 
 
-def _buckets(longest: int) -> tuple[int, ...]:
-    out, n = [], 32
-    while n < longest:
-        out.append(n)
-        n *= 2
-    return tuple(out) + (n,)
-
-
 def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
                      batch_size: int = 16, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) and the continuation's token count for every (context_ids,
@@ -74,7 +66,7 @@ def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.nda
     if longest > config.max_position_embeddings:
         raise ValueError(f"an item of {longest} tokens exceeds max_position_embeddings="
                          f"{config.max_position_embeddings}")
-    buckets = _buckets(longest)
+    buckets = data_lib.power_of_two_buckets(longest)
     fn = _logps_fn(config, chunk_size)
     # Sorting by length keeps similar lengths together (fewer padded tokens, fewer bucket shapes).
     order = np.argsort([len(c) + len(x) for c, x in items], kind="stable")
@@ -84,8 +76,7 @@ def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.nda
         chunk = [items[i] for i in idx]
         length = next(b for b in buckets if b >= max(len(c) + len(x) for c, x in chunk))
         rows = [data_lib.completion_row(np.asarray(c, np.int32), np.asarray(x, np.int32), length) for c, x in chunk]
-        rows += [rows[0]] * (batch_size - len(rows))
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = data_lib.stack_rows(rows + [rows[0]] * (batch_size - len(rows)))
         lp, nt = jax.device_get(fn(params, batch))
         logps[idx] = np.asarray(lp)[:len(idx)]
         ntok[idx] = np.asarray(nt)[:len(idx)]
@@ -110,6 +101,7 @@ def preference_eval(config: MixtralConfig, params, examples: Sequence[dict], ref
     if ref_params is not None:
         rlp, _ = completion_logps(config, ref_params, items, batch_size, chunk_size)
         rc, rr = rlp[:n], rlp[n:]
+        # The same quantities as losses.preference_metrics, in float64 over the whole split.
         reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
         out.update({"rewards/chosen": float(reward_c.mean()), "rewards/rejected": float(reward_r.mean()),
                     "rewards/accuracies": float((reward_c > reward_r).mean()),

@@ -189,12 +189,16 @@ class Mixtral(nn.Module):
                 "lm_head", nn.with_logical_partitioning(_normal(c), ("embed", "vocab")),
                 (c.hidden_size, c.vocab_size), _dtype(c.param_dtype))
 
+    def _embed(self, input_ids_BxS, positions_BxS):
+        """Token embeddings in the compute dtype and the RoPE tables for their positions."""
+        c = self.config
+        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(_dtype(c.dtype))
+        return (x, *rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta))
+
     def hidden(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
         """Final normed hidden states (B, S, D) and the stacked per-layer MoE statistics."""
         c = self.config
-        dtype = _dtype(c.dtype)
-        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(dtype)
-        cos, sin = rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta)
+        x, cos, sin = self._embed(input_ids_BxS, positions_BxS)
         mask = attention_mask_BxSxT(segment_ids_BxS, c.sliding_window)
         token_mask = segment_ids_BxS > 0
         # One compiled layer for all of them; stats come back stacked over layers.
@@ -208,8 +212,7 @@ class Mixtral(nn.Module):
         c = self.config
         b, s = input_ids_BxS.shape
         t = kv_valid_BxT.shape[1]
-        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(_dtype(c.dtype))
-        cos, sin = rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta)
+        x, cos, sin = self._embed(input_ids_BxS, positions_BxS)
         q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
         # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
         # distance: the causal and sliding-window tests can use slot indices.

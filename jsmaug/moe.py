@@ -59,13 +59,19 @@ def dense_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
 
 
 def _sort_assignments(idx_TxK, num_experts):
-    """Flattens (token, slot) assignments and sorts them by expert (stable, so token order is kept)."""
+    """Flattens (token, slot) assignments and sorts them by expert (stable, so token order is kept).
+
+    Returns (order_A, token_A, expert_A, group_sizes_E, rank_A): for each sorted assignment, its position in
+    the token-major order, its token, its expert and its rank within that expert's group."""
     num_tokens, k = idx_TxK.shape
     expert_A = idx_TxK.reshape(-1)  # A = T*K assignments, token-major
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = (order_A // k).astype(jnp.int32)  # which token each sorted assignment belongs to
     group_sizes_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
-    return order_A, token_A, expert_A[order_A], group_sizes_E
+    expert_A = expert_A[order_A]
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    rank_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
+    return order_A, token_A, expert_A, group_sizes_E, rank_A
 
 
 def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
@@ -77,7 +83,7 @@ def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
 def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
     """Sorted grouped matmul through `jax.lax.ragged_dot` (dropless)."""
     dtype = x_TxD.dtype
-    order_A, token_A, _, group_sizes_E = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
+    order_A, token_A, _, group_sizes_E, _ = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
     xs_AxD = x_TxD[token_A]
     h_AxF = jax.nn.silu(jax.lax.ragged_dot(xs_AxD, w1_ExDxF.astype(dtype), group_sizes_E)) * jax.lax.ragged_dot(
         xs_AxD, w3_ExDxF.astype(dtype), group_sizes_E)
@@ -92,14 +98,12 @@ def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size:
     num_experts = w1_ExDxF.shape[0]
     num_assign = num_tokens * k
     bs = int(min(block_size, max(8, 1 << (num_assign - 1).bit_length())))  # no bigger than needed
-    order_A, token_A, expert_A, group_sizes_E = _sort_assignments(idx_TxK, num_experts)
+    order_A, token_A, expert_A, group_sizes_E, rank_A = _sort_assignments(idx_TxK, num_experts)
 
     # Each expert's group starts on a block boundary of the padded buffer.
     padded_sizes_E = (group_sizes_E + bs - 1) // bs * bs
     padded_ends_E = jnp.cumsum(padded_sizes_E)
     padded_starts_E = padded_ends_E - padded_sizes_E
-    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    rank_A = jnp.arange(num_assign, dtype=jnp.int32) - starts_E[expert_A]
     dest_A = padded_starts_E[expert_A] + rank_A
 
     num_blocks = math.ceil(num_assign / bs) + num_experts  # static bound on sum_e ceil(g_e / bs)
@@ -132,11 +136,28 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
 
     Earlier tokens win (assignments are kept in token order within each expert).
     """
+    dtype = x_TxD.dtype
     num_tokens, k = idx_TxK.shape
     num_experts = w1_ExDxF.shape[0]
     capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
-    sorted_ = _sort_assignments(idx_TxK, num_experts)
-    return _capacity_compute(x_TxD, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, sorted_, capacity)
+    order_A, token_A, expert_A, _, rank_A = _sort_assignments(idx_TxK, num_experts)
+    keep_A = rank_A < capacity
+    # Dropped assignments write to a scratch slot (index `capacity`) that is cut off afterwards.
+    slot_A = jnp.where(keep_A, rank_A, capacity)
+    buf_ExCxD = jnp.zeros((num_experts, capacity + 1, x_TxD.shape[1]), dtype)
+    buf_ExCxD = buf_ExCxD.at[expert_A, slot_A].set(x_TxD[token_A])[:, :capacity]
+    out_ExCxD, _, _ = _expert_matmuls(buf_ExCxD, *(w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD)))
+    out_ExCxD = jnp.pad(out_ExCxD, ((0, 0), (0, 1), (0, 0)))  # scratch slot reads back zeros
+    y_AxD = out_ExCxD[expert_A, slot_A]
+    dropped = jnp.sum(~keep_A).astype(jnp.int32)
+    return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
+
+
+def _expert_matmuls(xb_ExCxD, w1, w3, w2):
+    """SwiGLU of every expert on its (C, D) rows: (output (E, C, D), pre-activations p1, p3 (E, C, F))."""
+    p1_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w1)
+    p3_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w3)
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(p1_ExCxF) * p3_ExCxF, w2), p1_ExCxF, p3_ExCxF
 
 
 def bucket_capacities(num_tokens: int, k: int, num_experts: int,
@@ -162,9 +183,7 @@ def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
     num_tokens, k = idx_TxK.shape
     num_experts = w1_ExDxF.shape[0]
     caps = bucket_capacities(num_tokens, k, num_experts, factors)
-    order_A, token_A, expert_A, group_sizes_E = _sort_assignments(idx_TxK, num_experts)
-    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    slot_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
+    order_A, token_A, expert_A, group_sizes_E, slot_A = _sort_assignments(idx_TxK, num_experts)
     branch = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes_E), side="left").astype(jnp.int32)
     y_AxD = _grouped_swiglu(caps, x_TxD, w1_ExDxF.astype(dtype), w3_ExDxF.astype(dtype), w2_ExFxD.astype(dtype),
                             token_A, expert_A, slot_A, branch)
@@ -179,9 +198,7 @@ def _to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
 def _grouped_forward(capacity, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
     """y per assignment, and the two pre-activations per assignment (the backward's residuals)."""
     xb_ExCxD = _to_buffer(x_TxD[token_A], expert_A, slot_A, w1.shape[0], capacity)
-    p1_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w1)
-    p3_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w3)
-    out_ExCxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(p1_ExCxF) * p3_ExCxF, w2)
+    out_ExCxD, p1_ExCxF, p3_ExCxF = _expert_matmuls(xb_ExCxD, w1, w3, w2)
     return out_ExCxD[expert_A, slot_A], p1_ExCxF[expert_A, slot_A], p3_ExCxF[expert_A, slot_A]
 
 
@@ -224,27 +241,6 @@ def _grouped_swiglu_bwd(caps, res, g_AxD):
 
 
 _grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
-
-
-def _capacity_compute(x_TxD, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, sorted_, capacity: int):
-    dtype = x_TxD.dtype
-    num_experts = w1_ExDxF.shape[0]
-    num_tokens, k = w_TxK.shape
-    order_A, token_A, expert_A, group_sizes_E = sorted_
-    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    rank_A = jnp.arange(num_tokens * k, dtype=jnp.int32) - starts_E[expert_A]
-    keep_A = rank_A < capacity
-    # Dropped assignments write to a scratch slot (index `capacity`) that is cut off afterwards.
-    slot_A = jnp.where(keep_A, rank_A, capacity)
-    buf_ExCxD = jnp.zeros((num_experts, capacity + 1, x_TxD.shape[1]), dtype)
-    buf_ExCxD = buf_ExCxD.at[expert_A, slot_A].set(x_TxD[token_A])[:, :capacity]
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, w1_ExDxF.astype(dtype))) * jnp.einsum(
-        "ecd,edf->ecf", buf_ExCxD, w3_ExDxF.astype(dtype))
-    out_ExCxD = jnp.einsum("ecf,efd->ecd", h, w2_ExFxD.astype(dtype))
-    out_ExCxD = jnp.pad(out_ExCxD, ((0, 0), (0, 1), (0, 0)))  # scratch slot reads back zeros
-    y_AxD = out_ExCxD[expert_A, slot_A]
-    dropped = jnp.sum(~keep_A).astype(jnp.int32)
-    return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
 
 
 def resolve_impl(impl: str) -> str:

@@ -123,6 +123,11 @@ def _collate_with_ref(pairs, buckets, ref_table):
 
 # ------------------------------------------------------------------------------------------------ metrics
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order."""
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard event files."""
 
@@ -130,10 +135,9 @@ class MetricsWriter:
         self.path = workdir / "metrics.jsonl"
         # After a resume, drop lines logged past the restored checkpoint (they will be logged again).
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln)["step"] <= resume_step]
+            keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, self.path)
         self.fh = open(self.path, "a")
         self.tb = None
@@ -175,7 +179,7 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    recs = read_metrics(metrics_path)
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval/loss" in r]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))

@@ -62,6 +62,18 @@ def timeit(fn, *args, reps: int = 5, min_time: float = 0.5) -> float:
     return float(np.median(times))
 
 
+def time_alternating(fns, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each zero-argument, blocking function (compiled already), the functions
+    called in turn (A B C A B C ...), so a drift in the machine's speed hits every contender alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
 def record(name, a, b, unit, config, a_label, b_label):
     rec = {"name": name, "a": a, "b": b, "ratio": a / b if b else float("nan"), "unit": unit, "a_is": a_label,
            "b_is": b_label, "machine": machine(), "config": config, "peak_rss_gb": round(rss_gb(), 2)}
@@ -102,15 +114,10 @@ def bench_moe(tokens, d, f, e, k, peak, block):
 
     fns = {"dense_matmul": jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3)))}
     fns.update({impl: layer(impl) for impl in ("bucketed", "blocked", "ragged", "dense")})
-    for fn in fns.values():
-        jax.block_until_ready(fn(x, w1, w3, w2))  # compile + warm-up
-    times = {name: [] for name in fns}
-    for _ in range(5):  # interleaved, so a drift in the machine's speed hits every contender alike
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x, w1, w3, w2))
-            times[name].append(time.perf_counter() - t)
-    rates = {name: useful / float(np.median(ts)) for name, ts in times.items()}
+    calls = {name: (lambda fn=fn: jax.block_until_ready(fn(x, w1, w3, w2))) for name, fn in fns.items()}
+    for call in calls.values():
+        call()  # compile + warm-up
+    rates = {name: useful / t for name, t in time_alternating(calls, 5).items()}
     cfg = f"T={tokens} D={d} F={f} E={e} top-{k} f32 fwd+bwd block={block}"
     ours = "jsmaug bucketed dropless (the CPU default)"
     record("moe/bucketed_vs_dense_matmul", rates["bucketed"] / 1e9, rates["dense_matmul"] / 1e9, "useful GFLOP/s",
@@ -139,6 +146,14 @@ def _batch(rng, pairs, length, vocab):
 CHUNK = 64  # the trainer's default train.logps_chunk_size
 
 
+def step_model_config(quick: bool = False):
+    """The model of the step and PyTorch comparisons (29.8M parameters; tiny shapes with `quick`)."""
+    return cfg_lib.tiny(vocab_size=512 if quick else 32000, hidden_size=64 if quick else 256,
+                        intermediate_size=128 if quick else 512, num_hidden_layers=2 if quick else 4,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=1024, moe_block_size=64 if quick else 256)
+
+
 def step_fn(conf, loss_type, chunk):
     opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-4, schedule="constant"))
     fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type=loss_type, beta=0.3),
@@ -147,38 +162,23 @@ def step_fn(conf, loss_type, chunk):
 
 
 class StepRunner:
-    """A compiled train step and its state, timed one step at a time (so several runners can alternate)."""
+    """A compiled train step and its state; each call runs one step and waits for it (see time_alternating)."""
 
     def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK):
         self.fn, opt = step_fn(conf, loss_type, chunk)
         params = model.init_params(conf, jax.random.key(0))
         self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
                                      jax.random.key_data(jax.random.key(0)))
-        self.batch, self.ref, self.times = batch, ref, []
-        self.run()  # compile + warm-up
-        self.times = []
+        self.batch, self.ref = batch, ref
+        self()  # compile + warm-up
 
-    def run(self):
-        t = time.perf_counter()
+    def __call__(self):
         self.state, m = self.fn(self.state, self.batch, self.ref, False)
         jax.block_until_ready(m)
-        self.times.append(time.perf_counter() - t)
-
-    def median(self) -> float:
-        return float(np.median(self.times))
-
-
-def time_interleaved(runners: dict[str, StepRunner], rounds: int) -> dict[str, float]:
-    """Median step time of each runner, the runners alternating step by step (A B C A B C ...), so drifts in
-    the machine's speed hit every contender alike."""
-    for _ in range(rounds):
-        for r in runners.values():
-            r.run()
-    return {k: r.median() for k, r in runners.items()}
 
 
 def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
-    return time_interleaved({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
+    return time_alternating({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
 
 
 def bench_steps(conf, pairs, length, label, rounds=5):
@@ -187,7 +187,7 @@ def bench_steps(conf, pairs, length, label, rounds=5):
     ref = model.init_params(conf, jax.random.key(0))
     ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf, chunk_size=CHUNK))(ref, batch))
     pre = dict(batch, ref_logps=ref_logps)
-    t = time_interleaved({"sft": StepRunner(conf, "sft", batch, None),
+    t = time_alternating({"sft": StepRunner(conf, "sft", batch, None),
                           "online": StepRunner(conf, "dpop", batch, ref),
                           "pre": StepRunner(conf, "dpop", pre, None)}, rounds)
     cfg = f"{label}: {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens, median of {rounds} interleaved"
@@ -240,14 +240,8 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
         opt.step()
 
     one_step()
-    times = []
-    jax_runner.times = []
-    for _ in range(rounds):  # alternating with jsmaug's step
-        jax_runner.run()
-        t = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - t)
-    t_torch, t_jax = float(np.median(times)), jax_runner.median()
+    t = time_alternating({"jax": jax_runner, "torch": one_step}, rounds)
+    t_torch, t_jax = t["torch"], t["jax"]
     tokens = 2 * pairs * length
     record("torch/jsmaug_vs_pytorch_dpop_step", tokens / t_jax, tokens / t_torch, "tokens/s",
            f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
@@ -278,10 +272,7 @@ def main(argv=None) -> int:
 
     bench_moe(256 if q else 2048, 64 if q else 512, 128 if q else 1024, 8, 2, peak, 32 if q else 256)
 
-    small = cfg_lib.tiny(vocab_size=512 if q else 32000, hidden_size=64 if q else 256,
-                         intermediate_size=128 if q else 512, num_hidden_layers=2 if q else 4, num_attention_heads=4,
-                         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=1024, moe_block_size=64 if q else 256)
+    small = step_model_config(q)
     pairs, length = (2, 32) if q else (4, 256)
     _, batch, ref = bench_steps(small, pairs, length, "step model")
 

@@ -20,7 +20,6 @@ rerunning with the same OUT resumes or reuses finished runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,11 +39,6 @@ def _run(config: str, overrides: list[str], extra: list[str]) -> None:
     train.run(cfg, raw)
 
 
-def _records(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str, float]) -> None:
     import matplotlib
 
@@ -55,7 +49,7 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
               ("rewards/accuracies", "preference accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, workdir in runs.items():
-        recs = _records(workdir)
+        recs = train.read_metrics(workdir / "metrics.jsonl")
         tr = [r for r in recs if "loss" in r]
         ev = [r for r in recs if "eval/loss" in r]
         color = COLORS.get(name)
@@ -141,7 +135,7 @@ def main(argv=None) -> int:
                "losses": {}, "seconds": None}
     for name, workdir in runs.items():
         s = scored[name]
-        train_recs = [r for r in _records(workdir) if "loss" in r]
+        train_recs = [r for r in train.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
         summary["losses"][name] = {
             "start_chosen_logps": s0["logps/chosen"], "end_chosen_logps": s["logps/chosen"],
             "start_rejected_logps": s0["logps/rejected"], "end_rejected_logps": s["logps/rejected"],

@@ -23,16 +23,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench  # noqa: E402
-from jsmaug import config as cfg_lib, losses, model  # noqa: E402
+from jsmaug import losses, model  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunk", type=int, default=64)
     args = ap.parse_args(argv)
-    conf = cfg_lib.tiny(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=1024)
+    conf = bench.step_model_config()
     b = bench._batch(np.random.default_rng(0), 4, 256, conf.vocab_size)
     params = model.init_params(conf, jax.random.key(0))
     h = jnp.asarray(np.random.default_rng(1).normal(size=(8, 256, conf.hidden_size)).astype(np.float32))
