@@ -7,6 +7,11 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +26,72 @@ class CheckpointError(ValueError):
 
 
 class Manager:
+    """Orbax's CheckpointManager with the faults a user meets turned into one clear error each.
+
+    - A save that fails (disk full, permissions), synchronously or in the async thread, is noticed at the next
+      `check()` (called every step), its temporary folder is removed, and a `CheckpointError` names the folder,
+      the cause and the newest complete checkpoint.
+    - `restore_newest_intact` skips damaged checkpoints (a truncated or deleted data file, a missing
+      `_METADATA`), moves them to `<workdir>/damaged_checkpoints/` (nothing is deleted) and says so.
+    """
+
     def __init__(self, directory: Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.mngr = ocp.CheckpointManager(self.directory, options=options)
+        self.keep, self.async_save = keep, async_save
+        self._pending: int | None = None
+        self.mngr = self._open()
+
+    def _open(self):
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.async_save,
+                                               create=True)
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
+    def steps(self) -> list[int]:
+        """Complete checkpoints, newest first."""
+        return sorted(self.mngr.all_steps(), reverse=True)
+
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)))
+        self.check()
+        self._pending = step
+        try:
+            self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          meta=ocp.args.JsonSave(meta)))
+        except Exception as err:  # noqa: BLE001 - any failure of a save becomes one named error
+            self._fail(step, err)
+
+    def check(self) -> None:
+        """Raises `CheckpointError` if a background save has failed (cheap: call it every step)."""
+        if self._pending is not None and not self.mngr.is_saving_in_progress():
+            self.wait()  # the save is over: this returns at once, or raises what went wrong
+            self._pending = None
+        try:
+            self.mngr.check_for_errors()
+        except Exception as err:  # noqa: BLE001
+            self._fail(self._pending, err)
+
+    def wait(self) -> None:
+        try:
+            self.mngr.wait_until_finished()
+            self.mngr.check_for_errors()
+        except Exception as err:  # noqa: BLE001
+            self._fail(self._pending, err)
+
+    def _fail(self, step: int | None, err: BaseException):
+        # The save that failed may be an earlier async one that the next save ran into: its temporary folder
+        # is named in the error.
+        named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", "".join(_chain_messages(err)))
+        step = int(named.group(1)) if named else step
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = [s for s in self.steps() if s != step] if self.directory.exists() else []
+        after = (f"the newest complete checkpoint is step {complete[0]} ({self.directory / str(complete[0])}); "
+                 "running the same command again resumes from it") if complete else \
+            "there is no complete checkpoint yet; running the same command again starts from the beginning"
+        raise CheckpointError(f"{self.directory}: saving the checkpoint of step {step} failed: {root_cause(err)}. "
+                              f"Its temporary folder was removed; {after}") from err
 
     def restore(self, abstract_state, step: int | None = None):
         step = self.latest_step() if step is None else step
@@ -40,8 +100,104 @@ class Manager:
                                                                meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
-    def wait(self) -> None:
-        self.mngr.wait_until_finished()
+    def restore_newest_intact(self, abstract_state, log=print):
+        """(state, meta, step) of the newest checkpoint that restores. A checkpoint that does not restore is
+        damaged when its own metadata is unreadable or its files do not hold what the metadata says; it is moved
+        aside once an older one restores. A checkpoint whose structure simply differs from `abstract_state`
+        (another optimizer or model) is not damaged: that is an error naming both."""
+        damaged: list[tuple[int, str]] = []
+        for step in self.steps():
+            problem = self._structure_problem(step, abstract_state)
+            if problem and not problem.startswith("damaged: "):
+                raise CheckpointError(f"{self.directory / str(step)}: {problem}")
+            if not problem:
+                try:
+                    state, meta = self.restore(abstract_state, step)
+                except Exception as err:  # noqa: BLE001
+                    problem = f"damaged: {root_cause(err)}"
+                else:
+                    self._set_aside(damaged, log, step)
+                    return state, meta, step
+            damaged.append((step, problem[len("damaged: "):]))
+        if damaged:
+            names = "; ".join(f"{self.directory / str(s)}: {why}" for s, why in damaged)
+            raise CheckpointError(f"no intact checkpoint to resume from ({names}). To start this run again from "
+                                  f"the beginning, move {self.directory} away")
+        return None
+
+    def _structure_problem(self, step: int, abstract_state) -> str | None:
+        try:
+            stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+            stored_leaves = jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]
+        except Exception as err:  # noqa: BLE001
+            return f"damaged: its metadata cannot be read ({root_cause(err)})"
+        if not stored_leaves:
+            return "damaged: its metadata lists no arrays"
+        want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        have = {_path_name(p): tuple(getattr(x, "shape", ()) or ()) for p, x in stored_leaves}
+        if set(want) != set(have):
+            extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+            return (f"holds a different training state (arrays only in the checkpoint: {extra[:3]}; only in "
+                    f"this run: {missing[:3]}); was it written with another optimizer or model config?")
+        for k in sorted(want):
+            if want[k] != have[k]:
+                return f"array {k} has shape {have[k]} in the checkpoint but {want[k]} in this run"
+        return None
+
+    def _set_aside(self, damaged, log, restored_step: int) -> None:
+        if not damaged:
+            return
+        dest_root = self.directory.parent / "damaged_checkpoints"
+        dest_root.mkdir(exist_ok=True)
+        for step, why in damaged:
+            dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(self.directory / str(step), dest)
+            log(f"warning: checkpoint {self.directory / str(step)} is damaged ({why}); moved it to {dest}")
+        log(f"resuming from the newest intact checkpoint, step {restored_step}")
+        self.mngr.close()
+        self.mngr = self._open()
+
+
+def _path_name(path) -> str:
+    """'params/layers/w1' for a tree path, whether the tree holds dicts, named tuples or lists."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out = [err]
+    while out[-1].__cause__ is not None or (out[-1].__context__ is not None and not out[-1].__suppress_context__):
+        out.append(out[-1].__cause__ or out[-1].__context__)
+    return out
+
+
+def _chain_messages(err: BaseException) -> list[str]:
+    return [str(e) for e in _chain(err)]
+
+
+def root_cause(err: BaseException) -> str:
+    """What went wrong, in a line: the OS error where there is one (Orbax and TensorStore wrap it several times,
+    e.g. `No space left on device [os_error_code='28']`), else the innermost exception as `Type: message`."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code:
+            return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+    inner = _chain(err)[-1]
+    msg = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    return f"{type(inner).__name__}: {msg}" if msg else type(inner).__name__
+
+
+class _NoTracebacks(logging.Filter):
+    """Orbax logs every failed background write with a full traceback (hundreds of lines for one full disk);
+    the Manager raises one error that names the cause, so its log records keep their message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("absl").addFilter(_NoTracebacks())
 
 
 # ------------------------------------------------------------------------------------------------ params only
@@ -56,7 +212,10 @@ def save_params(out_dir: Path, config: MixtralConfig, params) -> None:
 
 
 def _model_config_of(path: Path) -> MixtralConfig:
-    return MixtralConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return MixtralConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a model config ({err})") from err
 
 
 def _target(config: MixtralConfig, shardings):
@@ -96,9 +255,28 @@ def load_params(path: str | Path, step: int | None = None, shardings=None) -> tu
     return config, restored.state["params"]
 
 
+def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
+    """(step, model_config dict) from the newest checkpoint in `checkpoint_dir` whose metadata reads; None if
+    the folder holds no complete checkpoint. Creates nothing."""
+    checkpoint_dir = Path(checkpoint_dir).absolute()
+    if not checkpoint_dir.is_dir():
+        return None
+    mngr = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(create=False))
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: restore_newest_intact deals with it
+            continue
+        if isinstance(meta, dict) and "model_config" in meta:
+            return step, meta["model_config"]
+    return None
+
+
 def _training_manager(path: Path, step: int | None):
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
     ckdir = path / "checkpoints" if (path / "checkpoints").exists() else path
-    mngr = ocp.CheckpointManager(ckdir)
+    mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(create=False))
     steps = mngr.all_steps()
     if not steps:
         raise CheckpointError(f"{path}: neither a converter checkpoint (model_config.json + params/) nor a "

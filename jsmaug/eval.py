@@ -45,6 +45,15 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[MixtralConfi
     return config, params
 
 
+def model_tokenizer_path(model_path: str | Path) -> str | None:
+    """The tokenizer a model folder carries: `tokenizer.model` in an HF folder or converter checkpoint, or in
+    `hf/` of a training workdir. None when it has none (the caller then uses Mixtral's)."""
+    for candidate in (Path(model_path) / "tokenizer.model", Path(model_path) / "hf" / "tokenizer.model"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _logps_fn(config: MixtralConfig, chunk_size: int):
     def fn(params, batch):
@@ -90,6 +99,8 @@ def preference_eval(config: MixtralConfig, params, examples: Sequence[dict], ref
     """Metrics on tokenised pairs (`data.prepare` output). Always: mean chosen / rejected logps and
     `logps/accuracy` (chosen more likely than rejected). With a reference model: the implicit rewards
     beta * (policy - reference) and their accuracy and margin (TRL's names), as the trainer logs them."""
+    if not examples:
+        raise ValueError("no preference pairs to evaluate (the file is empty, or every pair was dropped)")
     items = [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
     lp, nt = completion_logps(config, params, items, batch_size, chunk_size)
     n = len(examples)

@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from jsmaug.config import MixtralConfig
+from jsmaug.hf_tokenizer import write_tokenizer_files
 
 
 class CheckpointError(ValueError):
@@ -72,6 +73,7 @@ def _expected_hf_shape(config: MixtralConfig, name: str) -> tuple[int, ...] | No
 
 # ------------------------------------------------------------------------------------------------ reading
 
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _NP_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
               "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
 
@@ -162,6 +164,9 @@ class _Reader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handles[self.location[name]].shape(name)
 
+    def dtype_name(self, name: str) -> str:
+        return self._handles[self.location[name]].entries[name]["dtype"]
+
     def get(self, name: str) -> np.ndarray:
         if name not in self.location:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing")
@@ -196,6 +201,10 @@ def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, layout: str) 
         raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) (not in a Mixtral with this "
                               f"config.json), first: {unexpected[0]} in {reader.location[unexpected[0]]}")
     for name in sorted(expected):
+        dtype = reader.dtype_name(name)
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; Mixtral "
+                                  f"weights are floating point ({', '.join(_FLOAT_DTYPES)})")
         want = _expected_hf_shape(config, name)
         got = reader.shape(name)
         if want is not None and got != want:
@@ -276,11 +285,17 @@ def read_config(hf_dir: str | os.PathLike, **overrides) -> MixtralConfig:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: not found (an HF model folder has a config.json)")
+    return MixtralConfig.from_hf_dict(_read_config_json(path), source=str(path), **overrides)
+
+
+def _read_config_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    return MixtralConfig.from_hf_dict(d, source=str(path), **overrides)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
@@ -293,7 +308,7 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
       Either way each layer goes straight onto its devices; nothing is assembled on one device first.
     """
     hf_dir = Path(hf_dir)
-    cfg_json = json.loads((hf_dir / "config.json").read_text()) if (hf_dir / "config.json").exists() else {}
+    cfg_json = _read_config_json(hf_dir / "config.json") if (hf_dir / "config.json").exists() else {}
     if dtype is None:
         dtype = cfg_json.get("torch_dtype") or cfg_json.get("dtype") or "float32"
         dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
@@ -420,12 +435,31 @@ def commit_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
+    """Fails before any tensor is written when the tokenizer to export is missing or unreadable."""
+    if tokenizer_path is None:
+        return
+    path = Path(tokenizer_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer model not found (give the path of a SentencePiece tokenizer.model)")
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0]})") from err
+
+
 def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
          overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files)."""
+    """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
+
+    With `tokenizer_path` (a SentencePiece tokenizer.model) the folder also gets what a Mixtral hub repository
+    ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, overwrite)
+    check_tokenizer_path(tokenizer_path)
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
     limit = _parse_size(max_shard_size)
@@ -469,7 +503,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
              "_from_model_config": True}, indent=2))
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            write_tokenizer_files(tokenizer_path, tmp, config.max_position_embeddings)
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

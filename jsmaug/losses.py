@@ -46,10 +46,19 @@ def dpop(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, ref
 
     lam sits inside the beta bracket and inside the sigmoid. With lam = 0 this is exactly `dpo_sigmoid`; while
     pi_c >= ref_c (no penalty) the two are identical, gradients included.
+
+    The tie pi_c == ref_c counts as "no penalty", gradient included: `jnp.maximum(0, x)` has gradient 0.5 at
+    x = 0, which would add a 0.5 * lam NLL push on every chosen completion at step 1 of every run (the policy
+    starts equal to its reference). The penalty acts only where the policy is strictly below the reference.
     """
     delta, rc = _delta(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    penalty = jnp.maximum(0.0, rc - policy_chosen_logps)
-    return -jax.nn.log_sigmoid(beta * (delta - lam * penalty))
+    return -jax.nn.log_sigmoid(beta * (delta - lam * dpop_penalty(policy_chosen_logps, rc)))
+
+
+def dpop_penalty(policy_chosen_logps, reference_chosen_logps) -> jax.Array:
+    """max(0, ref_c - pi_c), with gradient 0 at the tie (see `dpop`); the reference gets no gradient."""
+    gap = jax.lax.stop_gradient(reference_chosen_logps) - policy_chosen_logps
+    return jnp.where(gap > 0, gap, 0.0)
 
 
 def dpo_sigmoid(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, *,
@@ -189,7 +198,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, reference_cho
     rr = jax.lax.stop_gradient(reference_rejected_logps)
     reward_c = beta * (policy_chosen_logps - rc)
     reward_r = beta * (policy_rejected_logps - rr)
-    penalty = jnp.maximum(0.0, rc - policy_chosen_logps)
+    penalty = dpop_penalty(policy_chosen_logps, rc)
     return {
         "rewards/chosen": jnp.mean(reward_c),
         "rewards/rejected": jnp.mean(reward_r),

@@ -133,6 +133,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         (inner, _) = typing.get_args(tp)
         return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string: accept what float() accepts
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -153,7 +158,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls, d: dict[str, Any], prefix: str):
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
@@ -173,6 +178,8 @@ def _build(cls, d: dict[str, Any], prefix: str):
 
 
 def _model(d: dict[str, Any], prefix: str) -> MixtralConfig:
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {d!r}")
     d = dict(d or {})
     name = d.pop("preset", "tiny")
     hints = typing.get_type_hints(MixtralConfig)
@@ -203,12 +210,24 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> tuple[RunCon
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _parse_yaml(p.read_text(), str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key=value")
         k, v = ov.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v) if v.strip() else None)
+        _set_dotted(raw, k.strip(), _parse_yaml(v, f"override {ov!r}") if v.strip() else None)
     return _build(RunConfig, raw, "").validate(), raw
+
+
+def _parse_yaml(text: str, where: str):
+    """yaml.safe_load with errors as `FILE:line:col: problem` (1-based, as editors count)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        raise ConfigError(f"{loc}: {problem}" + (f" ({context})" if context else "")) from None

@@ -28,12 +28,9 @@ import numpy as np
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
 from jsmaug import model, sharding as shd, step as step_lib
+from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
 from jsmaug.config import ConfigError
 from jsmaug.run_config import RunConfig, load_run_config
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -42,11 +39,49 @@ def model_config(cfg: RunConfig):
     """The model config: `init_from`'s architecture (with this run's numerics settings), or `model`."""
     if not cfg.init_from:
         return cfg.model
+    if not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from: {cfg.init_from}: no such file or folder")
     stored = ckpt.read_model_config(cfg.init_from)
     if stored.to_hf_dict() != cfg.model.replace(param_dtype=stored.param_dtype).to_hf_dict():
         log(f"note: init_from {cfg.init_from} carries its own architecture; using it instead of `model`")
     return stored.replace(dtype=cfg.model.dtype, remat=cfg.model.remat, moe_impl=cfg.model.moe_impl,
                           moe_block_size=cfg.model.moe_block_size)
+
+
+# Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
+_RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor")
+
+
+def check_resume(workdir: Path, mconf) -> None:
+    """Refuses, before anything is written, to resume a workdir whose checkpoints hold another model."""
+    found = ckpt.stored_model_config(workdir / "checkpoints")
+    if found is None:
+        return
+    step, stored = found
+    want = mconf.to_dict()
+    diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
+            if k not in _RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
+    if diff:
+        raise ConfigError(f"{workdir} holds checkpoints of another model (step {step}); " + "; ".join(diff)
+                          + ". Use another workdir, or the stored values to resume")
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Creates the workdir, or stops with a clear error if it cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"workdir: cannot write {workdir}: {err.strerror or err}") from err
+
+
+def write_config_json(workdir: Path, raw_config: dict | None) -> None:
+    """workdir/config.json, written once the run is known to go ahead (after the resume checks), atomically."""
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(raw_config or {}, indent=2, default=str))
+    os.replace(tmp, workdir / "config.json")
 
 
 def initial_params(cfg: RunConfig, mconf, shardings):
@@ -121,89 +156,10 @@ def _collate_with_ref(pairs, buckets, ref_table):
     return batch
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, in order."""
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
-class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard event files."""
-
-    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool):
-        self.path = workdir / "metrics.jsonl"
-        # After a resume, drop lines logged past the restored checkpoint (they will be logged again).
-        if self.path.exists():
-            keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
-        self.fh = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:  # pragma: no cover - tensorboardX is a core dependency
-                log("note: tensorboardX not installed; no TensorBoard events")
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        rec = {"step": step}
-        for k, v in metrics.items():
-            v = np.asarray(v)
-            rec[k] = v.tolist() if v.ndim else (int(v) if v.dtype.kind in "iu" else float(v))
-        self.fh.write(json.dumps(rec) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k == "step":
-                    continue
-                if isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self.tb.add_scalar(f"{k}/{i}", x, step)
-                else:
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-
-    def close(self):
-        self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_metrics(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = read_metrics(metrics_path)
-    train = [r for r in recs if "loss" in r]
-    evals = [r for r in recs if "eval/loss" in r]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, key, title in zip(axes, ["loss", "logps/chosen", "logps/rejected", "rewards/margins"],
-                              ["loss", "policy logps (chosen)", "policy logps (rejected)", "reward margin"]):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["eval/" + key] for r in evals], "o-", label="eval")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(raw_config or {}, indent=2, default=str))
     if cfg.mesh.distributed:
         jax.distributed.initialize()  # coordinator, process count and id come from the environment
     log(f"jsmaug: workdir {workdir}, backend {jax.default_backend()} x{jax.device_count()} "
@@ -224,14 +180,16 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
         raise data_lib.DataError(f"{cfg.data.train_path}: {len(train_examples)} usable pairs, fewer than "
                                  f"train.batch_size={cfg.train.batch_size}")
 
-    # --- mesh, model, reference, optimizer
+    # --- mesh, model, reference, optimizer (every check before the workdir is touched)
     mconf = model_config(cfg)
+    check_resume(workdir, mconf)
     mesh = shd.make_mesh(cfg.mesh, mconf)
     divisor = shd.batch_rows_divisor(mesh, cfg.mesh)
     if cfg.train.batch_size % divisor or (cfg.train.batch_size // cfg.train.micro_batches) % divisor:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (per micro-batch "
                           f"{cfg.train.batch_size // cfg.train.micro_batches}) must be divisible by the "
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
+    prepare_workdir(workdir)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
         f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), moe_impl={mconf.moe_impl}; "
         f"mesh {dict(mesh.shape)}")
@@ -259,10 +217,12 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     state = step_lib.init_state(optimizer, params, state_sh, cfg.seed)
     manager = ckpt.Manager(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
-    if manager.latest_step() is not None:
-        state, _ = manager.restore(state)  # onto this run's shardings, whatever mesh saved it
+    restored = manager.restore_newest_intact(state, log)  # onto this run's shardings, whatever mesh saved it
+    if restored is not None:
+        state = restored[0]
         start = int(state.step)
         log(f"resumed from {workdir / 'checkpoints'} at step {start} (skipped so far: {int(state.skipped)})")
+    write_config_json(workdir, raw_config)
 
     ds_pairs = data_lib.batches(_with_index(train_examples), cfg.train.batch_size, buckets, seed=cfg.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
@@ -300,6 +260,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
         batch = first if s == start else put(ds_pairs[s])
         inject = jnp.asarray(cfg.debug.nan_at_step == s + 1)
         state, metrics = step_fn(state, batch, ref_params, inject)
+        manager.check()  # a failed background save stops the run now, not at the next save
         window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
         done = s + 1
         steps_since += 1

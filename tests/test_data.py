@@ -179,3 +179,12 @@ def test_tfds_builder_array_record_equals_files(tmp_path):
     with pytest.raises(data.DataError, match=r"train.jsonl:line 1: missing field 'rejected'"):
         data.prepare("train", data.DataConfig(tfds_config="generic", tfds_manual_dir=str(bad),
                                               tfds_data_dir=str(tmp_path / "tfds2")), TOK)
+
+
+def test_multiple_choice_questions_are_not_in_the_training_data():
+    train = [json.loads(x)["prompt"] for x in open("data/sample/train.jsonl")]
+    test = [json.loads(x)["prompt"] for x in open("data/sample/test.jsonl")]
+    mc = [json.loads(x)["query"] for x in open("data/sample/mc.jsonl")]
+    assert len(mc) == 20
+    seen = set(train) | set(test)
+    assert not [q for q in mc if q in seen or q.split("\n")[0] in "\n".join(seen)]

@@ -139,3 +139,22 @@ def test_evaluate_cli_writes_json(setup, tmp_path, capsys):
     assert mc["rows"] == 20 and 0.0 <= mc["acc"] <= 1.0
     assert "acc_norm" in capsys.readouterr().out
     assert evaluate.main(["--model", str(tmp_path / "missing"), "--mc", "x.jsonl"]) == 2
+
+
+def test_evaluate_uses_the_model_folders_tokenizer_and_refuses_empty_files(setup, tmp_path, capsys):
+    import shutil
+
+    import evaluate
+
+    cfg, params, _ = setup
+    checkpoint.save_params(tmp_path / "model", cfg, params)
+    assert eval_lib.model_tokenizer_path(tmp_path / "model") is None
+    shutil.copy(data_lib.Tokenizer().path, tmp_path / "model" / "tokenizer.model")
+    assert eval_lib.model_tokenizer_path(tmp_path / "model") == str(tmp_path / "model" / "tokenizer.model")
+    (tmp_path / "empty.jsonl").write_text("")
+    rc = evaluate.main(["--model", str(tmp_path / "model"), "--preference", str(tmp_path / "empty.jsonl"),
+                        "--out", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert f"tokenizer: {tmp_path / 'model' / 'tokenizer.model'}" in captured.out
+    assert rc == 2 and "empty.jsonl: no preference pairs to score" in captured.err
+    assert not (tmp_path / "r.json").exists()

@@ -219,3 +219,37 @@ def test_converter_tools_round_trip_hf_to_orbax_to_hf(hub, tmp_path):
     assert set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
     # A non-empty out_dir is refused with exit code 2 and left alone.
     assert tool("convert_hf_to_jax")(["--hf_dir", str(path), "--out_dir", str(tmp_path / "ck")]) == 2
+
+
+def test_bad_config_json_and_integer_tensor_name_the_culprit(hub, tmp_path):
+    dst = _copy(hub, tmp_path)
+    (dst / "config.json").write_text('{"model_type": "mixtral",')
+    with pytest.raises(hf.CheckpointError, match=r"config.json: not valid JSON"):
+        hf.load(dst)
+    path, _ = hub
+    t = _all_tensors(path)
+    t["model.norm.weight"] = np.arange(t["model.norm.weight"].size, dtype=np.int64)
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    save_file(t, str(ints / "model.safetensors"))
+    shutil.copy(path / "config.json", ints / "config.json")
+    with pytest.raises(hf.CheckpointError, match=r"model.safetensors: tensor model.norm.weight has dtype I64"):
+        hf.load(ints)
+
+
+def test_converter_checks_inputs_before_writing_anything(hub, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_jax_to_hf", "tools/convert_jax_to_hf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path, _ = hub
+    config, params = hf.load(path)
+    from jsmaug import checkpoint
+
+    checkpoint.save_params(tmp_path / "ck", config, params)
+    # A typo in --tokenizer fails before a single tensor is written; a typo in --ckpt_dir creates nothing.
+    assert tool.main(["--ckpt_dir", str(tmp_path / "ck"), "--out_dir", str(tmp_path / "out"),
+                      "--tokenizer", str(tmp_path / "tokenizer.modle")]) == 2
+    assert tool.main(["--ckpt_dir", str(tmp_path / "ckk"), "--out_dir", str(tmp_path / "out")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

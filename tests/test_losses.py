@@ -91,6 +91,27 @@ def test_dpop_lam0_is_dpo_and_inactive_regime_equal_with_grads():
     assert (g_dpop < g_dpo).all()  # more negative gradient on pi_c: descent raises pi_c harder
 
 
+def test_dpop_gradient_at_the_tie_equals_dpo():
+    """Every DPOP run starts at pi_c == ref_c. There the penalty must not act, gradient included: the gradient
+    on pi_c is DPO's, not DPO's plus 0.5 * beta * lam * sigmoid(-z) (jnp.maximum's subgradient at 0)."""
+    pc = np.array([-10.0, -7.5, -3.0], np.float32)
+    pr = np.array([-11.0, -7.0, -3.5], np.float32)
+    rc, rr = pc.copy(), pr + np.float32(0.25)
+    f_dpop = lambda a, b: jnp.sum(losses.dpop(a, b, rc, rr, beta=0.3, lam=50.0))
+    f_dpo = lambda a, b: jnp.sum(losses.dpo_sigmoid(a, b, rc, rr, beta=0.3))
+    for g1, g2 in zip(jax.grad(f_dpop, (0, 1))(pc, pr), jax.grad(f_dpo, (0, 1))(pc, pr)):
+        np.testing.assert_allclose(g1, g2, rtol=1e-7)
+    # DPO's gradient on pi_c by hand: -beta * sigmoid(-beta * delta), delta = (pc - rc) - (pr - rr) = 0.25.
+    want = -0.3 / (1.0 + np.exp(0.3 * 0.25))
+    np.testing.assert_allclose(jax.grad(f_dpop)(pc, pr), np.full(3, want, np.float32), rtol=1e-6)
+    # One ulp below the reference, the penalty's full lam term switches on.
+    below = np.nextafter(pc, np.float32(-np.inf))
+    g_below = jax.grad(f_dpop)(below, pr)
+    assert (g_below < 20 * want).all(), g_below
+    m = losses.preference_metrics(pc, pr, rc, rr, beta=0.3)
+    assert float(m["dpop/penalty"]) == 0.0 and float(m["dpop/active_fraction"]) == 0.0
+
+
 def test_beta_scale_by_value():
     """Doubling beta doubles the sigmoid argument (not beta squared, MaxText's old bug)."""
     pc, pr, rc, rr = (np.array([x], np.float32) for x in (-10.0, -12.0, -11.0, -11.5))

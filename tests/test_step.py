@@ -103,7 +103,9 @@ def test_micro_batch_accumulation_equals_one_big_batch():
     # in gradients that are ~0).
     conf, params, _ = _setup()
     opt = optax.sgd(1.0)
-    ref = params
+    # A reference away from the policy: with ref == policy every pair sits on DPOP's kink (ref_c == pi_c), where
+    # a 1e-7 round-off between the two programs switches the lam term of that pair's gradient on or off.
+    ref = jax.tree.map(lambda x: 0.95 * x, params)
     big = data.collate(_examples(8, seed=5), BUCKETS)
     s1, m1 = _step_fn(conf, opt, micro=1)(_state(params, opt), big, ref)
     s4, m4 = _step_fn(conf, opt, micro=4)(_state(params, opt), big, ref)

@@ -7,10 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from jsmaug.config import ConfigError
-from jsmaug.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +17,7 @@ SMALL = ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden
          "log.tensorboard=false", "export_hf=false", "checkpoint.every=2"]
 
 
-def _run(args, check=True, devices=1):
+def _run(args, check=True, devices=1, max_file_bytes=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     if devices > 1:
@@ -29,8 +25,15 @@ def _run(args, check=True, devices=1):
     # Share compiled steps between the subprocess runs of this module.
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    def limit_file_size():  # a disk that fills up: writes past this size fail with EFBIG
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     r = subprocess.run([sys.executable, "-m", "jsmaug.train", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, preexec_fn=limit_file_size if max_file_bytes else None)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -71,7 +74,9 @@ def test_shipped_config_runs_two_steps_and_exports(tmp_path):
 
 def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     data = _pairs(tmp_path / "pairs.jsonl")
-    common = ["configs/tiny_dpop.yaml", *SMALL, f"data.train_path={data}", f"data.eval_path={data}",
+    # DPO: the run is compared with runs on other meshes, and DPOP's penalty at policy == reference switches on a
+    # 1e-7 round-off that differs between meshes (README, "DPOP's kink"). Resume itself does not depend on the loss.
+    common = ["configs/tiny_dpop.yaml", *SMALL, "loss.type=dpo", f"data.train_path={data}", f"data.eval_path={data}",
               "train.steps=8", "log.eval_every=0"]
     full = tmp_path / "full"
     _run([*common, f"workdir={full}"])
@@ -114,7 +119,9 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
 
 def test_precomputed_reference_mode_matches_online(tmp_path):
     data = _pairs(tmp_path / "pairs.jsonl")
-    common = ["configs/tiny_dpop.yaml", *SMALL, f"data.train_path={data}", "data.eval_path=null",
+    # DPO: the precomputed reference logps come from another program than the online ones, so with DPOP a pair
+    # at policy == reference could take the penalty in one run and not in the other.
+    common = ["configs/tiny_dpop.yaml", *SMALL, "loss.type=dpo", f"data.train_path={data}", "data.eval_path=null",
               "train.steps=2", "checkpoint.every=100"]
     _run([*common, f"workdir={tmp_path / 'on'}"])
     r = _run([*common, f"workdir={tmp_path / 'pre'}", "reference.mode=precomputed"])
@@ -125,17 +132,46 @@ def test_precomputed_reference_mode_matches_online(tmp_path):
         np.testing.assert_allclose(x["rewards/margins"], y["rewards/margins"], rtol=1e-5, atol=1e-6)
 
 
-def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
-        load_run_config("configs/tiny_dpop.yaml", ["train.stepz=3"])
-    with pytest.raises(ConfigError, match="loss.beta: expected a number"):
-        load_run_config("configs/tiny_dpop.yaml", ["loss.beta=high"])
-    with pytest.raises(ConfigError, match="loss.type: must be one of"):
-        load_run_config("configs/tiny_dpop.yaml", ["loss.type=kto"])
-    with pytest.raises(ConfigError, match="model.hidden_sizes"):
-        load_run_config("configs/tiny_dpop.yaml", ["model.hidden_sizes=3"])
-    r = _run(["configs/tiny_dpop.yaml", "train.batch_size=1.5"], check=False)
-    assert r.returncode == 2 and "train.batch_size: expected an integer" in r.stderr
-    for name in ("tiny_dpop", "tiny_dpo", "smaug_mixtral_8x7b"):
-        cfg, _ = load_run_config(f"configs/{name}.yaml")
-        assert cfg.loss.type in ("dpop", "dpo")
+def test_faults_are_named_and_nothing_is_lost(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    common = ["configs/tiny_dpop.yaml", *SMALL, f"data.train_path={data}", "data.eval_path=null",
+              "checkpoint.async_save=false"]
+    wd = tmp_path / "wd"
+    _run([*common, "train.steps=4", f"workdir={wd}"])  # checkpoints 2 and 4
+    config_json = (wd / "config.json").read_bytes()
+
+    # Another model shape: refused before anything is touched, naming the keys.
+    r = _run([*common, "train.steps=6", f"workdir={wd}", "model.hidden_size=48", "model.intermediate_size=40"],
+             check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "model.hidden_size: stored 32, requested 48; model.intermediate_size: stored 32, requested 40" in r.stderr
+    assert (wd / "config.json").read_bytes() == config_json
+
+    # A torn last line in metrics.jsonl (a kill mid-write) and a damaged newest checkpoint (a data file gone).
+    with open(wd / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 0.')
+    data_files = [p for p in (wd / "checkpoints" / "4").rglob("*") if p.is_file() and "/d/" in str(p)]
+    assert data_files
+    for p in data_files:
+        p.unlink()
+    r = _run([*common, "train.steps=6", f"workdir={wd}"])
+    assert "dropped a torn last line" in r.stdout
+    assert "checkpoints/4 is damaged" in r.stdout and "at step 2" in r.stdout, r.stdout[-3000:]
+    assert [x["step"] for x in _metrics(wd)] == [1, 2, 3, 4, 5, 6]
+    assert len(list((wd / "damaged_checkpoints").iterdir())) == 1
+
+    # A disk that fills up during a save: one error naming the folder and the cause, no temporary folder left.
+    full = tmp_path / "full"
+    r = _run([*common, "train.steps=4", f"workdir={full}"], check=False, max_file_bytes=200_000)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and f"{full}/checkpoints: saving the checkpoint of step 2 failed: File too large" in err[0]
+    assert [p.name for p in (full / "checkpoints").iterdir()] == []
+
+    # An unwritable workdir and a typo in init_from: named, and nothing created.
+    (tmp_path / "a_file").write_text("x")
+    r = _run([*common, f"workdir={tmp_path / 'a_file' / 'wd'}"], check=False)
+    assert r.returncode == 2 and f"workdir: cannot write {tmp_path / 'a_file' / 'wd'}" in r.stderr
+    r = _run([*common, f"workdir={tmp_path / 'w2'}", f"init_from={tmp_path / 'typo'}"], check=False)
+    assert r.returncode == 2 and f"init_from: {tmp_path / 'typo'}: no such file or folder" in r.stderr
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "w2").exists()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, data as data_lib, eval as eval_lib, losses, train  # noqa: E402
+from jsmaug import checkpoint, data as data_lib, eval as eval_lib, losses, metrics_log, train  # noqa: E402
 from jsmaug.config import ConfigError  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
@@ -49,7 +49,7 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
               ("rewards/accuracies", "preference accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, workdir in runs.items():
-        recs = train.read_metrics(workdir / "metrics.jsonl")
+        recs = metrics_log.read_metrics(workdir / "metrics.jsonl")
         tr = [r for r in recs if "loss" in r]
         ev = [r for r in recs if "eval/loss" in r]
         color = COLORS.get(name)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                "losses": {}, "seconds": None}
     for name, workdir in runs.items():
         s = scored[name]
-        train_recs = [r for r in train.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+        train_recs = [r for r in metrics_log.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
         summary["losses"][name] = {
             "start_chosen_logps": s0["logps/chosen"], "end_chosen_logps": s["logps/chosen"],
             "start_rejected_logps": s0["logps/rejected"], "end_rejected_logps": s["logps/rejected"],

@@ -23,11 +23,13 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ap.add_argument("--max_shard_size", default="5GB")
-    ap.add_argument("--tokenizer", default=None, help="a tokenizer.model to copy into the export")
+    ap.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model: the export then carries "
+                    "tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
         hf.prepare_out_dir(Path(args.out_dir), args.overwrite)
+        hf.check_tokenizer_path(args.tokenizer)  # before minutes of tensor writing, not after
         config, params = checkpoint.load_params(args.ckpt_dir, step=args.step)
         s = hf.save(args.out_dir, config, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     tokenizer_path=args.tokenizer, overwrite=args.overwrite, progress=True)

@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default=None, help="the starting model, for implicit rewards")
     ap.add_argument("--preference", nargs="*", default=[], help="JSONL/Parquet files of prompt/chosen/rejected")
     ap.add_argument("--mc", nargs="*", default=[], help="JSONL files of query/choices/gold")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: Mixtral's, from mistral-common)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model folder's own "
+                    "tokenizer.model, or its hf/ export's; else Mixtral's, from mistral-common)")
     ap.add_argument("--beta", type=float, default=0.3, help="beta of the implicit rewards")
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--max_prompt_length", type=int, default=256)
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     if not args.preference and not args.mc:
         ap.error("give at least one --preference or --mc file")
     try:
-        tok = data_lib.Tokenizer(args.tokenizer)
+        tok = data_lib.Tokenizer(args.tokenizer or eval_lib.model_tokenizer_path(args.model))
+        print(f"tokenizer: {tok.path}")
         t0 = time.time()
         config, params = eval_lib.load_model(args.model, args.dtype)
         ref = eval_lib.load_model(args.reference, args.dtype)[1] if args.reference else None
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             examples, report = data_lib.prepare(path, dcfg, tok)
             print(f"{path}: {report}")
+            if not examples:
+                raise data_lib.DataError(f"{path}: no preference pairs to score ({report})")
             results[f"preference:{path}"] = eval_lib.preference_eval(config, params, examples, ref, beta=args.beta,
                                                                      batch_size=args.batch_size)
             print(f"  scored {len(examples)} pairs in {time.time() - t0:.1f}s")

@@ -2,8 +2,8 @@
 
 MetaMath-like pairs: a worked arithmetic solution (chosen) vs the same solution with exactly one number edited
 (rejected): the low-edit-distance case the DPOP paper is about. ARC-like pairs: a multiple-choice science
-question, the correct answer vs each wrong one. mc.jsonl: the same ARC-like questions as multiple choice
-(query, four choices, gold index), the format `tools/evaluate.py --mc` reads.
+question, the correct answer vs each wrong one. mc.jsonl: 20 other ARC-like questions (none of them in
+train or test) as multiple choice (query, four choices, gold index), the format `tools/evaluate.py --mc` reads.
 
     python tools/make_sample_data.py [--out_dir data/sample] [--check]
 """
@@ -43,6 +43,36 @@ ARC = [
     ("How many legs does an insect have?", "six", ["four", "eight", "ten"]),
 ]
 
+# Held out for multiple choice only: none of these questions appears in the train or test pairs (an evaluation set
+# must be disjoint from the training data; tests/test_data.py checks it).
+ARC_MC = [
+    ("Which animal lays eggs?", "a chicken", ["a dog", "a cow", "a horse"]),
+    ("What is the closest star to the Earth?", "the Sun", ["Sirius", "the North Star", "Betelgeuse"]),
+    ("Which of these is a gas at room temperature?", "nitrogen", ["iron", "salt", "sugar"]),
+    ("What do plants release into the air during photosynthesis?", "oxygen", ["carbon dioxide", "smoke", "nitrogen"]),
+    ("Which planet is known as the Red Planet?", "Mars", ["Venus", "Saturn", "Neptune"]),
+    ("What is the hardest natural material?", "diamond", ["gold", "granite", "glass"]),
+    ("Which body part helps a fish breathe in water?", "the gills", ["the fins", "the scales", "the tail"]),
+    ("What kind of energy does a moving car have?", "kinetic energy", ["sound energy", "nuclear energy",
+                                                                        "chemical energy"]),
+    ("What happens to water when it is heated to its boiling point?", "it turns into vapor",
+     ["it freezes", "it becomes denser", "it turns into ice"]),
+    ("Which organ do humans use to breathe?", "the lungs", ["the kidneys", "the heart", "the skin"]),
+    ("What is the largest planet in the solar system?", "Jupiter", ["Earth", "Mars", "Mercury"]),
+    ("Which of these objects is attracted to a magnet?", "an iron nail", ["a wooden spoon", "a rubber band",
+                                                                         "a paper clip made of plastic"]),
+    ("How long does the Earth take to orbit the Sun?", "one year", ["one day", "one month", "one hour"]),
+    ("What do caterpillars turn into?", "butterflies", ["beetles", "spiders", "worms"]),
+    ("Which tool is used to look at very small things?", "a microscope", ["a telescope", "a compass",
+                                                                          "a periscope"]),
+    ("What covers most of the Earth's surface?", "water", ["sand", "ice", "forest"]),
+    ("Which of these is a source of light?", "a candle flame", ["a mirror", "the Moon", "a window"]),
+    ("What is the young of a frog called?", "a tadpole", ["a cub", "a calf", "a chick"]),
+    ("Which simple machine is a ramp?", "an inclined plane", ["a pulley", "a lever", "a wheel"]),
+    ("What do we call rain, snow, sleet and hail?", "precipitation", ["evaporation", "condensation",
+                                                                      "erosion"]),
+]
+
 
 def arithmetic_pair(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -74,7 +104,7 @@ def arc_pairs() -> list[dict]:
 
 def arc_multiple_choice(rng: random.Random) -> list[dict]:
     out = []
-    for q, right, wrongs in ARC:
+    for q, right, wrongs in ARC_MC:
         choices = [right] + list(wrongs)
         rng.shuffle(choices)
         out.append({"query": f"Question: {q}\nAnswer:", "choices": choices, "gold": choices.index(right)})

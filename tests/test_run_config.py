@@ -1,0 +1,46 @@
+"""The run config: every spelling of a float, errors that name the key, YAML syntax errors located in the file."""
+
+import pytest
+
+from jsmaug.config import ConfigError
+from jsmaug.run_config import load_run_config
+
+
+def test_floats_in_every_spelling(tmp_path):
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["train.learning_rate=3e-3", "loss.beta=1e-1",
+                                                         "loss.dpop_lambda=5E1", "train.weight_decay=.01"])
+    assert (cfg.train.learning_rate, cfg.loss.beta, cfg.loss.dpop_lambda, cfg.train.weight_decay) == \
+        (3e-3, 0.1, 50.0, 0.01)
+    # YAML 1.1 reads `3e-3` (no dot) in a file as a string, too.
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train_path: x.jsonl\ntrain:\n  learning_rate: 3e-3\nloss:\n  beta: 2e-1\n")
+    cfg, _ = load_run_config(str(path))
+    assert cfg.train.learning_rate == 0.003 and cfg.loss.beta == 0.2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("loss.beta=high", "loss.beta: expected a number, got 'high'"),
+    ("loss.type=kto", "loss.type: must be one of"),
+    ("model.hidden_sizes=3", "model.hidden_sizes"),
+    ("train.batch_size=1.5", "train.batch_size: expected an integer"),
+    ("model=5", "^model: expected a mapping, got 5$"),
+    ("train=5", "^train: expected a mapping, got 5$"),
+    ("train.steps=[1", r"^override 'train.steps=\[1':1:3: expected ',' or '\]'"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config("configs/tiny_dpop.yaml", [override])
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 3\n  learning_rate: [0.1\nloss:\n  beta: 0.3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4:5: expected .,. or .\]."):
+        load_run_config(str(path))
+
+
+def test_shipped_configs_load():
+    for name in ("tiny_dpop", "tiny_dpo", "smaug_mixtral_8x7b"):
+        cfg, _ = load_run_config(f"configs/{name}.yaml")
+        assert cfg.loss.type in ("dpop", "dpo")
