@@ -20,6 +20,7 @@ _HF_FIELDS = (
 )
 
 MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "capacity")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,6 +60,8 @@ class MixtralConfig:
     moe_impl: str = "auto"  # see jsmaug/moe.py
     moe_block_size: int = 128  # rows per block of the CPU grouped matmul
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
+    attention_impl: str = "auto"  # see jsmaug/attention.py
+    attention_block_size: int = 512  # query and key block of the chunked attention
 
     def __post_init__(self):
         self.validate()
@@ -98,6 +101,8 @@ class MixtralConfig:
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
         need(self.moe_block_size > 0, "moe_block_size", "must be > 0")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        need(self.attention_block_size > 0, "attention_block_size", "must be > 0")
 
     def replace(self, **kw) -> "MixtralConfig":
         return dataclasses.replace(self, **kw)

@@ -18,11 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug import moe
+from jsmaug import attention, moe
 from jsmaug.config import MixtralConfig
 
 Params = Any
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
 
 
 def _dtype(name: str):
@@ -65,29 +64,15 @@ def apply_rope(x_BxSxHxDh, cos_BxSxDh, sin_BxSxDh):
     return (x_BxSxHxDh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BxSxHxDh.dtype)
 
 
-def attention_mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None,
-                         q_index_BxS=None, kv_index_BxT=None):
-    """Causal + same-segment (packing) + not-padding (segment 0) + optional sliding window, as booleans."""
-    kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
-    s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
-    q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
-    k_idx = jnp.arange(t)[None, :] if kv_index_BxT is None else kv_index_BxT
-    q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
-    mask = (k_idx <= q_idx) & (segment_ids_BxS[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] > 0)
-    if sliding_window is not None:
-        # HF: a query sees keys with q - k < window (itself included).
-        mask &= (q_idx - k_idx) < sliding_window
-    return mask
-
-
 class Attention(nn.Module):
     config: MixtralConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, cache=None, cache_index=None):
-        """With `cache` = (k, v) of shape (B, T, K, Dh), the new keys and values are written at slots
-        cache_index .. cache_index + S and the queries attend over all T slots (`mask_BxSxT` says which).
-        Returns (output, updated cache or None)."""
+    def __call__(self, x_BxSxD, cos, sin, mask, cache=None, cache_index=None):
+        """Without a cache, `mask` is the (B, S) segment ids and `config.attention_impl` picks the kernel
+        (jsmaug/attention.py). With `cache` = (k, v) of shape (B, T, K, Dh), the new keys and values are written
+        at slots cache_index .. cache_index + S, the queries attend over all T slots, and `mask` is the
+        (B, S, T) boolean mask saying which. Returns (output, updated cache or None)."""
         c = self.config
         dtype = _dtype(c.dtype)
         d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
@@ -104,14 +89,12 @@ class Attention(nn.Module):
             k_BxSxKxDh = jax.lax.dynamic_update_slice(cache[0], k_BxSxKxDh.astype(cache[0].dtype), start)
             v_BxSxKxDh = jax.lax.dynamic_update_slice(cache[1], v_BxSxKxDh.astype(cache[1].dtype), start)
             cache = (k_BxSxKxDh, v_BxSxKxDh)
-        b, s = q_BxSxHxDh.shape[:2]
-        q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxSxKxDh,
-                            preferred_element_type=jnp.float32) * (dh ** -0.5)
-        scores = jnp.where(mask_BxSxT[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # softmax in float32
-        out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxSxKxDh)
-        out = jnp.einsum("bshk,hkd->bsd", out_BxSxKxGxDh.reshape(b, s, h, dh), wo.astype(dtype))
+            out_BxSxHxDh = attention.xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
+        else:
+            out_BxSxHxDh = attention.self_attention(
+                q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, sliding_window=c.sliding_window,
+                implementation=c.attention_impl, block_size=c.attention_block_size, dtype=c.dtype)
+        out = jnp.einsum("bshk,hkd->bsd", out_BxSxHxDh, wo.astype(dtype))
         return out, cache
 
 
@@ -197,12 +180,11 @@ class Mixtral(nn.Module):
 
     def hidden(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
         """Final normed hidden states (B, S, D) and the stacked per-layer MoE statistics."""
-        c = self.config
         x, cos, sin = self._embed(input_ids_BxS, positions_BxS)
-        mask = attention_mask_BxSxT(segment_ids_BxS, c.sliding_window)
         token_mask = segment_ids_BxS > 0
-        # One compiled layer for all of them; stats come back stacked over layers.
-        x, (stats, _) = self.layers(x, cos, sin, mask, token_mask, None, None)
+        # One compiled layer for all of them; stats come back stacked over layers. The attention kernel gets
+        # the segment ids, not an (S, S) mask: memory-efficient kernels never build one.
+        x, (stats, _) = self.layers(x, cos, sin, segment_ids_BxS, token_mask, None, None)
         return self.norm(x), stats
 
     def decode(self, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
@@ -216,7 +198,7 @@ class Mixtral(nn.Module):
         q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
         # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
         # distance: the causal and sliding-window tests can use slot indices.
-        mask = attention_mask_BxSxT(q_valid_BxS, c.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
+        mask = attention.mask_BxSxT(q_valid_BxS, c.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
                                     q_index_BxS=cache_index + jnp.arange(s)[None, :],
                                     kv_index_BxT=jnp.arange(t)[None, :])
         x, (_, cache) = self.layers(x, cos, sin, mask, q_valid_BxS > 0, cache_index, cache)

@@ -27,7 +27,7 @@ import numpy as np
 
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
-from jsmaug import model, sharding as shd, step as step_lib
+from jsmaug import attention, model, moe, sharding as shd, step as step_lib
 from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
 from jsmaug.config import ConfigError
 from jsmaug.run_config import RunConfig, load_run_config
@@ -44,12 +44,12 @@ def model_config(cfg: RunConfig):
     stored = ckpt.read_model_config(cfg.init_from)
     if stored.to_hf_dict() != cfg.model.replace(param_dtype=stored.param_dtype).to_hf_dict():
         log(f"note: init_from {cfg.init_from} carries its own architecture; using it instead of `model`")
-    return stored.replace(dtype=cfg.model.dtype, remat=cfg.model.remat, moe_impl=cfg.model.moe_impl,
-                          moe_block_size=cfg.model.moe_block_size)
+    return stored.replace(**{k: getattr(cfg.model, k) for k in _RESUMABLE_MODEL_CHANGES})
 
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
-_RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor")
+_RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "attention_impl",
+                            "attention_block_size")
 
 
 def check_resume(workdir: Path, mconf) -> None:
@@ -190,8 +190,11 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                           f"{cfg.train.batch_size // cfg.train.micro_batches}) must be divisible by the "
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     prepare_workdir(workdir)
+    attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
-        f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), moe_impl={mconf.moe_impl}; "
+        f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), "
+        f"moe_impl={mconf.moe_impl} -> {moe.resolve_impl(mconf.moe_impl)}, "
+        f"attention_impl={mconf.attention_impl} -> {attn} ({why}); "
         f"mesh {dict(mesh.shape)}")
     param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
     params = initial_params(cfg, mconf, param_sh)

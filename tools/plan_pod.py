@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from jsmaug import model, sharding as shd, step  # noqa: E402
+from jsmaug import attention, model, moe, sharding as shd, step  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
@@ -69,7 +69,12 @@ def main(argv=None) -> int:
     devices = topo.devices
     assert len(devices) == n_dev, (len(devices), n_dev)
     # TPU: dropless grouped matmul through ragged_dot (XLA's native ragged dot on TPU).
-    mconf = cfg.model.replace(moe_impl="ragged" if cfg.model.moe_impl in ("auto", "blocked") else cfg.model.moe_impl)
+    # The same `auto` choices the run would make on TPU (jsmaug.moe / jsmaug.attention resolve_impl).
+    moe_path = "ragged" if cfg.model.moe_impl == "blocked" else moe.resolve_impl(cfg.model.moe_impl, "tpu")
+    attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
+                                                 cfg.model.resolved_head_dim, "tpu")
+    mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path)
+    print(f"MoE dispatch: {moe_path}; attention: {attn_path} ({attn_why})")
     mesh = shd.make_mesh(cfg.mesh, mconf, devices)
     print(f"{args.topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
