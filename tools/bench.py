@@ -1,6 +1,8 @@
 """Side-by-side performance figures, all measured in one process and one run.
 
-    python tools/bench.py [--quick] [--skip_torch] [--json_out FILE]
+    python tools/bench.py [--quick] [--skip_torch] [--json_out FILE] [--cpu_mode]
+
+On a GPU or TPU backend it runs the accelerator figures instead (tools/bench_accel.py) unless --cpu_mode.
 
 Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config}) and a table at the end:
   peak        f32 matmul rate of this machine (the MFU denominator on CPU; nominal bf16 peak on GPU/TPU)
@@ -255,12 +257,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, not figures to report)")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--json_out", default=None)
+    ap.add_argument("--cpu_mode", action="store_true", help="the CPU comparisons even on a GPU/TPU backend")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from plan_pod import analytic_flops_per_step
 
     q = args.quick
     backend = jax.default_backend()
+    if backend in ("gpu", "tpu") and not args.cpu_mode:
+        import bench_accel  # the accelerator figures: bf16, the 2.45B preset, PyTorch on the same device
+
+        return bench_accel.main([*(["--quick"] if q else []), *(["--skip_torch"] if args.skip_torch else []),
+                                 *(["--json_out", args.json_out] if args.json_out else [])])
     print(f"# jsmaug bench on {machine()}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
     measured_peak = measure_peak(256 if q else 2048)
     peak = measured_peak
@@ -293,14 +301,18 @@ def main(argv=None) -> int:
            f"{mfu_conf.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
            "model FLOPs / step time", "peak")
 
+    print_table(args.json_out)
+    return 0
+
+
+def print_table(json_out: str | None) -> None:
     print("\n| comparison | a | b | a/b | unit |\n|---|---|---|---|---|")
     for r in RESULTS:
         print(f"| {r['name']} ({r['a_is']} vs {r['b_is']}) | {r['a']:.4g} | {r['b']:.4g} | {r['ratio']:.3f} | "
               f"{r['unit']} |")
     print(f"\npeak RSS {rss_gb():.2f} GB")
-    if args.json_out:
-        Path(args.json_out).write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
-    return 0
+    if json_out:
+        Path(json_out).write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
 
 
 if __name__ == "__main__":
