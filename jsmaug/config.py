@@ -60,6 +60,7 @@ class MixtralConfig:
     moe_impl: str = "auto"  # see jsmaug/moe.py
     moe_block_size: int = 128  # rows per block of the CPU grouped matmul
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
+    moe_dispatch: str = "auto"  # gspmd | all_to_all | auto, see jsmaug/expert_parallel.py
     attention_impl: str = "auto"  # see jsmaug/attention.py
     attention_block_size: int = 512  # query and key block of the chunked attention
 
@@ -101,6 +102,7 @@ class MixtralConfig:
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
         need(self.moe_block_size > 0, "moe_block_size", "must be > 0")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
+        need(self.moe_dispatch in ("auto", "gspmd", "all_to_all"), "moe_dispatch", "must be auto, gspmd or all_to_all")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         need(self.attention_block_size > 0, "attention_block_size", "must be > 0")
 

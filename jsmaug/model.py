@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug import attention, moe
+from jsmaug import attention, expert_parallel, moe
 from jsmaug.config import MixtralConfig
 
 Params = Any
@@ -115,8 +115,9 @@ class SparseMoE(nn.Module):
         # Router in float32 (its softmax decides which experts run: keep it exact).
         logits_TxE = x_TxD.astype(jnp.float32) @ gate.astype(jnp.float32)
         probs_TxE, idx_TxK, w_TxK = moe.route(logits_TxE, c.num_experts_per_tok)
-        y_TxD, dropped = moe.expert_ffn(x_TxD, idx_TxK, w_TxK.astype(dtype), w1, w3, w2, impl=c.moe_impl,
-                                        block_size=c.moe_block_size, capacity_factor=c.moe_capacity_factor)
+        y_TxD, dropped = expert_parallel.expert_ffn(
+            x_TxD, idx_TxK, w_TxK.astype(dtype), w1, w3, w2, dispatch=c.moe_dispatch, impl=c.moe_impl,
+            block_size=c.moe_block_size, capacity_factor=c.moe_capacity_factor)
         # Load-balancing statistics over unpadded tokens (HF's load_balancing_loss_func with an attention mask).
         valid_T = token_mask_BxS.reshape(-1).astype(jnp.float32)
         counts_E = jnp.sum(jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * valid_T[:, None, None], axis=(0, 1))

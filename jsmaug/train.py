@@ -27,7 +27,7 @@ import numpy as np
 
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
-from jsmaug import attention, model, moe, sharding as shd, step as step_lib
+from jsmaug import attention, expert_parallel, model, moe, sharding as shd, step as step_lib
 from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
 from jsmaug.config import ConfigError
 from jsmaug.run_config import RunConfig, load_run_config
@@ -48,8 +48,8 @@ def model_config(cfg: RunConfig):
 
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
-_RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "attention_impl",
-                            "attention_block_size")
+_RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_dispatch",
+                            "attention_impl", "attention_block_size")
 
 
 def check_resume(workdir: Path, mconf) -> None:
@@ -128,12 +128,17 @@ def precompute_reference(cfg: RunConfig, mconf, ref_params, examples, buckets, c
     if path.exists():
         log(f"reference logps: cached {path}")
         return np.load(path)
-    fn = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size))
+    jitted = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size))
+    fn = None
     out = np.zeros((len(examples), 2), np.float32)
     t0 = time.time()
     bs = cfg.train.batch_size
     for i, (n, chunk) in enumerate(_fixed_chunks(examples, bs)):
-        lp = np.asarray(jax.device_get(fn(ref_params, put(data_lib.collate(chunk, buckets)))))
+        batch = put(data_lib.collate(chunk, buckets))
+        if fn is None:  # on a mesh, traced where the MoE layers can see it (token dispatch)
+            sharding = getattr(batch["input_ids"], "sharding", None)
+            fn = step_lib.on_mesh(jitted, sharding) if getattr(sharding, "mesh", None) is not None else jitted
+        lp = np.asarray(jax.device_get(fn(ref_params, batch)))
         out[i * bs:i * bs + n, 0] = lp[:n]
         out[i * bs:i * bs + n, 1] = lp[bs:bs + n]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +196,12 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     prepare_workdir(workdir)
     attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim)
+    with expert_parallel.dispatch_mesh(mesh, ()):
+        dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
         f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), "
         f"moe_impl={mconf.moe_impl} -> {moe.resolve_impl(mconf.moe_impl)}, "
+        f"moe_dispatch={mconf.moe_dispatch} -> {dispatch}, "
         f"attention_impl={mconf.attention_impl} -> {attn} ({why}); "
         f"mesh {dict(mesh.shape)}")
     param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
@@ -236,8 +244,9 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     step_fn = step_lib.jit_train_step(state_sh, batch_sh, ref_sh, config=mconf, loss_cfg=cfg.loss,
                                       optimizer=optimizer, micro_batches=cfg.train.micro_batches,
                                       chunk_size=cfg.train.logps_chunk_size)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, config=mconf, loss_cfg=cfg.loss,
-                                        chunk_size=cfg.train.logps_chunk_size), out_shardings=state_sh.step)
+    eval_fn = step_lib.on_mesh(jax.jit(functools.partial(step_lib.eval_step, config=mconf, loss_cfg=cfg.loss,
+                                                         chunk_size=cfg.train.logps_chunk_size),
+                                       out_shardings=state_sh.step), batch_sh)
 
     def evaluate(params_now) -> dict[str, float]:
         parts: dict[str, list] = {}

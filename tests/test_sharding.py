@@ -37,7 +37,8 @@ def _batch(seed):
 BATCHES = [_batch(1), _batch(2)]
 
 
-def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None):
+def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None, dispatch="gspmd"):
+    conf = CONF.replace(moe_dispatch=dispatch.split("+")[0], remat="full" if dispatch.endswith("+remat") else "none")
     mesh = shd.make_mesh(mesh_cfg, CONF, devices)
     param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
     params = jax.jit(lambda k: model.init_params(CONF, k), out_shardings=param_sh)(jax.random.key(0))
@@ -49,7 +50,7 @@ def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None):
         state = jax.device_put(state, state_sh)
     put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=mesh_cfg)
     batch_sh = jax.tree.map(lambda x: x.sharding, put(BATCHES[0]))
-    fn = step.jit_train_step(state_sh, batch_sh, param_sh, config=CONF, loss_cfg=LOSS, optimizer=OPT)
+    fn = step.jit_train_step(state_sh, batch_sh, param_sh, config=conf, loss_cfg=LOSS, optimizer=OPT)
     losses = []
     for _ in range(steps):
         state, m = fn(state, put(BATCHES[int(state.step) % 2]), ref, jnp.asarray(False))
@@ -64,13 +65,17 @@ def single():
 
 
 MESHES = {"data8": shd.MeshConfig(data=8), "data2_expert4": shd.MeshConfig(data=2, expert=4),
-          "fsdp2_expert2_tensor2": shd.MeshConfig(data=1, fsdp=2, expert=2, tensor=2)}
+          "fsdp2_expert2_tensor2": shd.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+          "fsdp2_expert4": shd.MeshConfig(data=1, fsdp=2, expert=4)}
+# (mesh, MoE token dispatch): GSPMD moves expert weights, all_to_all moves tokens (jsmaug/expert_parallel.py).
+CASES = [("data8", "gspmd"), ("data2_expert4", "gspmd"), ("data2_expert4", "all_to_all"),
+         ("fsdp2_expert2_tensor2", "gspmd"), ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert4", "all_to_all+remat")]
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
-def test_mesh_matches_single_device(single, name):
+@pytest.mark.parametrize("name, dispatch", CASES)
+def test_mesh_matches_single_device(single, name, dispatch):
     assert len(jax.devices()) == 8
-    state, losses, mesh = _train(MESHES[name], jax.devices())
+    state, losses, mesh = _train(MESHES[name], jax.devices(), dispatch=dispatch)
     np.testing.assert_allclose(losses, single[1], rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5),
                  state.params, single[0])
@@ -88,8 +93,10 @@ def test_mesh_matches_single_device(single, name):
 
 
 def test_state_saved_on_one_mesh_continues_on_another(single):
-    a_state, a_losses, _ = _train(MESHES["data2_expert4"], jax.devices(), steps=1)
-    b_state, b_losses, mesh = _train(MESHES["fsdp2_expert2_tensor2"], jax.devices(), steps=1, state=a_state)
+    # ...and with the other token dispatch: the state does not depend on how tokens travel.
+    a_state, a_losses, _ = _train(MESHES["data2_expert4"], jax.devices(), steps=1, dispatch="gspmd")
+    b_state, b_losses, mesh = _train(MESHES["fsdp2_expert2_tensor2"], jax.devices(), steps=1, state=a_state,
+                                     dispatch="all_to_all")
     assert int(b_state.step) == 2
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5),
                  b_state.params, single[0])

@@ -1,0 +1,142 @@
+"""Expert parallelism that moves tokens, not weights: `shard_map` + `all_to_all` MoE dispatch.
+
+`model.moe_dispatch`:
+- "gspmd":      the expert weights stay split over the `expert` mesh axis and XLA's sharding propagation
+                inserts whatever collectives the dispatch needs (in practice it gathers each layer's experts).
+- "all_to_all": inside `shard_map`, each shard routes its own tokens, sorts its (token, expert) assignments by
+                the shard that holds the expert, exchanges them with `jax.lax.all_to_all` over `expert` in a
+                fixed-size buffer that holds the worst case (every assignment to one shard: dropless whatever the
+                router does), runs its local experts with the backend's dropless path (`model.moe_impl`), sends
+                the results back and combines them with the routing weights. Weights split over `fsdp` are
+                gathered inside (ZeRO-3 style); weights split over `tensor` (the mlp axis) give partial sums that
+                are added over `tensor`.
+- "auto":       `all_to_all` where the mesh has an expert axis > 1, else `gspmd` (one device or no expert axis:
+                there is nothing to move). See README "How tokens reach their experts".
+
+The mesh is not part of the model: the trainer traces its steps inside `dispatch_mesh(mesh, batch_axes)`, and
+the MoE layer reads it here. Outside that context (one device, tests of the model alone) every dispatch is local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jsmaug import moe
+
+DISPATCHES = ("auto", "gspmd", "all_to_all")
+_MESH: contextvars.ContextVar = contextvars.ContextVar("jsmaug_dispatch_mesh", default=None)
+
+
+@contextlib.contextmanager
+def dispatch_mesh(mesh, batch_axes):
+    """Traces inside this context see `mesh`; tokens are split over `batch_axes` (the `batch` rule's axes)."""
+    token = _MESH.set((mesh, tuple(a for a in batch_axes if mesh.shape[a] > 1)))
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def under_mesh(fn, mesh, batch_axes):
+    """`fn` called (and so traced, on its first call) inside `dispatch_mesh`."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with dispatch_mesh(mesh, batch_axes):
+            return fn(*args, **kwargs)
+
+    if hasattr(fn, "lower"):  # ahead-of-time compilation (tools/plan_pod.py) traces too
+        def lower(*args, **kwargs):
+            with dispatch_mesh(mesh, batch_axes):
+                return fn.lower(*args, **kwargs)
+        wrapped.lower = lower
+    return wrapped
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    ctx = _MESH.get()
+    if dispatch == "auto":
+        return "all_to_all" if ctx is not None and ctx[0].shape.get("expert", 1) > 1 else "gspmd"
+    return dispatch
+
+
+def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch: str = "auto", **local_kw):
+    """The MoE feed-forward with the configured token dispatch. Returns (y_TxD, dropped assignments)."""
+    ctx = _MESH.get()
+    if ctx is None or resolve_dispatch(dispatch) == "gspmd":
+        return moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, **local_kw)
+    mesh, batch_axes = ctx
+    d, f = w1_ExDxF.shape[1], w1_ExDxF.shape[2]
+    fsdp = "fsdp" if mesh.shape["fsdp"] > 1 and d % mesh.shape["fsdp"] == 0 else None
+    tensor = "tensor" if mesh.shape["tensor"] > 1 and f % mesh.shape["tensor"] == 0 else None
+    tokens = P(batch_axes or None, None)
+    if x_TxD.shape[0] % max(math.prod(mesh.shape[a] for a in batch_axes), 1):
+        raise ValueError(f"all_to_all dispatch: {x_TxD.shape[0]} tokens do not split over {batch_axes}")
+    body = functools.partial(_shard_body, ep=mesh.shape["expert"], fsdp=fsdp, tensor=tensor,
+                             all_axes=tuple(mesh.axis_names), local_kw=local_kw)
+    fn = jax.shard_map(body, mesh=mesh, check_vma=False,
+                       in_specs=(tokens, tokens, tokens, P("expert", fsdp, tensor), P("expert", fsdp, tensor),
+                                 P("expert", tensor, fsdp)),
+                       out_specs=(tokens, P()))
+    return fn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+
+
+def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes, local_kw):
+    """One shard: T local tokens, E_l local experts (of E), `ep` shards on the expert axis."""
+    if fsdp:  # ZeRO-3: this layer's (local) experts in full for the matmuls
+        w1 = jax.lax.all_gather(w1, fsdp, axis=1, tiled=True)
+        w3 = jax.lax.all_gather(w3, fsdp, axis=1, tiled=True)
+        w2 = jax.lax.all_gather(w2, fsdp, axis=2, tiled=True)
+    num_local = w1.shape[0]
+    t, k = idx_TxK.shape
+    a = t * k  # assignments of this shard; the worst case sends all of them to one shard
+    expert_A = idx_TxK.reshape(-1)
+    dest_A = expert_A // num_local
+    order_A = jnp.argsort(dest_A, stable=True)
+    dest_sorted = dest_A[order_A]
+    counts = jnp.bincount(dest_A, length=ep)
+    rank_A = jnp.arange(a) - (jnp.cumsum(counts) - counts)[dest_sorted]
+    token_A = order_A // k
+    send_x = jnp.zeros((ep, a, x_TxD.shape[1]), x_TxD.dtype).at[dest_sorted, rank_A].set(x_TxD[token_A])
+    # Local expert of each row; empty slots get `num_local` (no expert), see _local_experts.
+    send_e = jnp.full((ep, a), num_local, jnp.int32).at[dest_sorted, rank_A].set(expert_A[order_A] % num_local)
+    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)  # recv[src] = what shard `src` sent to this one
+    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
+    y_RxD, dropped = _local_experts(recv_x.reshape(ep * a, -1), recv_e.reshape(-1), w1, w3, w2, local_kw)
+    if tensor:  # the mlp axis was split: each shard holds a partial sum of w2's output
+        y_RxD = jax.lax.psum(y_RxD, tensor)
+    back = jax.lax.all_to_all(y_RxD.reshape(ep, a, -1), "expert", 0, 0)  # back[dest] = results from `dest`
+    y_AxD = back[dest_sorted, rank_A]
+    weight_A = w_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
+    out = jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
+    return out, jax.lax.psum(dropped, all_axes)
+
+
+def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw):
+    """The received rows through this shard's experts; rows with expert id `num_local` are empty slots.
+
+    `ragged` sorts the empty slots last and leaves them out of the groups (no work on TPU). The other paths
+    need an expert per row: empty slots are spread over the local experts with combine weight 0, so they add
+    work (the price of a fixed-size buffer) but never change a result; the count of dropped assignments
+    (`capacity` only) then includes empty slots."""
+    num_local = w1.shape[0]
+    valid_R = expert_R < num_local
+    impl = moe.resolve_impl(local_kw.get("impl", "auto"))
+    if impl == "ragged":
+        order = jnp.argsort(expert_R, stable=True)
+        sizes = jnp.bincount(expert_R, length=num_local).astype(jnp.int32)  # empty slots (id num_local) dropped
+        dtype = x_RxD.dtype
+        xs = x_RxD[order]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dtype), sizes)) * jax.lax.ragged_dot(
+            xs, w3.astype(dtype), sizes)
+        y = jax.lax.ragged_dot(h, w2.astype(dtype), sizes)
+        y = jnp.where(valid_R[order][:, None], y, 0)
+        return jnp.zeros_like(x_RxD).at[order].set(y), jnp.zeros((), jnp.int32)
+    spread = jnp.where(valid_R, expert_R, jnp.arange(expert_R.shape[0]) % num_local)
+    return moe.expert_ffn(x_RxD, spread[:, None], valid_R[:, None].astype(jnp.float32), w1, w3, w2, **local_kw)
