@@ -108,7 +108,7 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
     send_e = jnp.full((ep, a), num_local, jnp.int32).at[dest_sorted, rank_A].set(expert_A[order_A] % num_local)
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)  # recv[src] = what shard `src` sent to this one
     recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
-    y_RxD, dropped = _local_experts(recv_x.reshape(ep * a, -1), recv_e.reshape(-1), w1, w3, w2, local_kw)
+    y_RxD, dropped = _local_experts(recv_x.reshape(ep * a, -1), recv_e.reshape(-1), w1, w3, w2, local_kw, a)
     if tensor:  # the mlp axis was split: each shard holds a partial sum of w2's output
         y_RxD = jax.lax.psum(y_RxD, tensor)
     back = jax.lax.all_to_all(y_RxD.reshape(ep, a, -1), "expert", 0, 0)  # back[dest] = results from `dest`
@@ -118,13 +118,14 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
     return out, jax.lax.psum(dropped, all_axes)
 
 
-def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw):
+def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
     """The received rows through this shard's experts; rows with expert id `num_local` are empty slots.
 
-    `ragged` sorts the empty slots last and leaves them out of the groups (no work on TPU). The other paths
-    need an expert per row: empty slots are spread over the local experts with combine weight 0, so they add
-    work (the price of a fixed-size buffer) but never change a result; the count of dropped assignments
-    (`capacity` only) then includes empty slots."""
+    `ragged` sorts the empty slots last and leaves them out of the groups (no work on TPU); `bucketed` gives them
+    no buffer rows and sizes its capacities for the real load, so its work follows the busiest local expert's
+    real rows, not the buffer. `dense`, `blocked` and `capacity` need an expert per row: empty slots are spread
+    over the local experts with combine weight 0, so they add work (the price of a fixed-size buffer) but never
+    change a result; the count of dropped assignments (`capacity` only) then includes empty slots."""
     num_local = w1.shape[0]
     valid_R = expert_R < num_local
     impl = moe.resolve_impl(local_kw.get("impl", "auto"))
@@ -138,5 +139,10 @@ def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw):
         y = jax.lax.ragged_dot(h, w2.astype(dtype), sizes)
         y = jnp.where(valid_R[order][:, None], y, 0)
         return jnp.zeros_like(x_RxD).at[order].set(y), jnp.zeros((), jnp.int32)
+    weight_Rx1 = valid_R[:, None].astype(jnp.float32)
+    if impl == "bucketed":  # empty slots take no buffer rows; capacities sized for the expected real load
+        ep = x_RxD.shape[0] // rows_per_source
+        return moe.bucketed_ffn(x_RxD, jnp.minimum(expert_R, num_local - 1)[:, None], weight_Rx1, w1, w3, w2,
+                                valid_TxK=valid_R[:, None], mean_load=x_RxD.shape[0] / (ep * num_local))
     spread = jnp.where(valid_R, expert_R, jnp.arange(expert_R.shape[0]) % num_local)
-    return moe.expert_ffn(x_RxD, spread[:, None], valid_R[:, None].astype(jnp.float32), w1, w3, w2, **local_kw)
+    return moe.expert_ffn(x_RxD, spread[:, None], weight_Rx1, w1, w3, w2, **local_kw)

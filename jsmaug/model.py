@@ -115,9 +115,12 @@ class SparseMoE(nn.Module):
         # Router in float32 (its softmax decides which experts run: keep it exact).
         logits_TxE = x_TxD.astype(jnp.float32) @ gate.astype(jnp.float32)
         probs_TxE, idx_TxK, w_TxK = moe.route(logits_TxE, c.num_experts_per_tok)
+        # The experts in the compute dtype before any dispatch: a gathered (or all_to_all-side) copy of bf16
+        # weights is half the bytes of the float32 master weights.
         y_TxD, dropped = expert_parallel.expert_ffn(
-            x_TxD, idx_TxK, w_TxK.astype(dtype), w1, w3, w2, dispatch=c.moe_dispatch, impl=c.moe_impl,
-            block_size=c.moe_block_size, capacity_factor=c.moe_capacity_factor)
+            x_TxD, idx_TxK, w_TxK.astype(dtype), w1.astype(dtype), w3.astype(dtype), w2.astype(dtype),
+            dispatch=c.moe_dispatch, impl=c.moe_impl, block_size=c.moe_block_size,
+            capacity_factor=c.moe_capacity_factor)
         # Load-balancing statistics over unpadded tokens (HF's load_balancing_loss_func with an attention mask).
         valid_T = token_mask_BxS.reshape(-1).astype(jnp.float32)
         counts_E = jnp.sum(jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * valid_T[:, None, None], axis=(0, 1))

@@ -161,16 +161,19 @@ def _expert_matmuls(xb_ExCxD, w1, w3, w2):
 
 
 def bucket_capacities(num_tokens: int, k: int, num_experts: int,
-                      factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0)) -> tuple[int, ...]:
-    """The static per-expert capacities `bucketed_ffn` chooses from: factor x the mean load, rounded up to a
-    multiple of 8, and finally `num_tokens` (an expert never gets more rows than there are tokens)."""
-    mean = num_tokens * k / num_experts
+                      factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0),
+                      mean: float | None = None) -> tuple[int, ...]:
+    """The static per-expert capacities `bucketed_ffn` chooses from: factor x the mean load (`mean`, default
+    num_tokens * k / num_experts), rounded up to a multiple of 8, and finally `num_tokens` (an expert never gets
+    more rows than there are tokens)."""
+    mean = num_tokens * k / num_experts if mean is None else mean
     caps = {min(num_tokens, -(-math.ceil(f * mean) // 8) * 8) for f in factors}
     return tuple(sorted(caps | {num_tokens}))
 
 
 def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                 factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0)):
+                 factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0), valid_TxK=None,
+                 mean_load: float | None = None):
     """Dropless capacity dispatch: the capacity is the smallest of a few static sizes that holds the busiest
     expert (`lax.switch` over one compiled branch per size), so nothing is dropped and the expert matmuls are
     one batched (E, C, D) x (E, D, F) product. With balanced routing C is ~1.1-1.25x the mean load; its cost
@@ -178,12 +181,21 @@ def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
 
     The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make
     every branch emit the union of all branches' residuals (zero-filled (E, C_max, F) buffers), which cost
-    more than the matmuls here. The residuals are per assignment instead, the same shape in every branch."""
+    more than the matmuls here. The residuals are per assignment instead, the same shape in every branch.
+
+    `valid_TxK` (the all_to_all dispatch's received rows): assignments marked False belong to no expert. They
+    sort last, count in no group and take no buffer slot (their scatter index is out of range, so it is dropped),
+    and their output is multiplied by a combine weight the caller sets to 0. `mean_load` sets the expected
+    rows per expert that the capacities are sized from (default: all assignments spread evenly)."""
     dtype = x_TxD.dtype
     num_tokens, k = idx_TxK.shape
     num_experts = w1_ExDxF.shape[0]
-    caps = bucket_capacities(num_tokens, k, num_experts, factors)
+    caps = bucket_capacities(num_tokens, k, num_experts, factors, mean_load)
+    if valid_TxK is not None:
+        idx_TxK = jnp.where(valid_TxK, idx_TxK, num_experts)
     order_A, token_A, expert_A, group_sizes_E, slot_A = _sort_assignments(idx_TxK, num_experts)
+    if valid_TxK is not None:
+        slot_A = jnp.where(expert_A < num_experts, slot_A, caps[-1])  # out of every buffer: dropped
     branch = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes_E), side="left").astype(jnp.int32)
     y_AxD = _grouped_swiglu(caps, x_TxD, w1_ExDxF.astype(dtype), w3_ExDxF.astype(dtype), w2_ExFxD.astype(dtype),
                             token_A, expert_A, slot_A, branch)

@@ -202,29 +202,30 @@ def bench_steps(conf, pairs, length, label, rounds=5):
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
+def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
+    """HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch (one forward over [chosen; rejected], a
+    frozen reference, AdamW, clipping): a zero-argument function that runs one step and waits for it. With `bf16`:
+    autocast to bf16, a bf16 reference and fused AdamW (the accelerator setting of tools/bench_accel.py)."""
     import torch
     from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
 
-    torch.set_num_threads(threads)
     hf_cfg = HFConfig(**{k: v for k, v in conf.to_hf_dict().items()
                          if k not in ("architectures", "model_type", "rope_parameters", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    policy = MixtralForCausalLM(hf_cfg).train()
-    ref = MixtralForCausalLM(hf_cfg).eval()
+    policy = MixtralForCausalLM(hf_cfg).to(device).train()
+    ref = MixtralForCausalLM(hf_cfg).to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     ref.load_state_dict(policy.state_dict())
     for p in ref.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    rng = np.random.default_rng(0)
-    b = _batch(rng, pairs, length, conf.vocab_size)
-    ids = torch.as_tensor(b["input_ids"], dtype=torch.long)
-    labels = torch.as_tensor(b["labels"], dtype=torch.long)
-    mask = torch.as_tensor(b["loss_mask"], dtype=torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=bf16 and device == "cuda")
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
+    labels = torch.as_tensor(batch["labels"], dtype=torch.long, device=device)
+    mask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32, device=device)
 
     def logps(m, with_aux):
-        out = m(ids, output_router_logits=with_aux)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = m(ids, output_router_logits=with_aux)
         lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels[..., None])[..., 0]
         return (lp * mask).sum(-1), (out.aux_loss if with_aux else 0.0)
 
@@ -236,11 +237,21 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
         delta = (pc - rc) - (pr - rr)
         loss = -torch.nn.functional.logsigmoid(0.3 * (delta - 50.0 * torch.clamp(rc - pc, min=0))).mean()
         loss = loss + conf.router_aux_loss_coef * aux
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
+    return one_step
+
+
+def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
+    import torch
+
+    torch.set_num_threads(threads)
+    one_step = torch_dpop_step(conf, _batch(np.random.default_rng(0), pairs, length, conf.vocab_size), pairs)
     one_step()
     t = time_alternating({"jax": jax_runner, "torch": one_step}, rounds)
     t_torch, t_jax = t["torch"], t["jax"]

@@ -133,49 +133,6 @@ def bench_attention(quick: bool) -> None:
         bench.record(f"attn/{p}_vs_xla_memory", mem[p], mem["xla"], "GiB compiled", cfg, p, "xla")
 
 
-def _torch_step(conf, batch, pairs):
-    """HF transformers + PyTorch, the same DPOP step (sdpa, bf16 autocast, fused AdamW); (step fn, device)."""
-    import torch
-    from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = HFConfig(**{k: v for k, v in conf.to_hf_dict().items()
-                         if k not in ("architectures", "model_type", "rope_parameters", "torch_dtype")})
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    policy = MixtralForCausalLM(hf_cfg).to(dev).train()
-    ref = MixtralForCausalLM(hf_cfg).to(dev, dtype=torch.bfloat16).eval()
-    ref.load_state_dict(policy.state_dict())
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=dev == "cuda")
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=dev)
-    labels = torch.as_tensor(batch["labels"], dtype=torch.long, device=dev)
-    mask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32, device=dev)
-
-    def logps(m, with_aux):
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            out = m(ids, output_router_logits=with_aux)
-        lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels[..., None])[..., 0]
-        return (lp * mask).sum(-1), (out.aux_loss if with_aux else 0.0)
-
-    def one():
-        pl, aux = logps(policy, True)
-        with torch.no_grad():
-            rl, _ = logps(ref, False)
-        pc, pr, rc, rr = pl[:pairs], pl[pairs:], rl[:pairs], rl[pairs:]
-        z = 0.3 * ((pc - rc) - (pr - rr) - 50.0 * torch.clamp(rc - pc, min=0))
-        loss = -torch.nn.functional.logsigmoid(z).mean() + conf.router_aux_loss_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    return one, dev
-
-
 def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
     rng = np.random.default_rng(0)
     batch = bench._batch(rng, pairs, length, conf.vocab_size)
@@ -192,7 +149,8 @@ def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
         try:
             import torch
 
-            one, dev = _torch_step(conf, batch, pairs)
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            one = bench.torch_dpop_step(conf, batch, pairs, device=dev, bf16=True)
             one()
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()

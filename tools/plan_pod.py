@@ -2,7 +2,8 @@
 CPU-only host (libtpu from PyPI: `pip install -e ".[tpu]"`), and print per-chip memory against HBM and the
 compiled FLOPs against the analytic count.
 
-    python tools/plan_pod.py --topology v5p-128 [--config configs/smaug_mixtral_8x7b.yaml] [key=value ...]
+    python tools/plan_pod.py --topology v5p-128 [--config configs/smaug_mixtral_8x7b.yaml] [--dispatch both]
+                             [key=value ...]
 
 Overrides are the training config's (`mesh.fsdp=16 mesh.expert=4 train.batch_size=64 data.max_length=1024`).
 Nothing is allocated: params, optimizer state, reference and batch are ShapeDtypeStructs with shardings.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from jsmaug import attention, model, moe, sharding as shd, step  # noqa: E402
+from jsmaug import attention, expert_parallel, model, moe, sharding as shd, step  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
@@ -58,26 +60,67 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
     ap.add_argument("--config", default="configs/smaug_mixtral_8x7b.yaml")
+    ap.add_argument("--dispatch", default="config", choices=["config", "both", "gspmd", "all_to_all"],
+                    help="MoE token dispatch to compile: the config's (`auto` resolves as the run would), one of "
+                         "them, or both side by side")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg, _ = load_run_config(args.config, args.overrides)
-    topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[args.topology]
+    dispatches = {"config": [cfg.model.moe_dispatch], "both": ["gspmd", "all_to_all"]}.get(args.dispatch,
+                                                                                        [args.dispatch])
+    results = [plan(cfg, args.topology, d) for d in dispatches]
+    if len(results) > 1:
+        print("\n| dispatch | per-device memory (GiB) | temporaries (GiB) | compiled TFLOP | collectives in the HLO "
+              "(GiB, each op once) | fits |\n|---|---|---|---|---|---|")
+        for r in results:
+            coll = ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in sorted(r["collectives"].items())) or "-"
+            print(f"| {r['dispatch']} | {r['total_gib']:.2f} | {r['temp_gib']:.2f} | {r['tflop']:.1f} | {coll} | "
+                  f"{'yes' if r['fits'] else 'no'} |")
+    return 0 if all(r["fits"] for r in results) else 1
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-to-all|reduce-scatter|all-reduce|collective-permute)"
+                         r"(?:-start)?\(")
+_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Result bytes of each kind of collective in the compiled HLO, each op counted once (an op inside the
+    layer loop moves that many bytes per layer)."""
+    out: dict[str, int] = {}
+    for m in _COLLECTIVE.finditer(hlo_text):
+        nbytes = 0
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            n = 1
+            for d_ in filter(None, dims.split(",")):
+                n *= int(d_)
+            nbytes += n * _BYTES[dtype]
+        out[m.group(2)] = out.get(m.group(2), 0) + nbytes
+    return out
+
+
+def plan(cfg, topology: str, dispatch: str) -> dict:
+    """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
+    topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology]
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chip_config_name=chip_cfg,
                                         chips_per_host_bounds=per_host, num_slices=1)
     devices = topo.devices
     assert len(devices) == n_dev, (len(devices), n_dev)
-    # TPU: dropless grouped matmul through ragged_dot (XLA's native ragged dot on TPU).
     # The same `auto` choices the run would make on TPU (jsmaug.moe / jsmaug.attention resolve_impl).
     moe_path = "ragged" if cfg.model.moe_impl == "blocked" else moe.resolve_impl(cfg.model.moe_impl, "tpu")
     attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
                                                  cfg.model.resolved_head_dim, "tpu")
-    mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path)
-    print(f"MoE dispatch: {moe_path}; attention: {attn_path} ({attn_why})")
+    mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch)
     mesh = shd.make_mesh(cfg.mesh, mconf, devices)
-    print(f"{args.topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+    with expert_parallel.dispatch_mesh(mesh, ()):
+        resolved = expert_parallel.resolve_dispatch(dispatch)
+    print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
+    print(f"MoE: {moe_path}, token dispatch {dispatch} -> {resolved}; attention: {attn_path} ({attn_why})")
     param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
     shapes = model.param_shapes(mconf)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
@@ -110,7 +153,9 @@ def main(argv=None) -> int:
             raise
         print(f"compile refused after {time.time() - t0:.0f}s: {str(err).splitlines()[0]}")
         _largest(params, hbm_gib)
-        return 1
+        need = re.search(r"required for HLO temporaries \(([0-9.]+)G\)", str(err))
+        return {"dispatch": resolved, "total_gib": float("nan"), "fits": False, "tflop": float("nan"),
+                "temp_gib": float(need.group(1)) if need else float("nan"), "collectives": {}}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -128,12 +173,17 @@ def main(argv=None) -> int:
           f"{flops_analytic / 1e12:.1f} TFLOP, ratio {flops_compiled / max(flops_analytic, 1):.2f}")
     print(f"at 50% MFU a step would take {flops_analytic / (0.5 * peak_tflops * 1e12):.2f}s "
           f"({tokens / (flops_analytic / (0.5 * peak_tflops * 1e12)) / n_dev:,.0f} tokens/s/device)")
-    if total > hbm_gib * gib:
+    collectives = collective_bytes(compiled.as_text())
+    print("collectives in the compiled HLO (result bytes, each op once): "
+          + (", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(collectives.items())) or "none"))
+    fits = total <= hbm_gib * gib
+    if not fits:
         print(f"DOES NOT FIT: {total / gib:.1f} GiB > {hbm_gib} GiB per device.")
         _largest(params, hbm_gib)
-        return 1
-    print("FITS")
-    return 0
+    else:
+        print("FITS")
+    return {"dispatch": resolved, "total_gib": total / gib, "temp_gib": temp_b / gib, "tflop": flops_compiled / 1e12,
+            "collectives": collectives, "fits": fits}
 
 
 def _largest(params, hbm_gib) -> None:
