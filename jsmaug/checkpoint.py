@@ -245,6 +245,8 @@ def load_params(path: str | Path, step: int | None = None, shardings=None) -> tu
     array is restored straight onto its devices, resharding if it was saved on another mesh."""
     path = Path(path).absolute()
     config = read_model_config(path, step)
+    if config.lora_rank:
+        return _load_lora_merged(path, config, step)
     target = _target(config, shardings)
     if (path / "model_config.json").exists():
         with ocp.StandardCheckpointer() as c:
@@ -270,6 +272,32 @@ def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
         if isinstance(meta, dict) and "model_config" in meta:
             return step, meta["model_config"]
     return None
+
+
+def _load_lora_merged(path: Path, config: MixtralConfig, step: int | None):
+    """A LoRA workdir's policy: its adapters folded into the base they were trained on (which the checkpoint
+    names but does not store: `init_from`, or the seed of a random init). Returns the config without adapters."""
+    import jax.numpy as jnp
+
+    from jsmaug import lora, model
+
+    mngr, step = _training_manager(path, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    base_info = meta.get("lora_base")
+    if not base_info:
+        raise CheckpointError(f"{mngr.directory}/{step}: a LoRA checkpoint without lora_base in its metadata")
+    adapter_target = lora.split(model.param_shapes(config))[1]
+    adapters = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": adapter_target}, partial_restore=True))).state["params"]
+    base_config = config.replace(lora_rank=0)
+    if base_info["init_from"]:
+        base = load_params(base_info["init_from"])[1]
+    else:
+        # jitted, as the trainer made it: eager and jitted random inits differ in the last bit
+        base = jax.jit(lambda k: model.init_params(base_config, k))(jax.random.key(base_info["seed"]))
+    base = jax.tree.map(lambda x: x.astype(jnp.dtype(base_info["dtype"])), base)
+    return base_config.replace(param_dtype=base_info["dtype"]), lora.merge(base, adapters, config.lora_alpha,
+                                                                             config.lora_rank)
 
 
 def _training_manager(path: Path, step: int | None):

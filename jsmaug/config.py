@@ -21,6 +21,7 @@ _HF_FIELDS = (
 
 MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "capacity")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -61,6 +62,9 @@ class MixtralConfig:
     moe_block_size: int = 128  # rows per block of the CPU grouped matmul
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
     moe_dispatch: str = "auto"  # gspmd | all_to_all | auto, see jsmaug/expert_parallel.py
+    lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (jsmaug/lora.py); part of the params' structure
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
     attention_impl: str = "auto"  # see jsmaug/attention.py
     attention_block_size: int = 512  # query and key block of the chunked attention
 
@@ -103,6 +107,10 @@ class MixtralConfig:
         need(self.moe_block_size > 0, "moe_block_size", "must be > 0")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
         need(self.moe_dispatch in ("auto", "gspmd", "all_to_all"), "moe_dispatch", "must be auto, gspmd or all_to_all")
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an integer >= 0")
+        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(set(self.lora_targets) <= set(LORA_TARGETS) and len(self.lora_targets) > 0, "lora_targets",
+             f"must be a non-empty subset of {LORA_TARGETS}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         need(self.attention_block_size > 0, "attention_block_size", "must be > 0")
 
@@ -168,7 +176,7 @@ class MixtralConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown model config key(s): {unknown}")
-        return cls(**d)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # JSON lists -> tuples
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:

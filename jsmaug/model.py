@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug import attention, expert_parallel, moe
+from jsmaug import attention, expert_parallel, lora, moe
 from jsmaug.config import MixtralConfig
 
 Params = Any
@@ -34,6 +34,19 @@ def _param(module: nn.Module, name: str, shape, axes, init, config: MixtralConfi
 
 def _normal(config: MixtralConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
+    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/lora.py)."""
+    dtype = _dtype(config.dtype)
+    w = _param(module, name, shape, axes, _normal(config), config).astype(dtype)
+    if not config.lora_rank or name not in config.lora_targets:
+        return w
+    a_shape, a_axes, b_shape, b_axes = lora.factor_shapes(name, shape, axes, config.lora_rank)
+    a = _param(module, name + "_lora_a", a_shape, a_axes, lora.a_init(name), config)
+    b = _param(module, name + "_lora_b", b_shape, b_axes, nn.initializers.zeros, config)
+    scale = config.lora_alpha / config.lora_rank
+    return w + (scale * lora.delta(name, a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -76,10 +89,10 @@ class Attention(nn.Module):
         c = self.config
         dtype = _dtype(c.dtype)
         d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
-        wq = _param(self, "q_proj", (d, h, dh), ("embed", "heads", "head_dim"), _normal(c), c)
-        wk = _param(self, "k_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), _normal(c), c)
-        wv = _param(self, "v_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), _normal(c), c)
-        wo = _param(self, "o_proj", (h, dh, d), ("heads", "head_dim", "embed"), _normal(c), c)
+        wq = _weight(self, "q_proj", (d, h, dh), ("embed", "heads", "head_dim"), c)
+        wk = _weight(self, "k_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
+        wv = _weight(self, "v_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
+        wo = _weight(self, "o_proj", (h, dh, d), ("heads", "head_dim", "embed"), c)
         x = x_BxSxD.astype(dtype)
         q_BxSxHxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype)), cos, sin)
         k_BxSxKxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype)), cos, sin)
@@ -107,9 +120,9 @@ class SparseMoE(nn.Module):
         dtype = _dtype(c.dtype)
         d, f, e = c.hidden_size, c.intermediate_size, c.num_local_experts
         gate = _param(self, "gate", (d, e), ("embed", "exp"), _normal(c), c)
-        w1 = _param(self, "w1", (e, d, f), ("exp", "embed", "mlp"), _normal(c), c)
-        w3 = _param(self, "w3", (e, d, f), ("exp", "embed", "mlp"), _normal(c), c)
-        w2 = _param(self, "w2", (e, f, d), ("exp", "mlp", "embed"), _normal(c), c)
+        w1 = _weight(self, "w1", (e, d, f), ("exp", "embed", "mlp"), c)
+        w3 = _weight(self, "w3", (e, d, f), ("exp", "embed", "mlp"), c)
+        w2 = _weight(self, "w2", (e, f, d), ("exp", "mlp", "embed"), c)
         b, s, _ = x_BxSxD.shape
         x_TxD = x_BxSxD.reshape(b * s, d).astype(dtype)
         # Router in float32 (its softmax decides which experts run: keep it exact).

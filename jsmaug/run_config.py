@@ -51,6 +51,14 @@ class ReferenceSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # 0 = off (full training); > 0: low-rank adapters, the frozen base is the reference
+    alpha: float = 16.0  # the adapters' product is scaled by alpha / rank
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
+    base_dtype: str = "float32"  # dtype the frozen base is kept in (bfloat16 halves it)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     every: int = 50
     keep: int = 3
@@ -82,6 +90,7 @@ class RunConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
@@ -109,6 +118,12 @@ class RunConfig:
         need(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
              f"must be < data.max_length={self.data.max_length}")
         need(self.checkpoint.every > 0, "checkpoint.every", "must be > 0")
+        need(self.lora.rank >= 0, "lora.rank", "must be >= 0")
+        need(self.lora.alpha > 0, "lora.alpha", "must be > 0")
+        from jsmaug.config import LORA_TARGETS
+        need(len(self.lora.targets) > 0 and set(self.lora.targets) <= set(LORA_TARGETS), "lora.targets",
+             f"must be a non-empty list from {list(LORA_TARGETS)}, got {list(self.lora.targets)}")
+        need(self.lora.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "must be float32 or bfloat16")
         need(self.log.every > 0, "log.every", "must be > 0")
         return self
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsmaug import losses, model
+from jsmaug import lora, losses, model
 from jsmaug.config import MixtralConfig
 
 
@@ -57,8 +57,9 @@ def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0):
 
 
 def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0):
-    """The frozen reference: stop_gradient on its weights, no aux loss."""
+    """The frozen reference: stop_gradient on its weights, no aux loss. With LoRA it is the base alone."""
     batch = unpair(batch)
+    config = config.replace(lora_rank=0) if config.lora_rank else config
     logps, _, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size)
     return jax.lax.stop_gradient(logps)
 
@@ -76,8 +77,13 @@ def unpair(batch):
 
 
 def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
-    """Per-pair loss inputs and losses: (LossInputs, per-example loss (B,), aux loss, MoE stats)."""
+    """Per-pair loss inputs and losses: (LossInputs, per-example loss (B,), aux loss, MoE stats).
+
+    With LoRA (`config.lora_rank > 0`), `params` are the adapters and `ref_params` the frozen base: the policy is
+    base + adapters (the base under stop_gradient: it gets no gradient), and the reference is the base alone."""
     batch = unpair(batch)
+    if config.lora_rank:
+        params = lora.combine(jax.lax.stop_gradient(ref_params), params)
     logps, ntok, aux, stats = policy_logps(config, params, batch, chunk_size)
     pc, pr = _split(logps)
     nc, nr = _split(ntok)

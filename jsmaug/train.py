@@ -27,7 +27,7 @@ import numpy as np
 
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
-from jsmaug import attention, expert_parallel, model, moe, sharding as shd, step as step_lib
+from jsmaug import attention, expert_parallel, lora, model, moe, sharding as shd, step as step_lib
 from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
 from jsmaug.config import ConfigError
 from jsmaug.run_config import RunConfig, load_run_config
@@ -36,15 +36,17 @@ from jsmaug.run_config import RunConfig, load_run_config
 # ------------------------------------------------------------------------------------------------ setup
 
 def model_config(cfg: RunConfig):
-    """The model config: `init_from`'s architecture (with this run's numerics settings), or `model`."""
+    """The model config: `init_from`'s architecture (with this run's numerics settings), or `model`; with the
+    `lora` section's adapters."""
+    lora_fields = dict(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
     if not cfg.init_from:
-        return cfg.model
+        return cfg.model.replace(**lora_fields)
     if not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from: {cfg.init_from}: no such file or folder")
     stored = ckpt.read_model_config(cfg.init_from)
     if stored.to_hf_dict() != cfg.model.replace(param_dtype=stored.param_dtype).to_hf_dict():
         log(f"note: init_from {cfg.init_from} carries its own architecture; using it instead of `model`")
-    return stored.replace(**{k: getattr(cfg.model, k) for k in _RESUMABLE_MODEL_CHANGES})
+    return stored.replace(**{k: getattr(cfg.model, k) for k in _RESUMABLE_MODEL_CHANGES}, **lora_fields)
 
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
@@ -58,6 +60,7 @@ def check_resume(workdir: Path, mconf) -> None:
     if found is None:
         return
     step, stored = found
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}  # JSON lists
     want = mconf.to_dict()
     diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
             if k not in _RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
@@ -82,6 +85,30 @@ def write_config_json(workdir: Path, raw_config: dict | None) -> None:
     tmp = workdir / "config.json.tmp"
     tmp.write_text(json.dumps(raw_config or {}, indent=2, default=str))
     os.replace(tmp, workdir / "config.json")
+
+
+def lora_meta(cfg: RunConfig, mconf) -> dict:
+    """What a LoRA checkpoint says about its base: where the base came from (it is not stored again)."""
+    if not mconf.lora_rank:
+        return {}
+    return {"lora_base": {"init_from": str(Path(cfg.init_from).absolute()) if cfg.init_from else None,
+                          "seed": cfg.seed, "dtype": cfg.lora.base_dtype}}
+
+
+def lora_setup(cfg: RunConfig, mconf, mesh):
+    """(adapters, frozen base, their shardings). The base comes from `init_from` (or the seed) in
+    `lora.base_dtype`; the adapters start with B = 0, so the policy starts exactly at the base."""
+    base_sh, adapter_sh = lora.split(shd.param_shardings(mconf, mesh, cfg.mesh))
+    base = initial_params(cfg, mconf.replace(lora_rank=0), base_sh)
+    base = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p), out_shardings=base_sh,
+                   donate_argnums=0)(base)
+    adapter_shapes = lora.split(model.param_shapes(mconf))[1]
+    adapters = jax.jit(lambda k: lora.init_adapters(adapter_shapes, k), out_shardings=adapter_sh)(
+        jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    n = sum(x.size for x in jax.tree.leaves(adapters))
+    log(f"LoRA rank {mconf.lora_rank} (alpha {mconf.lora_alpha}) on {list(mconf.lora_targets)}: "
+        f"{n / 1e6:.3f}M trained parameters; frozen base in {cfg.lora.base_dtype} (also the reference)")
+    return adapters, base, adapter_sh, base_sh
 
 
 def initial_params(cfg: RunConfig, mconf, shardings):
@@ -204,11 +231,14 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
         f"moe_dispatch={mconf.moe_dispatch} -> {dispatch}, "
         f"attention_impl={mconf.attention_impl} -> {attn} ({why}); "
         f"mesh {dict(mesh.shape)}")
-    param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
-    params = initial_params(cfg, mconf, param_sh)
-    # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
-    ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
-                         out_shardings=param_sh)(params)
+    if mconf.lora_rank:  # trained: the adapters; the frozen base is the policy's base AND the reference
+        params, ref_params, param_sh, ref_sh = lora_setup(cfg, mconf, mesh)
+    else:
+        param_sh = ref_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
+        params = initial_params(cfg, mconf, param_sh)
+        # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
+        ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
+                             out_shardings=param_sh)(params)
     optimizer, schedule = step_lib.make_optimizer(cfg.train)
     state_sh = step_lib.state_shardings(optimizer, params, param_sh, mesh)
     put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=cfg.mesh)
@@ -221,8 +251,9 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
         if eval_examples:
             eval_ref_table = precompute_reference(cfg, mconf, ref_params, eval_examples, buckets,
                                                   workdir / "ref_cache", tok.fingerprint(), put)
-        ref_params = None  # training never runs the reference again
-    elif not needs_ref:
+        if not mconf.lora_rank:
+            ref_params = None  # training never runs the reference again (with LoRA it is the policy's base)
+    elif not needs_ref and not mconf.lora_rank:
         ref_params = None
 
     state = step_lib.init_state(optimizer, params, state_sh, cfg.seed)
@@ -240,7 +271,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                                 batch_fn=lambda xs: _collate_with_ref(xs, buckets, ref_table))
     first = put(ds_pairs[start])
     batch_sh = jax.tree.map(lambda x: x.sharding, first)
-    ref_sh = None if ref_params is None else param_sh
+    ref_sh = None if ref_params is None else ref_sh
     step_fn = step_lib.jit_train_step(state_sh, batch_sh, ref_sh, config=mconf, loss_cfg=cfg.loss,
                                       optimizer=optimizer, micro_batches=cfg.train.micro_batches,
                                       chunk_size=cfg.train.logps_chunk_size)
@@ -300,7 +331,8 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
             writer.write(done, ev)
             log(f"eval @ {done}: loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracies']:.3f}")
         if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-            manager.save(done, state, {"data_position": done, "seed": cfg.seed, "model_config": mconf.to_dict()})
+            manager.save(done, state, {"data_position": done, "seed": cfg.seed, "model_config": mconf.to_dict(),
+                                       **lora_meta(cfg, mconf)})
         if cfg.debug.kill_at_step == done:
             manager.wait()  # the test wants a kill *between* saves, not an interrupted one
             os.kill(os.getpid(), signal.SIGKILL)
@@ -319,7 +351,11 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     if cfg.export_hf:
         from jsmaug import hf
 
-        summary = hf.save(workdir / "hf", mconf, state.params, tokenizer_path=tok.path, overwrite=True)
+        export_conf, export_params = mconf, state.params
+        if mconf.lora_rank:  # the merged weights: base + alpha / rank * A @ B, in the base's dtype
+            export_conf = mconf.replace(lora_rank=0, param_dtype=cfg.lora.base_dtype)
+            export_params = lora.merge(ref_params, state.params, mconf.lora_alpha, mconf.lora_rank)
+        summary = hf.save(workdir / "hf", export_conf, export_params, tokenizer_path=tok.path, overwrite=True)
         log(f"exported the final policy to {workdir / 'hf'} ({summary['tensors']} tensors, "
             f"{summary['bytes'] / 1e6:.1f} MB)")
     log(f"done: {result}")

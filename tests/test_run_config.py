@@ -27,6 +27,8 @@ def test_floats_in_every_spelling(tmp_path):
     ("model=5", "^model: expected a mapping, got 5$"),
     ("train=5", "^train: expected a mapping, got 5$"),
     ("train.steps=[1", r"^override 'train.steps=\[1':1:3: expected ',' or '\]'"),
+    ("lora.targets=[w4]", r"^lora.targets: must be a non-empty list from"),
+    ("lora.base_dtype=int8", r"^lora.base_dtype: must be float32 or bfloat16"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,6 +12,7 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
   step/*      DPOP step vs SFT step on the same tokens, online and precomputed reference
   torch/*     jsmaug's jitted DPOP step vs HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch
               (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
+  lora/*      LoRA DPOP step (the frozen base is the reference) vs the full DPOP step: time, compiled memory, state
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
 Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
 """
@@ -166,9 +167,9 @@ def step_fn(conf, loss_type, chunk):
 class StepRunner:
     """A compiled train step and its state; each call runs one step and waits for it (see time_alternating)."""
 
-    def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK):
+    def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK, params=None):
         self.fn, opt = step_fn(conf, loss_type, chunk)
-        params = model.init_params(conf, jax.random.key(0))
+        params = model.init_params(conf, jax.random.key(0)) if params is None else params
         self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
                                      jax.random.key_data(jax.random.key(0)))
         self.batch, self.ref = batch, ref
@@ -177,6 +178,35 @@ class StepRunner:
     def __call__(self):
         self.state, m = self.fn(self.state, self.batch, self.ref, False)
         jax.block_until_ready(m)
+
+
+    def compiled_bytes(self) -> int:
+        """Arguments + temporaries + outputs of the compiled step (outputs aliased to donated inputs once)."""
+        m = self.fn.lower(self.state, self.batch, self.ref, False).compile().memory_analysis()
+        return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                - getattr(m, "alias_size_in_bytes", 0))
+
+
+def bench_lora(conf, batch, ref, rank=16, rounds=5):
+    """LoRA DPOP step (rank `rank` on attention and experts; the base is the policy's base and the reference) vs
+    the full DPOP step with a frozen reference copy: time, compiled memory and the train state's bytes (what a
+    checkpoint holds)."""
+    from jsmaug import lora
+
+    lconf = conf.replace(lora_rank=rank)
+    adapters = lora.init_adapters(lora.split(model.param_shapes(lconf))[1], jax.random.key(1))
+    runners = {"full": StepRunner(conf, "dpop", batch, ref), "lora": StepRunner(lconf, "dpop", batch, ref,
+                                                                                  params=adapters)}
+    mem = {k: r.compiled_bytes() / 2 ** 20 for k, r in runners.items()}
+    state = {k: sum(x.nbytes for x in jax.tree.leaves((r.state.params, r.state.opt_state))) / 2 ** 20
+             for k, r in runners.items()}
+    t = time_alternating(runners, rounds)
+    cfg = f"{conf.num_params() / 1e6:.1f}M params, LoRA rank {rank} on all 7 targets, f32"
+    record("lora/step_time_vs_full", t["lora"], t["full"], "s/step", cfg, "LoRA DPOP step", "full DPOP step")
+    record("lora/step_memory_vs_full", mem["lora"], mem["full"], "MiB compiled", cfg, "LoRA DPOP step",
+           "full DPOP step (policy + reference + Adam)")
+    record("lora/checkpoint_vs_full", state["lora"], state["full"], "MiB of train state", cfg,
+           "adapters + their Adam moments", "params + Adam moments")
 
 
 def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
@@ -297,6 +327,7 @@ def main(argv=None) -> int:
 
     if not args.skip_torch:
         bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1)
+    bench_lora(small, batch, ref, rank=4 if q else 16)
 
     mfu_conf = small if q else cfg_lib.tiny(
         vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,

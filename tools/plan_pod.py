@@ -12,6 +12,7 @@ Nothing is allocated: params, optimizer state, reference and batch are ShapeDtyp
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from jsmaug import attention, expert_parallel, model, moe, sharding as shd, step  # noqa: E402
+from jsmaug import attention, expert_parallel, lora, model, moe, sharding as shd, step  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
@@ -114,7 +115,8 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     moe_path = "ragged" if cfg.model.moe_impl == "blocked" else moe.resolve_impl(cfg.model.moe_impl, "tpu")
     attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
                                                  cfg.model.resolved_head_dim, "tpu")
-    mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch)
+    mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch,
+                              lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
     mesh = shd.make_mesh(cfg.mesh, mconf, devices)
     with expert_parallel.dispatch_mesh(mesh, ()):
         resolved = expert_parallel.resolve_dispatch(dispatch)
@@ -123,10 +125,19 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     print(f"MoE: {moe_path}, token dispatch {dispatch} -> {resolved}; attention: {attn_path} ({attn_why})")
     param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
     shapes = model.param_shapes(mconf)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+    sds = lambda s, sh, dtype=None: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh)  # noqa: E731
     precomputed = cfg.reference.mode == "precomputed"
-    ref = None if precomputed else jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.reference.dtype), sharding=sh), shapes, param_sh)
+    if mconf.lora_rank:  # trained: the adapters; the frozen base (policy's base and reference) is an argument
+        (base_shapes, shapes), (ref_sh, param_sh) = lora.split(shapes), lora.split(param_sh)
+        ref = jax.tree.map(lambda s, sh: sds(s, sh, jnp.dtype(cfg.lora.base_dtype)), base_shapes, ref_sh)
+        print(f"LoRA rank {mconf.lora_rank} on {list(mconf.lora_targets)}: "
+              f"{sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) / 1e6:.1f}M trained parameters, "
+              f"base in {cfg.lora.base_dtype}")
+    else:
+        ref_sh = param_sh
+        ref = None if precomputed else jax.tree.map(
+            lambda s, sh: sds(s, sh, jnp.dtype(cfg.reference.dtype)), shapes, param_sh)
+    params = jax.tree.map(sds, shapes, param_sh)
     optimizer, _ = step.make_optimizer(cfg.train)
     state_sh = step.state_shardings(optimizer, params, param_sh, mesh)
     opt_abs = jax.eval_shape(optimizer.init, params)
@@ -142,7 +153,7 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     if precomputed:
         batch["ref_logps"] = jax.ShapeDtypeStruct((2, b), jnp.float32, sharding=shd.batch_sharding(mesh, cfg.mesh, 2))
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    fn = step.jit_train_step(state_sh, batch_sh, None if ref is None else param_sh, config=mconf,
+    fn = step.jit_train_step(state_sh, batch_sh, None if ref is None else ref_sh, config=mconf,
                              loss_cfg=cfg.loss, optimizer=optimizer, micro_batches=cfg.train.micro_batches,
                              chunk_size=cfg.train.logps_chunk_size)
     t0 = time.time()

@@ -1,0 +1,116 @@
+"""Low-rank adapters (LoRA, arXiv 2106.09685) on the attention projections and on every expert, for DPOP with the
+frozen base as the reference.
+
+A targeted weight W (any of `q_proj`, `k_proj`, `v_proj`, `o_proj`, and the experts' `w1`, `w3`, `w2`) is used as
+
+    W_eff = W + (alpha / rank) * A @ B          A: (*batch, *in, rank)   B: (*batch, rank, *out)
+
+where `batch` is the expert axis for expert weights (per-expert factors, (E, D, r) and (E, r, F)) and empty for
+attention. The product is formed inside each layer, so every MoE dispatch path (dense, bucketed, blocked, ragged,
+capacity; gspmd or all_to_all) sees an ordinary weight, and the adapters shard like their base weights. B starts
+at zero, so at initialisation W_eff == W exactly and the policy IS the reference. The reference forward is the
+base forward (`rank 0`): no second copy of the weights exists, online or precomputed.
+
+The adapters live in the params tree beside their weights as `<name>_lora_a` / `<name>_lora_b`; `split` and
+`combine` separate and rejoin them, and `merge` folds them into the base (the export).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
+# weight name -> (leading batch axes, input axes) of its per-layer shape; the remaining axes are outputs.
+_SPLIT = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2), "w1": (1, 1), "w3": (1, 1),
+          "w2": (1, 1)}
+_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def factor_shapes(name: str, shape, axes, rank: int):
+    """(A shape, A logical axes, B shape, B logical axes) for a per-layer weight of `shape` / `axes`."""
+    nb, ni = _SPLIT[name]
+    batch, ins, outs = shape[:nb], shape[nb:nb + ni], shape[nb + ni:]
+    bax, iax, oax = axes[:nb], axes[nb:nb + ni], axes[nb + ni:]
+    return (*batch, *ins, rank), (*bax, *iax, "lora"), (*batch, rank, *outs), (*bax, "lora", *oax)
+
+
+def a_init(name: str):
+    """A ~ N(0, 1 / fan_in): the adapter's input projection starts at the scale of its inputs."""
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[-1 - _SPLIT[name][1]:-1])
+        return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
+    return init
+
+
+def delta(name: str, a, b):
+    """A @ B over the rank, with any leading (layer, expert) axes: the shape of the base weight."""
+    ni = _SPLIT[name][1]
+    lead = a.shape[:a.ndim - 1 - ni]
+    ins, outs, r = a.shape[len(lead):-1], b.shape[len(lead) + 1:], a.shape[-1]
+    a2 = a.reshape(*lead, math.prod(ins), r)
+    b2 = b.reshape(*lead, r, math.prod(outs))
+    return jnp.einsum("...ir,...ro->...io", a2, b2).reshape(*lead, *ins, *outs)
+
+
+def _is_adapter(key: str) -> bool:
+    return key.endswith(_SUFFIXES)
+
+
+def split(params):
+    """(base, adapters): the same nested dicts, the adapter leaves in one and everything else in the other."""
+    base, adapters = {}, {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            b, a = split(v)
+            if b:
+                base[k] = b
+            if a:
+                adapters[k] = a
+        elif _is_adapter(k):
+            adapters[k] = v
+        else:
+            base[k] = v
+    return base, adapters
+
+
+def combine(base, adapters):
+    """The inverse of `split`."""
+    out = dict(base)
+    for k, v in adapters.items():
+        out[k] = combine(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def merge(base, adapters, alpha: float, rank: int):
+    """The base with every adapter folded in (W + alpha / rank * A @ B, in the base's dtype): the tree of a
+    model without adapters, for the export."""
+    scale = alpha / rank
+    out = {}
+    for k, v in base.items():
+        if isinstance(v, dict):
+            out[k] = merge(v, adapters.get(k, {}), alpha, rank)
+        elif k + "_lora_a" in adapters:
+            d = delta(k, adapters[k + "_lora_a"].astype(jnp.float32), adapters[k + "_lora_b"].astype(jnp.float32))
+            out[k] = (v.astype(jnp.float32) + scale * d).astype(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def init_adapters(adapter_shapes, key):
+    """Fresh adapters for a tree of ShapeDtypeStructs (`split(param_shapes(config))[1]`): A random, B zero."""
+    leaves = jax.tree_util.tree_flatten_with_path(adapter_shapes)[0]
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = {}
+    for (path, sds), k in zip(leaves, keys):
+        name = path[-1].key
+        value = (a_init(name[:-len("_lora_a")])(k, sds.shape, sds.dtype) if name.endswith("_lora_a")
+                 else jnp.zeros(sds.shape, sds.dtype))
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p.key, {})
+        node[name] = value
+    return out
