@@ -130,9 +130,9 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
                                chunk_size: int | None = None):
     """Like `sequence_logps`, from final hidden states and an `unembed(h) -> logits` function.
 
-    With `chunk_size`, only the `loss_mask` positions are unembedded: they are gathered to the front of the
-    flattened (B * S) positions and processed B * chunk_size rows at a time, and chunks past the last masked
-    position are skipped at run time (`lax.cond`). Prompt and padding positions never reach the vocabulary
+    With `chunk_size`, only the `loss_mask` positions are unembedded: each row's are gathered to its front and
+    processed `chunk_size` positions per row (B * chunk_size rows) at a time, and chunks past the longest row's
+    masked positions are skipped at run time (`lax.cond`); the batch axis stays whole, so it stays sharded. Prompt and padding positions never reach the vocabulary
     matmul and log-softmax, forward or backward. Each chunk is recomputed in the backward pass, so the (rows, V)
     logits exist one chunk at a time.
     """
@@ -145,35 +145,41 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
     if chunk_size is None:
         lp = chunk_fn(hidden_BxSxD, labels_BxS)
     else:
-        lp = _masked_positions_only(jax.checkpoint(chunk_fn), hidden_BxSxD, labels_BxS, loss_mask_BxS,
-                                    chunk_size * hidden_BxSxD.shape[0])
+        lp = _masked_positions_only(jax.checkpoint(chunk_fn), hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size)
     return jnp.sum(lp * mask, axis=1), jnp.sum(loss_mask_BxS.astype(jnp.int32), axis=1)
 
 
-def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, rows: int):
-    """fn(h (1, rows, D), labels (1, rows)) -> (1, rows) on the masked positions only; 0 elsewhere."""
+def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int):
+    """fn(h (B, chunk, D), labels (B, chunk)) -> (B, chunk) on the masked positions only; 0 elsewhere.
+
+    Within each row, the masked positions are moved to the front (a stable per-row sort), and the rows are
+    processed `chunk` positions at a time; chunks past the longest row's count are skipped at run time. The batch
+    axis is never flattened, so on a mesh each device unembeds only its own rows (a global gather over the
+    flattened batch would make every device do every row's work). Positions past a row's count are fed zeros."""
     b, s, d = h_BxSxD.shape
     labels_BxS, mask_BxS = jnp.asarray(labels_BxS), jnp.asarray(mask_BxS)
-    n = b * s
-    rows = min(rows, n)
-    pad = -n % rows
-    keep_N = mask_BxS.reshape(n) > 0
-    order_N = jnp.argsort(~keep_N, stable=True)  # masked positions first, in order
-    count = jnp.sum(keep_N.astype(jnp.int32))
-    live_N = (jnp.arange(n) < count)[:, None]  # the tail of the last computed chunk is unmasked: feed it zeros
-    h_N = jnp.pad(jnp.where(live_N, h_BxSxD.reshape(n, d)[order_N], 0), ((0, pad), (0, 0)))
-    lb_N = jnp.pad(labels_BxS.reshape(n)[order_N], (0, pad))
-    num_chunks = (n + pad) // rows
+    chunk = min(chunk, s)
+    pad = -s % chunk
+    keep_BxS = mask_BxS > 0
+    order_BxS = jnp.argsort(~keep_BxS, axis=1, stable=True)  # masked positions first, in order
+    count_B = jnp.sum(keep_BxS.astype(jnp.int32), axis=1)
+    live_BxS = jnp.arange(s)[None, :] < count_B[:, None]
+    h_sorted = jnp.where(live_BxS[..., None], jnp.take_along_axis(h_BxSxD, order_BxS[..., None], axis=1), 0)
+    h_sorted = jnp.pad(h_sorted, ((0, 0), (0, pad), (0, 0)))
+    lb_sorted = jnp.pad(jnp.take_along_axis(labels_BxS, order_BxS, axis=1), ((0, 0), (0, pad)))
+    longest = jnp.max(count_B)
 
-    def one(args):
-        i, h, lb = args
-        return jax.lax.cond(i * rows < count, lambda: fn(h[None], lb[None])[0],
-                            lambda: jnp.zeros((rows,), jnp.float32))
+    def one(i):
+        hc = jax.lax.dynamic_slice_in_dim(h_sorted, i * chunk, chunk, axis=1)
+        lc = jax.lax.dynamic_slice_in_dim(lb_sorted, i * chunk, chunk, axis=1)
+        return jax.lax.cond(i * chunk < longest, lambda: fn(hc, lc).astype(jnp.float32),
+                            lambda: jnp.zeros((b, chunk), jnp.float32))
 
-    lp = jax.lax.map(one, (jnp.arange(num_chunks), h_N.reshape(num_chunks, rows, d),
-                           lb_N.reshape(num_chunks, rows))).reshape(-1)[:n]
-    lp = jnp.where(live_N[:, 0], lp, 0.0)
-    return jnp.zeros((n,), jnp.float32).at[order_N].set(lp, unique_indices=True).reshape(b, s)
+    lp_NxBxC = jax.lax.map(one, jnp.arange((s + pad) // chunk))
+    lp_BxS = jnp.moveaxis(lp_NxBxC, 0, 1).reshape(b, s + pad)[:, :s]
+    lp_BxS = jnp.where(live_BxS, lp_BxS, 0.0)
+    rows_BxS = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+    return jnp.zeros((b, s), jnp.float32).at[rows_BxS, order_BxS].set(lp_BxS, unique_indices=True)
 
 
 def _chunked_over_sequence(fn, x_BxSx_, labels_BxS, chunk: int):
