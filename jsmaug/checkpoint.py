@@ -84,8 +84,17 @@ class Manager:
         # is named in the error.
         named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", "".join(_chain_messages(err)))
         step = int(named.group(1)) if named else step
-        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:  # let Orbax's writer threads end first, or one of them may recreate the folder after it is removed
+            self.mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure again; it is reported below
+            pass
+        for _ in range(20):
+            leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            if not leftovers:
+                break
+            for tmp in leftovers:
+                shutil.rmtree(tmp, ignore_errors=True)
+            time.sleep(0.05)
         complete = [s for s in self.steps() if s != step] if self.directory.exists() else []
         after = (f"the newest complete checkpoint is step {complete[0]} ({self.directory / str(complete[0])}); "
                  "running the same command again resumes from it") if complete else \

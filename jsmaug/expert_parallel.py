@@ -115,7 +115,8 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
     y_AxD = back[dest_sorted, rank_A]
     weight_A = w_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
     out = jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
-    return out, jax.lax.psum(dropped, all_axes)
+    # Tensor shards hold the same rows (each computes part of the mlp axis): count their drops once.
+    return out, jax.lax.psum(dropped, tuple(a for a in all_axes if a != tensor))
 
 
 def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
