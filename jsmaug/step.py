@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsmaug import lora, losses, model
+from jsmaug import expert_parallel, lora, losses, model
 from jsmaug.config import MixtralConfig
 
 
@@ -215,8 +215,6 @@ def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralCon
 def on_mesh(fn, batch_sh):
     """`fn` traced inside `expert_parallel.dispatch_mesh`, with the mesh and the token axes of `batch_sh` (the
     paired batch's shardings: axis 1 holds the pairs)."""
-    from jsmaug import expert_parallel
-
     sharding = next(iter(jax.tree.leaves(batch_sh)))
     pair_axes = sharding.spec[1] if len(sharding.spec) > 1 else None
     axes = () if pair_axes is None else (pair_axes,) if isinstance(pair_axes, str) else tuple(pair_axes)
