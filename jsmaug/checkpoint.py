@@ -82,7 +82,7 @@ class Manager:
     def _fail(self, step: int | None, err: BaseException):
         # The save that failed may be an earlier async one that the next save ran into: its temporary folder
         # is named in the error.
-        named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", "".join(_chain_messages(err)))
+        named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", "".join(str(e) for e in _chain(err)))
         step = int(named.group(1)) if named else step
         try:  # let Orbax's writer threads end first, or one of them may recreate the folder after it is removed
             self.mngr.wait_until_finished()
@@ -179,10 +179,6 @@ def _chain(err: BaseException) -> list[BaseException]:
     return out
 
 
-def _chain_messages(err: BaseException) -> list[str]:
-    return [str(e) for e in _chain(err)]
-
-
 def root_cause(err: BaseException) -> str:
     """What went wrong, in a line: the OS error where there is one (Orbax and TensorStore wrap it several times,
     e.g. `No space left on device [os_error_code='28']`), else the innermost exception as `Type: message`."""
@@ -242,7 +238,7 @@ def read_model_config(path: str | Path, step: int | None = None) -> MixtralConfi
     if (path / "model_config.json").exists():
         return _model_config_of(path / "model_config.json")
     mngr, step = _training_manager(path, step)
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = _read_meta(mngr, step)
     if "model_config" not in meta:
         raise CheckpointError(f"{mngr.directory}/{step}: checkpoint metadata has no model_config")
     return MixtralConfig.from_dict(meta["model_config"])
@@ -266,6 +262,11 @@ def load_params(path: str | Path, step: int | None = None, shardings=None) -> tu
     return config, restored.state["params"]
 
 
+def _read_meta(mngr, step: int) -> dict:
+    """The JSON metadata saved beside a training checkpoint's state (data position, seed, model config...)."""
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
     """(step, model_config dict) from the newest checkpoint in `checkpoint_dir` whose metadata reads; None if
     the folder holds no complete checkpoint. Creates nothing."""
@@ -275,7 +276,7 @@ def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
     mngr = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(create=False))
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            meta = _read_meta(mngr, step)
         except Exception:  # noqa: BLE001 - a damaged checkpoint: restore_newest_intact deals with it
             continue
         if isinstance(meta, dict) and "model_config" in meta:
@@ -291,7 +292,7 @@ def _load_lora_merged(path: Path, config: MixtralConfig, step: int | None):
     from jsmaug import lora, model
 
     mngr, step = _training_manager(path, step)
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = _read_meta(mngr, step)
     base_info = meta.get("lora_base")
     if not base_info:
         raise CheckpointError(f"{mngr.directory}/{step}: a LoRA checkpoint without lora_base in its metadata")

@@ -59,10 +59,12 @@ def under_mesh(fn, mesh, batch_axes):
     return wrapped
 
 
-def resolve_dispatch(dispatch: str) -> str:
-    ctx = _MESH.get()
+def resolve_dispatch(dispatch: str, mesh=None) -> str:
+    """`auto` -> all_to_all when `mesh` (default: the one `dispatch_mesh` set) has an expert axis > 1."""
+    if mesh is None and _MESH.get() is not None:
+        mesh = _MESH.get()[0]
     if dispatch == "auto":
-        return "all_to_all" if ctx is not None and ctx[0].shape.get("expert", 1) > 1 else "gspmd"
+        return "all_to_all" if mesh is not None and mesh.shape.get("expert", 1) > 1 else "gspmd"
     return dispatch
 
 

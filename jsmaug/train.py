@@ -29,7 +29,7 @@ from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
 from jsmaug import attention, expert_parallel, lora, model, moe, sharding as shd, step as step_lib
 from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
-from jsmaug.config import ConfigError
+from jsmaug.config import ConfigError, MixtralConfig
 from jsmaug.run_config import RunConfig, load_run_config
 
 
@@ -60,7 +60,7 @@ def check_resume(workdir: Path, mconf) -> None:
     if found is None:
         return
     step, stored = found
-    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}  # JSON lists
+    stored = MixtralConfig.from_dict(stored).to_dict()  # JSON lists back to tuples, defaults for newer fields
     want = mconf.to_dict()
     diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
             if k not in _RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
@@ -223,8 +223,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     prepare_workdir(workdir)
     attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim)
-    with expert_parallel.dispatch_mesh(mesh, ()):
-        dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch)
+    dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
         f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), "
         f"moe_impl={mconf.moe_impl} -> {moe.resolve_impl(mconf.moe_impl)}, "

@@ -47,6 +47,7 @@ def test_all_to_all_equals_one_device(mesh_name, impl, router):
 def test_dispatch_resolution():
     assert ep.resolve_dispatch("auto") == "gspmd"  # no mesh: nothing to move
     mesh = shd.make_mesh(MESHES["expert8"], cfg_lib.tiny(num_local_experts=E))
+    assert ep.resolve_dispatch("auto", mesh) == "all_to_all"  # a mesh given directly, as the trainer's log does
     with ep.dispatch_mesh(mesh, ("data", "fsdp", "expert")):
         assert ep.resolve_dispatch("auto") == "all_to_all"
         assert ep.resolve_dispatch("gspmd") == "gspmd"

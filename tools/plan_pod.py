@@ -118,8 +118,7 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch,
                               lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
     mesh = shd.make_mesh(cfg.mesh, mconf, devices)
-    with expert_parallel.dispatch_mesh(mesh, ()):
-        resolved = expert_parallel.resolve_dispatch(dispatch)
+    resolved = expert_parallel.resolve_dispatch(dispatch, mesh)
     print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
     print(f"MoE: {moe_path}, token dispatch {dispatch} -> {resolved}; attention: {attn_path} ({attn_why})")
