@@ -11,6 +11,8 @@ One meaning, several paths (`implementation=`), each tested against `xla`:
              no segment ids: a batch whose rows each hold one segment followed by padding runs there (padding
              becomes key/query lengths); a packed batch (several segments in a row) takes the `chunked` branch
              at run time (`lax.cond`), so the result is right whatever the data.
+- "splash":  the Pallas TPU splash kernel (jsmaug/splash.py), under shard_map on a mesh; off TPU it runs in Pallas
+             interpret mode (exact, slow: for tests on CPU).
 - "auto":    `resolve_impl` picks per backend, dtype and head_dim, and says why.
 
 The mask, in every path: query i sees key j when j <= i, both carry the same segment id, the key's segment id is
@@ -26,7 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+from jsmaug import splash
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
 
 
@@ -231,15 +235,21 @@ def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding
 # ------------------------------------------------------------------------------------------------ choice
 
 def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = None) -> tuple[str, str]:
-    """(path, why). `auto`: cuDNN on GPU where its limits allow, else `chunked`; `xla` is never chosen
+    """(path, why). `auto`: splash on TPU, cuDNN on GPU where its limits allow, else `chunked`; `xla` is never chosen
     automatically, since its S^2 scores do not fit long sequences (4k-token pairs ran out of memory on an H200)."""
     backend = backend or jax.default_backend()
     if impl != "auto":
         if impl == "cudnn" and backend != "gpu":
             return "chunked", f"cudnn needs a GPU (backend is {backend}); using chunked"
+        if impl == "splash" and backend == "gpu":
+            return "chunked", "splash is a TPU kernel (backend is gpu); using chunked"
+        if impl == "splash" and backend != "tpu":
+            return impl, f"set in the config; Pallas interpret mode on {backend} (exact, slow: for tests)"
         if impl == "cudnn" and (dtype not in ("bfloat16", "float16") or head_dim > 256):
             return "chunked", f"cudnn needs bf16/fp16 and head_dim <= 256 (dtype {dtype}, head_dim {head_dim})"
         return impl, "set in the config"
+    if backend == "tpu":
+        return "splash", "the Pallas TPU kernel (block-sparse causal/window mask, segment ids)"
     if backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 256 and head_dim % 8 == 0:
         return "cudnn", "GPU with bf16/fp16 and head_dim <= 256 (packed rows fall back to chunked at run time)"
     return "chunked", f"memory-efficient pure-JAX attention on {backend} (dtype {dtype})"
@@ -251,6 +261,8 @@ def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, slidi
     impl, _ = resolve_impl(implementation, dtype, q_BxSxHxDh.shape[-1])
     if impl == "xla":
         return xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxSxT(segment_ids_BxS, sliding_window))
+    if impl == "splash":
+        return splash.splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
     if impl == "cudnn":
         return cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
     return chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)

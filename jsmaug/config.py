@@ -19,8 +19,8 @@ _HF_FIELDS = (
     "initializer_range",
 )
 
-MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "capacity")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
+MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "megablox", "capacity")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
 DTYPES = ("float32", "bfloat16", "float16")
 

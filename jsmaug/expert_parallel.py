@@ -13,14 +13,13 @@
 - "auto":       `all_to_all` where the mesh has an expert axis > 1, else `gspmd` (one device or no expert axis:
                 there is nothing to move). See README "How tokens reach their experts".
 
-The mesh is not part of the model: the trainer traces its steps inside `dispatch_mesh(mesh, batch_axes)`, and
-the MoE layer reads it here. Outside that context (one device, tests of the model alone) every dispatch is local.
+The mesh is not part of the model: the trainer traces its steps inside `mesh_context.mesh_scope(mesh, batch_axes)`,
+and the MoE layer reads it (jsmaug/mesh_context.py). Outside that context (one device, tests of the model alone)
+every dispatch is local.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 
@@ -28,49 +27,34 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jsmaug import moe
+from jsmaug import mesh_context, moe
 
 DISPATCHES = ("auto", "gspmd", "all_to_all")
-_MESH: contextvars.ContextVar = contextvars.ContextVar("jsmaug_dispatch_mesh", default=None)
-
-
-@contextlib.contextmanager
-def dispatch_mesh(mesh, batch_axes):
-    """Traces inside this context see `mesh`; tokens are split over `batch_axes` (the `batch` rule's axes)."""
-    token = _MESH.set((mesh, tuple(a for a in batch_axes if mesh.shape[a] > 1)))
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def under_mesh(fn, mesh, batch_axes):
-    """`fn` called (and so traced, on its first call) inside `dispatch_mesh`."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with dispatch_mesh(mesh, batch_axes):
-            return fn(*args, **kwargs)
-
-    if hasattr(fn, "lower"):  # ahead-of-time compilation (tools/plan_pod.py) traces too
-        def lower(*args, **kwargs):
-            with dispatch_mesh(mesh, batch_axes):
-                return fn.lower(*args, **kwargs)
-        wrapped.lower = lower
-    return wrapped
-
-
 def resolve_dispatch(dispatch: str, mesh=None) -> str:
-    """`auto` -> all_to_all when `mesh` (default: the one `dispatch_mesh` set) has an expert axis > 1."""
-    if mesh is None and _MESH.get() is not None:
-        mesh = _MESH.get()[0]
+    """`auto` -> all_to_all when `mesh` (default: the one `mesh_context.mesh_scope` set) has an expert axis > 1."""
+    if mesh is None and mesh_context.active_mesh() is not None:
+        mesh = mesh_context.active_mesh()[0]
     if dispatch == "auto":
         return "all_to_all" if mesh is not None and mesh.shape.get("expert", 1) > 1 else "gspmd"
     return dispatch
 
 
+def resolve_local_impl(impl: str, dispatch: str, mesh=None) -> str:
+    """The experts' path (`moe.resolve_impl`), except that a Pallas kernel cannot sit in a GSPMD-partitioned
+    program: `megablox` under the `gspmd` dispatch on a mesh of more than one device becomes `ragged`, which XLA
+    partitions (inside all_to_all's shard_map, or on one device, megablox stays)."""
+    if mesh is None and mesh_context.active_mesh() is not None:
+        mesh = mesh_context.active_mesh()[0]
+    impl = moe.resolve_impl(impl, None if mesh is None else mesh.devices.flat[0].platform)
+    if impl == "megablox" and resolve_dispatch(dispatch, mesh) == "gspmd" and mesh is not None and mesh.size > 1:
+        return "ragged"
+    return impl
+
+
 def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch: str = "auto", **local_kw):
     """The MoE feed-forward with the configured token dispatch. Returns (y_TxD, dropped assignments)."""
-    ctx = _MESH.get()
+    ctx = mesh_context.active_mesh()
+    local_kw = dict(local_kw, impl=resolve_local_impl(local_kw.get("impl", "auto"), dispatch))
     if ctx is None or resolve_dispatch(dispatch) == "gspmd":
         return moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, **local_kw)
     mesh, batch_axes = ctx
@@ -124,7 +108,7 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
 def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
     """The received rows through this shard's experts; rows with expert id `num_local` are empty slots.
 
-    `ragged` sorts the empty slots last and leaves them out of the groups (no work on TPU); `bucketed` gives them
+    `ragged` and `megablox` sort the empty slots last and leave them out of the groups (megablox: no work); `bucketed` gives them
     no buffer rows and sizes its capacities for the real load, so its work follows the busiest local expert's
     real rows, not the buffer. `dense`, `blocked` and `capacity` need an expert per row: empty slots are spread
     over the local experts with combine weight 0, so they add work (the price of a fixed-size buffer) but never
@@ -132,15 +116,10 @@ def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
     num_local = w1.shape[0]
     valid_R = expert_R < num_local
     impl = moe.resolve_impl(local_kw.get("impl", "auto"))
-    if impl == "ragged":
+    if impl in ("ragged", "megablox"):
         order = jnp.argsort(expert_R, stable=True)
         sizes = jnp.bincount(expert_R, length=num_local).astype(jnp.int32)  # empty slots (id num_local) dropped
-        dtype = x_RxD.dtype
-        xs = x_RxD[order]
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dtype), sizes)) * jax.lax.ragged_dot(
-            xs, w3.astype(dtype), sizes)
-        y = jax.lax.ragged_dot(h, w2.astype(dtype), sizes)
-        y = jnp.where(valid_R[order][:, None], y, 0)
+        y = moe.grouped_swiglu(x_RxD[order], w1, w3, w2, sizes, impl)  # empty slots sort last and give 0
         return jnp.zeros_like(x_RxD).at[order].set(y), jnp.zeros((), jnp.int32)
     weight_Rx1 = valid_R[:, None].astype(jnp.float32)
     if impl == "bucketed":  # empty slots take no buffer rows; capacities sized for the expected real load

@@ -9,6 +9,9 @@ and differ only in how tokens reach their experts:
 - "ragged":   sort the (token, expert) assignments by expert and run `jax.lax.ragged_dot`. Dropless. On GPU and
               TPU XLA lowers it to a grouped matmul; on CPU it becomes a masked dense product (E x the FLOPs),
               so "auto" does not pick it there.
+- "megablox": "ragged" with the Pallas TPU grouped-matmul kernels (gmm/tgmm) instead of `ragged_dot`: work in
+              proportion to the rows really routed, in the weight gradient too (jsmaug/grouped_matmul.py). The
+              TPU default; off TPU it runs in Pallas interpret mode (tests only).
 - "bucketed": sort by expert into an (E, C, D) buffer whose capacity C is the smallest of a few static sizes
               (1.125x, 1.25x, ... the mean load, up to T) that holds the busiest expert: `lax.switch` picks the
               compiled branch at run time. Dropless, one batched matmul per weight, a hand-written VJP.
@@ -29,6 +32,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jsmaug import grouped_matmul, mesh_context
 
 
 def route(router_logits_TxE: jax.Array, k: int):
@@ -80,14 +85,17 @@ def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
     return out.at[token_A].add(y_AxD * weight_A[:, None])
 
 
-def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
-    """Sorted grouped matmul through `jax.lax.ragged_dot` (dropless)."""
-    dtype = x_TxD.dtype
+def grouped_swiglu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: str = "ragged"):
+    """The expert feed-forward on rows sorted by expert (jsmaug/grouped_matmul.py); rows past the groups give 0."""
+    gmm = functools.partial(grouped_matmul.grouped_matmul, group_sizes_G=group_sizes_E, impl=impl)
+    h_AxF = jax.nn.silu(gmm(xs_AxD, w1_ExDxF)) * gmm(xs_AxD, w3_ExDxF)
+    return gmm(h_AxF, w2_ExFxD)
+
+
+def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, impl: str = "ragged"):
+    """Sorted grouped matmul (dropless): `jax.lax.ragged_dot` or the megablox kernels."""
     order_A, token_A, _, group_sizes_E, _ = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
-    xs_AxD = x_TxD[token_A]
-    h_AxF = jax.nn.silu(jax.lax.ragged_dot(xs_AxD, w1_ExDxF.astype(dtype), group_sizes_E)) * jax.lax.ragged_dot(
-        xs_AxD, w3_ExDxF.astype(dtype), group_sizes_E)
-    y_AxD = jax.lax.ragged_dot(h_AxF, w2_ExFxD.astype(dtype), group_sizes_E)
+    y_AxD = grouped_swiglu(x_TxD[token_A], w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl)
     return _combine(y_AxD, order_A, token_A, w_TxK, x_TxD.shape[0]), jnp.zeros((), jnp.int32)
 
 
@@ -256,14 +264,16 @@ _grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' -> 'ragged' on TPU (a native grouped matmul), 'bucketed' elsewhere.
+    """'auto' -> 'megablox' on TPU, 'bucketed' elsewhere; `backend` defaults to the compile target's platform.
 
     Chosen from measurements: on CPU `ragged_dot` is a masked dense product (bucketed 6.7x faster, tools/bench.py
     on the 2-core CPU machine); on GPU XLA lowers it to a dense fallback too (one H200, jax 0.11.2, MoE layer
-    fwd+bwd: bucketed 461 useful TFLOP/s against ragged 86; the DPOP step 0.353 s against 0.970 s)."""
+    fwd+bwd: bucketed 461 useful TFLOP/s against ragged 86; the DPOP step 0.353 s against 0.970 s). On TPU,
+    `ragged_dot`'s weight gradient compiles to a masked dense product per expert over every row (tools/plan_pod.py
+    --save_hlo on v5p-128; README "GPU and TPU"), so TPU takes the megablox kernels."""
     if impl != "auto":
         return impl
-    return "ragged" if (backend or jax.default_backend()) == "tpu" else "bucketed"
+    return "megablox" if (backend or mesh_context.target_platform()) == "tpu" else "bucketed"
 
 
 def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str = "auto",
@@ -273,8 +283,8 @@ def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str
     args = (x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
     if impl == "dense":
         return dense_ffn(*args)
-    if impl == "ragged":
-        return ragged_ffn(*args)
+    if impl in grouped_matmul.IMPLS:
+        return ragged_ffn(*args, impl=impl)
     if impl == "blocked":
         return blocked_ffn(*args, block_size=block_size)
     if impl == "capacity":

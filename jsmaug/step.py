@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsmaug import expert_parallel, lora, losses, model
+from jsmaug import lora, losses, mesh_context, model
 from jsmaug.config import MixtralConfig
 
 
@@ -204,7 +204,7 @@ def init_state(optimizer, params, state_sh: TrainState, seed: int) -> TrainState
 def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralConfig, loss_cfg, optimizer,
                    micro_batches: int = 1, chunk_size: int = 0):
     """`train_step` jitted with explicit in/out shardings; the state is donated. It is traced inside
-    `expert_parallel.dispatch_mesh` (the mesh of the shardings), so the MoE layers can move tokens."""
+    `mesh_context.mesh_scope` (the mesh of the shardings), so the MoE layers can move tokens."""
     rep = state_sh.step
     fn = jax.jit(functools.partial(train_step, config=config, loss_cfg=loss_cfg, optimizer=optimizer,
                                    micro_batches=micro_batches, chunk_size=chunk_size),
@@ -213,9 +213,9 @@ def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralCon
 
 
 def on_mesh(fn, batch_sh):
-    """`fn` traced inside `expert_parallel.dispatch_mesh`, with the mesh and the token axes of `batch_sh` (the
+    """`fn` traced inside `mesh_context.mesh_scope`, with the mesh and the token axes of `batch_sh` (the
     paired batch's shardings: axis 1 holds the pairs)."""
     sharding = next(iter(jax.tree.leaves(batch_sh)))
     pair_axes = sharding.spec[1] if len(sharding.spec) > 1 else None
     axes = () if pair_axes is None else (pair_axes,) if isinstance(pair_axes, str) else tuple(pair_axes)
-    return expert_parallel.under_mesh(fn, sharding.mesh, axes)
+    return mesh_context.under_mesh(fn, sharding.mesh, axes)

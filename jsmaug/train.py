@@ -27,7 +27,7 @@ import numpy as np
 
 from jsmaug import checkpoint as ckpt
 from jsmaug import data as data_lib
-from jsmaug import attention, expert_parallel, lora, model, moe, sharding as shd, step as step_lib
+from jsmaug import attention, expert_parallel, lora, model, sharding as shd, step as step_lib
 from jsmaug.metrics_log import MetricsWriter, log, plot_metrics
 from jsmaug.config import ConfigError, MixtralConfig
 from jsmaug.run_config import RunConfig, load_run_config
@@ -226,7 +226,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
         f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), "
-        f"moe_impl={mconf.moe_impl} -> {moe.resolve_impl(mconf.moe_impl)}, "
+        f"moe_impl={mconf.moe_impl} -> {expert_parallel.resolve_local_impl(mconf.moe_impl, mconf.moe_dispatch, mesh)}, "
         f"moe_dispatch={mconf.moe_dispatch} -> {dispatch}, "
         f"attention_impl={mconf.attention_impl} -> {attn} ({why}); "
         f"mesh {dict(mesh.shape)}")

@@ -1,4 +1,4 @@
-"""Attention paths: `chunked` equals `xla` (values and gradients) with padding, packing, a sliding window,
+"""Attention paths: `chunked` and `splash` (interpret mode) equal `xla` (values and gradients) with padding, packing, a sliding window,
 GQA/MQA and odd lengths; its compiled temporaries grow about linearly with the length; `auto`'s choices."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import attention
+from jsmaug import attention, splash
 
 RNG = np.random.default_rng(0)
 
@@ -26,11 +26,20 @@ CASES = {  # b, s, heads, kv heads, head_dim, window, block
     "mqa_window": (2, 37, 4, 1, 8, 5, 8),
     "mha_window_odd_head_dim": (2, 45, 3, 3, 6, 16, 16),
     "one_block_longer_than_s": (2, 20, 4, 2, 8, None, 64),
+    "window_over_several_blocks": (2, 300, 4, 2, 8, 130, 64),
 }
 
 
+PATHS = {
+    "chunked": attention.chunked_attention,
+    # The Pallas TPU kernel in interpret mode: the same kernel code that runs on TPU, executed on CPU.
+    "splash": lambda q, k, v, seg, window, block: splash.splash_attention(q, k, v, seg, window, 128, interpret=True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_chunked_equals_xla_in_values_and_gradients(name):
+def test_path_equals_xla_in_values_and_gradients(name, path):
     b, s, h, kv, dh, window, block = CASES[name]
     q = jnp.asarray(RNG.normal(size=(b, s, h, dh)), jnp.float32)
     k = jnp.asarray(RNG.normal(size=(b, s, kv, dh)), jnp.float32)
@@ -43,7 +52,7 @@ def test_chunked_equals_xla_in_values_and_gradients(name):
         return lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v), 0.0) * w)
 
     ref = loss(lambda q, k, v: attention.xla_attention(q, k, v, attention.mask_BxSxT(seg, window)))
-    got = loss(lambda q, k, v: attention.chunked_attention(q, k, v, seg, window, block))
+    got = loss(lambda q, k, v: PATHS[path](q, k, v, seg, window, block))
     lr, gr = jax.jit(jax.value_and_grad(ref, (0, 1, 2)))(q, k, v)
     lg, gg = jax.jit(jax.value_and_grad(got, (0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(lg, lr, rtol=1e-5, atol=1e-5)
@@ -77,6 +86,9 @@ def test_auto_choices_per_backend():
     assert attention.resolve_impl("auto", "bfloat16", 128, "gpu")[0] == "cudnn"
     assert attention.resolve_impl("auto", "float32", 128, "gpu")[0] == "chunked"  # cuDNN needs bf16/fp16
     assert attention.resolve_impl("auto", "bfloat16", 512, "gpu")[0] == "chunked"  # head_dim > 256
-    assert attention.resolve_impl("auto", "bfloat16", 128, "tpu")[0] == "chunked"
+    assert attention.resolve_impl("auto", "bfloat16", 128, "tpu")[0] == "splash"
+    assert attention.resolve_impl("splash", "bfloat16", 128, "gpu")[0] == "chunked"  # a TPU kernel
+    assert attention.resolve_impl("splash", "float32", 128, "cpu")[0] == "splash"  # interpret mode, for tests
     assert attention.resolve_impl("cudnn", "bfloat16", 128, "cpu")[0] == "chunked"  # falls back, says why
     assert attention.resolve_impl("xla", "float32", 128, "cpu") == ("xla", "set in the config")
+

@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, expert_parallel as ep, moe, sharding as shd
+from jsmaug import config as cfg_lib, expert_parallel as ep, mesh_context, moe, sharding as shd
 
 T, D, F, E, K = 64, 16, 24, 8, 2
 _k = jax.random.split(jax.random.key(0), 5)
@@ -28,8 +28,11 @@ def _loss(fn, logits):
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-@pytest.mark.parametrize("impl", ["bucketed", "ragged"])
+CASES = [(m, i) for m in sorted(MESHES) for i in ("bucketed", "ragged")] + [
+    ("data2_expert4", "megablox"), ("expert4_tensor2", "megablox")]  # the Pallas TPU kernels, interpret mode
+
+
+@pytest.mark.parametrize("mesh_name, impl", CASES)
 @pytest.mark.parametrize("router", ["balanced", "all_to_expert_3"])
 def test_all_to_all_equals_one_device(mesh_name, impl, router):
     logits = LOGITS if router == "balanced" else LOGITS.at[:, 3].add(100.0)
@@ -37,7 +40,7 @@ def test_all_to_all_equals_one_device(mesh_name, impl, router):
     mesh_cfg = MESHES[mesh_name]
     mesh = shd.make_mesh(mesh_cfg, cfg_lib.tiny(num_local_experts=E))
     fn = jax.jit(_loss(lambda *a: ep.expert_ffn(*a, dispatch="all_to_all", impl=impl), logits))
-    (l1, dropped), g1 = ep.under_mesh(fn, mesh, mesh_cfg.rule_table()["batch"])(X, *W)
+    (l1, dropped), g1 = mesh_context.under_mesh(fn, mesh, mesh_cfg.rule_table()["batch"])(X, *W)
     assert int(dropped) == 0
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g0):
@@ -48,9 +51,20 @@ def test_dispatch_resolution():
     assert ep.resolve_dispatch("auto") == "gspmd"  # no mesh: nothing to move
     mesh = shd.make_mesh(MESHES["expert8"], cfg_lib.tiny(num_local_experts=E))
     assert ep.resolve_dispatch("auto", mesh) == "all_to_all"  # a mesh given directly, as the trainer's log does
-    with ep.dispatch_mesh(mesh, ("data", "fsdp", "expert")):
+    with mesh_context.mesh_scope(mesh, ("data", "fsdp", "expert")):
         assert ep.resolve_dispatch("auto") == "all_to_all"
         assert ep.resolve_dispatch("gspmd") == "gspmd"
     mesh = shd.make_mesh(shd.MeshConfig(data=8), cfg_lib.tiny(num_local_experts=E))
-    with ep.dispatch_mesh(mesh, ("data",)):
+    with mesh_context.mesh_scope(mesh, ("data",)):
         assert ep.resolve_dispatch("auto") == "gspmd"
+
+
+def test_megablox_is_never_left_to_gspmd_partitioning():
+    # A Pallas kernel cannot be split by XLA's partitioner ("Mosaic kernels cannot be automatically partitioned"):
+    # under the gspmd dispatch on a multi-device mesh the experts take ragged_dot instead.
+    mesh = shd.make_mesh(MESHES["expert8"], cfg_lib.tiny(num_local_experts=E))
+    assert ep.resolve_local_impl("megablox", "gspmd", mesh) == "ragged"
+    assert ep.resolve_local_impl("megablox", "all_to_all", mesh) == "megablox"
+    assert ep.resolve_local_impl("megablox", "auto", mesh) == "megablox"  # auto -> all_to_all on expert 8
+    assert ep.resolve_local_impl("megablox", "gspmd") == "megablox"  # one device, no mesh
+    assert ep.resolve_local_impl("auto", "gspmd", mesh) == "bucketed"  # CPU devices

@@ -27,7 +27,7 @@ def _layer(impl, **kw):
     return f
 
 
-@pytest.mark.parametrize("impl,kw", [("ragged", {}), ("blocked", {"block_size": 8}), ("blocked", {"block_size": 128}),
+@pytest.mark.parametrize("impl,kw", [("ragged", {}), ("megablox", {}), ("blocked", {"block_size": 8}), ("blocked", {"block_size": 128}),
                                      ("capacity", {"capacity_factor": 100.0}), ("bucketed", {})])
 @pytest.mark.parametrize("k", [1, 2])
 def test_paths_match_dense(impl, kw, k):
@@ -96,8 +96,8 @@ def test_bucketed_is_dropless_at_every_capacity(skew):
 
 def test_auto_never_picks_a_path_xla_computes_densely():
     # ragged_dot is a dense fallback on CPU and on GPU (measured on an H200: 86 against bucketed's 461 useful
-    # TFLOP/s); TPU lowers it to a native grouped matmul.
+    # TFLOP/s); on TPU its weight gradient is a masked dense product per expert (plan_pod's HLO), so megablox.
     assert moe.resolve_impl("auto", "cpu") == "bucketed"
     assert moe.resolve_impl("auto", "gpu") == "bucketed"
-    assert moe.resolve_impl("auto", "tpu") == "ragged"
+    assert moe.resolve_impl("auto", "tpu") == "megablox"
     assert moe.resolve_impl("capacity", "gpu") == "capacity"

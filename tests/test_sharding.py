@@ -38,7 +38,9 @@ BATCHES = [_batch(1), _batch(2)]
 
 
 def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None, dispatch="gspmd"):
-    conf = CONF.replace(moe_dispatch=dispatch.split("+")[0], remat="full" if dispatch.endswith("+remat") else "none")
+    conf = CONF.replace(moe_dispatch=dispatch.split("+")[0], remat="full" if "+remat" in dispatch else "none",
+                        attention_impl="splash" if "+splash" in dispatch else "auto",
+                        moe_impl="megablox" if "+megablox" in dispatch else "auto")
     mesh = shd.make_mesh(mesh_cfg, CONF, devices)
     param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
     params = jax.jit(lambda k: model.init_params(CONF, k), out_shardings=param_sh)(jax.random.key(0))
@@ -67,9 +69,12 @@ def single():
 MESHES = {"data8": shd.MeshConfig(data=8), "data2_expert4": shd.MeshConfig(data=2, expert=4),
           "fsdp2_expert2_tensor2": shd.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
           "fsdp2_expert4": shd.MeshConfig(data=1, fsdp=2, expert=4)}
-# (mesh, MoE token dispatch): GSPMD moves expert weights, all_to_all moves tokens (jsmaug/expert_parallel.py).
+# (mesh, MoE token dispatch[+remat][+splash attention][+megablox experts]): GSPMD moves expert weights, all_to_all moves tokens (jsmaug/expert_parallel.py).
 CASES = [("data8", "gspmd"), ("data2_expert4", "gspmd"), ("data2_expert4", "all_to_all"),
-         ("fsdp2_expert2_tensor2", "gspmd"), ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert4", "all_to_all+remat")]
+         ("fsdp2_expert2_tensor2", "gspmd"), ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert4", "all_to_all+remat"),
+         # TPU's defaults: the Pallas splash and megablox kernels (interpret mode on CPU); splash under shard_map
+         # with rows over data/fsdp/expert and heads over tensor
+         ("fsdp2_expert2_tensor2", "all_to_all+splash+megablox")]
 
 
 @pytest.mark.parametrize("name, dispatch", CASES)

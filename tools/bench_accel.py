@@ -7,7 +7,8 @@ Figures (one JSON line each, then a table; see `bench.record`):
   peak/*     measured bf16 matmul rate (8192^3) against the nominal bf16 peak of the card
   moe/*      MoE layer fwd+bwd in bf16 (16384 tokens, 2048 -> 5632, top-2 of 8): every dispatch path against one
              dense matmul of the same useful FLOPs, useful TFLOP/s
-  attn/*     attention fwd+bwd at 4096 tokens (bf16): chunked and cudnn against xla; time and compiled memory
+  attn/*     attention fwd+bwd at 4096 tokens (bf16): chunked, and cudnn (GPU) or splash (TPU), against xla; time
+             and compiled memory
   step/*     the 2.45B preset's DPOP step (8 pairs x 1024, bf16 compute, f32 master weights, online bf16 reference)
              with the `auto` choices: tokens/s against HF transformers + PyTorch on the same device (sdpa, bf16
              autocast, fused AdamW), MFU against the measured and the nominal peak, peak device memory of each
@@ -113,7 +114,7 @@ def bench_attention(quick: bool) -> None:
     kk = jax.random.normal(ks[1], (b, s, kv, dh), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, s, kv, dh), jnp.bfloat16)
     seg = jnp.ones((b, s), jnp.int32)
-    paths = ["xla", "chunked"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    paths = ["xla", "chunked"] + {"gpu": ["cudnn"], "tpu": ["splash"]}.get(jax.default_backend(), [])
 
     def grad_fn(impl):
         def loss(q, k, v):

@@ -1,6 +1,7 @@
 """Plan a TPU pod run without a pod: ahead-of-time compile the real DPOP train step for a TPU topology on a
-CPU-only host (libtpu from PyPI: `pip install -e ".[tpu]"`), and print per-chip memory against HBM and the
-compiled FLOPs against the analytic count.
+CPU-only host (libtpu from PyPI: `pip install -e ".[tpu]"`), and print per-chip memory against HBM, the
+compiled matmul FLOPs (counted from the HLO by tools/hlo_stats.py) against the analytic count, and the collective
+bytes per step.
 
     python tools/plan_pod.py --topology v5p-128 [--config configs/smaug_mixtral_8x7b.yaml] [--dispatch both]
                              [key=value ...]
@@ -27,7 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from jsmaug import attention, expert_parallel, lora, model, moe, sharding as shd, step  # noqa: E402
+import hlo_stats  # noqa: E402  (tools/, beside this file)
+from jsmaug import attention, expert_parallel, lora, model, sharding as shd, step  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
@@ -42,19 +44,20 @@ TOPOLOGIES = {
 }
 
 
-def analytic_flops_per_step(c, tokens: int, seq: int, with_reference: bool) -> float:
+def analytic_flops_per_step(c, tokens: int, seq: int, with_reference: bool, remat_layers: bool = False) -> float:
     """MaxText's training-FLOPs count (calculate_tflops_training_per_device), for the whole step.
 
     Per token: router 2*D*E, experts 3 matmuls * 2*D*F * k, qkv 2*D*(Hq+2Hkv)*Dh, out 2*D*Hq*Dh, attention
     4*S*Hq*Dh halved for causal, embedding/unembedding 2*D*V; training = 3x forward. The frozen reference adds
-    one forward (1x) over the same tokens.
+    one forward (1x) over the same tokens. `remat_layers` (remat: full) adds the layers' forward once more, the
+    work the backward pass recomputes: MaxText's count leaves it out, the compiled program does not.
     """
     d, f, e, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     hq, hkv, dh, v, L = c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim, c.vocab_size, \
         c.num_hidden_layers
     per_layer = 2 * d * e + 3 * 2 * d * f * k + 2 * d * (hq + 2 * hkv) * dh + 2 * d * hq * dh + 4 * seq * hq * dh / 2
     fwd = tokens * (L * per_layer + 2 * d * v)
-    return fwd * (3 + (1 if with_reference else 0))
+    return fwd * (3 + (1 if with_reference else 0)) + (tokens * L * per_layer if remat_layers else 0)
 
 
 def main(argv=None) -> int:
@@ -64,45 +67,27 @@ def main(argv=None) -> int:
     ap.add_argument("--dispatch", default="config", choices=["config", "both", "gspmd", "all_to_all"],
                     help="MoE token dispatch to compile: the config's (`auto` resolves as the run would), one of "
                          "them, or both side by side")
+    ap.add_argument("--save_hlo", metavar="DIR", help="write each compiled program's optimized HLO text there "
+                    "(TOPOLOGY-DISPATCH.hlo.txt; `python tools/hlo_stats.py FILE` counts it again)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg, _ = load_run_config(args.config, args.overrides)
     dispatches = {"config": [cfg.model.moe_dispatch], "both": ["gspmd", "all_to_all"]}.get(args.dispatch,
                                                                                         [args.dispatch])
-    results = [plan(cfg, args.topology, d) for d in dispatches]
+    results = [plan(cfg, args.topology, d, args.save_hlo) for d in dispatches]
     if len(results) > 1:
-        print("\n| dispatch | per-device memory (GiB) | temporaries (GiB) | compiled TFLOP | collectives in the HLO "
-              "(GiB, each op once) | fits |\n|---|---|---|---|---|---|")
+        print("\n| dispatch | per-device memory (GiB) | temporaries (GiB) | matmul TFLOP (/ analytic) | "
+              "collectives per step (GiB) | fits |\n|---|---|---|---|---|---|")
         for r in results:
             coll = ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in sorted(r["collectives"].items())) or "-"
-            print(f"| {r['dispatch']} | {r['total_gib']:.2f} | {r['temp_gib']:.2f} | {r['tflop']:.1f} | {coll} | "
+            total = "-" if math.isnan(r["total_gib"]) else f"{r['total_gib']:.2f}"
+            flops = "-" if math.isnan(r["tflop"]) else f"{r['tflop']:.1f} ({r['ratio']:.2f})"
+            print(f"| {r['dispatch']} | {total} | {r['temp_gib']:.2f} | {flops} | {coll} | "
                   f"{'yes' if r['fits'] else 'no'} |")
     return 0 if all(r["fits"] for r in results) else 1
 
 
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-to-all|reduce-scatter|all-reduce|collective-permute)"
-                         r"(?:-start)?\(")
-_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Result bytes of each kind of collective in the compiled HLO, each op counted once (an op inside the
-    layer loop moves that many bytes per layer)."""
-    out: dict[str, int] = {}
-    for m in _COLLECTIVE.finditer(hlo_text):
-        nbytes = 0
-        for dtype, dims in _SHAPE.findall(m.group(1)):
-            n = 1
-            for d_ in filter(None, dims.split(",")):
-                n *= int(d_)
-            nbytes += n * _BYTES[dtype]
-        out[m.group(2)] = out.get(m.group(2), 0) + nbytes
-    return out
-
-
-def plan(cfg, topology: str, dispatch: str) -> dict:
+def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict:
     """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
     topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology]
     from jax.experimental import topologies
@@ -112,12 +97,13 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     devices = topo.devices
     assert len(devices) == n_dev, (len(devices), n_dev)
     # The same `auto` choices the run would make on TPU (jsmaug.moe / jsmaug.attention resolve_impl).
-    moe_path = "ragged" if cfg.model.moe_impl == "blocked" else moe.resolve_impl(cfg.model.moe_impl, "tpu")
     attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
                                                  cfg.model.resolved_head_dim, "tpu")
+    mesh = shd.make_mesh(cfg.mesh, cfg.model, devices)
+    moe_path = expert_parallel.resolve_local_impl("ragged" if cfg.model.moe_impl == "blocked" else
+                                                  cfg.model.moe_impl, dispatch, mesh)
     mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch,
                               lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
-    mesh = shd.make_mesh(cfg.mesh, mconf, devices)
     resolved = expert_parallel.resolve_dispatch(dispatch, mesh)
     print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
@@ -165,6 +151,7 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
         _largest(params, hbm_gib)
         need = re.search(r"required for HLO temporaries \(([0-9.]+)G\)", str(err))
         return {"dispatch": resolved, "total_gib": float("nan"), "fits": False, "tflop": float("nan"),
+                "ratio": float("nan"),
                 "temp_gib": float(need.group(1)) if need else float("nan"), "collectives": {}}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -173,18 +160,38 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
     args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
     out_b, alias_b = mem.output_size_in_bytes, getattr(mem, "alias_size_in_bytes", 0)
     total = args_b + temp_b + out_b - alias_b
-    flops_compiled = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops_xla = float(cost.get("flops", 0.0)) if cost else 0.0
     tokens = 2 * b * s
     flops_analytic = analytic_flops_per_step(mconf, tokens, s, with_reference=not precomputed) / n_dev
+    hlo_text = compiled.as_text()
+    if save_hlo:
+        Path(save_hlo).mkdir(parents=True, exist_ok=True)
+        (Path(save_hlo) / f"{topology}-{resolved}.hlo.txt").write_text(hlo_text)
+    counts = hlo_stats.count(hlo_text)
+    # all_to_all's ragged-dots run on a buffer of ep x the rows a shard receives when routing is balanced (its
+    # worst case); the kernel computes only the rows its group sizes cover, so the useful count divides by ep.
+    buffer = mesh.shape["expert"] if resolved == "all_to_all" else 1
+    flops_hlo = counts["dot"] + counts["ragged_dot"] / buffer
+    remat = mconf.remat == "full"
+    flops_remat = analytic_flops_per_step(mconf, tokens, s, not precomputed, remat_layers=True) / n_dev
+    expected = flops_remat if remat else flops_analytic
     print(f"compiled in {time.time() - t0:.0f}s")
     print(f"per device: arguments {args_b / gib:.2f} GiB, temporaries {temp_b / gib:.2f} GiB, outputs "
           f"{out_b / gib:.2f} GiB (aliased {alias_b / gib:.2f}), total {total / gib:.2f} GiB of {hbm_gib} GiB HBM")
-    print(f"FLOPs per device per step: compiled {flops_compiled / 1e12:.1f} TFLOP, analytic (MaxText formula) "
-          f"{flops_analytic / 1e12:.1f} TFLOP, ratio {flops_compiled / max(flops_analytic, 1):.2f}")
+    print(f"FLOPs per device per step: analytic (MaxText formula) {flops_analytic / 1e12:.1f} TFLOP"
+          + (f", {flops_remat / 1e12:.1f} with remat's recomputed forward" if remat else "")
+          + f"; compiled matmuls (tools/hlo_stats.py, loops x trip counts) {flops_hlo / 1e12:.1f} TFLOP = "
+          f"{flops_hlo / max(expected, 1):.2f} x the analytic{' with remat' if remat else ''} (dots "
+          f"{counts['dot'] / 1e12:.1f} + grouped {counts['ragged_dot'] / 1e12:.1f}"
+          + (f" / {buffer}: all_to_all's buffer holds {buffer}x the rows routed when balanced; megablox computes "
+             "only the routed ones" if buffer > 1 else "")
+          + f"); XLA's cost analysis says {flops_xla / 1e12:.1f} (it counts a loop body once)")
+    if counts["unknown_trip_count_loops"]:
+        print(f"  ({counts['unknown_trip_count_loops']} loops without a known trip count were counted once)")
     print(f"at 50% MFU a step would take {flops_analytic / (0.5 * peak_tflops * 1e12):.2f}s "
           f"({tokens / (flops_analytic / (0.5 * peak_tflops * 1e12)) / n_dev:,.0f} tokens/s/device)")
-    collectives = collective_bytes(compiled.as_text())
-    print("collectives in the compiled HLO (result bytes, each op once): "
+    collectives = counts["collectives"]
+    print("collectives per step (result bytes x executions): "
           + (", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(collectives.items())) or "none"))
     fits = total <= hbm_gib * gib
     if not fits:
@@ -192,7 +199,8 @@ def plan(cfg, topology: str, dispatch: str) -> dict:
         _largest(params, hbm_gib)
     else:
         print("FITS")
-    return {"dispatch": resolved, "total_gib": total / gib, "temp_gib": temp_b / gib, "tflop": flops_compiled / 1e12,
+    return {"dispatch": resolved, "total_gib": total / gib, "temp_gib": temp_b / gib, "tflop": flops_hlo / 1e12,
+            "ratio": flops_hlo / max(expected, 1),
             "collectives": collectives, "fits": fits}
 
 
