@@ -212,8 +212,10 @@ def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, slidi
 # ------------------------------------------------------------------------------------------------ cudnn
 
 def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
-                    block_size: int = 512):
-    """cuDNN's fused attention where each row is one segment then padding; `chunked` for packed rows."""
+                    block_size: int = 512, fused_impl: str = "cudnn"):
+    """cuDNN's fused attention where each row is one segment then padding; `chunked` for packed rows.
+    `fused_impl="xla"` runs the same call through `jax.nn.dot_product_attention`'s XLA path (tests on CPU: the
+    segment-ids-to-lengths conversion, the window and the packed-row branch are this function's, not cuDNN's)."""
     seg = jnp.asarray(segment_ids_BxS, jnp.int32)
     lengths_B = jnp.sum((seg > 0).astype(jnp.int32), axis=1)
     # One segment per row, starting at 0, then padding: the only layout cuDNN's lengths can express.
@@ -224,7 +226,7 @@ def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding
         window = None if sliding_window is None else (sliding_window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths_B,
                                             key_value_seq_lengths=lengths_B, local_window_size=window,
-                                            implementation="cudnn")
+                                            implementation=fused_impl)
 
     def fallback(q, k, v):
         return chunked_attention(q, k, v, seg, sliding_window, block_size)

@@ -34,6 +34,10 @@ PATHS = {
     "chunked": attention.chunked_attention,
     # The Pallas TPU kernel in interpret mode: the same kernel code that runs on TPU, executed on CPU.
     "splash": lambda q, k, v, seg, window, block: splash.splash_attention(q, k, v, seg, window, 128, interpret=True),
+    # The cudnn path's own logic (segment ids -> lengths, the window, packed rows -> chunked via lax.cond) with
+    # jax.nn.dot_product_attention's XLA implementation in place of the cuDNN kernel, which needs a GPU.
+    "cudnn_logic": lambda q, k, v, seg, window, block: attention.cudnn_attention(q, k, v, seg, window, block,
+                                                                               fused_impl="xla"),
 }
 
 
@@ -92,3 +96,25 @@ def test_auto_choices_per_backend():
     assert attention.resolve_impl("cudnn", "bfloat16", 128, "cpu")[0] == "chunked"  # falls back, says why
     assert attention.resolve_impl("xla", "float32", 128, "cpu") == ("xla", "set in the config")
 
+
+
+def test_cudnn_logic_takes_the_fused_call_for_padded_rows_and_chunked_for_packed_ones(monkeypatch):
+    # Rows that are one segment then padding go to the fused call; a packed row sends the batch to `chunked`.
+    # The fused call is replaced by one that returns zeros, so the output says which branch ran.
+    b, s, h, kv, dh = 2, 24, 4, 2, 8
+    q = jnp.asarray(RNG.normal(size=(b, s, h, dh)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(b, s, kv, dh)), jnp.float32)
+    v = jnp.asarray(RNG.normal(size=(b, s, kv, dh)), jnp.float32)
+    padded = jnp.asarray(np.r_[[np.ones(s)], [np.r_[np.ones(s - 5), np.zeros(5)]]], jnp.int32)
+    real = (padded > 0)[:, :, None, None]
+    for window in (None, 7):  # the fused call's lengths, causal flag and local window mean what xla's mask means
+        got = attention.cudnn_attention(q, k, v, padded, window, 8, fused_impl="xla")
+        want = attention.xla_attention(q, k, v, attention.mask_BxSxT(padded, window))
+        np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, **kw: jnp.zeros_like(q))
+    assert float(jnp.abs(attention.cudnn_attention(q, k, v, padded, 7, 8, fused_impl="xla")).max()) == 0.0
+    packed = _segments(b, s)
+    got = attention.cudnn_attention(q, k, v, packed, 7, 8, fused_impl="xla")
+    real = (packed > 0)[:, :, None, None]
+    want = attention.xla_attention(q, k, v, attention.mask_BxSxT(packed, 7))
+    np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), rtol=1e-5, atol=1e-5)
