@@ -223,7 +223,7 @@ def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     prepare_workdir(workdir)
     attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim)
-    dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh)
+    dispatch = expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh, mconf.moe_impl)
     log(f"model: {mconf.num_params() / 1e6:.2f}M parameters, {mconf.num_hidden_layers} layers, "
         f"{mconf.num_local_experts} experts (top-{mconf.num_experts_per_tok}), "
         f"moe_impl={mconf.moe_impl} -> {expert_parallel.resolve_local_impl(mconf.moe_impl, mconf.moe_dispatch, mesh)}, "

@@ -100,11 +100,11 @@ def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict
     attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
                                                  cfg.model.resolved_head_dim, "tpu")
     mesh = shd.make_mesh(cfg.mesh, cfg.model, devices)
-    moe_path = expert_parallel.resolve_local_impl("ragged" if cfg.model.moe_impl == "blocked" else
-                                                  cfg.model.moe_impl, dispatch, mesh)
+    moe_conf = "ragged" if cfg.model.moe_impl == "blocked" else cfg.model.moe_impl
+    moe_path = expert_parallel.resolve_local_impl(moe_conf, dispatch, mesh)
     mconf = cfg.model.replace(moe_impl=moe_path, attention_impl=attn_path, moe_dispatch=dispatch,
                               lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
-    resolved = expert_parallel.resolve_dispatch(dispatch, mesh)
+    resolved = expert_parallel.resolve_dispatch(dispatch, mesh, moe_conf)
     print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
     print(f"MoE: {moe_path}, token dispatch {dispatch} -> {resolved}; attention: {attn_path} ({attn_why})")
