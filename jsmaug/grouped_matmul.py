@@ -60,12 +60,14 @@ def _megablox(lhs_MxK, rhs_GxKxN, group_sizes_G, interpret: bool):
     return out[:m]
 
 
-def grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl: str = "ragged", interpret: bool | None = None):
-    """See the module docstring. `interpret` (megablox): default True off TPU."""
+def grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl: str = "ragged", interpret: bool | None = None,
+                   all_rows_grouped: bool = False):
+    """See the module docstring. `interpret` (megablox): default True off TPU. `all_rows_grouped`: the caller
+    knows sum(group_sizes) == M (the one-device MoE path), so the masks of rows past the groups are skipped."""
     group_sizes_G = group_sizes_G.astype(jnp.int32)
-    rows = jnp.arange(lhs_MxK.shape[0]) < jnp.sum(group_sizes_G)
-    lhs = jnp.where(rows[:, None], lhs_MxK, 0)
     rhs = rhs_GxKxN.astype(lhs_MxK.dtype)
+    rows = None if all_rows_grouped else (jnp.arange(lhs_MxK.shape[0]) < jnp.sum(group_sizes_G))[:, None]
+    lhs = lhs_MxK if rows is None else jnp.where(rows, lhs_MxK, 0)
     if impl == "ragged":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes_G)
     elif impl == "megablox":
@@ -74,4 +76,4 @@ def grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl: str = "ragged", inte
         out = _megablox(lhs, rhs, group_sizes_G, interpret)
     else:
         raise ValueError(f"grouped_matmul: unknown impl {impl!r}; one of {IMPLS}")
-    return jnp.where(rows[:, None], out, 0)
+    return out if rows is None else jnp.where(rows, out, 0)

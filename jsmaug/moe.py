@@ -85,9 +85,11 @@ def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
     return out.at[token_A].add(y_AxD * weight_A[:, None])
 
 
-def grouped_swiglu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: str = "ragged"):
+def grouped_swiglu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: str = "ragged",
+                   all_rows_grouped: bool = False):
     """The expert feed-forward on rows sorted by expert (jsmaug/grouped_matmul.py); rows past the groups give 0."""
-    gmm = functools.partial(grouped_matmul.grouped_matmul, group_sizes_G=group_sizes_E, impl=impl)
+    gmm = functools.partial(grouped_matmul.grouped_matmul, group_sizes_G=group_sizes_E, impl=impl,
+                            all_rows_grouped=all_rows_grouped)
     h_AxF = jax.nn.silu(gmm(xs_AxD, w1_ExDxF)) * gmm(xs_AxD, w3_ExDxF)
     return gmm(h_AxF, w2_ExFxD)
 
@@ -95,7 +97,7 @@ def grouped_swiglu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: st
 def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, impl: str = "ragged"):
     """Sorted grouped matmul (dropless): `jax.lax.ragged_dot` or the megablox kernels."""
     order_A, token_A, _, group_sizes_E, _ = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
-    y_AxD = grouped_swiglu(x_TxD[token_A], w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl)
+    y_AxD = grouped_swiglu(x_TxD[token_A], w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl, all_rows_grouped=True)
     return _combine(y_AxD, order_A, token_A, w_TxK, x_TxD.shape[0]), jnp.zeros((), jnp.int32)
 
 

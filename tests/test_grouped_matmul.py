@@ -48,6 +48,16 @@ def test_values_and_gradients(impl, sizes):
     np.testing.assert_allclose(d_rhs, want_rhs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", gm.IMPLS)
+def test_all_rows_grouped_skips_the_masks_and_gives_the_same_result(impl):
+    rng = np.random.default_rng(3)
+    lhs = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    gs = jnp.asarray([7, 0, 13], jnp.int32)
+    np.testing.assert_allclose(gm.grouped_matmul(lhs, rhs, gs, impl, all_rows_grouped=True),
+                               _reference(np.asarray(lhs), np.asarray(rhs), (7, 0, 13)), rtol=1e-5, atol=1e-5)
+
+
 def test_tiles_fit_the_dims():
     assert gm.megablox_tiling(4096, 4096, 14336) == (512, 1024, 1024)
     assert gm.megablox_tiling(64, 16, 24) == (64, 16, 24)
