@@ -96,13 +96,15 @@ def bench_moe(quick: bool) -> None:
         return jnp.sum(moe._swiglu(jnp.tile(x, (k, 1)), w1[0], w3[0], w2[0], x.dtype).astype(jnp.float32) ** 2)
 
     fns = {"dense_matmul": jax.jit(jax.grad(dense_equiv, argnums=(0, 1, 2, 3)))}
-    fns.update({impl: layer(impl) for impl in ("bucketed", "capacity", "ragged", "dense", "blocked")})
+    impls = ("bucketed", "capacity", "ragged", "dense", "blocked") + (("megablox",) if jax.default_backend() == "tpu"
+                                                                      else ())
+    fns.update({impl: layer(impl) for impl in impls})
     calls = {n: (lambda fn=fn: jax.block_until_ready(fn(x, *ws))) for n, fn in fns.items()}
     for c in calls.values():
         c()
     rates = {n: useful / s / 1e12 for n, s in bench.time_alternating(calls, 5).items()}
     cfg = f"T={t} D={d} F={f} E={e} top-{k} bf16 fwd+bwd; auto -> {moe.resolve_impl('auto')}"
-    for impl in ("bucketed", "capacity", "ragged", "dense", "blocked"):
+    for impl in impls:
         bench.record(f"moe/{impl}_vs_dense_matmul", rates[impl], rates["dense_matmul"], "useful TFLOP/s", cfg,
                      f"moe_impl={impl}", "one dense matmul, same useful FLOPs")
 
