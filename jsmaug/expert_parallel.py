@@ -38,9 +38,9 @@ def resolve_dispatch(dispatch: str, mesh=None, impl: str = "auto") -> str:
     the megablox kernels (`impl` resolved for the mesh's platform: TPU), which need shard_map; else gspmd.
     `mesh` defaults to the one `mesh_context.mesh_scope` set.
 
-    Chosen from tools/plan_pod.py (v5p-128, 8x7B, 64 x 1024): fsdp 8 x expert 8, gspmd 53.52 GiB per chip and
+    Chosen from tools/plan_pod.py (v5p-128, 8x7B, 64 x 1024): fsdp 8 x expert 8, gspmd 51.35 GiB per chip and
     19x the analytic matmul FLOPs, all_to_all 24.03 GiB and 0.99x; fsdp 64 (no expert axis), gspmd with ragged
-    48.43 GiB and 2.53x, all_to_all (no exchange: one expert shard) with megablox 22.90 GiB and 0.99x."""
+    48.21 GiB and 2.53x, all_to_all (no exchange: one expert shard) with megablox 22.90 GiB and 0.99x."""
     if mesh is None and mesh_context.active_mesh() is not None:
         mesh = mesh_context.active_mesh()[0]
     if dispatch != "auto":
