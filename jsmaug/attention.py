@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jsmaug import splash
+from jsmaug import mesh_context, splash
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
@@ -239,7 +239,7 @@ def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding
 def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = None) -> tuple[str, str]:
     """(path, why). `auto`: splash on TPU, cuDNN on GPU where its limits allow, else `chunked`; `xla` is never chosen
     automatically, since its S^2 scores do not fit long sequences (4k-token pairs ran out of memory on an H200)."""
-    backend = backend or jax.default_backend()
+    backend = backend or mesh_context.target_platform()  # plan_pod compiles for TPU from a CPU host
     if impl != "auto":
         if impl == "cudnn" and backend != "gpu":
             return "chunked", f"cudnn needs a GPU (backend is {backend}); using chunked"

@@ -59,7 +59,8 @@ def resolve_local_impl(impl: str, dispatch: str, mesh=None) -> str:
     if mesh is None and mesh_context.active_mesh() is not None:
         mesh = mesh_context.active_mesh()[0]
     local = moe.resolve_impl(impl, None if mesh is None else mesh.devices.flat[0].platform)
-    if local == "megablox" and mesh is not None and mesh.size > 1 and resolve_dispatch(dispatch, mesh, impl) == "gspmd":
+    multi_device = mesh is not None and mesh.size > 1
+    if local == "megablox" and multi_device and resolve_dispatch(dispatch, mesh, impl) == "gspmd":
         return "ragged"
     return local
 
@@ -122,11 +123,12 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
 def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
     """The received rows through this shard's experts; rows with expert id `num_local` are empty slots.
 
-    `ragged` and `megablox` sort the empty slots last and leave them out of the groups (megablox: no work); `bucketed` gives them
-    no buffer rows and sizes its capacities for the real load, so its work follows the busiest local expert's
-    real rows, not the buffer. `dense`, `blocked` and `capacity` need an expert per row: empty slots are spread
-    over the local experts with combine weight 0, so they add work (the price of a fixed-size buffer) but never
-    change a result; the count of dropped assignments (`capacity` only) then includes empty slots."""
+    `ragged` and `megablox` sort the empty slots last and leave them out of the groups (megablox: no work);
+    `bucketed` gives them no buffer rows and sizes its capacities for the real load, so its work follows the
+    busiest local expert's real rows, not the buffer. `dense`, `blocked` and `capacity` need an expert per row:
+    empty slots are spread over the local experts with combine weight 0, so they add work (the price of a
+    fixed-size buffer) but never change a result; the count of dropped assignments (`capacity` only) then
+    includes empty slots."""
     num_local = w1.shape[0]
     valid_R = expert_R < num_local
     impl = moe.resolve_impl(local_kw.get("impl", "auto"))

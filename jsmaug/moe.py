@@ -6,9 +6,9 @@ and differ only in how tokens reach their experts:
 
 - "dense":    every expert on every token, masked by the combine weights. E/k times the useful FLOPs;
               the reference the others are tested against.
-- "ragged":   sort the (token, expert) assignments by expert and run `jax.lax.ragged_dot`. Dropless. On GPU and
-              TPU XLA lowers it to a grouped matmul; on CPU it becomes a masked dense product (E x the FLOPs),
-              so "auto" does not pick it there.
+- "ragged":   sort the (token, expert) assignments by expert and run `jax.lax.ragged_dot`. Dropless. XLA lowers
+              it to a masked dense product on CPU and GPU (E x the FLOPs), and on TPU to a grouped-matmul kernel
+              except for the weight gradient (dense per expert), so "auto" picks it nowhere.
 - "megablox": "ragged" with the Pallas TPU grouped-matmul kernels (gmm/tgmm) instead of `ragged_dot`: work in
               proportion to the rows really routed, in the weight gradient too (jsmaug/grouped_matmul.py). The
               TPU default; off TPU it runs in Pallas interpret mode (tests only).

@@ -7,8 +7,8 @@ independently of XLA's cost analysis (which counts a while loop's body once: the
 
 Every `dot`, `convolution` (TPU rewrites many dots as convolutions) and `ragged-dot` is counted once per
 execution: a while loop's body counts its trip count times (XLA's `known_trip_count`, else the constant N of its
-condition `i < N`; a loop with neither, such as a fori_loop with run-time bounds, counts once and is reported), fusions, calls and async wrappers count as often as their caller,
-each branch of a conditional counts once (an upper bound). FLOPs are 2 x multiply-adds:
+condition `i < N`; a loop with neither, such as a fori_loop with run-time bounds, counts once and is reported),
+fusions, calls and async wrappers count as often as their caller, each branch of a conditional counts once (an upper bound). FLOPs are 2 x multiply-adds:
 - dot:         2 x output elements x contracted size;
 - convolution: 2 x output batch x output features x input features x the window taps that land on real input
                (TPU writes batched matmuls as convolutions whose window slides over a padded dim);
