@@ -41,24 +41,22 @@ def resolve_dispatch(dispatch: str, mesh=None, impl: str = "auto") -> str:
     Chosen from tools/plan_pod.py (v5p-128, 8x7B, 64 x 1024): fsdp 8 x expert 8, gspmd 51.35 GiB per chip and
     19x the analytic matmul FLOPs, all_to_all 24.03 GiB and 0.99x; fsdp 64 (no expert axis), gspmd with ragged
     48.21 GiB and 2.53x, all_to_all (no exchange: one expert shard) with megablox 22.90 GiB and 0.99x."""
-    if mesh is None and mesh_context.active_mesh() is not None:
-        mesh = mesh_context.active_mesh()[0]
+    mesh = mesh_context.mesh_or_active(mesh)
     if dispatch != "auto":
         return dispatch
     if mesh is None or mesh.size == 1:
         return "gspmd"  # nothing to move
     if mesh.shape.get("expert", 1) > 1:
         return "all_to_all"
-    return "all_to_all" if moe.resolve_impl(impl, mesh.devices.flat[0].platform) == "megablox" else "gspmd"
+    return "all_to_all" if moe.resolve_impl(impl, mesh_context.target_platform(mesh)) == "megablox" else "gspmd"
 
 
 def resolve_local_impl(impl: str, dispatch: str, mesh=None) -> str:
     """The experts' path (`moe.resolve_impl`), except that a Pallas kernel cannot sit in a GSPMD-partitioned
     program: `megablox` under the `gspmd` dispatch on a mesh of more than one device becomes `ragged`, which XLA
     partitions (inside all_to_all's shard_map, or on one device, megablox stays)."""
-    if mesh is None and mesh_context.active_mesh() is not None:
-        mesh = mesh_context.active_mesh()[0]
-    local = moe.resolve_impl(impl, None if mesh is None else mesh.devices.flat[0].platform)
+    mesh = mesh_context.mesh_or_active(mesh)
+    local = moe.resolve_impl(impl, mesh_context.target_platform(mesh))
     multi_device = mesh is not None and mesh.size > 1
     if local == "megablox" and multi_device and resolve_dispatch(dispatch, mesh, impl) == "gspmd":
         return "ragged"
@@ -69,8 +67,9 @@ def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch:
     """The MoE feed-forward with the configured token dispatch. Returns (y_TxD, dropped assignments)."""
     ctx = mesh_context.active_mesh()
     impl = local_kw.get("impl", "auto")
+    dispatch = resolve_dispatch(dispatch, impl=impl)
     local_kw = dict(local_kw, impl=resolve_local_impl(impl, dispatch))
-    if ctx is None or resolve_dispatch(dispatch, impl=impl) == "gspmd":
+    if ctx is None or dispatch == "gspmd":
         return moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, **local_kw)
     mesh, batch_axes = ctx
     d, f = w1_ExDxF.shape[1], w1_ExDxF.shape[2]

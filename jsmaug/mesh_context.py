@@ -47,8 +47,15 @@ def active_mesh():
     return _MESH.get()
 
 
-def target_platform() -> str:
-    """The platform the program is compiled for: the mesh's devices' (tools/plan_pod.py compiles for TPU from a
-    CPU host), else JAX's default backend."""
-    ctx = _MESH.get()
-    return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+def mesh_or_active(mesh=None):
+    """`mesh` if given, else the one `mesh_scope` set, else None."""
+    if mesh is None and _MESH.get() is not None:
+        return _MESH.get()[0]
+    return mesh
+
+
+def target_platform(mesh=None) -> str:
+    """The platform the program is compiled for: the devices' of `mesh` or of the active mesh (tools/plan_pod.py
+    compiles for TPU from a CPU host), else JAX's default backend."""
+    mesh = mesh_or_active(mesh)
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
