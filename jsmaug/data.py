@@ -1,6 +1,8 @@
 """Preference data: files -> validated rows -> tokenised pairs -> padded [chosen; rejected] batches.
 
-The data never knows about the mesh or the loss. A batch of `batch_size` pairs is a dict of numpy arrays with
+The data never knows about the mesh or the loss. Reading files is `data_files`, the row formats (standard,
+implicit prompt, conversational) and chat templates are `pair_formats`, and how a pair becomes ids (the joined
+text, split where the prompt ends) is `tokenizer`. A batch of `batch_size` pairs is a dict of numpy arrays with
 2 * batch_size rows, the chosen rows first, then the rejected rows in the same order:
 
     input_ids   (2B, L) int32   <s> prompt completion </s>, then padding (id 0)
@@ -16,25 +18,20 @@ step functions at most.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import grain
 import numpy as np
 
+from jsmaug import pair_formats
+from jsmaug.data_files import DataError, read_rows
+from jsmaug.tokenizer import Tokenizer, default_tokenizer_path, tokenize_pair, truncate
 
-class DataError(ValueError):
-    """A bad input file or row; the message names the file and row (1-based line for JSONL)."""
-
-
-def default_tokenizer_path() -> str:
-    import mistral_common
-
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+__all__ = ["DataConfig", "DataError", "Tokenizer", "default_tokenizer_path", "prepare", "read_rows",
+           "tokenize_pair", "batches", "collate", "completion_row", "stack_rows", "bucket_lengths",
+           "power_of_two_buckets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +45,7 @@ class DataConfig:
     max_length: int = 256
     max_prompt_length: int = 128
     on_bad_row: str = "error"  # "error" | "skip"
+    chat_template: str | None = None  # conversational rows: a Jinja file, or "tokenizer" (the tokenizer folder's)
     bucket_lengths: tuple[int, ...] = ()  # () = powers of two from 32 up to max_length, and max_length
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag
@@ -55,37 +53,7 @@ class DataConfig:
     tfds_data_dir: str | None = None  # where the prepared array_record files go (default ~/tensorflow_datasets)
 
 
-# ------------------------------------------------------------------------------------------------ reading files
-
-def read_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row'."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as err:
-            raise DataError(f"{path}: cannot read Parquet ({err})") from err
-        return [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
-    if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
-    rows = []
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh, start=1):
-            where = f"{path}:line {i}"
-            if not raw.strip():
-                continue
-            try:
-                rows.append((where, json.loads(raw.decode("utf-8"))))
-            except UnicodeDecodeError as err:
-                rows.append((where, DataError(f"{where}: text is not valid UTF-8 ({err})")))
-            except json.JSONDecodeError as err:
-                rows.append((where, DataError(f"{where}: not valid JSON ({err.msg})")))
-    return rows
-
+# ------------------------------------------------------------------------------------------------ TFDS splits
 
 def tfds_source(cfg: DataConfig, split: str):
     """The TFDS builder's random-access data source for a split (built once from manual_dir if needed)."""
@@ -113,71 +81,6 @@ def read_tfds_rows(cfg: DataConfig, split: str) -> list[tuple[str, dict]]:
     return rows
 
 
-def _validate(where: str, row: Any, cfg: DataConfig) -> tuple[str, str, str]:
-    if isinstance(row, DataError):
-        raise row
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be an object with {cfg.prompt_key!r}, {cfg.chosen_key!r}, "
-                        f"{cfg.rejected_key!r}")
-    out = []
-    for key in (cfg.prompt_key, cfg.chosen_key, cfg.rejected_key):
-        if key not in row:
-            raise DataError(f"{where}: missing field {key!r}")
-        if not isinstance(row[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
-        out.append(row[key])
-    prompt, chosen, rejected = out
-    if not chosen.strip() or not rejected.strip():
-        raise DataError(f"{where}: empty completion in {cfg.chosen_key if not chosen.strip() else cfg.rejected_key!r}")
-    if chosen == rejected:
-        raise DataError(f"{where}: chosen and rejected are identical")
-    return prompt, chosen, rejected
-
-
-# ------------------------------------------------------------------------------------------------ tokenising
-
-class Tokenizer:
-    """Mixtral's SentencePiece model: <s>=1, </s>=2, no pad id (padding uses 0 and is always masked)."""
-
-    def __init__(self, path: str | None = None):
-        import sentencepiece as spm
-
-        self.path = path or default_tokenizer_path()
-        if not Path(self.path).exists():
-            raise DataError(f"{self.path}: tokenizer model not found")
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
-
-
-def tokenize_pair(tok: Tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
-                  max_prompt_length: int) -> dict[str, np.ndarray] | str:
-    """<s> + prompt, and each completion + </s>, tokenised separately so the completion mask is exact.
-
-    Truncation: the prompt keeps its END (cut from the left) to `max_prompt_length` tokens including <s>;
-    completions are cut from the right to fit `max_length`. Returns a drop reason (str) when the prompt alone
-    leaves no room for a completion token.
-    """
-    prompt_ids = [tok.bos_id] + tok.encode(prompt)
-    if len(prompt_ids) > max_prompt_length:
-        prompt_ids = [tok.bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        return "prompt_too_long"
-    chosen_ids = (tok.encode(chosen) + [tok.eos_id])[:room]
-    rejected_ids = (tok.encode(rejected) + [tok.eos_id])[:room]
-    return {"prompt": np.asarray(prompt_ids, np.int32), "chosen": np.asarray(chosen_ids, np.int32),
-            "rejected": np.asarray(rejected_ids, np.int32)}
-
-
 @dataclasses.dataclass
 class PrepareReport:
     read: int = 0
@@ -185,34 +88,46 @@ class PrepareReport:
     dropped: Counter = dataclasses.field(default_factory=Counter)
     skipped_rows: list[str] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> its format (first row)
 
     def summary(self) -> dict[str, Any]:
         lens = np.asarray(self.lengths or [0])
         return {"pairs_read": self.read, "pairs_kept": self.kept, "dropped": dict(self.dropped),
+                "formats": sorted(set(self.formats.values())),
                 "tokens_per_row_p50_p90_p99_max": [int(np.percentile(lens, q)) for q in (50, 90, 99, 100)]}
 
     def __str__(self) -> str:
         s = self.summary()
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
         p = s["tokens_per_row_p50_p90_p99_max"]
-        return (f"pairs read {s['pairs_read']}, kept {s['pairs_kept']}, dropped: {dropped}; "
+        fmt = f" ({', '.join(s['formats'])} format)" if s["formats"] else ""
+        return (f"pairs read {s['pairs_read']}{fmt}, kept {s['pairs_kept']}, dropped: {dropped}; "
                 f"tokens per row p50 {p[0]} p90 {p[1]} p99 {p[2]} max {p[3]}")
 
 
 def prepare(paths: str | Iterable[str], cfg: DataConfig, tok: Tokenizer | None = None
             ) -> tuple[list[dict[str, np.ndarray]], PrepareReport]:
-    """Reads, validates and tokenises every pair of the given files."""
+    """Reads, validates and tokenises every pair of the given files (any of `pair_formats`' formats)."""
     tok = tok or Tokenizer(cfg.tokenizer_path)
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row must be 'error' or 'skip', got {cfg.on_bad_row!r}")
+    template = pair_formats.load_chat_template(cfg.chat_template, tok)
+    keys = (cfg.prompt_key, cfg.chosen_key, cfg.rejected_key)
     report = PrepareReport()
     examples = []
     for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths):
         rows = read_tfds_rows(cfg, str(path)) if cfg.tfds_config else read_rows(path)
+        fmt = next((f for f in (pair_formats.detect_format(r, keys) for _, r in rows) if f), None)
+        if fmt in (pair_formats.CONVERSATIONAL, pair_formats.CONVERSATIONAL_IMPLICIT) and template is None:
+            raise DataError(f"{path}: the rows are conversations (lists of messages), which need a chat template: "
+                            "set data.chat_template to a Jinja file (configs/chat_templates/mixtral_instruct.jinja "
+                            "is Mixtral-Instruct's) or to 'tokenizer' (the tokenizer folder's own)")
+        if fmt is not None:
+            report.formats[str(path)] = fmt
         for where, row in rows:
             report.read += 1
             try:
-                prompt, chosen, rejected = _validate(where, row, cfg)
+                ids = pair_formats.row_ids(where, row, fmt, keys, tok, template)
             except DataError as err:
                 if cfg.on_bad_row == "error":
                     raise
@@ -220,7 +135,7 @@ def prepare(paths: str | Iterable[str], cfg: DataConfig, tok: Tokenizer | None =
                 report.dropped["bad_row: " + reason.split(" (")[0]] += 1
                 report.skipped_rows.append(str(err))
                 continue
-            ex = tokenize_pair(tok, prompt, chosen, rejected, cfg.max_length, cfg.max_prompt_length)
+            ex = truncate(*ids, cfg.max_length, cfg.max_prompt_length, tok.bos_id)
             if isinstance(ex, str):
                 report.dropped[ex] += 1
                 continue

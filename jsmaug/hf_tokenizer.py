@@ -8,6 +8,8 @@ merges read from the SentencePiece model), `tokenizer_config.json` and `special_
 The pipeline in `tokenizer.json` reproduces SentencePiece itself (tested token for token against it, runs of
 spaces included): the normalizer prepends `▁` and turns every space into `▁`, there is no pre-tokenizer (the
 whole text is one BPE word, as in SentencePiece), and the post-processor adds `<s>`.
+The strings of the special tokens (`<s>`, `</s>`, `<unk>`) in text are those tokens, as on the hub
+(`split_special_tokens` is left at its default, false): TRL appends the EOS *string* to every completion.
 `tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads `tokenizer.json` as it is; the
 `LlamaTokenizer` class would rebuild its own pipeline, and that one splits runs of spaces differently.
 No `tokenizers` or `transformers` import is needed to write these files.
@@ -75,9 +77,26 @@ def tokenizer_json(sp) -> dict:
     }
 
 
-def write_tokenizer_files(tokenizer_model: str | Path, out_dir: Path, model_max_length: int) -> list[str]:
+# The Mixtral-8x7B-v0.1 hub repository's tokenizer_config.json values that an export copies as they are
+# (tests/fixtures/ holds the hub's file for comparison). Deliberate differences, each for a tested reason:
+#   tokenizer_class  PreTrainedTokenizerFast, not LlamaTokenizer: it loads tokenizer.json as it is, while the
+#                    LlamaTokenizer class rebuilds its own pipeline, which splits runs of spaces unlike SentencePiece.
+#   chat_template    only when the run used one (`data.chat_template`); the base model's hub files have none.
+HUB_TOKENIZER_CONFIG = {
+    "add_bos_token": True, "add_eos_token": False, "additional_special_tokens": [],
+    "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": int(1e30), "pad_token": None,
+    "sp_model_kwargs": {}, "spaces_between_special_tokens": False, "use_default_system_prompt": False,
+}
+
+
+def _special_token_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_files(tokenizer_model: str | Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
     """Copies `tokenizer.model` into `out_dir` and writes tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json beside it. Returns the names written."""
+    special_tokens_map.json beside it, with the hub's values (`HUB_TOKENIZER_CONFIG`): the strings `<s>` and
+    `</s>` in text are their ids, as on the hub. Returns the names written."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
@@ -86,13 +105,16 @@ def write_tokenizer_files(tokenizer_model: str | Path, out_dir: Path, model_max_
     (out_dir / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": True, "add_eos_token": False,
-        "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
-        "clean_up_tokenization_spaces": False, "legacy": False, "split_special_tokens": True, "model_max_length": model_max_length,
+        **HUB_TOKENIZER_CONFIG,
         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tj["added_tokens"]},
+        "bos_token": bos, "eos_token": eos, "unk_token": unk,
+        "tokenizer_class": "PreTrainedTokenizerFast",
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2,
+                                                              ensure_ascii=False))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": bos, "eos_token": eos, "unk_token": unk}, indent=2))
+        {"bos_token": _special_token_entry(bos), "eos_token": _special_token_entry(eos),
+         "unk_token": _special_token_entry(unk)}, indent=2))
     return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -121,11 +121,12 @@ def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
 
 def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
-         overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+         overwrite: bool = False, progress: bool = False, chat_template: str | None = None) -> dict[str, Any]:
     """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
 
     With `tokenizer_path` (a SentencePiece tokenizer.model) the folder also gets what a Mixtral hub repository
-    ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json;
+    `chat_template` (the Jinja source a run trained with) goes into tokenizer_config.json."""
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, overwrite)
     check_tokenizer_path(tokenizer_path)
@@ -172,7 +173,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
              "_from_model_config": True}, indent=2))
         if tokenizer_path is not None:
-            write_tokenizer_files(tokenizer_path, tmp, config.max_position_embeddings)
+            write_tokenizer_files(tokenizer_path, tmp, chat_template)
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

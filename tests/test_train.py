@@ -115,6 +115,8 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     assert [x["step"] for x in c] == [x["step"] for x in a]
     for x, y in zip(strip(a), strip(c)):
         for k, v in x.items():
+            if k == "rewards/accuracies" and x["step"] == 1:
+                continue  # policy == reference: every reward is 0 up to round-off, which decides reward_c > reward_r
             np.testing.assert_allclose(np.asarray(y[k], float), np.asarray(v, float), rtol=2e-4, atol=2e-4,
                                        err_msg=f"step {x['step']} {k}")
 

@@ -3,6 +3,8 @@
     python tools/evaluate.py --model runs/tiny_dpop [--reference CKPT] \
         [--preference data/sample/test.jsonl ...] [--mc data/sample/mc.jsonl ...] [--out results.json]
 
+Preference files may be in any of the trainer's formats (standard, implicit prompt, conversational with
+--chat_template) and are tokenised exactly as the trainer tokenises them.
 --model / --reference: a Hugging Face folder, a converter checkpoint or a training workdir (latest checkpoint).
 Without --reference only the policy's own logps are reported (no implicit rewards). Prints a table and, with
 --out, writes every metric and the per-row scores as JSON.
@@ -29,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mc", nargs="*", default=[], help="JSONL files of query/choices/gold")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model folder's own "
                     "tokenizer.model, or its hf/ export's; else Mixtral's, from mistral-common)")
+    ap.add_argument("--chat_template", default=None, help="for conversational pairs: a Jinja file, or 'tokenizer' "
+                    "(the tokenizer folder's own), as data.chat_template")
     ap.add_argument("--beta", type=float, default=0.3, help="beta of the implicit rewards")
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--max_prompt_length", type=int, default=256)
@@ -45,7 +49,9 @@ def main(argv=None) -> int:
         config, params = eval_lib.load_model(args.model, args.dtype)
         ref = eval_lib.load_model(args.reference, args.dtype)[1] if args.reference else None
         print(f"loaded {args.model} ({config.num_params() / 1e6:.2f}M parameters) in {time.time() - t0:.1f}s")
-        dcfg = data_lib.DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+        # The trainer's tokenisation (data.prepare): the joined text split where the prompt ends, any TRL format.
+        dcfg = data_lib.DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   chat_template=args.chat_template)
         results = {}
         for path in args.preference:
             t0 = time.time()

@@ -70,7 +70,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _generate_examples(self, files):
-        from jsmaug.data import DataError, read_rows
+        from jsmaug.data_files import DataError, read_rows
 
         c = self.builder_config
         for path in files:

@@ -1,0 +1,72 @@
+"""HF TRL 1.16, unmodified, scores a jsmaug export exactly like jsmaug: per-completion log-probs of TRL's
+`DPOTrainer` (its precomputed reference log-probs: the export is its own reference) equal jsmaug's `evaluate`
+numbers, for plain pairs whose completions start with a space and for conversations under a chat template.
+
+TRL tokenises prompt + completion as one text with the EOS *string* appended; this only agrees with jsmaug if
+jsmaug tokenises the same way and the export's tokenizer reads "</s>" as the EOS id."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jsmaug import config as cfg_lib, data, eval as eval_lib, hf, model
+
+trl = pytest.importorskip("trl", reason="trl is in the test extra (pip install -e '.[test]')")
+
+TEMPLATE = "configs/chat_templates/mixtral_instruct.jinja"
+PLAIN = [{"prompt": "Question: Who is older, Zoe or Omar?\nAnswer:", "chosen": " Zoe", "rejected": " Omar"},
+         {"prompt": "Q: Mia has 3 apples and buys 4 more. How many now?\nA:", "chosen": " 3 + 4 = 7. The answer is 7",
+          "rejected": " 3 + 4 = 8. The answer is 8"},
+         {"prompt": "Hello wor", "chosen": "ld", "rejected": "ld peace"},  # tokens merged across the boundary
+         {"prompt": "Which planet is closest to the Sun?", "chosen": "  Mercury.", "rejected": " Venus</s>"}]
+CONV = [{"prompt": [{"role": "user", "content": "What colour is the sky?"}],
+         "chosen": [{"role": "assistant", "content": "It is blue."}],
+         "rejected": [{"role": "assistant", "content": "Green, mostly."}]},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": " 4"}], "rejected": [{"role": "assistant", "content": " 5"}]}]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    conf = cfg_lib.preset("tiny", vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    params = model.init_params(conf, jax.random.key(7))
+    hf.save(out / "hf", conf, params, tokenizer_path=data.Tokenizer().path, chat_template=open(TEMPLATE).read())
+    return out, conf, params
+
+
+def _trl_logps(hf_dir, rows, workdir):
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model_pt = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    args = trl.DPOConfig(output_dir=str(workdir), precompute_ref_log_probs=True, per_device_train_batch_size=2,
+                         report_to="none", use_cpu=True, max_length=None, bf16=False, dataset_num_proc=None)
+    trainer = trl.DPOTrainer(model=model_pt, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+    ds = trainer.train_dataset
+    return np.asarray(ds["ref_chosen_logps"], np.float64), np.asarray(ds["ref_rejected_logps"], np.float64)
+
+
+@pytest.mark.parametrize("rows,chat_template", [(PLAIN, None), (CONV, TEMPLATE)], ids=["plain", "conversational"])
+def test_trl_dpo_trainer_gives_jsmaugs_log_probs(export, tmp_path, rows, chat_template):
+    out, conf, params = export
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = data.prepare(path, data.DataConfig(max_length=256, max_prompt_length=128,
+                                                          chat_template=chat_template))
+    assert report.kept == len(rows)
+    ours = eval_lib.preference_eval(conf, params, examples)["per_pair"]
+    trl_c, trl_r = _trl_logps(out / "hf", rows, tmp_path / "trl")
+    np.testing.assert_allclose(ours["policy_chosen"], trl_c, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours["policy_rejected"], trl_r, atol=1e-3, rtol=0)
+    # The per-completion log-probs are of order -10 nats per token here, so a stray or missing token (the old
+    # tokenisation's extra "▁", or "</s>" split into three pieces) would be ~10 nats off.
+    assert np.all(np.abs(trl_c) > 15)
