@@ -10,14 +10,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from jsmaug import distributed
 from jsmaug.config import MixtralConfig
 
 
@@ -33,10 +33,12 @@ class Manager:
       the cause and the newest complete checkpoint.
     - `restore_newest_intact` skips damaged checkpoints (a truncated or deleted data file, a missing
       `_METADATA`), moves them to `<workdir>/damaged_checkpoints/` (nothing is deleted) and says so.
+    In a multi-process run every process calls every method (Orbax coordinates the saves); cleaning up and
+    moving folders is process 0's alone.
     """
 
-    def __init__(self, directory: Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory, keep: int = 3, async_save: bool = True):
+        self.directory = _abs(directory)
         self.keep, self.async_save = keep, async_save
         self._pending: int | None = None
         self.mngr = self._open()
@@ -88,12 +90,12 @@ class Manager:
             self.mngr.wait_until_finished()
         except Exception:  # noqa: BLE001 - the same failure again; it is reported below
             pass
-        for _ in range(20):
+        for _ in range(20 if distributed.is_writer() else 0):
             leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
             if not leftovers:
                 break
             for tmp in leftovers:
-                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.rmtree(missing_ok=True)
             time.sleep(0.05)
         complete = [s for s in self.steps() if s != step] if self.directory.exists() else []
         after = (f"the newest complete checkpoint is step {complete[0]} ({self.directory / str(complete[0])}); "
@@ -157,14 +159,22 @@ class Manager:
         if not damaged:
             return
         dest_root = self.directory.parent / "damaged_checkpoints"
-        dest_root.mkdir(exist_ok=True)
+        stamp = time.strftime('%Y%m%d-%H%M%S')
         for step, why in damaged:
-            dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(self.directory / str(step), dest)
+            dest = dest_root / f"{step}-{stamp}"
+            if distributed.is_writer():
+                dest_root.mkdir(exist_ok=True)
+                (self.directory / str(step)).rename(dest)
             log(f"warning: checkpoint {self.directory / str(step)} is damaged ({why}); moved it to {dest}")
+        distributed.sync("jsmaug_damaged_checkpoints_moved")
         log(f"resuming from the newest intact checkpoint, step {restored_step}")
         self.mngr.close()
         self.mngr = self._open()
+
+
+def _abs(path) -> epath.Path:
+    """An absolute epath (Orbax wants absolute paths); a bucket path (gs://...) as it is."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
 def _path_name(path) -> str:
@@ -207,16 +217,16 @@ logging.getLogger("absl").addFilter(_NoTracebacks())
 
 # ------------------------------------------------------------------------------------------------ params only
 
-def save_params(out_dir: Path, config: MixtralConfig, params) -> None:
+def save_params(out_dir, config: MixtralConfig, params) -> None:
     """The converter's output: `out_dir/params` (Orbax PyTree) and `out_dir/model_config.json`."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = _abs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as c:
         c.save(out_dir / "params", params)
     (out_dir / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
-def _model_config_of(path: Path) -> MixtralConfig:
+def _model_config_of(path: epath.Path) -> MixtralConfig:
     try:
         return MixtralConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as err:
@@ -232,9 +242,9 @@ def _target(config: MixtralConfig, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def read_model_config(path: str | Path, step: int | None = None) -> MixtralConfig:
+def read_model_config(path, step: int | None = None) -> MixtralConfig:
     """The model config stored with a converter checkpoint or a training workdir's checkpoint."""
-    path = Path(path).absolute()
+    path = _abs(path)
     if (path / "model_config.json").exists():
         return _model_config_of(path / "model_config.json")
     mngr, step = _training_manager(path, step)
@@ -244,11 +254,11 @@ def read_model_config(path: str | Path, step: int | None = None) -> MixtralConfi
     return MixtralConfig.from_dict(meta["model_config"])
 
 
-def load_params(path: str | Path, step: int | None = None, shardings=None) -> tuple[MixtralConfig, Any]:
+def load_params(path, step: int | None = None, shardings=None) -> tuple[MixtralConfig, Any]:
     """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
     (`checkpoints/<step>/`, the latest unless `step`). With `shardings` (a pytree of NamedSharding) each
     array is restored straight onto its devices, resharding if it was saved on another mesh."""
-    path = Path(path).absolute()
+    path = _abs(path)
     config = read_model_config(path, step)
     if config.lora_rank:
         return _load_lora_merged(path, config, step)
@@ -267,10 +277,10 @@ def _read_meta(mngr, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
+def stored_model_config(checkpoint_dir) -> tuple[int, dict] | None:
     """(step, model_config dict) from the newest checkpoint in `checkpoint_dir` whose metadata reads; None if
     the folder holds no complete checkpoint. Creates nothing."""
-    checkpoint_dir = Path(checkpoint_dir).absolute()
+    checkpoint_dir = _abs(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
     mngr = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(create=False))
@@ -284,7 +294,7 @@ def stored_model_config(checkpoint_dir: Path) -> tuple[int, dict] | None:
     return None
 
 
-def _load_lora_merged(path: Path, config: MixtralConfig, step: int | None):
+def _load_lora_merged(path: epath.Path, config: MixtralConfig, step: int | None):
     """A LoRA workdir's policy: its adapters folded into the base they were trained on (which the checkpoint
     names but does not store: `init_from`, or the seed of a random init). Returns the config without adapters."""
     import jax.numpy as jnp
@@ -310,7 +320,7 @@ def _load_lora_merged(path: Path, config: MixtralConfig, step: int | None):
                                                                              config.lora_rank)
 
 
-def _training_manager(path: Path, step: int | None):
+def _training_manager(path: epath.Path, step: int | None):
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     ckdir = path / "checkpoints" if (path / "checkpoints").exists() else path

@@ -30,7 +30,7 @@ from jsmaug.data_files import DataError, read_rows
 from jsmaug.tokenizer import Tokenizer, default_tokenizer_path, tokenize_pair, truncate
 
 __all__ = ["DataConfig", "DataError", "Tokenizer", "default_tokenizer_path", "prepare", "read_rows",
-           "tokenize_pair", "batches", "collate", "completion_row", "stack_rows", "bucket_lengths",
+           "tokenize_pair", "batches", "batch_length", "collate", "completion_row", "stack_rows", "bucket_lengths",
            "power_of_two_buckets"]
 
 
@@ -177,12 +177,19 @@ def completion_row(prompt: np.ndarray, completion: np.ndarray, length: int) -> d
     return row
 
 
-def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[str, np.ndarray]:
-    """[chosen rows; rejected rows], padded to the smallest bucket that fits."""
+def batch_length(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> int:
+    """The smallest bucket length that holds every pair's longer row."""
     longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
     length = next((b for b in buckets if b >= longest), None)
     if length is None:
         raise DataError(f"a pair of {longest} tokens exceeds the largest bucket length {buckets[-1]}")
+    return length
+
+
+def collate(pairs: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], length: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """[chosen rows; rejected rows], padded to `length` (default: the smallest bucket that fits)."""
+    length = batch_length(pairs, buckets) if length is None else length
     return stack_rows([completion_row(p["prompt"], p["chosen"], length) for p in pairs] +
                       [completion_row(p["prompt"], p["rejected"], length) for p in pairs])
 
@@ -192,12 +199,11 @@ def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def batches(examples: Sequence[dict], batch_size: int, buckets: Sequence[int], *, seed: int, shuffle: bool = True,
-            repeat: bool = True, process_index: int = 0, process_count: int = 1,
-            batch_fn=None) -> grain.MapDataset:
-    """A Grain MapDataset of batches: seeded shuffle (a new order each epoch), this process's shard only.
+def batches(examples: Sequence[dict], batch_size: int, *, seed: int, shuffle: bool = True,
+            repeat: bool = True) -> grain.MapDataset:
+    """A Grain MapDataset of global batches, each a list of `batch_size` pairs: a seeded shuffle, a new order
+    each epoch. Which rows of a batch a process collates is the mesh's business (`sharding.put_pairs`).
 
-    `batch_size` is global; each process gets batch_size / process_count pairs of every global batch.
     Random access: batch i of the dataset is a pure function of (examples, seed, i), so a resumed run that
     asks for batch `step` gets exactly what an uninterrupted run got. The dataset's state IS the step.
     """
@@ -208,9 +214,4 @@ def batches(examples: Sequence[dict], batch_size: int, buckets: Sequence[int], *
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    # Every process reads its own interleaved slice of the global (shuffled) order.
-    ds = ds[process_index::process_count]
-    if process_count > 1 and batch_size % process_count:
-        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
-    per_process = batch_size // process_count
-    return ds.batch(per_process, drop_remainder=repeat, batch_fn=batch_fn or (lambda xs: collate(xs, buckets)))
+    return ds.batch(batch_size, drop_remainder=repeat, batch_fn=list)

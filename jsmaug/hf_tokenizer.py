@@ -18,8 +18,9 @@ No `tokenizers` or `transformers` import is needed to write these files.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from etils import epath
 
 _SPIECE_SPACE = "\u2581"  # ▁
 
@@ -99,8 +100,10 @@ def write_tokenizer_files(tokenizer_model: str | Path, out_dir: Path, chat_templ
     `</s>` in text are their ids, as on the hub. Returns the names written."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    model_bytes = epath.Path(tokenizer_model).read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    out_dir = epath.Path(out_dir)
+    (out_dir / "tokenizer.model").write_bytes(model_bytes)
     tj = tokenizer_json(sp)
     (out_dir / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())

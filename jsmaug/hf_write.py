@@ -1,23 +1,27 @@
 """jsmaug -> Hugging Face: `save` writes the hub layout (sharded safetensors with `model.safetensors.index.json`,
 `config.json`, `generation_config.json` and the tokenizer files), gathering one tensor at a time into a
-temporary folder that is renamed at the end, so a failure leaves nothing behind."""
+temporary folder that is renamed at the end, so a failure leaves nothing behind.
+
+In a multi-process run every process calls `save` (each tensor is gathered by a collective the processes take
+part in alike) and only the one with `write=True` writes: host memory holds one tensor, never the model."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import shutil
 import struct
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsmaug.config import MixtralConfig
 from jsmaug.hf_layout import CheckpointError, _expected_hf_shape, _progress
@@ -26,13 +30,24 @@ from jsmaug.hf_tokenizer import write_tokenizer_files
 
 # ------------------------------------------------------------------------------------------------ writing
 
+@functools.lru_cache(maxsize=None)
+def _take_replicated(mesh, n_idx: int):
+    """x[i0, ..., i{n-1}] (indices traced: one program per array shape), the result on every device."""
+    return jax.jit(lambda x, idx: x[tuple(idx[i] for i in range(n_idx))], out_shardings=NamedSharding(mesh, P()))
+
+
+def gather(x, *idx: int) -> np.ndarray:
+    """One slice x[idx] of a (possibly sharded, possibly multi-process) array, on the host."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x[idx] if idx else x))
+    return np.asarray(jax.device_get(_take_replicated(x.sharding.mesh, len(idx))(x, jnp.asarray(idx, jnp.int32))))
+
+
 def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(hub name, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor only."""
     layers = params["layers"]["layer"]
     d, hq, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
-
-    def g(x, *idx):  # gather one slice of a (possibly sharded) array to host
-        return np.asarray(jax.device_get(x[idx] if idx else x))
+    g = gather
 
     yield "model.embed_tokens.weight", lambda: g(params["embed_tokens"])
     for n in range(config.num_hidden_layers):
@@ -56,7 +71,7 @@ def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, Callable[
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
+def _write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
     """Streams tensors into one safetensors file: header first (from shapes), then each tensor's bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -66,7 +81,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
+    with path.open("wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for name, shape, dtype, fetch in entries:
@@ -88,27 +103,27 @@ def _parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: epath.Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise CheckpointError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
-def commit_dir(tmp: Path, out_dir: Path) -> None:
+def commit_dir(tmp: epath.Path, out_dir: epath.Path) -> None:
     """Replaces out_dir by tmp with renames only (the old folder is removed after the new one is in place)."""
     if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        old = out_dir.parent / (out_dir.name + f".old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        old.rmtree(missing_ok=True)
     else:
-        os.replace(tmp, out_dir)
+        tmp.rename(out_dir)
 
 
 def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
     """Fails before any tensor is written when the tokenizer to export is missing or unreadable."""
     if tokenizer_path is None:
         return
-    path = Path(tokenizer_path)
+    path = epath.Path(tokenizer_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer model not found (give the path of a SentencePiece tokenizer.model)")
     import sentencepiece as spm
@@ -121,14 +136,17 @@ def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
 
 def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
-         overwrite: bool = False, progress: bool = False, chat_template: str | None = None) -> dict[str, Any]:
+         overwrite: bool = False, progress: bool = False, chat_template: str | None = None,
+         write: bool = True) -> dict[str, Any]:
     """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
 
     With `tokenizer_path` (a SentencePiece tokenizer.model) the folder also gets what a Mixtral hub repository
     ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json;
-    `chat_template` (the Jinja source a run trained with) goes into tokenizer_config.json."""
-    out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, overwrite)
+    `chat_template` (the Jinja source a run trained with) goes into tokenizer_config.json. With `write=False`
+    (the processes other than 0 of a multi-process run) every tensor is gathered and nothing is written."""
+    out_dir = epath.Path(out_dir)
+    if write:
+        prepare_out_dir(out_dir, overwrite)
     check_tokenizer_path(tokenizer_path)
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -148,9 +166,13 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
         shards[-1].append(ent)
         size += nbytes
 
+    if not write:
+        for ent in entries:
+            ent[3]()
+        return {"tensors": len(entries), "bytes": 0, "seconds": time.time() - t0, "files": 0}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp.rmtree(missing_ok=True)
     tmp.mkdir()
     try:
         total = 0
@@ -176,7 +198,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
             write_tokenizer_files(tokenizer_path, tmp, chat_template)
         commit_dir(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     if progress:
         print(file=sys.stderr)

@@ -1,27 +1,42 @@
 """The run's metrics on disk: `workdir/metrics.jsonl` (one JSON object per logged step), TensorBoard events and
-`metrics.png`. Reading tolerates a last line torn by a kill mid-write (it is dropped; its step is logged again)."""
+`metrics.png`, and the progress lines. Reading tolerates a last line torn by a kill mid-write (it is dropped; its
+step is logged again). Paths are `etils.epath` paths: the workdir may be a bucket, where a file cannot be
+appended to, so there metrics.jsonl is rewritten whole (through a temporary name) at each logged step."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from jsmaug.data import DataError
+from jsmaug.data_files import DataError
+
+_SPEAK = [True]
+
+
+def speak(on: bool) -> None:
+    """Whether `log` prints: only process 0 of a multi-process run does (see `run_outputs`)."""
+    _SPEAK[0] = on
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if _SPEAK[0]:
+        print(msg, flush=True)
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
 
 
 
-def read_metrics(path: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
+def read_metrics(path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, in order. A last line cut short by a kill mid-write is dropped with
     `drop_torn_last` (its step is logged again on resume); any other bad line is an error naming it."""
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in epath.Path(path).read_text().splitlines() if ln.strip()]
     out = []
     for i, ln in enumerate(lines):
         try:
@@ -37,31 +52,44 @@ def read_metrics(path: Path, drop_torn_last: bool = False) -> list[dict[str, Any
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard event files."""
 
-    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool):
-        self.path = workdir / "metrics.jsonl"
+    def __init__(self, workdir, resume_step: int, tensorboard: bool):
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         # After a resume, drop lines logged past the restored checkpoint (they will be logged again).
+        self.lines, self.keys = [], {}
         if self.path.exists():
-            keep = [r for r in read_metrics(self.path, drop_torn_last=True) if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
-        self.fh = open(self.path, "a")
+            for r in read_metrics(self.path, drop_torn_last=True):
+                if r["step"] <= resume_step:
+                    self.lines.append(json.dumps(r) + "\n")
+                    self.keys.setdefault(r["step"], set()).update(r)
+            self._rewrite()
+        self.fh = self.path.open("a") if _is_local(self.path) else None
         self.tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+                self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a core dependency
                 log("note: tensorboardX not installed; no TensorBoard events")
+
+    def _rewrite(self) -> None:
+        tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        tmp.write_text("".join(self.lines))
+        tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         rec = {"step": step}
         for k, v in metrics.items():
             v = np.asarray(v)
             rec[k] = v.tolist() if v.ndim else (int(v) if v.dtype.kind in "iu" else float(v))
-        self.fh.write(json.dumps(rec) + "\n")
-        self.fh.flush()
+        line = json.dumps(rec) + "\n"
+        self.keys.setdefault(step, set()).update(rec)
+        if self.fh is not None:
+            self.fh.write(line)
+            self.fh.flush()
+        else:
+            self.lines.append(line)
+            self._rewrite()
         if self.tb is not None:
             for k, v in rec.items():
                 if k == "step":
@@ -73,13 +101,18 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
+    def logged(self, step: int, key: str) -> bool:
+        """Whether a record of `step` with `key` is in the file already."""
+        return key in self.keys.get(step, ())
+
     def close(self):
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
         if self.tb is not None:
             self.tb.close()
 
 
-def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+def plot_metrics(metrics_path, out_png) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +131,10 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, out_png)
+    out_png = epath.Path(out_png)
+    tmp = out_png.parent / f".{out_png.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(out_png)

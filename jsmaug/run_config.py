@@ -16,6 +16,7 @@ import yaml
 
 from jsmaug.config import ConfigError, MixtralConfig, preset
 from jsmaug.data import DataConfig
+from jsmaug.distributed import DistributedConfig
 from jsmaug.sharding import MeshConfig
 
 
@@ -76,6 +77,7 @@ class LogSection:
 @dataclasses.dataclass(frozen=True)
 class DebugSection:
     kill_at_step: int = 0  # tests: SIGKILL this process right after this step (0 = never)
+    sigterm_at_step: int = 0  # tests: SIGTERM this process right after this step, as a scheduler would (0 = never)
     nan_at_step: int = 0  # tests: make this step's gradients non-finite (0 = never)
 
 
@@ -95,6 +97,7 @@ class RunConfig:
     log: LogSection = dataclasses.field(default_factory=LogSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def validate(self) -> "RunConfig":
         def need(cond, key, msg):
@@ -125,6 +128,7 @@ class RunConfig:
              f"must be a non-empty list from {list(LORA_TARGETS)}, got {list(self.lora.targets)}")
         need(self.lora.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "must be float32 or bfloat16")
         need(self.log.every > 0, "log.every", "must be > 0")
+        self.distributed.validate()
         return self
 
 
@@ -177,6 +181,9 @@ def _build(cls, d: dict[str, Any], prefix: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
+    if prefix == "mesh." and "distributed" in unknown:
+        raise ConfigError("mesh.distributed moved to its own section: use distributed.enabled=true (and, outside "
+                          "a cluster JAX detects, distributed.coordinator_address, num_processes, process_id)")
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {sorted(fields)}")
     kw = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -51,7 +51,6 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     rules: tuple[Any, ...] = ()  # [logical_name, mesh_axes] pairs overriding of DEFAULT_RULES, e.g. [[embed, null]]
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
 
     def sizes(self, num_devices: int) -> dict[str, int]:
         sizes = {a: getattr(self, a) for a in MESH_AXES}
@@ -148,15 +147,56 @@ def batch_rows_divisor(mesh: Mesh, mesh_cfg: MeshConfig) -> int:
     return math.prod(mesh.shape[a] for a in table.get("batch", ()))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
-    """This process's [chosen; rejected] rows -> global PAIRED arrays (2, B, ...) sharded over the pairs.
+def pairs_by_host(mesh: Mesh, mesh_cfg: MeshConfig, num_pairs: int, host_of=lambda d: d.process_index
+                  ) -> dict[Any, list[int]]:
+    """Which pairs of a global batch of `num_pairs` each host's devices hold, in order: a contiguous share when
+    the batch axes span hosts, every pair when they do not. `host_of(device)` names a device's host."""
+    held: dict[Any, set[int]] = {}
+    for device, index in batch_sharding(mesh, mesh_cfg, 2).devices_indices_map((2, num_pairs)).items():
+        held.setdefault(host_of(device), set()).update(range(*index[1].indices(num_pairs)))
+    return {h: sorted(v) for h, v in sorted(held.items())}
 
-    The pair axis keeps chosen and rejected apart across hosts: concatenating processes' [c; r] blocks along
-    rows would interleave them. The step flattens (2, B, ...) back to [all chosen; all rejected].
-    """
+
+def local_pair_indices(mesh: Mesh, mesh_cfg: MeshConfig, num_pairs: int) -> list[int]:
+    """The pairs of a global batch that this process's devices hold (`pairs_by_host` for this process)."""
+    return pairs_by_host(mesh, mesh_cfg, num_pairs)[jax.process_index()]
+
+
+def _place(paired_local: dict[str, np.ndarray], local: Sequence[int], num_pairs: int, mesh: Mesh,
+           mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
+    """Global PAIRED arrays (2, num_pairs, ...) from host arrays that hold the pairs `local` (in that order)."""
+    pos = {g: j for j, g in enumerate(local)}
     out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        paired = v.reshape(2, v.shape[0] // 2, *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, mesh_cfg, paired.ndim), paired)
+    for k, v in paired_local.items():
+        def rows(index, v=v):
+            start, stop, _ = index[1].indices(num_pairs)
+            j = pos[start]
+            return v[(index[0], slice(j, j + stop - start)) + tuple(index[2:])]
+        out[k] = jax.make_array_from_callback((2, num_pairs, *v.shape[2:]), batch_sharding(mesh, mesh_cfg, v.ndim),
+                                              rows)
     return out
+
+
+def _paired(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v).reshape(2, np.shape(v)[0] // 2, *np.shape(v)[1:]) for k, v in batch.items()}
+
+
+def put_pairs(pairs: Sequence, collate: Callable[[Sequence], dict[str, np.ndarray]], mesh: Mesh,
+              mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
+    """The global batch of `pairs` as PAIRED arrays (2, B, ...) sharded over the pairs.
+
+    `collate(some_pairs)` gives their [chosen rows; rejected rows] (2n, ...) at the batch's one length. Each
+    process collates only the pairs its own devices hold (`local_pair_indices`), so a batch axis that spans
+    processes splits the rows between them and one that does not gives every process the same rows.
+    The pair axis keeps chosen and rejected apart across hosts (concatenating processes' [c; r] blocks along
+    rows would interleave them); the step flattens (2, B, ...) back to [all chosen; all rejected]."""
+    local = local_pair_indices(mesh, mesh_cfg, len(pairs))
+    return _place(_paired(collate([pairs[i] for i in local])), local, len(pairs), mesh, mesh_cfg)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
+    """A whole global [chosen; rejected] batch, the same on every process, -> global PAIRED arrays (2, B, ...);
+    each device takes its rows."""
+    paired = _paired(batch)
+    num = next(iter(paired.values())).shape[1]
+    return _place(paired, list(range(num)), num, mesh, mesh_cfg)

@@ -37,10 +37,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from jsmaug.data_files import DataError
 
@@ -59,10 +59,11 @@ class Tokenizer:
     def __init__(self, path: str | None = None):
         import sentencepiece as spm
 
-        self.path = path or default_tokenizer_path()
-        if not Path(self.path).exists():
+        self.path = str(path or default_tokenizer_path())
+        if not epath.Path(self.path).exists():
             raise DataError(f"{self.path}: tokenizer model not found")
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self._bytes = epath.Path(self.path).read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self._bytes)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.bos_token, self.eos_token = self.sp.id_to_piece(self.bos_id), self.sp.id_to_piece(self.eos_id)
         self.special = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
@@ -85,7 +86,7 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(self._bytes).hexdigest()[:16]
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

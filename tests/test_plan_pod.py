@@ -20,3 +20,16 @@ def test_analytic_flops_by_hand():
     assert plan_pod.analytic_flops_per_step(c, 32, s, with_reference=True) == 32 * per_token * 4
     layers = 2 * d * e + 3 * 2 * d * f * k + 2 * d * (hq + 2 * hkv) * dh + 2 * d * hq * dh + 4 * s * hq * dh / 2
     assert plan_pod.analytic_flops_per_step(c, 32, s, False, remat_layers=True) == 32 * (per_token * 3 + layers)
+
+
+def test_host_view_names_hosts_and_their_pairs():
+    import jax
+
+    from jsmaug import sharding as shd
+    from jsmaug.run_config import load_run_config
+
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["mesh.data=2", "mesh.fsdp=4"])
+    mesh = shd.make_mesh(cfg.mesh, cfg.model)
+    assert plan_pod.host_view(mesh, cfg, jax.devices()) == (
+        "hosts: 1 (one JAX process each, distributed.enabled=true), 8 devices per host; pairs per host per step: "
+        "8 of 8")

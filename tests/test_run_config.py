@@ -29,10 +29,16 @@ def test_floats_in_every_spelling(tmp_path):
     ("train.steps=[1", r"^override 'train.steps=\[1':1:3: expected ',' or '\]'"),
     ("lora.targets=[w4]", r"^lora.targets: must be a non-empty list from"),
     ("lora.base_dtype=int8", r"^lora.base_dtype: must be float32 or bfloat16"),
+    ("mesh.distributed=true", r"^mesh.distributed moved to its own section: use distributed.enabled=true"),
+    ("distributed.coordinator_address=localhost", r"^distributed.coordinator_address: expected host:port"),
+    ("distributed.process_id=2", None),
+    ("distributed.initialization_timeout=0", r"^distributed.initialization_timeout: must be >= 1 second"),
 ])
 def test_errors_name_the_key(override, message):
+    if message is None:  # process_id 2 with num_processes 2
+        override, message = [override, "distributed.num_processes=2"], r"^distributed.process_id: must be in \[0, "
     with pytest.raises(ConfigError, match=message):
-        load_run_config("configs/tiny_dpop.yaml", [override])
+        load_run_config("configs/tiny_dpop.yaml", override if isinstance(override, list) else [override])
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
@@ -46,3 +52,4 @@ def test_shipped_configs_load():
     for name in ("tiny_dpop", "tiny_dpo", "smaug_mixtral_8x7b"):
         cfg, _ = load_run_config(f"configs/{name}.yaml")
         assert cfg.loss.type in ("dpop", "dpo")
+        assert cfg.distributed.active == (name == "smaug_mixtral_8x7b")  # the pod config runs one process per host

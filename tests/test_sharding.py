@@ -126,3 +126,40 @@ def test_spec_rules_replicate_what_does_not_divide():
     # 2 kv heads cannot be split 8 ways: replicated; 64 vocab can.
     assert shd.spec_for(("embed", "kv_heads", "head_dim"), (32, 2, 8), mesh, table) == P(None, None, None)
     assert shd.spec_for(("vocab", "embed"), (64, 32), mesh, table) == P("tensor", None)
+
+
+def _pair_examples(n, seed=3):
+    rng = np.random.default_rng(seed)
+    return [{"prompt": np.r_[1, rng.integers(3, 64, 3)].astype(np.int32),
+             "chosen": np.r_[rng.integers(3, 64, rng.integers(1, 9)), 2].astype(np.int32),
+             "rejected": np.r_[rng.integers(3, 64, rng.integers(1, 9)), 2].astype(np.int32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("sizes, rules, want", [
+    (dict(data=1, fsdp=2, expert=4), (), {0: range(0, 4), 1: range(4, 8)}),  # batch axes span the hosts
+    (dict(data=1, fsdp=8), (("batch", None),), {0: range(8), 1: range(8)}),  # a batch both hosts hold whole
+    (dict(data=1, tensor=8), (), {0: range(8), 1: range(8)}),  # only tensor parallelism: replicated
+    (dict(data=2, tensor=4), (), {0: range(0, 4), 1: range(4, 8)}),
+])
+def test_each_host_collates_exactly_the_pairs_its_devices_hold(sizes, rules, want):
+    # Two pretend hosts of 4 devices each (device ids 0-3 and 4-7), as two processes of 4 devices would be.
+    mesh_cfg = shd.MeshConfig(**sizes, rules=rules)
+    mesh = shd.make_mesh(mesh_cfg, CONF)
+    by_host = shd.pairs_by_host(mesh, mesh_cfg, 8, host_of=lambda d: d.id // 4)
+    assert by_host == {h: list(r) for h, r in want.items()}
+    # On this one process every pair is local; the placed batch equals the whole batch placed directly, with the
+    # batch's one length although a share of the pairs alone might fit a shorter bucket.
+    ex = _pair_examples(8)
+    asked = []
+
+    def collate(pairs):
+        asked.append(len(pairs))
+        return data.collate(pairs, (8, 16, 32), length=data.batch_length(ex, (8, 16, 32)))
+
+    placed = shd.put_pairs(ex, collate, mesh, mesh_cfg)
+    direct = shd.put_batch(data.collate(ex, (8, 16, 32)), mesh, mesh_cfg)
+    assert asked == [8]
+    for k in direct:
+        assert placed[k].shape == direct[k].shape and placed[k].sharding == direct[k].sharding
+        np.testing.assert_array_equal(np.asarray(placed[k]), np.asarray(direct[k]))
+        np.testing.assert_array_equal(np.asarray(placed[k]).reshape(16, -1), data.collate(ex, (8, 16, 32))[k])

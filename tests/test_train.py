@@ -99,6 +99,16 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     train = [x for x in a if "loss" in x]
     assert train[-1]["loss/preference"] < train[0]["loss/preference"]
 
+    # SIGTERM (a scheduler's preemption notice) after step 3: the run saves step 3, says so, exits with 143, and
+    # the same command resumes it, bitwise equal to the uninterrupted run.
+    term = tmp_path / "preempted"
+    r = _run([*common, f"workdir={term}", "debug.sigterm_at_step=3"], check=False)
+    assert r.returncode == 143 and "preempted at step 3: checkpoint saved" in r.stdout, r.stderr[-2000:]
+    assert sorted(p.name for p in (term / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    r = _run([*common, f"workdir={term}"])
+    assert "at step 3" in r.stdout
+    assert strip(_metrics(term)) == strip(a)
+
     # The same run on 8 devices (expert 4 x tensor 2), killed, then resumed on another mesh
     # (fsdp 2 x expert 2 x tensor 2): Orbax reshards the checkpoint and the metrics follow the 1-device run.
     moved = tmp_path / "moved"

@@ -3,7 +3,7 @@
     python tools/bench.py                        # on a GPU/TPU machine: this mode
     python tools/bench_accel.py [--quick] [--skip_torch] [--skip_long] [--json_out FILE]
 
-Figures (one JSON line each, then a table; see `bench.record`):
+Figures (one JSON line each, then a table; see `bench_lib.record`):
   peak/*     measured bf16 matmul rate (8192^3) against the nominal bf16 peak of the card
   moe/*      MoE layer fwd+bwd in bf16 (16384 tokens, 2048 -> 5632, top-2 of 8): every dispatch path against one
              dense matmul of the same useful FLOPs, useful TFLOP/s
@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench  # noqa: E402  (tools/bench.py: timers, records, the step batch)
+import bench_lib as bench  # noqa: E402  (timers, records, the step batch, the PyTorch step)
 from jsmaug import attention, config as cfg_lib, model, moe, step  # noqa: E402
 from jsmaug.run_config import LossSection, TrainSection  # noqa: E402
 from plan_pod import analytic_flops_per_step  # noqa: E402
@@ -138,7 +138,7 @@ def bench_attention(quick: bool) -> None:
 
 def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
     rng = np.random.default_rng(0)
-    batch = bench._batch(rng, pairs, length, conf.vocab_size)
+    batch = bench.synthetic_batch(rng, pairs, length, conf.vocab_size)
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(
         model.init_params(conf, jax.random.key(0)))
     runner = bench.StepRunner(conf, "dpop", batch, ref)

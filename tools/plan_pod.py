@@ -87,6 +87,17 @@ def main(argv=None) -> int:
     return 0 if all(r["fits"] for r in results) else 1
 
 
+def host_view(mesh, cfg, devices) -> str:
+    """The run as its hosts see it: one JAX process per host, and the pairs of each step each one loads."""
+    hosts = sorted({d.process_index for d in devices})
+    per_host = shd.pairs_by_host(mesh, cfg.mesh, cfg.train.batch_size)
+    counts = sorted({len(v) for v in per_host.values()})
+    shared = len(per_host) > 1 and len({tuple(v) for v in per_host.values()}) < len(per_host)
+    return (f"hosts: {len(hosts)} (one JAX process each, distributed.enabled=true), {len(devices) // len(hosts)} "
+            f"devices per host; pairs per host per step: {'-'.join(map(str, counts))} of {cfg.train.batch_size}"
+            + (" (hosts share rows: a batch axis does not span them)" if shared else ""))
+
+
 def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict:
     """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
     topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology]
@@ -108,6 +119,7 @@ def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict
     print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
     print(f"MoE: {moe_path}, token dispatch {dispatch} -> {resolved}; attention: {attn_path} ({attn_why})")
+    print(host_view(mesh, cfg, devices))
     param_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
     shapes = model.param_shapes(mconf)
     sds = lambda s, sh, dtype=None: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh)  # noqa: E731

@@ -1,0 +1,180 @@
+"""What the benchmarks share: the timers, the result records and their table, the synthetic step batch, a
+compiled train step to time, and the PyTorch DPOP step they are compared with.
+
+`tools/bench.py` (CPU figures) and `tools/bench_accel.py` (GPU/TPU figures) both import it; it imports neither.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jsmaug import config as cfg_lib, model, step  # noqa: E402
+from jsmaug.run_config import LossSection, TrainSection  # noqa: E402
+
+RESULTS: list[dict] = []
+NOMINAL_BF16_PEAK = {"gpu": {"H100": 989e12, "H200": 989e12, "A100": 312e12}, "tpu": {}}
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    return f"{platform.node() or 'host'} {dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpus)"
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def timeit(fn, *args, reps: int = 5, min_time: float = 0.5) -> float:
+    """Median seconds per call after a compile + warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    t_end = time.time() + min_time
+    while len(times) < reps or time.time() < t_end:
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+        if len(times) >= 50:
+            break
+    return float(np.median(times))
+
+
+def time_alternating(fns, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each zero-argument, blocking function (compiled already), the functions
+    called in turn (A B C A B C ...), so a drift in the machine's speed hits every contender alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def record(name, a, b, unit, config, a_label, b_label):
+    rec = {"name": name, "a": a, "b": b, "ratio": a / b if b else float("nan"), "unit": unit, "a_is": a_label,
+           "b_is": b_label, "machine": machine(), "config": config, "peak_rss_gb": round(rss_gb(), 2)}
+    RESULTS.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+def print_table(json_out: str | None) -> None:
+    print("\n| comparison | a | b | a/b | unit |\n|---|---|---|---|---|")
+    for r in RESULTS:
+        print(f"| {r['name']} ({r['a_is']} vs {r['b_is']}) | {r['a']:.4g} | {r['b']:.4g} | {r['ratio']:.3f} | "
+              f"{r['unit']} |")
+    print(f"\npeak RSS {rss_gb():.2f} GB")
+    if json_out:
+        Path(json_out).write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+
+
+# ------------------------------------------------------------------------------------------------ a step to time
+
+def synthetic_batch(rng, pairs, length, vocab):
+    """Random ids, every row full, the second half of each row the completion."""
+    ids = rng.integers(3, vocab, (2 * pairs, length)).astype(np.int32)
+    seg = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()
+    labels = np.roll(ids, -1, axis=1)
+    loss_mask = np.zeros_like(ids)
+    loss_mask[:, length // 2:-1] = 1  # second half is the completion
+    return {"input_ids": ids, "segment_ids": seg, "positions": pos, "labels": labels, "loss_mask": loss_mask}
+
+
+CHUNK = 64  # the trainer's default train.logps_chunk_size
+
+
+def step_model_config(quick: bool = False):
+    """The model of the step and PyTorch comparisons (29.8M parameters; tiny shapes with `quick`)."""
+    return cfg_lib.tiny(vocab_size=512 if quick else 32000, hidden_size=64 if quick else 256,
+                        intermediate_size=128 if quick else 512, num_hidden_layers=2 if quick else 4,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=1024, moe_block_size=64 if quick else 256)
+
+
+def step_fn(conf, loss_type, chunk):
+    opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-4, schedule="constant"))
+    fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type=loss_type, beta=0.3),
+                                   optimizer=opt, chunk_size=chunk), donate_argnums=0)
+    return fn, opt
+
+
+class StepRunner:
+    """A compiled train step and its state; each call runs one step and waits for it (see time_alternating)."""
+
+    def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK, params=None):
+        self.fn, opt = step_fn(conf, loss_type, chunk)
+        params = model.init_params(conf, jax.random.key(0)) if params is None else params
+        self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
+                                     jax.random.key_data(jax.random.key(0)))
+        self.batch, self.ref = batch, ref
+        self()  # compile + warm-up
+
+    def __call__(self):
+        self.state, m = self.fn(self.state, self.batch, self.ref, False)
+        jax.block_until_ready(m)
+
+    def compiled_bytes(self) -> int:
+        """Arguments + temporaries + outputs of the compiled step (outputs aliased to donated inputs once)."""
+        m = self.fn.lower(self.state, self.batch, self.ref, False).compile().memory_analysis()
+        return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                - getattr(m, "alias_size_in_bytes", 0))
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
+    """HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch (one forward over [chosen; rejected], a
+    frozen reference, AdamW, clipping): a zero-argument function that runs one step and waits for it. With `bf16`:
+    autocast to bf16, a bf16 reference and fused AdamW (the accelerator setting of tools/bench_accel.py)."""
+    import torch
+    from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
+
+    hf_cfg = HFConfig(**{k: v for k, v in conf.to_hf_dict().items()
+                         if k not in ("architectures", "model_type", "rope_parameters", "torch_dtype")})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    policy = MixtralForCausalLM(hf_cfg).to(device).train()
+    ref = MixtralForCausalLM(hf_cfg).to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    ref.load_state_dict(policy.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=bf16 and device == "cuda")
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
+    labels = torch.as_tensor(batch["labels"], dtype=torch.long, device=device)
+    mask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32, device=device)
+
+    def logps(m, with_aux):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = m(ids, output_router_logits=with_aux)
+        lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels[..., None])[..., 0]
+        return (lp * mask).sum(-1), (out.aux_loss if with_aux else 0.0)
+
+    def one_step():
+        pl, aux = logps(policy, True)
+        with torch.no_grad():
+            rl, _ = logps(ref, False)
+        pc, pr, rc, rr = pl[:pairs], pl[pairs:], rl[:pairs], rl[pairs:]
+        delta = (pc - rc) - (pr - rr)
+        loss = -torch.nn.functional.logsigmoid(0.3 * (delta - 50.0 * torch.clamp(rc - pc, min=0))).mean()
+        loss = loss + conf.router_aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return one_step
