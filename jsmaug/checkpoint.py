@@ -19,6 +19,7 @@ from etils import epath
 
 from jsmaug import distributed
 from jsmaug.config import MixtralConfig
+from jsmaug.paths import absolute
 
 
 class CheckpointError(ValueError):
@@ -38,7 +39,7 @@ class Manager:
     """
 
     def __init__(self, directory, keep: int = 3, async_save: bool = True):
-        self.directory = _abs(directory)
+        self.directory = absolute(directory)
         self.keep, self.async_save = keep, async_save
         self._pending: int | None = None
         self.mngr = self._open()
@@ -172,11 +173,6 @@ class Manager:
         self.mngr = self._open()
 
 
-def _abs(path) -> epath.Path:
-    """An absolute epath (Orbax wants absolute paths); a bucket path (gs://...) as it is."""
-    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
-
-
 def _path_name(path) -> str:
     """'params/layers/w1' for a tree path, whether the tree holds dicts, named tuples or lists."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -219,7 +215,7 @@ logging.getLogger("absl").addFilter(_NoTracebacks())
 
 def save_params(out_dir, config: MixtralConfig, params) -> None:
     """The converter's output: `out_dir/params` (Orbax PyTree) and `out_dir/model_config.json`."""
-    out_dir = _abs(out_dir)
+    out_dir = absolute(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as c:
         c.save(out_dir / "params", params)
@@ -244,7 +240,7 @@ def _target(config: MixtralConfig, shardings):
 
 def read_model_config(path, step: int | None = None) -> MixtralConfig:
     """The model config stored with a converter checkpoint or a training workdir's checkpoint."""
-    path = _abs(path)
+    path = absolute(path)
     if (path / "model_config.json").exists():
         return _model_config_of(path / "model_config.json")
     mngr, step = _training_manager(path, step)
@@ -258,7 +254,7 @@ def load_params(path, step: int | None = None, shardings=None) -> tuple[MixtralC
     """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
     (`checkpoints/<step>/`, the latest unless `step`). With `shardings` (a pytree of NamedSharding) each
     array is restored straight onto its devices, resharding if it was saved on another mesh."""
-    path = _abs(path)
+    path = absolute(path)
     config = read_model_config(path, step)
     if config.lora_rank:
         return _load_lora_merged(path, config, step)
@@ -280,7 +276,7 @@ def _read_meta(mngr, step: int) -> dict:
 def stored_model_config(checkpoint_dir) -> tuple[int, dict] | None:
     """(step, model_config dict) from the newest checkpoint in `checkpoint_dir` whose metadata reads; None if
     the folder holds no complete checkpoint. Creates nothing."""
-    checkpoint_dir = _abs(checkpoint_dir)
+    checkpoint_dir = absolute(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
     mngr = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(create=False))

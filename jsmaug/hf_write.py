@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jsmaug.config import MixtralConfig
 from jsmaug.hf_layout import CheckpointError, _expected_hf_shape, _progress
 from jsmaug.hf_tokenizer import write_tokenizer_files
+from jsmaug.paths import is_remote
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -171,9 +172,11 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
             ent[3]()
         return {"tensors": len(entries), "bytes": 0, "seconds": time.time() - t0, "files": 0}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    # In a bucket there is no folder rename to commit with (it is a copy of every object): the files are
+    # written in place, each one whole (an object appears once its upload is complete).
+    tmp = out_dir if is_remote(out_dir) else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     tmp.rmtree(missing_ok=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
         total = 0
         weight_map = {}
@@ -196,7 +199,8 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
              "_from_model_config": True}, indent=2))
         if tokenizer_path is not None:
             write_tokenizer_files(tokenizer_path, tmp, chat_template)
-        commit_dir(tmp, out_dir)
+        if tmp != out_dir:
+            commit_dir(tmp, out_dir)
     except BaseException:
         tmp.rmtree(missing_ok=True)
         raise

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 from jsmaug.data_files import DataError
+from jsmaug.paths import atomic_write, is_remote
 
 _SPEAK = [True]
 
@@ -26,10 +26,6 @@ def speak(on: bool) -> None:
 def log(msg: str) -> None:
     if _SPEAK[0]:
         print(msg, flush=True)
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
 
 
 
@@ -62,7 +58,7 @@ class MetricsWriter:
                     self.lines.append(json.dumps(r) + "\n")
                     self.keys.setdefault(r["step"], set()).update(r)
             self._rewrite()
-        self.fh = self.path.open("a") if _is_local(self.path) else None
+        self.fh = None if is_remote(self.path) else self.path.open("a")
         self.tb = None
         if tensorboard:
             try:
@@ -73,9 +69,7 @@ class MetricsWriter:
                 log("note: tensorboardX not installed; no TensorBoard events")
 
     def _rewrite(self) -> None:
-        tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        tmp.write_text("".join(self.lines))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(self.lines))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         rec = {"step": step}
@@ -134,7 +128,4 @@ def plot_metrics(metrics_path, out_png) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    out_png = epath.Path(out_png)
-    tmp = out_png.parent / f".{out_png.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out_png)
+    atomic_write(out_png, buf.getvalue())

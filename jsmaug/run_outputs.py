@@ -15,8 +15,8 @@
     workdir/damaged_checkpoints/     process 0 (`checkpoint.Manager`)             on resume
 
 A training feature that writes a file adds it here, and the one-writer rule comes with it. Whatever process 0
-writes goes under a temporary name first and is renamed (`atomic_write`), so a kill never leaves half a file.
-The workdir may be a bucket (`gs://bucket/run`): every path is an `etils.epath.Path`, as in Orbax.
+writes is written whole or not at all (`paths.atomic_write`), so a kill never leaves half a file. The workdir
+may be a bucket (`gs://bucket/run`): every path is an `etils.epath.Path`, as in Orbax.
 """
 
 from __future__ import annotations
@@ -32,16 +32,7 @@ from etils import epath
 from jsmaug import distributed
 from jsmaug.config import ConfigError
 from jsmaug.metrics_log import MetricsWriter, plot_metrics
-
-
-def atomic_write(path: epath.Path, data: bytes | str) -> None:
-    """Writes `path` through a temporary name in the same folder and a rename."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+from jsmaug.paths import atomic_write
 
 
 class _NoMetrics:

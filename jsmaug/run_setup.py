@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -21,15 +20,12 @@ from jsmaug import attention, checkpoint as ckpt, data as data_lib, expert_paral
 from jsmaug import sharding as shd, step as step_lib
 from jsmaug.config import ConfigError, MixtralConfig
 from jsmaug.metrics_log import log
+from jsmaug.paths import absolute
 from jsmaug.run_config import RunConfig
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
 RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_dispatch",
                            "attention_impl", "attention_block_size")
-
-
-def _abs(path: str) -> str:
-    return path if "://" in str(path) else os.path.abspath(path)
 
 
 def model_config(cfg: RunConfig) -> MixtralConfig:
@@ -65,7 +61,7 @@ def lora_meta(cfg: RunConfig, mconf: MixtralConfig) -> dict:
     """What a LoRA checkpoint says about its base: where the base came from (it is not stored again)."""
     if not mconf.lora_rank:
         return {}
-    return {"lora_base": {"init_from": _abs(cfg.init_from) if cfg.init_from else None, "seed": cfg.seed,
+    return {"lora_base": {"init_from": str(absolute(cfg.init_from)) if cfg.init_from else None, "seed": cfg.seed,
                           "dtype": cfg.lora.base_dtype}}
 
 
