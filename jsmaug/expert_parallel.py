@@ -12,7 +12,7 @@
                 are added over `tensor`.
 - "auto":       `all_to_all` where the mesh has an expert axis > 1, or where the experts run the megablox kernels
                 (TPU) on more than one device; else `gspmd` (one device, or no expert axis off TPU). See
-                `resolve_dispatch` and README "How tokens reach their experts".
+                `resolve_dispatch` and docs/pods.md "How tokens reach their experts".
 
 The mesh is not part of the model: the trainer traces its steps inside `mesh_context.mesh_scope(mesh, batch_axes)`,
 and the MoE layer reads it (jsmaug/mesh_context.py). Outside that context (one device, tests of the model alone)

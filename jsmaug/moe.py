@@ -272,7 +272,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     on the 2-core CPU machine); on GPU XLA lowers it to a dense fallback too (one H200, jax 0.11.2, MoE layer
     fwd+bwd: bucketed 461 useful TFLOP/s against ragged 86; the DPOP step 0.353 s against 0.970 s). On TPU,
     `ragged_dot`'s weight gradient compiles to a masked dense product per expert over every row (tools/plan_pod.py
-    --save_hlo on v5p-128; README "GPU and TPU"), so TPU takes the megablox kernels."""
+    --save_hlo on v5p-128; docs/gpu-tpu.md), so TPU takes the megablox kernels."""
     if impl != "auto":
         return impl
     return "megablox" if (backend or mesh_context.target_platform()) == "tpu" else "bucketed"

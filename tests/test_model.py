@@ -75,7 +75,7 @@ def test_bfloat16_compute_close_to_float32(case):
     valid = mask.astype(bool)
     err = np.abs(np.asarray(got, np.float32) - np.asarray(want))[valid].max()
     scale = np.abs(np.asarray(want))[valid].max()
-    # Measured ~1e-2 relative on these tiny random models; 5e-2 documents the budget in the README.
+    # Measured ~1e-2 relative on these tiny random models; 5e-2 documents the budget in docs/library.md.
     assert err <= 5e-2 * max(scale, 1.0), (name, err, scale)
 
 

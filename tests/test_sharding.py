@@ -15,7 +15,7 @@ from jsmaug.run_config import LossSection
 
 CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02)
 # DPO, not DPOP: the reference starts equal to the policy, and there DPOP's penalty switches on a 1e-7 round-off
-# in ref_c - pi_c, which differs between a mesh and one device (see README, "DPOP's kink").
+# in ref_c - pi_c, which differs between a mesh and one device (see docs/pods.md, "DPOP's kink").
 LOSS = LossSection(type="dpo", beta=0.3)
 # SGD with momentum: the update is a linear function of the gradient, so 1e-5 compares the sharded math itself.
 # (Adam's first steps are ~lr * sign(g), which turns round-off in gradients that are ~0 into lr-sized jumps.)

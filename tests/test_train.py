@@ -70,12 +70,18 @@ def test_shipped_config_runs_two_steps_and_exports(tmp_path):
     import jax
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ck)
     assert (wd / "hf" / "tokenizer.model").stat().st_size == 493443
+    # The converter tool exports a workdir with the tokenizer it trained with, by default.
+    r = subprocess.run([sys.executable, "tools/convert_jax_to_hf.py", "--ckpt_dir", str(wd), "--out_dir",
+                        str(tmp_path / "tool")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors"):
+        assert (tmp_path / "tool" / name).read_bytes() == (wd / "hf" / name).read_bytes(), name
 
 
 def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     data = _pairs(tmp_path / "pairs.jsonl")
     # DPO: the run is compared with runs on other meshes, and DPOP's penalty at policy == reference switches on a
-    # 1e-7 round-off that differs between meshes (README, "DPOP's kink"). Resume itself does not depend on the loss.
+    # 1e-7 round-off that differs between meshes (docs/pods.md, "DPOP's kink"). Resume itself does not depend on the loss.
     common = ["configs/tiny_dpop.yaml", *SMALL, "loss.type=dpo", f"data.train_path={data}", f"data.eval_path={data}",
               "train.steps=8", "log.eval_every=0"]
     full = tmp_path / "full"
