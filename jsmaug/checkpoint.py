@@ -56,12 +56,15 @@ class Manager:
         """Complete checkpoints, newest first."""
         return sorted(self.mngr.all_steps(), reverse=True)
 
-    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state, meta: dict[str, Any], reference=None) -> None:
+        """Saves the train state and its metadata; `reference` too when it moves (TR-DPO)."""
         self.check()
         self._pending = step
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
         try:
-            self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)))
+            self.mngr.save(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 - any failure of a save becomes one named error
             self._fail(step, err)
 
@@ -105,15 +108,23 @@ class Manager:
         raise CheckpointError(f"{self.directory}: saving the checkpoint of step {step} failed: {root_cause(err)}. "
                               f"Its temporary folder was removed; {after}") from err
 
-    def restore(self, abstract_state, step: int | None = None):
+    def restore(self, abstract_state, step: int | None = None, abstract_reference=None):
+        """(state, meta) of a step; with `abstract_reference`, (state, meta, reference)."""
         step = self.latest_step() if step is None else step
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                               meta=ocp.args.JsonRestore()))
-        return out.state, out.meta
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if abstract_reference is not None:
+            if not (self.directory / str(step) / "reference").exists():
+                raise CheckpointError(f"{self.directory / str(step)}: holds no reference, but reference.sync_every "
+                                      "needs the one it moved to (it was saved without TR-DPO)")
+            items["reference"] = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                                       abstract_reference))
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        return (out.state, out.meta) if abstract_reference is None else (out.state, out.meta, out.reference)
 
-    def restore_newest_intact(self, abstract_state, log=print):
-        """(state, meta, step) of the newest checkpoint that restores. A checkpoint that does not restore is
+    def restore_newest_intact(self, abstract_state, log=print, abstract_reference=None):
+        """(state, meta, step, reference) of the newest checkpoint that restores (reference: None unless
+        `abstract_reference` is given, for TR-DPO). A checkpoint that does not restore is
         damaged when its own metadata is unreadable or its files do not hold what the metadata says; it is moved
         aside once an older one restores. A checkpoint whose structure simply differs from `abstract_state`
         (another optimizer or model) is not damaged: that is an error naming both."""
@@ -124,12 +135,14 @@ class Manager:
                 raise CheckpointError(f"{self.directory / str(step)}: {problem}")
             if not problem:
                 try:
-                    state, meta = self.restore(abstract_state, step)
+                    out = self.restore(abstract_state, step, abstract_reference)
+                except CheckpointError:
+                    raise
                 except Exception as err:  # noqa: BLE001
                     problem = f"damaged: {root_cause(err)}"
                 else:
                     self._set_aside(damaged, log, step)
-                    return state, meta, step
+                    return out[0], out[1], step, (out[2] if abstract_reference is not None else None)
             damaged.append((step, problem[len("damaged: "):]))
         if damaged:
             names = "; ".join(f"{self.directory / str(s)}: {why}" for s, why in damaged)

@@ -57,8 +57,8 @@ def model_tokenizer_path(model_path: str | Path) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _logps_fn(config: MixtralConfig, chunk_size: int):
     def fn(params, batch):
-        logps, ntok, _, _ = step_lib.policy_logps(config, params, batch, chunk_size)
-        return logps, ntok
+        seq, _, _ = step_lib.policy_logps(config, params, batch, chunk_size)
+        return seq.logps, seq.num_tokens
     return jax.jit(fn)
 
 

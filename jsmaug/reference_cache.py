@@ -3,8 +3,8 @@
 Every process computes the rows its devices hold (`sharding.put_pairs`); the per-pair results come back
 replicated, so every process has the whole table and process 0 writes it once, to
 `workdir/ref_cache/ref_logps-<fingerprint>.npy`. The fingerprint covers the tokenised pairs, the reference
-weights (`tree_digest`, which does not depend on the mesh or the process count), the tokenizer and the
-truncation settings, so a run on another mesh or another number of hosts reuses the file.
+weights (`tree_digest`, which does not depend on the mesh or the process count), the tokenizer, the
+truncation settings and LD-DPO's `ld_alpha` (it weighs the log-probs), so a run on another mesh or another number of hosts reuses the file.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def precompute(cfg, mconf, ref_params, examples: Sequence[dict], place: Callable
     holds them. `place(pairs)` puts a global batch of pairs on the mesh (each process collates its rows)."""
     fp = hashlib.sha256(json.dumps([examples_fingerprint(examples), tree_digest(ref_params), tok_fp,
                                     cfg.data.max_length, cfg.data.max_prompt_length,
-                                    cfg.reference.dtype]).encode()).hexdigest()[:20]
+                                    cfg.reference.dtype, cfg.loss.ld_alpha]).encode()).hexdigest()[:20]
     path = outputs.ref_cache_path(fp)
     if path.exists():
         log(f"reference logps: cached {path}")
@@ -87,8 +87,8 @@ def precompute(cfg, mconf, ref_params, examples: Sequence[dict], place: Callable
         batch = place(chunk)
         if fn is None:  # on a mesh, traced where the MoE layers can see it (token dispatch); results replicated
             sharding = batch["input_ids"].sharding
-            jitted = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size),
-                             out_shardings=NamedSharding(sharding.mesh, P()))
+            jitted = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size,
+                                               ld_alpha=cfg.loss.ld_alpha), out_shardings=NamedSharding(sharding.mesh, P()))
             fn = step_lib.on_mesh(jitted, jax.tree.map(lambda x: x.sharding, batch))
         lp = np.asarray(jax.device_get(fn(ref_params, batch)))
         out[i * bs:i * bs + n, 0] = lp[:n]

@@ -39,16 +39,27 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class LossSection:
-    type: str = "dpop"  # dpop | dpo | ipo | hinge | sft
+    type: str | tuple[str, ...] = "dpop"  # a name (jsmaug.losses.LOSSES, TRL's names), a list, or module:function
+    weights: tuple[float, ...] = ()  # one per type; default 1 each
     beta: float = 0.3
     dpop_lambda: float = 50.0
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    f_divergence: str = "reverse_kl"  # forward_kl | js_divergence | alpha_divergence (with f_alpha)
+    f_alpha: float = 0.5
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    ld_alpha: float | None = None  # LD-DPO: weight of the tail beyond the shorter completion
+    wpo: bool = False  # WPO's pair weights (TRL's use_weighting)
+    params: dict = dataclasses.field(default_factory=dict, hash=False)  # keyword arguments of your own loss
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceSection:
     mode: str = "online"  # online | precomputed
     dtype: str = "float32"  # the frozen reference's weights may be kept in bfloat16
+    sync_every: int = 0  # TR-DPO: every this many steps ref <- mixup_alpha * policy + (1 - mixup_alpha) * ref
+    mixup_alpha: float = 0.6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +121,20 @@ class RunConfig:
              f"must divide train.batch_size={t.batch_size}")
         need(t.schedule in ("cosine", "linear", "constant"), "train.schedule", "must be cosine, linear or constant")
         need(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", "must be skip or stop")
-        from jsmaug.losses import LOSSES
-        need(self.loss.type in LOSSES, "loss.type", f"must be one of {sorted(LOSSES)}, got {self.loss.type!r}")
+        from jsmaug import loss_config
+        objective = loss_config.objective(self.loss)
         need(self.loss.beta > 0, "loss.beta", "must be > 0")
         need(self.loss.dpop_lambda >= 0, "loss.dpop_lambda", "must be >= 0")
         need(self.reference.mode in ("online", "precomputed"), "reference.mode", "must be online or precomputed")
         need(self.reference.dtype in ("float32", "bfloat16"), "reference.dtype", "must be float32 or bfloat16")
+        need(self.reference.sync_every >= 0, "reference.sync_every", "must be >= 0 (0: the reference never moves)")
+        need(0.0 < self.reference.mixup_alpha <= 1.0, "reference.mixup_alpha", "must be in (0, 1]")
+        if self.reference.sync_every:
+            need(self.reference.mode == "online", "reference.sync_every",
+                 "TR-DPO updates the reference, so it cannot be precomputed (reference.mode=precomputed)")
+            need(self.lora.rank == 0, "reference.sync_every", "not with LoRA: there the reference is the policy's "
+                 "own frozen base, which an update would move too")
+            need(objective.needs_reference, "reference.sync_every", "the loss has no reference to update")
         need(self.data.train_path is not None, "data.train_path", "is required")
         need(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
         need(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
@@ -171,6 +190,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     return value
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jsmaug import attention, checkpoint as ckpt, data as data_lib, expert_parallel, lora, model
+from jsmaug import attention, checkpoint as ckpt, data as data_lib, expert_parallel, lora, loss_config, model
 from jsmaug import sharding as shd, step as step_lib
 from jsmaug.config import ConfigError, MixtralConfig
 from jsmaug.metrics_log import log
@@ -154,7 +154,9 @@ def build(cfg: RunConfig, run_data, outputs) -> Setup:
                              mesh, cfg.mesh)
 
     train_ref = eval_ref = None
-    needs_ref = step_lib.losses.needs_reference(cfg.loss.type)
+    objective = loss_config.objective(cfg.loss)
+    log(f"loss: {loss_config.describe(objective)}")
+    needs_ref = objective.needs_reference
     if cfg.reference.mode == "precomputed" and needs_ref:
         fp = run_data.tok.fingerprint()
         train_ref = reference_cache.precompute(cfg, mconf, ref_params, run_data.train, place, outputs, fp)
@@ -168,10 +170,14 @@ def build(cfg: RunConfig, run_data, outputs) -> Setup:
     state = step_lib.init_state(optimizer, params, state_sh, cfg.seed)
     manager = ckpt.Manager(outputs.checkpoints, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
-    restored = manager.restore_newest_intact(state, log)  # onto this run's shardings, whatever mesh saved it
+    moving_ref = ref_params if cfg.reference.sync_every else None  # TR-DPO: the reference is saved and restored
+    # Onto this run's shardings, whatever mesh saved it.
+    restored = manager.restore_newest_intact(state, log, abstract_reference=moving_ref)
     if restored is not None:
         state = restored[0]
         start = int(state.step)
+        if moving_ref is not None:
+            ref_params = jax.device_put(restored[3], ref_sh)
         log(f"resumed from {outputs.checkpoints} at step {start} (skipped so far: {int(state.skipped)})")
     return Setup(mconf=mconf, mesh=mesh, state=state, state_sh=state_sh, ref_params=ref_params,
                  ref_sh=None if ref_params is None else ref_sh, optimizer=optimizer, schedule=schedule, manager=manager, start=start,

@@ -2,6 +2,9 @@
 
     loss = mean_b preference_loss(b) + router_aux_loss_coef * aux_loss(policy)
 
+The preference loss is the `loss` section's objective (`loss_config`): one loss of `jsmaug.losses` or a weighted
+sum of several, or a function of your own.
+
 The reference enters only through `jax.lax.stop_gradient` (inside `reference_logps` and again inside each loss),
 runs without the aux loss, and is never part of the optimizer state. With `reference.mode=precomputed` the
 batch carries the reference logps and no reference forward runs at all.
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsmaug import lora, losses, mesh_context, model
+from jsmaug import logps as logps_lib, lora, loss_config, losses, mesh_context, model
 from jsmaug.config import MixtralConfig
 
 
@@ -46,22 +49,29 @@ def make_optimizer(train) -> optax.GradientTransformation:
     return optax.chain(*parts), schedule
 
 
-def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0):
-    """Summed completion logps and token counts for every row of the batch, plus the aux loss and MoE stats."""
+def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0, token_weights=None,
+                 with_aligned: bool = False):
+    """Completion log-probs of every row (`logps.SequenceLogps`), plus the aux loss and MoE stats."""
     h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
                                          positions=batch["positions"])
-    logps, ntok = losses.sequence_logps_from_hidden(
+    seq = logps_lib.sequence_logps_from_hidden(
         h, lambda x: model.unembed(config, params, x), batch["labels"], batch["loss_mask"],
-        chunk_size=chunk_size or None)
-    return logps, ntok, aux, stats
+        chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned)
+    return seq, aux, stats
 
 
-def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0):
+def token_weights(batch, ld_alpha: float | None):
+    """LD-DPO's per-token weights of a [chosen; rejected] batch, or None."""
+    return None if ld_alpha is None else logps_lib.ld_weights(batch["loss_mask"], ld_alpha)
+
+
+def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
     """The frozen reference: stop_gradient on its weights, no aux loss. With LoRA it is the base alone."""
     batch = unpair(batch)
     config = config.replace(lora_rank=0) if config.lora_rank else config
-    logps, _, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size)
-    return jax.lax.stop_gradient(logps)
+    seq, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size,
+                             token_weights(batch, ld_alpha))
+    return jax.lax.stop_gradient(seq.logps)
 
 
 def _split(x):
@@ -70,41 +80,44 @@ def _split(x):
 
 
 def unpair(batch):
-    """(2, B, ...) paired arrays (see `sharding.put_batch`) -> [chosen; rejected] rows (2B, ...)."""
+    """(2, B, ...) paired arrays (see `sharding.put_pairs`) -> [chosen; rejected] rows (2B, ...)."""
     if batch["input_ids"].ndim == 3:
         return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     return batch
 
 
 def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
-    """Per-pair loss inputs and losses: (LossInputs, per-example loss (B,), aux loss, MoE stats).
+    """Per-pair loss inputs and losses: (LossInputs, per-pair loss (B,), each term's mean, aux loss, MoE stats).
 
     With LoRA (`config.lora_rank > 0`), `params` are the adapters and `ref_params` the frozen base: the policy is
-    base + adapters (the base under stop_gradient: it gets no gradient), and the reference is the base alone."""
+    base + adapters (the base under stop_gradient: it gets no gradient), and the reference is the base alone.
+    A reference-free loss sees zeros as reference log-probs (its rewards are then beta x policy log-probs, as
+    TRL's CPO and ORPO trainers log them)."""
+    objective = loss_config.objective(loss_cfg)
     batch = unpair(batch)
     if config.lora_rank:
         params = lora.combine(jax.lax.stop_gradient(ref_params), params)
-    logps, ntok, aux, stats = policy_logps(config, params, batch, chunk_size)
-    pc, pr = _split(logps)
-    nc, nr = _split(ntok)
+    weights = token_weights(batch, objective.ld_alpha)
+    seq, aux, stats = policy_logps(config, params, batch, chunk_size, weights, objective.wpo)
+    pc, pr = _split(seq.logps)
     if "ref_logps" in batch:  # precomputed reference: no reference forward
         rc, rr = _split(jax.lax.stop_gradient(batch["ref_logps"]))
-    elif losses.needs_reference(loss_cfg.type):
-        rc, rr = _split(reference_logps(config, ref_params, batch, chunk_size))
+    elif objective.needs_reference:
+        rc, rr = _split(reference_logps(config, ref_params, batch, chunk_size, objective.ld_alpha))
     else:
-        rc, rr = jax.lax.stop_gradient(pc), jax.lax.stop_gradient(pr)
-    inputs = losses.LossInputs(pc, pr, rc, rr, nc, nr)
-    per_example = losses.preference_loss(loss_cfg.type, inputs, beta=loss_cfg.beta, dpop_lambda=loss_cfg.dpop_lambda,
-                                         label_smoothing=loss_cfg.label_smoothing)
-    return inputs, per_example, aux, stats
+        rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
+    aligned = (None, None) if seq.aligned_logps is None else _split(seq.aligned_logps)
+    inputs = losses.LossInputs(pc, pr, rc, rr, *_split(seq.num_tokens), *_split(seq.logps_unweighted), *aligned)
+    per_pair, terms = objective(inputs)
+    return inputs, per_pair, terms, aux, stats
 
 
 def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
     batch = unpair(batch)
-    inputs, per_example, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
-                                                  chunk_size=chunk_size)
+    inputs, per_pair, terms, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+                                                      chunk_size=chunk_size)
     pc, pr, rc, rr = inputs[:4]
-    pref_loss = jnp.mean(per_example)
+    pref_loss = jnp.mean(per_pair)
     loss = pref_loss + config.router_aux_loss_coef * aux
     metrics = losses.preference_metrics(pc, pr, rc, rr, beta=loss_cfg.beta)
     counts = jnp.sum(stats["counts"], axis=0)
@@ -114,6 +127,8 @@ def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_c
         "moe/dropped": jnp.sum(stats["dropped"]),
         "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32)),
     })
+    if len(terms) > 1:  # each term of a weighted combination, unweighted, as its own metric
+        metrics.update({f"loss/{name}": value for name, value in terms.items()})
     return loss, metrics
 
 
@@ -164,11 +179,11 @@ def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Arra
 
 def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
     """Per-pair values (not batch means, so a caller can drop padding pairs): the four logps, the preference
-    loss of each pair, and the batch's aux loss."""
-    inputs, per_example, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+    loss of each pair, and the batch's aux loss. (A batch-level loss, `aot` or `sft`, is per eval batch.)"""
+    inputs, per_pair, _, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
                                               chunk_size=chunk_size)
     return {"pc": inputs.policy_chosen_logps, "pr": inputs.policy_rejected_logps, "rc": inputs.reference_chosen_logps,
-            "rr": inputs.reference_rejected_logps, "loss": per_example, "aux": aux}
+            "rr": inputs.reference_rejected_logps, "loss": per_pair, "aux": aux}
 
 
 def eval_metrics(per_pair, aux_mean: float, *, config: MixtralConfig, loss_cfg) -> dict[str, float]:

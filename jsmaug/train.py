@@ -97,9 +97,21 @@ class Evaluator:
 
 # ------------------------------------------------------------------------------------------------ phase 3: steps
 
-def _checkpoint_meta(cfg: RunConfig, setup: run_setup.Setup, step: int) -> dict:
-    return {"data_position": step, "seed": cfg.seed, "model_config": setup.mconf.to_dict(),
+def _save(cfg: RunConfig, setup: run_setup.Setup, state, step: int) -> None:
+    meta = {"data_position": step, "seed": cfg.seed, "model_config": setup.mconf.to_dict(),
             **run_setup.lora_meta(cfg, setup.mconf)}
+    setup.manager.save(step, state, meta, reference=setup.ref_params if cfg.reference.sync_every else None)
+
+
+def _reference_mixer(cfg: RunConfig, setup: run_setup.Setup):
+    """TR-DPO's update (Gorbatovski et al., arXiv 2404.09656; TRL's sync_ref_model): every `sync_every` steps
+    ref <- alpha * policy + (1 - alpha) * ref, in the reference's dtype and shardings."""
+    alpha = cfg.reference.mixup_alpha
+
+    def mix(policy, ref):
+        return jax.tree.map(lambda p, r: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)
+                                          ).astype(r.dtype), policy, ref)
+    return jax.jit(mix, out_shardings=setup.ref_sh, donate_argnums=1)
 
 
 def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: RunOutputs, writer,
@@ -116,6 +128,7 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
                                       loss_cfg=cfg.loss, optimizer=setup.optimizer,
                                       micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.logps_chunk_size)
     evaluate = Evaluator(cfg, setup, run_data, batch_sh)
+    mix = _reference_mixer(cfg, setup) if cfg.reference.sync_every else None
     t_last = t_start = time.time()
     steps_since, window, saved = 0, None, None
     for s in range(start, steps):
@@ -145,8 +158,10 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
             ev = evaluate(state.params)
             writer.write(done, ev)
             log(f"eval @ {done}: loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracies']:.3f}")
+        if cfg.reference.sync_every and done % cfg.reference.sync_every == 0:  # TR-DPO
+            setup.ref_params = mix(state.params, setup.ref_params)
         if done % cfg.checkpoint.every == 0 or done == steps:
-            setup.manager.save(done, state, _checkpoint_meta(cfg, setup, done))
+            _save(cfg, setup, state, done)
             saved = done
         if cfg.debug.kill_at_step == done:
             setup.manager.wait()  # the test wants a kill *between* saves, not an interrupted one
@@ -155,7 +170,7 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
             os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends every host before taking it
         if preemption.reached(done):  # asked on every process at every step
             if saved != done:
-                setup.manager.save(done, state, _checkpoint_meta(cfg, setup, done))
+                _save(cfg, setup, state, done)
             setup.manager.wait()
             log(f"preempted at step {done}: checkpoint saved in {outputs.checkpoints / str(done)}")
             raise distributed.Preempted(done)

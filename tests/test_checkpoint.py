@@ -44,7 +44,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_restores(tmp_pa
                 f.unlink()
     logged = []
     m = ckpt.Manager(tmp_path / "checkpoints", keep=5, async_save=False)
-    state, meta, step = m.restore_newest_intact(_state(0.0), logged.append)
+    state, meta, step, _ = m.restore_newest_intact(_state(0.0), logged.append)
     assert step == 1 and meta == {"step": 1}
     np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
     assert any("checkpoints/2 is damaged" in x for x in logged), logged

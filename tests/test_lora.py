@@ -57,7 +57,7 @@ def test_at_init_policy_is_reference_and_only_adapters_learn():
     base, adapters, _ = _parts()
     batch = _batch(1)
     loss_cfg = LossSection(type="dpop", beta=0.3, dpop_lambda=50.0)
-    inputs, _, _, _ = step.pair_losses(adapters, base, batch, config=CONF, loss_cfg=loss_cfg)
+    inputs, _, _, _, _ = step.pair_losses(adapters, base, batch, config=CONF, loss_cfg=loss_cfg)
     np.testing.assert_array_equal(inputs.policy_chosen_logps, inputs.reference_chosen_logps)  # exactly
     np.testing.assert_array_equal(inputs.policy_rejected_logps, inputs.reference_rejected_logps)
     opt = optax.adam(1e-2)

@@ -1,4 +1,4 @@
-"""Losses against independent NumPy formulas, finite differences and the DPOP paper's properties."""
+"""The formulas on arrays (`losses.primitives`) against NumPy, finite differences and the DPOP paper's properties."""
 
 import chex
 import numpy as np
@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug import losses
+from numeric import check_grads_by_finite_differences
 
 jax.config.update("jax_enable_x64", False)
 
@@ -136,18 +137,7 @@ def test_gradients_match_finite_differences_and_reference_gets_none(name):
               "dpo": lambda *a: losses.dpo_sigmoid(*a, beta=0.7, label_smoothing=0.1),
               "ipo": lambda *a: losses.ipo(*a, beta=0.7),
               "hinge": lambda *a: losses.hinge(*a, beta=0.3)}[name]
-        total = lambda *a: jnp.sum(fn(*a))
-        args = [jnp.asarray(a, jnp.float64) for a in x]
-        grads = jax.grad(total, argnums=(0, 1, 2, 3))(*args)
-        eps = 1e-6
-        for argi in (0, 1):
-            fd = np.zeros(6)
-            for i in range(6):
-                up = [a.copy() for a in x]; up[argi][i] += eps
-                dn = [a.copy() for a in x]; dn[argi][i] -= eps
-                fd[i] = (float(total(*map(jnp.asarray, up))) - float(total(*map(jnp.asarray, dn)))) / (2 * eps)
-            np.testing.assert_allclose(grads[argi], fd, rtol=1e-5, atol=1e-7)
-        assert np.all(np.asarray(grads[2]) == 0) and np.all(np.asarray(grads[3]) == 0)
+        check_grads_by_finite_differences(lambda *a: jnp.sum(fn(*a)), x, label=name)
     finally:
         jax.config.update("jax_enable_x64", False)
 
@@ -167,16 +157,17 @@ def test_dpop_never_below_dpo_and_finite(pc, pr, rc, rr, beta, lam):
     assert np.isfinite(np.asarray(g)).all()
 
 
-def test_nll_and_table():
+def test_nll_and_the_table():
     x = losses.LossInputs(*(jnp.array([-6.0, -3.0]),) * 4, chosen_num_tokens=jnp.array([3, 0]),
                           rejected_num_tokens=jnp.array([2, 2]))
-    np.testing.assert_allclose(losses.preference_loss("sft", x), [2.0, 3.0])
+    np.testing.assert_allclose(losses.nll(x.policy_chosen_logps, x.chosen_num_tokens), [2.0, 3.0])
+    # sft (TRL's): the batch's NLL per chosen token, 9 nats over 3 tokens, in every entry's share.
+    np.testing.assert_allclose(np.mean(losses.preference_loss("sft", x)), 3.0)
     np.testing.assert_allclose(losses.preference_loss("dpop", x, beta=0.3, dpop_lambda=50.0), [np.log(2)] * 2, rtol=1e-6)
     # ipo through the table length-averages: delta = 0 here, loss = (1/(2 beta))^2
     np.testing.assert_allclose(losses.preference_loss("ipo", x, beta=0.5), [1.0, 1.0], rtol=1e-6)
-    assert not losses.needs_reference("sft") and losses.needs_reference("dpop")
-    with pytest.raises(ValueError, match="unknown loss type 'kto'"):
-        losses.preference_loss("kto", x, beta=0.1)
+    assert not losses.needs_reference("sft") and losses.needs_reference("dpop") and losses.needs_reference("dpo")
+    assert not losses.needs_reference("simpo") and not losses.needs_reference("orpo")
 
 
 def test_preference_metrics_values():
@@ -190,57 +181,6 @@ def test_preference_metrics_values():
     np.testing.assert_allclose(m["dpop/active_fraction"], 0.5)
 
 
-def test_sequence_logps_naive_and_chunked():
-    rng = np.random.default_rng(0)
-    b, s, v = 3, 11, 17
-    logits = jnp.asarray(rng.normal(size=(b, s, v)) * 3, jnp.float32)
-    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
-    mask = jnp.asarray(rng.integers(0, 2, (b, s)), jnp.int32)
-    lsm = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
-    want = np.array([sum(lsm[i, t, labels[i, t]] for t in range(s) if mask[i, t]) for i in range(b)])
-    got, n = losses.sequence_logps(logits, labels, mask)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(n, np.asarray(mask).sum(1))
-    for chunk in (1, 4, 5):
-        got_c, _ = losses.sequence_logps(logits, labels, mask, chunk_size=chunk)
-        np.testing.assert_allclose(got_c, got, rtol=1e-6, atol=1e-6)
-    # hidden-state form with a chunked unembed: values and gradients equal the plain form
-    d = 6
-    h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    plain = lambda w: jnp.sum(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask)[0])
-    chunked = lambda w: jnp.sum(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask, chunk_size=4)[0])
-    np.testing.assert_allclose(chunked(w), plain(w), rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(chunked)(w), jax.grad(plain)(w), rtol=1e-5, atol=1e-6)
-    for chunk in (1, 2, 5, 50):
-        f = lambda h, w: jnp.sum(jnp.sin(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask,
-                                                                            chunk_size=chunk)[0]))
-        g = lambda h, w: jnp.sum(jnp.sin(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask)[0]))
-        for a, b_, name in zip(jax.grad(f, (0, 1))(h, w), jax.grad(g, (0, 1))(h, w), ("hidden", "unembed")):
-            np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk} {name}")
-    zero = jnp.zeros_like(mask)
-    np.testing.assert_array_equal(losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, zero,
-                                                                    chunk_size=2)[0], np.zeros(b))
-
-
-def test_chunked_logps_never_touch_unmasked_positions():
-    """Prompt and padding positions never reach the unembedding: NaN hidden states there change nothing."""
-    rng = np.random.default_rng(1)
-    b, s, d, v = 2, 12, 4, 9
-    mask = np.zeros((b, s), np.int32)
-    mask[0, 8:11] = 1
-    mask[1, 3:5] = 1
-    h = rng.normal(size=(b, s, d)).astype(np.float32)
-    h_nan = np.where(mask[..., None] > 0, h, np.nan).astype(np.float32)
-    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
-    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    f = lambda h, w: losses.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask, chunk_size=1)[0]
-    np.testing.assert_allclose(f(h_nan, w), f(h, w), rtol=1e-6)
-    grad_w = jax.grad(lambda w: jnp.sum(f(h_nan, w)))(w)
-    assert np.all(np.isfinite(grad_w))
-    assert not np.all(np.isfinite(losses.sequence_logps_from_hidden(h_nan, lambda x: x @ w, labels, mask)[0]))
-
-
 def test_bad_inputs_raise_clearly():
     good = jnp.zeros((4,))
     with pytest.raises(AssertionError, match="rank"):
@@ -249,5 +189,4 @@ def test_bad_inputs_raise_clearly():
         losses.dpop(jnp.zeros((3,)), good, good, good, beta=0.1, lam=1.0)
     with pytest.raises(TypeError, match="floating point"):
         losses.dpo_sigmoid(jnp.zeros((4,), jnp.int32), good, good, good, beta=0.1)
-    with pytest.raises(TypeError, match="labels must be integers"):
-        losses.sequence_logps(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2)), jnp.ones((1, 2)))
+

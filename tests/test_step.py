@@ -1,6 +1,5 @@
 """The train step: frozen reference, precomputed == online, aux loss scale, accumulation, non-finite skip."""
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, data, model, step
+from jsmaug import config as cfg_lib, data, loss_config, model, step
 from jsmaug.run_config import LossSection, TrainSection
 
 CONF = cfg_lib.tiny(vocab_size=64, router_aux_loss_coef=0.0)
@@ -126,16 +125,24 @@ def test_non_finite_step_is_skipped_and_counted():
     assert int(m["applied"]) == 1 and int(state.skipped) == 1
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "hinge", "sft"])
-def test_every_loss_type_trains(loss_type):
+@pytest.mark.parametrize("loss", [
+    LossSection(type="dpo"), LossSection(type="ipo"), LossSection(type="sft"), LossSection(type="simpo", beta=2.0),
+    LossSection(type="orpo", beta=0.1), LossSection(type="aot"),
+    LossSection(type=("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0), ld_alpha=0.5, wpo=True),
+], ids=["dpo", "ipo", "sft", "simpo", "orpo", "aot", "mpo+ld+wpo"])
+def test_losses_train_through_the_step(loss):
     conf, params, opt = _setup()
-    fn = _step_fn(conf, opt, loss=dataclasses.replace(LOSS, type=loss_type))
+    fn = _step_fn(conf, opt, loss=loss)
     state = _state(params, opt)
+    # A reference-free loss needs no reference weights at all.
+    ref = None if not loss_config.objective(loss).needs_reference else params
     first = None
     for _ in range(5):
-        state, m = fn(state, BATCH, params)
+        state, m = fn(state, BATCH, ref)
         first = float(m["loss"]) if first is None else first
     assert np.isfinite(float(m["loss"])) and float(m["loss"]) < first
+    if isinstance(loss.type, tuple):
+        assert {"loss/sigmoid", "loss/bco_pair", "loss/sft"} <= set(m)
 
 
 def test_eval_metrics_drop_padding_pairs():

@@ -13,6 +13,7 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
   torch/*     jsmaug's jitted DPOP step vs HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch
               (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
   lora/*      LoRA DPOP step (the frozen base is the reference) vs the full DPOP step: time, compiled memory, state
+  losses/*    a reference-free loss (SimPO) vs DPO's sigmoid with an online reference: time, compiled memory
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
 Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
 """
@@ -112,6 +113,19 @@ def bench_lora(conf, batch, ref, rank=16, rounds=5):
            "adapters + their Adam moments", "params + Adam moments")
 
 
+def bench_reference_free(conf, batch, ref, rounds=5):
+    """A reference-free loss (SimPO: no reference weights, no reference forward) vs DPO's sigmoid with an online
+    reference: step time and compiled memory (arguments + temporaries + outputs)."""
+    runners = {"simpo": StepRunner(conf, "simpo", batch, None), "sigmoid": StepRunner(conf, "sigmoid", batch, ref)}
+    mem = {k: r.compiled_bytes() / 2 ** 20 for k, r in runners.items()}
+    t = time_alternating(runners, rounds)
+    cfg = f"{conf.num_params() / 1e6:.1f}M params, f32, online reference for sigmoid"
+    record("losses/reference_free_time_vs_sigmoid", t["simpo"], t["sigmoid"], "s/step", cfg, "SimPO step",
+           "DPO sigmoid step")
+    record("losses/reference_free_memory_vs_sigmoid", mem["simpo"], mem["sigmoid"], "MiB compiled", cfg,
+           "SimPO step", "DPO sigmoid step (with the reference's weights)")
+
+
 def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
     return time_alternating({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
 
@@ -185,6 +199,7 @@ def main(argv=None) -> int:
     if not args.skip_torch:
         bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1)
     bench_lora(small, batch, ref, rank=4 if q else 16)
+    bench_reference_free(small, batch, ref)
 
     mfu_conf = small if q else cfg_lib.tiny(
         vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,

@@ -1,7 +1,11 @@
 """The Smaug paper's experiment: DPO vs DPOP (and any other loss) from one start, on identical batches.
 
-    python tools/compare_losses.py [--config configs/tiny_dpop.yaml] [--losses dpo dpop] \
+    python tools/compare_losses.py [--config configs/tiny_dpop.yaml] [--losses dpo dpop ...] \
         [--init_from CKPT | --sft_steps 150] [--steps 120] [--out runs/compare] [key=value ...]
+
+A loss is a name of `jsmaug.losses` (TRL's, `dpo`, `dpop`, `simpo`, `cpo`, `orpo`), optionally with its own
+hyper-parameters after `@`: `simpo@beta=2.0@simpo_gamma=0.5`, `exo_pair@label_smoothing=0.01` (each becomes a
+`loss.key=value` override of that run only; the run's folder and label are the whole string).
 
 1. The start: --init_from (a converter checkpoint or a training workdir), or an SFT warm-up of --sft_steps steps
    (loss.type=sft on the chosen completions of the config's training data) from the config's model, so the
@@ -34,6 +38,22 @@ from jsmaug.run_config import load_run_config  # noqa: E402
 COLORS = {"dpo": "tab:red", "dpop": "tab:blue", "ipo": "tab:green", "hinge": "tab:purple", "sft": "tab:gray"}
 
 
+def _color(name: str, i: int):
+    import matplotlib
+
+    return COLORS.get(name) or matplotlib.colormaps["tab20"](i % 20)
+
+
+def parse_loss(spec: str) -> tuple[str, list[str]]:
+    """'simpo@beta=2.0@simpo_gamma=0.5' -> ('simpo', ['loss.beta=2.0', 'loss.simpo_gamma=0.5'])."""
+    name, *params = spec.split("@")
+    for p in params:
+        if "=" not in p:
+            raise ConfigError(f"--losses {spec}: after '@' give key=value, got {p!r}")
+    losses.lookup(name)
+    return name, [f"loss.{p}" for p in params]
+
+
 def _run(config: str, overrides: list[str], extra: list[str]) -> None:
     cfg, raw = load_run_config(config, overrides + extra)
     train.run(cfg, raw)
@@ -48,11 +68,11 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
     panels = [("logps/chosen", "log p(chosen)"), ("logps/rejected", "log p(rejected)"),
               ("rewards/accuracies", "preference accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, workdir in runs.items():
+    for i, (name, workdir) in enumerate(runs.items()):
         recs = metrics_log.read_metrics(workdir / "metrics.jsonl")
         tr = [r for r in recs if "loss" in r]
         ev = [r for r in recs if "eval/loss" in r]
-        color = COLORS.get(name)
+        color = _color(name, i)
         for ax, (key, label) in zip(axes, panels):
             ax.plot([r["step"] for r in tr], [r[key] for r in tr], color=color, label=f"{name} (train)")
             if ev:
@@ -63,7 +83,7 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
     for ax, (key, _) in zip(axes, panels):
         if key in start_eval:
             ax.axhline(start_eval[key], color="black", linestyle=":", linewidth=1, label="start (eval)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
@@ -89,9 +109,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     t_all = time.time()
     try:
-        for name in args.losses:
-            if name not in losses.LOSSES:
-                raise ConfigError(f"--losses: unknown loss {name!r}; known: {sorted(losses.LOSSES)}")
+        try:
+            specs = {spec: parse_loss(spec) for spec in args.losses}
+        except ValueError as err:
+            raise ConfigError(f"--losses: {err}") from None
         base, _ = load_run_config(args.config, args.overrides)
         if not base.data.eval_path:
             raise ConfigError("data.eval_path: the comparison scores every run on the eval split; set one")
@@ -108,12 +129,12 @@ def main(argv=None) -> int:
             _run(args.config, args.overrides, common + sft)
             start = str(out / "sft")
         runs = {}
-        for name in args.losses:
-            print(f"== {name}: {args.steps} steps from {start} -> {out / name}", flush=True)
+        for spec, (name, extra) in specs.items():
+            print(f"== {spec}: {args.steps} steps from {start} -> {out / spec}", flush=True)
             _run(args.config, args.overrides,
-                 common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / name}",
-                           f"init_from={start}"])
-            runs[name] = out / name
+                 common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / spec}",
+                           f"init_from={start}", *extra])
+            runs[spec] = out / spec
 
         # Score the start and every final policy on the eval split, the start as the reference.
         tok = data_lib.Tokenizer(base.data.tokenizer_path)
@@ -155,10 +176,11 @@ def main(argv=None) -> int:
 
     print(f"\neval split {base.data.eval_path} ({s0['pairs']} pairs); start: logp(chosen) "
           f"{s0['logps/chosen']:.2f}, logp(rejected) {s0['logps/rejected']:.2f}")
-    print(f"{'loss':<8}{'chosen start':>14}{'chosen end':>12}{'rejected end':>14}{'reward acc':>12}"
+    w = max(8, *(len(n) + 2 for n in summary["losses"]))
+    print(f"{'loss':<{w}}{'chosen start':>14}{'chosen end':>12}{'rejected end':>14}{'reward acc':>12}"
           f"{'chosen fell':>13}")
     for name, s in summary["losses"].items():
-        print(f"{name:<8}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
+        print(f"{name:<{w}}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
               f"{s['end_rejected_logps']:>14.2f}{s['eval_reward_accuracy']:>12.2f}"
               f"{s['eval_fraction_chosen_decreased']:>13.2f}")
     print(f"wrote {out / 'compare_losses.png'} and {out / 'summary.json'} ({summary['seconds']}s)")

@@ -22,8 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import bench  # noqa: E402
-from jsmaug import losses, model  # noqa: E402
+import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the step model, the batch, timers)
+from jsmaug import logps as logps_lib, model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=64)
     args = ap.parse_args(argv)
     conf = bench.step_model_config()
-    b = bench._batch(np.random.default_rng(0), 4, 256, conf.vocab_size)
+    b = bench.synthetic_batch(np.random.default_rng(0), 4, 256, conf.vocab_size)
     params = model.init_params(conf, jax.random.key(0))
     h = jnp.asarray(np.random.default_rng(1).normal(size=(8, 256, conf.hidden_size)).astype(np.float32))
 
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
         return jnp.sum(x * x) + aux
 
     def logps(p, x, chunk):
-        lp, _ = losses.sequence_logps_from_hidden(x, lambda y: model.unembed(conf, p, y), b["labels"],
-                                                  b["loss_mask"], chunk_size=chunk)
+        lp = logps_lib.sequence_logps_from_hidden(x, lambda y: model.unembed(conf, p, y), b["labels"],
+                                                  b["loss_mask"], chunk_size=chunk).logps
         return jnp.sum(lp)
 
     opt = optax.adamw(1e-4)
