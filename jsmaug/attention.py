@@ -6,7 +6,8 @@ One meaning, several paths (`implementation=`), each tested against `xla`:
 - "chunked": memory-efficient attention in pure JAX (query and key blocks with an online softmax, as in
              FlashAttention), with a hand-written VJP that recomputes each block's probabilities from the saved
              log-sum-exp. O(S x block) temporaries in the forward and the backward, on every backend; key blocks
-             that the causal or sliding-window mask rules out are skipped at run time.
+             that the causal or sliding-window mask rules out, or that pair two different packed segments of
+             every row, are skipped at run time.
 - "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")` on GPU, for bf16/fp16 and head_dim <= 256. It has
              no segment ids: a batch whose rows each hold one segment followed by padding runs there (padding
              becomes key/query lengths); a packed batch (several segments in a row) takes the `chunked` branch
@@ -86,6 +87,30 @@ def _query_block_range(j, bq, bk, nq, window):
     return lo, hi
 
 
+def _segment_bounds(seg_BxS):
+    """Per position, where its segment starts and ends (exclusive); a padding position (segment 0) is its own
+    span. Segments are contiguous runs of one id, as packing lays them out."""
+    s = seg_BxS.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_BxS.shape)
+    prev = jnp.pad(seg_BxS[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    nxt = jnp.pad(seg_BxS[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(seg_BxS != prev, idx, 0), axis=1)
+    end = jax.lax.cummin(jnp.where(seg_BxS != nxt, idx + 1, s), axis=1, reverse=True)
+    pad = seg_BxS == 0
+    return jnp.where(pad, idx, start), jnp.where(pad, idx + 1, end)
+
+
+def _segment_block_ranges(seg, bq, bk):
+    """Packing's block skipping: for each query block, the first key block any of its queries' segments reaches
+    (over the batch); for each key block, one past the last query block its keys' segments reach. Blocks
+    outside these ranges pair two different segments: fully masked, so skipping them changes nothing."""
+    b, s = seg.shape
+    start, end = _segment_bounds(seg)
+    first_key_block = jnp.min(start.reshape(b, s // bq, bq), axis=(0, 2)) // bk  # (nq,)
+    last_query_block = (jnp.max(end.reshape(b, s // bk, bk), axis=(0, 2)) - 1) // bq + 1  # (nk,)
+    return first_key_block, last_query_block
+
+
 def _scores(q_blk, k_blk, scale):
     # q_blk (B, bq, K, G, Dh), k_blk (B, bk, K, Dh) -> (B, K, G, bq, bk) float32
     return jnp.einsum("bqkgd,btkd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
@@ -97,6 +122,7 @@ def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
+    first_key_block, _ = _segment_block_ranges(seg, bq, bk)
 
     def q_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
@@ -117,6 +143,7 @@ def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
             return m_new, l, acc * corr[..., None] + pv
 
         lo, hi = _key_block_range(i, bq, bk, nk, window)
+        lo = jnp.maximum(lo, first_key_block[i])
         init = (jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, dh), jnp.float32))
         m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
@@ -135,6 +162,7 @@ def _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk):
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
+    _, last_query_block = _segment_block_ranges(seg, bq, bk)
     # D_i = rowsum(dO_i * O_i), per query (B, K, G, S)
     delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -165,6 +193,7 @@ def _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk):
             return dq, dk, dv
 
         lo, hi = _query_block_range(j, bq, bk, nq, window)
+        hi = jnp.minimum(hi, last_query_block[j])
         zeros = jnp.zeros((b, bk, kv, dh), jnp.float32)
         dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
         return dq, (dk, dv)

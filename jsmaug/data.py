@@ -47,6 +47,8 @@ class DataConfig:
     on_bad_row: str = "error"  # "error" | "skip"
     chat_template: str | None = None  # conversational rows: a Jinja file, or "tokenizer" (the tokenizer folder's)
     bucket_lengths: tuple[int, ...] = ()  # () = powers of two from 32 up to max_length, and max_length
+    packing: bool = False  # pack each step's sequences into rows (jsmaug.packing): no compute on padding
+    packing_length: int | None = None  # packed row length; None = the batch's bucket length
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag
     tfds_manual_dir: str | None = None  # where the raw files lie

@@ -17,9 +17,9 @@ Faults, and what the user sees:
   blocked port): one `error:` line naming the coordinator, the expected process count and this process's id,
   exit code 2, nothing written. JAX itself would abort with a C++ stack trace; a watchdog thread speaks first.
 - A process that dies mid-run: where the collectives notice (CPU's gloo, GPU), the others stop at their next
-  collective with one `error:` line (`stop_on_peer_failure`); where they would wait (TPU), JAX stops them once
-  `heartbeat_timeout` has passed, naming the dead process (`The following tasks are unhealthy (stopped sending
-  heartbeats): 1`). The newest checkpoint stays intact (Orbax commits a checkpoint by renaming it once every
+  collective with one `error:` line (`stop_on_peer_failure`); where they would wait (TPU collectives; a process
+  waiting in a checkpoint's barrier), JAX stops them once `heartbeat_timeout` has passed, naming the dead process
+  (`The following tasks are unhealthy (stopped sending heartbeats): 1`). The newest checkpoint stays intact (Orbax commits a checkpoint by renaming it once every
   process has written its part).
 
 Preemption (`Preemption`): SIGTERM is what Cloud TPU, GKE and SLURM send before they take a host. With several

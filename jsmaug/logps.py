@@ -15,6 +15,7 @@ Labels are already shifted (`labels[t]` is the token that position t predicts).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import chex
@@ -40,15 +41,28 @@ def _label_logps(logits_BxSxV, labels_BxS, with_sum_sq: bool = False):
     return jnp.stack([lp, log_sum_sq], axis=-1)
 
 
-def ld_weights(loss_mask_BxS, ld_alpha: float) -> jax.Array:
+def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, positions_BxS=None,
+               num_sequences: int | None = None) -> jax.Array:
     """LD-DPO's token weights for a [chosen; rejected] batch (TRL 1.16): per pair, the first min(len_c, len_r)
-    completion tokens weigh 1 and the rest `ld_alpha`; positions outside the mask weigh 0."""
+    completion tokens weigh 1 and the rest `ld_alpha`; positions outside the mask weigh 0. Packed rows pass
+    their `sequence_ids` and `positions` (a sequence starts where its position is 0)."""
     mask = (jnp.asarray(loss_mask_BxS) > 0).astype(jnp.int32)
     pos = jnp.cumsum(mask, axis=1)  # 1-based position within the completion
-    lens = jnp.sum(mask, axis=1)
-    half = lens.shape[0] // 2
-    shared = jnp.minimum(lens[:half], lens[half:])
-    shared = jnp.concatenate([shared, shared])[:, None]
+    if sequence_ids_BxS is None:
+        lens = jnp.sum(mask, axis=1)
+        half = lens.shape[0] // 2
+        shared = jnp.minimum(lens[:half], lens[half:])
+        shared = jnp.concatenate([shared, shared])[:, None]
+    else:
+        # Within a packed row, count from the start of each sequence: subtract the count before its start.
+        start = jnp.arange(mask.shape[1])[None, :] - jnp.asarray(positions_BxS)
+        before = jnp.where(start > 0, jnp.take_along_axis(pos, jnp.maximum(start - 1, 0), axis=1), 0)
+        pos = pos - before
+        ids = jnp.asarray(sequence_ids_BxS)
+        lens = jax.ops.segment_sum(mask.reshape(-1), ids.reshape(-1), num_segments=num_sequences)
+        half = num_sequences // 2
+        shared = jnp.minimum(lens[:half], lens[half:])
+        shared = jnp.concatenate([shared, shared])[ids]
     return (mask * jnp.where(pos <= shared, 1.0, ld_alpha)).astype(jnp.float32)
 
 
@@ -73,7 +87,8 @@ def sequence_logps(logits_BxSxV, labels_BxS, loss_mask_BxS, *, chunk_size: int |
 
 def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss_mask_BxS, *,
                                chunk_size: int | None = None, token_weights_BxS=None,
-                               with_aligned: bool = False) -> SequenceLogps:
+                               with_aligned: bool = False, sequence_ids_BxS=None,
+                               num_sequences: int | None = None) -> SequenceLogps:
     """Per-row completion log-probs from final hidden states and an `unembed(h) -> logits` function.
 
     With `chunk_size`, only the `loss_mask` positions are unembedded: each row's are gathered to its front and
@@ -82,6 +97,8 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
     Prompt and padding positions never reach the vocabulary matmul and log-softmax, forward or backward. Each
     chunk is recomputed in the backward pass, so the (rows, V) logits exist one chunk at a time.
     `token_weights_BxS` (LD-DPO) weighs each position's log-prob; `with_aligned` adds WPO's aligned sum.
+    Packed rows (`jsmaug.packing`) hold several sequences: with `sequence_ids_BxS` the sums are per sequence
+    (`num_sequences` of them), not per row.
     """
     chex.assert_rank(hidden_BxSxD, 3)
     mask = loss_mask_BxS.astype(jnp.float32)
@@ -95,12 +112,17 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable, labels_BxS, loss
         out = _masked_positions_only(jax.checkpoint(chunk_fn), hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size,
                                      2 if with_aligned else 0)
     lp = out[..., 0] if with_aligned else out
-    plain = jnp.sum(lp * mask, axis=1)
-    weighted = plain if token_weights_BxS is None else jnp.sum(lp * mask * token_weights_BxS, axis=1)
+    if sequence_ids_BxS is None:
+        total = functools.partial(jnp.sum, axis=1)
+    else:
+        ids = jnp.asarray(sequence_ids_BxS).reshape(-1)
+        total = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_sequences)  # noqa: E731
+    plain = total(lp * mask)
+    weighted = plain if token_weights_BxS is None else total(lp * mask * token_weights_BxS)
     aligned = None
     if with_aligned:
-        aligned = jax.lax.stop_gradient(jnp.sum((lp - out[..., 1]) * mask, axis=1))
-    return SequenceLogps(weighted, jnp.sum(loss_mask_BxS.astype(jnp.int32), axis=1), plain, aligned)
+        aligned = jax.lax.stop_gradient(total((lp - out[..., 1]) * mask))
+    return SequenceLogps(weighted, total(loss_mask_BxS.astype(jnp.int32)), plain, aligned)
 
 
 def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, features: int = 0):

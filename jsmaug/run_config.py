@@ -139,6 +139,8 @@ class RunConfig:
         need(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
         need(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
              f"must be < data.max_length={self.data.max_length}")
+        need(self.data.packing_length is None or self.data.max_length <= self.data.packing_length,
+             "data.packing_length", f"must hold the longest sequence: >= data.max_length={self.data.max_length}")
         need(self.checkpoint.every > 0, "checkpoint.every", "must be > 0")
         need(self.lora.rank >= 0, "lora.rank", "must be >= 0")
         need(self.lora.alpha > 0, "lora.alpha", "must be > 0")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jsmaug import attention, checkpoint as ckpt, data as data_lib, expert_parallel, lora, loss_config, model
+from jsmaug import attention, checkpoint as ckpt, data as data_lib, expert_parallel, lora, loss_config, model, packing
 from jsmaug import sharding as shd, step as step_lib
 from jsmaug.config import ConfigError, MixtralConfig
 from jsmaug.metrics_log import log
@@ -98,6 +98,22 @@ def with_ref(pairs, buckets, ref_table: np.ndarray | None, length: int) -> dict[
     return batch
 
 
+def place_packed(pairs, ref_table, micro: int, mesh, cfg: RunConfig, buckets) -> dict:
+    """A step's pairs packed (`jsmaug.packing`) and placed: each process lays out the rows of the data shards
+    its devices hold; the per-pair arrays (dataset index, precomputed reference) are small and whole everywhere."""
+    shards = shd.batch_rows_divisor(mesh, cfg.mesh)
+    layout = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=cfg.data.packing_length)
+    mine = shd.pairs_by_host(mesh, cfg.mesh, shards)[jax.process_index()]
+    r = layout.rows_per_group
+    placed = shd.place_rows(packing.materialize(pairs, layout, mine), [d * r + i for d in mine for i in range(r)],
+                            shards * r, mesh, cfg.mesh)
+    index = np.array([p["index"] for p in pairs], np.int32)
+    per_pair = {"pair_index": np.stack([index, index])}
+    if ref_table is not None:
+        per_pair["ref_logps"] = np.stack([ref_table[index, 0], ref_table[index, 1]]).astype(np.float32)
+    return placed | shd.place_rows(per_pair, list(range(len(pairs))), len(pairs), mesh, cfg.mesh)
+
+
 @dataclasses.dataclass
 class Setup:
     """What the training loop and the final phase need."""
@@ -111,7 +127,7 @@ class Setup:
     schedule: Callable
     manager: ckpt.Manager
     start: int  # the step the loop starts from (the restored checkpoint's)
-    place: Callable  # place(pairs, ref_table=None): a global batch of pairs on the mesh
+    place: Callable  # place(pairs, ref_table=None, micro=1): a global batch of pairs on the mesh (packed or padded)
     train_ref: np.ndarray | None = None  # precomputed reference logps (N, 2)
     eval_ref: np.ndarray | None = None
 
@@ -148,7 +164,9 @@ def build(cfg: RunConfig, run_data, outputs) -> Setup:
     state_sh = step_lib.state_shardings(optimizer, params, param_sh, mesh)
     buckets = run_data.buckets
 
-    def place(pairs, ref_table=None):
+    def place(pairs, ref_table=None, micro: int = 1):
+        if cfg.data.packing:
+            return place_packed(pairs, ref_table, micro, mesh, cfg, buckets)
         length = data_lib.batch_length(pairs, buckets)
         return shd.put_pairs(pairs, functools.partial(with_ref, buckets=buckets, ref_table=ref_table, length=length),
                              mesh, cfg.mesh)

@@ -150,7 +150,8 @@ def batch_rows_divisor(mesh: Mesh, mesh_cfg: MeshConfig) -> int:
 def pairs_by_host(mesh: Mesh, mesh_cfg: MeshConfig, num_pairs: int, host_of=lambda d: d.process_index
                   ) -> dict[Any, list[int]]:
     """Which pairs of a global batch of `num_pairs` each host's devices hold, in order: a contiguous share when
-    the batch axes span hosts, every pair when they do not. `host_of(device)` names a device's host."""
+    the batch axes span hosts, every pair when they do not. `host_of(device)` names a device's host. (With
+    `num_pairs` = the number of data shards, it names the shards each host holds.)"""
     held: dict[Any, set[int]] = {}
     for device, index in batch_sharding(mesh, mesh_cfg, 2).devices_indices_map((2, num_pairs)).items():
         held.setdefault(host_of(device), set()).update(range(*index[1].indices(num_pairs)))
@@ -162,9 +163,10 @@ def local_pair_indices(mesh: Mesh, mesh_cfg: MeshConfig, num_pairs: int) -> list
     return pairs_by_host(mesh, mesh_cfg, num_pairs)[jax.process_index()]
 
 
-def _place(paired_local: dict[str, np.ndarray], local: Sequence[int], num_pairs: int, mesh: Mesh,
-           mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
-    """Global PAIRED arrays (2, num_pairs, ...) from host arrays that hold the pairs `local` (in that order)."""
+def place_rows(paired_local: dict[str, np.ndarray], local: Sequence[int], num_pairs: int, mesh: Mesh,
+               mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
+    """Global arrays (X, num_pairs, ...), axis 1 split over the batch axes, from host arrays that hold the
+    entries `local` of axis 1 (in that order): pairs of a paired batch, or rows of a packed one."""
     pos = {g: j for j, g in enumerate(local)}
     out = {}
     for k, v in paired_local.items():
@@ -172,7 +174,7 @@ def _place(paired_local: dict[str, np.ndarray], local: Sequence[int], num_pairs:
             start, stop, _ = index[1].indices(num_pairs)
             j = pos[start]
             return v[(index[0], slice(j, j + stop - start)) + tuple(index[2:])]
-        out[k] = jax.make_array_from_callback((2, num_pairs, *v.shape[2:]), batch_sharding(mesh, mesh_cfg, v.ndim),
+        out[k] = jax.make_array_from_callback((v.shape[0], num_pairs, *v.shape[2:]), batch_sharding(mesh, mesh_cfg, v.ndim),
                                               rows)
     return out
 
@@ -191,7 +193,7 @@ def put_pairs(pairs: Sequence, collate: Callable[[Sequence], dict[str, np.ndarra
     The pair axis keeps chosen and rejected apart across hosts (concatenating processes' [c; r] blocks along
     rows would interleave them); the step flattens (2, B, ...) back to [all chosen; all rejected]."""
     local = local_pair_indices(mesh, mesh_cfg, len(pairs))
-    return _place(_paired(collate([pairs[i] for i in local])), local, len(pairs), mesh, mesh_cfg)
+    return place_rows(_paired(collate([pairs[i] for i in local])), local, len(pairs), mesh, mesh_cfg)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, mesh_cfg: MeshConfig) -> dict[str, jax.Array]:
@@ -199,4 +201,4 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, mesh_cfg: MeshConfig) ->
     each device takes its rows."""
     paired = _paired(batch)
     num = next(iter(paired.values())).shape[1]
-    return _place(paired, list(range(num)), num, mesh, mesh_cfg)
+    return place_rows(paired, list(range(num)), num, mesh, mesh_cfg)

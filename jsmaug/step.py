@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsmaug import logps as logps_lib, lora, loss_config, losses, mesh_context, model
+from jsmaug import logps as logps_lib, lora, loss_config, losses, mesh_context, model, packing
 from jsmaug.config import MixtralConfig
 
 
@@ -51,18 +51,30 @@ def make_optimizer(train) -> optax.GradientTransformation:
 
 def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0, token_weights=None,
                  with_aligned: bool = False):
-    """Completion log-probs of every row (`logps.SequenceLogps`), plus the aux loss and MoE stats."""
+    """Completion log-probs of every sequence (`logps.SequenceLogps`: one per row, or per packed sequence), plus
+    the aux loss and MoE stats."""
     h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
                                          positions=batch["positions"])
     seq = logps_lib.sequence_logps_from_hidden(
         h, lambda x: model.unembed(config, params, x), batch["labels"], batch["loss_mask"],
-        chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned)
+        chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned,
+        **_packing_args(batch))
     return seq, aux, stats
 
 
+def _packing_args(batch) -> dict:
+    if "sequence_ids" not in batch:
+        return {}
+    return {"sequence_ids_BxS": batch["sequence_ids"], "num_sequences": batch["pair_index"].shape[0]}
+
+
 def token_weights(batch, ld_alpha: float | None):
-    """LD-DPO's per-token weights of a [chosen; rejected] batch, or None."""
-    return None if ld_alpha is None else logps_lib.ld_weights(batch["loss_mask"], ld_alpha)
+    """LD-DPO's per-token weights of a [chosen; rejected] batch (padded or packed), or None."""
+    if ld_alpha is None:
+        return None
+    packed = _packing_args(batch)
+    return logps_lib.ld_weights(batch["loss_mask"], ld_alpha, packed.get("sequence_ids_BxS"),
+                                batch["positions"] if packed else None, packed.get("num_sequences"))
 
 
 def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
@@ -80,10 +92,21 @@ def _split(x):
 
 
 def unpair(batch):
-    """(2, B, ...) paired arrays (see `sharding.put_pairs`) -> [chosen; rejected] rows (2B, ...)."""
+    """(2, B, ...) paired arrays (see `sharding.put_pairs`) -> [chosen; rejected] rows (2B, ...). A packed batch
+    (`jsmaug.packing`) of one micro-batch: its rows (1, R, L) -> (R, L), its per-pair arrays (2, B) -> (2B,)."""
     if batch["input_ids"].ndim == 3:
         return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     return batch
+
+
+def _packed_micro_batches(batch, k: int):
+    """A packed batch of k micro-batches -> k packed batches stacked on axis 0: the rows are laid out per
+    micro-batch already; each per-pair array (2, B) becomes (k, 2B/k), [chosen; rejected] per micro-batch."""
+    def split(name, x):
+        if name in packing.ROW_KEYS:
+            return x
+        return jnp.swapaxes(x.reshape(2, k, x.shape[1] // k, *x.shape[2:]), 0, 1).reshape(k, -1, *x.shape[2:])
+    return {name: split(name, x) for name, x in batch.items()}
 
 
 def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
@@ -126,6 +149,7 @@ def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_c
         "moe/expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0),
         "moe/dropped": jnp.sum(stats["dropped"]),
         "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32)),
+        "padding_fraction": 1.0 - jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32)),
     })
     if len(terms) > 1:  # each term of a weighted combination, unweighted, as its own metric
         metrics.update({f"loss/{name}": value for name, value in terms.items()})
@@ -145,13 +169,13 @@ def _micro_batches(batch, k: int):
 def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Array = False, *,
                config: MixtralConfig, loss_cfg, optimizer, micro_batches: int = 1, chunk_size: int = 0):
     """One optimizer step. A step whose loss or gradient norm is not finite is not applied (and counted)."""
-    batch = unpair(batch)
     grad_fn = jax.value_and_grad(
         functools.partial(loss_and_metrics, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
     if micro_batches == 1:
-        (loss, metrics), grads = grad_fn(state.params, ref_params, batch)
+        (loss, metrics), grads = grad_fn(state.params, ref_params, unpair(batch))
     else:
-        mb = _micro_batches(batch, micro_batches)
+        mb = (_packed_micro_batches(batch, micro_batches) if "sequence_ids" in batch
+              else _micro_batches(unpair(batch), micro_batches))
 
         def body(acc, one):
             (l, m), g = grad_fn(state.params, ref_params, one)

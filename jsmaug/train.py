@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug import checkpoint as ckpt, data as data_lib, distributed, pair_formats, run_setup, step as step_lib
+from jsmaug import checkpoint as ckpt, data as data_lib, distributed, packing, pair_formats, run_setup
+from jsmaug import sharding as shd, step as step_lib
 from jsmaug.config import ConfigError
 from jsmaug.metrics_log import log, speak
 from jsmaug.reference_cache import fixed_chunks
@@ -114,6 +115,18 @@ def _reference_mixer(cfg: RunConfig, setup: run_setup.Setup):
     return jax.jit(mix, out_shardings=setup.ref_sh, donate_argnums=1)
 
 
+def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds, num_pairs: int) -> None:
+    """The share of token slots spent on padding, without and with packing, over the first epoch's batches (up
+    to 200 of them): the data summary's line about packing."""
+    n = min(max(num_pairs // cfg.train.batch_size, 1), 200)
+    shards = shd.batch_rows_divisor(setup.mesh, cfg.mesh)
+    padded, packed = packing.padding_fractions([ds[i] for i in range(n)], micro=cfg.train.micro_batches,
+                                               shards=shards, buckets=data_lib.bucket_lengths(cfg.data),
+                                               row_length=cfg.data.packing_length)
+    use = "on" if cfg.data.packing else "off (data.packing=true to pack)"
+    log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} batches; packing {use}")
+
+
 def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: RunOutputs, writer,
                preemption: distributed.Preemption):
     """Steps `setup.start` .. `train.steps`: metrics every `log.every` steps (means over the window, summed on
@@ -122,7 +135,9 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
     seconds)."""
     state, start, steps = setup.state, setup.start, cfg.train.steps
     ds = data_lib.batches(run_data.train, cfg.train.batch_size, seed=cfg.seed)
-    first = setup.place(ds[start], setup.train_ref)
+    micro = cfg.train.micro_batches
+    _log_padding(cfg, setup, ds, len(run_data.train))
+    first = setup.place(ds[start], setup.train_ref, micro)
     batch_sh = jax.tree.map(lambda x: x.sharding, first)
     step_fn = step_lib.jit_train_step(setup.state_sh, batch_sh, setup.ref_sh, config=setup.mconf,
                                       loss_cfg=cfg.loss, optimizer=setup.optimizer,
@@ -132,7 +147,7 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
     t_last = t_start = time.time()
     steps_since, window, saved = 0, None, None
     for s in range(start, steps):
-        batch = first if s == start else setup.place(ds[s], setup.train_ref)
+        batch = first if s == start else setup.place(ds[s], setup.train_ref, micro)
         state, metrics = step_fn(state, batch, setup.ref_params, jnp.asarray(cfg.debug.nan_at_step == s + 1))
         setup.manager.check()  # a failed background save stops the run now, not at the next save
         window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)

@@ -79,18 +79,28 @@ def one_process(tmp_path_factory):
     return data, wd
 
 
-def test_two_processes_equal_one_process_and_only_process_0_writes(one_process, tmp_path):
+def test_two_processes_equal_one_process_write_once_and_resume_after_sigterm(one_process, tmp_path):
     data, one = one_process
     wd = tmp_path / "run"
-    code, out = _two([*BASE, *POD, f"data.train_path={data}", f"data.eval_path={data}", f"workdir={wd}"])
-    assert code == 0, out[-4000:]
+    args = [*BASE, *POD, f"data.train_path={data}", f"data.eval_path={data}", f"workdir={wd}"]
+    # SIGTERM to every process after step 1 (a scheduler taking the hosts): both stop at the same step, save it,
+    # and exit with 143; the same command on both resumes there.
+    code, out = _two([*args, "debug.sigterm_at_step=1"])
+    assert code == 143, out[-4000:]
     assert "2 processes, 4 devices each" in out and "reference logps: computed for 16 pairs" in out
-    _assert_same_metrics(_metrics(one), _metrics(wd))  # train steps and the final eval, each logged once
+    stopped = [int(line.split("preempted at step ")[1].split(":")[0]) for line in out.splitlines()
+               if "preempted at step" in line]
+    assert len(stopped) == 1 and 1 <= stopped[0] <= 3, out[-3000:]  # printed once (process 0), one step
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [stopped[0]]
+    code, out = _two(args)
+    assert code == 0 and f"at step {stopped[0]}" in out and "reference logps: cached" in out, out[-4000:]
+    # The same numbers as one 8-device process: train steps and the final eval, each logged once.
+    _assert_same_metrics(_metrics(one), _metrics(wd))
     assert [x["step"] for x in _metrics(wd)] == [1, 2, 3, 3]
-    # One writer: every progress line once, from process 0; one TensorBoard file; the same reference cache file
-    # (its fingerprint does not depend on the process count) holding every pair.
-    assert out.count("step 3/3") == 1 and "[p0] step 3/3" in out and "[p1] step" not in out
-    assert len(list((wd / "tensorboard").iterdir())) == 1
+    # One writer: every progress line once, from process 0; one TensorBoard file per start; the same reference
+    # cache file name (its fingerprint does not depend on the process count), holding every pair.
+    assert "[p1] step" not in out and "[p1] eval" not in out
+    assert len(list((wd / "tensorboard").iterdir())) == 2
     (cache,) = (wd / "ref_cache").iterdir()
     assert [p.name for p in (one / "ref_cache").iterdir()] == [cache.name]
     np.testing.assert_allclose(np.load(cache), np.load(one / "ref_cache" / cache.name), rtol=1e-5, atol=1e-5)
@@ -105,21 +115,6 @@ def test_two_processes_equal_one_process_and_only_process_0_writes(one_process, 
     assert sorted(a) == sorted(b)
     diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
     assert diffs.max() < 1e-4 and (diffs > 1e-5).sum() <= 10, (diffs.max(), (diffs > 1e-5).sum())
-
-
-def test_sigterm_saves_the_same_step_everywhere_and_the_restart_resumes(one_process, tmp_path):
-    data, one = one_process
-    wd = tmp_path / "run"
-    args = [*BASE, *POD, f"data.train_path={data}", f"data.eval_path={data}", f"workdir={wd}"]
-    code, out = _two([*args, "debug.sigterm_at_step=1"])  # every process gets SIGTERM after step 1
-    assert code == 143, out[-4000:]
-    stopped = [int(line.split("preempted at step ")[1].split(":")[0]) for line in out.splitlines()
-               if "preempted at step" in line]
-    assert len(stopped) == 1 and 1 <= stopped[0] <= 3, out[-3000:]  # printed once (process 0), one step
-    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [stopped[0]]
-    code, out = _two(args)
-    assert code == 0 and f"at step {stopped[0]}" in out, out[-4000:]
-    _assert_same_metrics(_metrics(one), _metrics(wd))
 
 
 def test_lora_on_fsdp_across_processes_with_a_batch_both_processes_hold(tmp_path):
@@ -155,7 +150,7 @@ def test_a_peer_that_never_comes_is_one_error_and_nothing_is_written(tmp_path):
 def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
     data = _pairs(tmp_path / "pairs.jsonl")
     wd = tmp_path / "run"
-    args = [*BASE, "mesh.data=2", "mesh.fsdp=4", "train.steps=200", "checkpoint.every=2", "export_hf=false",
+    args = [*BASE, "mesh.data=2", "mesh.fsdp=4", "train.steps=200", "checkpoint.every=1", "export_hf=false",
             f"data.train_path={data}", "data.eval_path=null", f"workdir={wd}", "distributed.heartbeat_timeout=10"]
     launcher = subprocess.Popen([sys.executable, "tools/launch_local.py", "--processes", "2", "--devices_per_process",
                                  "4", "--grace", "60", "--", *args], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
@@ -163,7 +158,7 @@ def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
     out = []
     for line in launcher.stdout:
         out.append(line)
-        if "step 3/200" in line:
+        if "step 2/200" in line:
             break
     victim = subprocess.run(["pgrep", "-f", f"workdir={wd} .*distributed.process_id=1"], capture_output=True,
                             text=True).stdout.split()
@@ -174,8 +169,15 @@ def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
     launcher.wait(timeout=120)
     text = "".join(out)
     assert time.time() - t0 < 45, text[-3000:]
-    assert "[p0] error: process 0 of 2: a collective with the other processes failed" in text, text[-3000:]
-    assert "process 0 exited with code 2" in text or "exit codes [2, -9]" in text, text[-2000:]
-    # The newest checkpoint is intact: a run started again resumes from it.
-    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] >= 2
+    # Two bounded ways to stop, both naming the dead process (docs/pods.md): gloo reports the closed connection at
+    # p0's next collective (one error line, exit 2), or, when p0 is waiting in a checkpoint barrier instead, JAX's
+    # coordination service stops it once distributed.heartbeat_timeout has passed.
+    clean = "[p0] error: process 0 of 2: a collective with the other processes failed" in text
+    heartbeat = "The following tasks are unhealthy (stopped sending heartbeats):\n[p0] 1" in text
+    assert clean or heartbeat, text[-3000:]
+    assert not clean or "process 0 exited with code 2" in text or "exit codes [2, -9]" in text, text[-2000:]
+    # The newest complete checkpoint is intact: its metadata reads (what a restart resumes from).
+    from jsmaug import checkpoint
+
+    found = checkpoint.stored_model_config(wd / "checkpoints")
+    assert found is not None and found[0] >= 1

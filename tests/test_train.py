@@ -105,16 +105,6 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
     train = [x for x in a if "loss" in x]
     assert train[-1]["loss/preference"] < train[0]["loss/preference"]
 
-    # SIGTERM (a scheduler's preemption notice) after step 3: the run saves step 3, says so, exits with 143, and
-    # the same command resumes it, bitwise equal to the uninterrupted run.
-    term = tmp_path / "preempted"
-    r = _run([*common, f"workdir={term}", "debug.sigterm_at_step=3"], check=False)
-    assert r.returncode == 143 and "preempted at step 3: checkpoint saved" in r.stdout, r.stderr[-2000:]
-    assert sorted(p.name for p in (term / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
-    r = _run([*common, f"workdir={term}"])
-    assert "at step 3" in r.stdout
-    assert strip(_metrics(term)) == strip(a)
-
     # The same run on 8 devices (expert 4 x tensor 2), killed, then resumed on another mesh
     # (fsdp 2 x expert 2 x tensor 2): Orbax reshards the checkpoint and the metrics follow the 1-device run.
     moved = tmp_path / "moved"
@@ -231,3 +221,24 @@ def test_lora_cli_trains_resumes_exactly_and_exports_merged_weights(tmp_path):
         theirs = MixtralForCausalLM.from_pretrained(full / "hf").eval()(torch.as_tensor(ids, dtype=torch.long)).logits
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-4)
     assert eval_lib.load_model(full)[0].lora_rank == 0
+
+
+def test_packed_run_preempted_by_sigterm_resumes_exactly(tmp_path):
+    """Packing, a precomputed reference and eval; SIGTERM (a scheduler's preemption notice) after step 3: the run
+    saves step 3, says so, exits with 143, and the same command resumes it bitwise equal to an uninterrupted run."""
+    data = _pairs(tmp_path / "pairs.jsonl")
+    common = ["configs/tiny_dpop.yaml", *SMALL, "loss.type=dpo", f"data.train_path={data}", f"data.eval_path={data}",
+              "train.steps=4", "reference.mode=precomputed", "data.packing=true"]
+    r = _run([*common, f"workdir={tmp_path / 'full'}"])
+    line = next(x for x in r.stdout.splitlines() if x.startswith("padding: "))
+    padded, packed = (float(x.split("%")[0].split()[-1]) for x in line.split(", ")[:2])
+    assert "packing on" in line and packed < padded, line  # rows of 32 tokens hold two or three short sequences
+    r = _run([*common, f"workdir={tmp_path / 'term'}", "debug.sigterm_at_step=3"], check=False)
+    assert r.returncode == 143 and "preempted at step 3: checkpoint saved" in r.stdout, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    r = _run([*common, f"workdir={tmp_path / 'term'}"])
+    assert "at step 3" in r.stdout and "reference logps: cached" in r.stdout
+    strip = lambda recs: [{k: v for k, v in x.items() if k != "tokens_per_sec"} for x in recs]  # noqa: E731
+    full = _metrics(tmp_path / "full")
+    assert strip(full) == strip(_metrics(tmp_path / "term"))
+    assert all(0 <= x["padding_fraction"] < 1 for x in full if "padding_fraction" in x)

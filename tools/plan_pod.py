@@ -69,12 +69,14 @@ def main(argv=None) -> int:
                          "them, or both side by side")
     ap.add_argument("--save_hlo", metavar="DIR", help="write each compiled program's optimized HLO text there "
                     "(TOPOLOGY-DISPATCH.hlo.txt; `python tools/hlo_stats.py FILE` counts it again)")
+    ap.add_argument("--packed_fill", type=float, default=2.0, help="with data.packing=true: sequences per packed "
+                    "row assumed for the plan (the rows per shard follow from it)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg, _ = load_run_config(args.config, args.overrides)
     dispatches = {"config": [cfg.model.moe_dispatch], "both": ["gspmd", "all_to_all"]}.get(args.dispatch,
                                                                                         [args.dispatch])
-    results = [plan(cfg, args.topology, d, args.save_hlo) for d in dispatches]
+    results = [plan(cfg, args.topology, d, args.save_hlo, args.packed_fill) for d in dispatches]
     if len(results) > 1:
         print("\n| dispatch | per-device memory (GiB) | temporaries (GiB) | matmul TFLOP (/ analytic) | "
               "collectives per step (GiB) | fits |\n|---|---|---|---|---|---|")
@@ -85,6 +87,26 @@ def main(argv=None) -> int:
             print(f"| {r['dispatch']} | {total} | {r['temp_gib']:.2f} | {flops} | {coll} | "
                   f"{'yes' if r['fits'] else 'no'} |")
     return 0 if all(r["fits"] for r in results) else 1
+
+
+def _batch_shapes(cfg, mesh, b: int, s: int, packed_fill: float = 2.0) -> dict:
+    """The step's batch as ShapeDtypeStructs: padded (2, B, S) rows, or with data.packing=true packed rows
+    (M, D x R, L) of max_length tokens, R = the pairs per data shard and micro-batch (rows holding two
+    sequences each on average: `--packed_fill`)."""
+    if not cfg.data.packing:
+        sh = shd.batch_sharding(mesh, cfg.mesh, 3)
+        return {k: jax.ShapeDtypeStruct((2, b, s), jnp.int32, sharding=sh)
+                for k in ("input_ids", "segment_ids", "positions", "labels", "loss_mask")}
+    from jsmaug import packing
+
+    m, d = cfg.train.micro_batches, shd.batch_rows_divisor(mesh, cfg.mesh)
+    length = cfg.data.packing_length or s
+    rows = max(1, math.ceil(2 * b / (m * d) / packed_fill))
+    print(f"packed: {m} x {d} groups of {rows} rows of {length} tokens ({packed_fill:g} sequences per row)")
+    sh = shd.batch_sharding(mesh, cfg.mesh, 3)
+    out = {k: jax.ShapeDtypeStruct((m, d * rows, length), jnp.int32, sharding=sh) for k in packing.ROW_KEYS}
+    out["pair_index"] = jax.ShapeDtypeStruct((2, b), jnp.int32, sharding=shd.batch_sharding(mesh, cfg.mesh, 2))
+    return out
 
 
 def host_view(mesh, cfg, devices) -> str:
@@ -98,7 +120,7 @@ def host_view(mesh, cfg, devices) -> str:
             + (" (hosts share rows: a batch axis does not span them)" if shared else ""))
 
 
-def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict:
+def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None, packed_fill: float = 2.0) -> dict:
     """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
     topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology]
     from jax.experimental import topologies
@@ -144,9 +166,7 @@ def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None) -> dict
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     state = step.TrainState(params, opt, scalar, scalar, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
     b, s = cfg.train.batch_size, cfg.data.max_length
-    keys = ["input_ids", "segment_ids", "positions", "labels", "loss_mask"]
-    batch = {k: jax.ShapeDtypeStruct((2, b, s), jnp.int32, sharding=shd.batch_sharding(mesh, cfg.mesh, 3))
-             for k in keys}
+    batch = _batch_shapes(cfg, mesh, b, s, packed_fill)
     if precomputed:
         batch["ref_logps"] = jax.ShapeDtypeStruct((2, b), jnp.float32, sharding=shd.batch_sharding(mesh, cfg.mesh, 2))
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)

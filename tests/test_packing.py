@@ -1,0 +1,149 @@
+"""Packed pairs: the exact layout; attention never leaks across segments; packed equals padded in losses,
+gradients, MoE statistics and training steps (DPO, float32; a mesh and micro-batches too)."""
+
+import functools
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jsmaug import config as cfg_lib, data, model, packing, run_setup, sharding as shd, step
+from jsmaug.run_config import LossSection, RunConfig
+
+CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02, attention_block_size=8)
+LOSS = LossSection(type="dpo", beta=0.3)
+BUCKETS = (32, 64)
+
+
+def _pairs(n, seed=0):
+    """Pairs of very different lengths (4 to ~45 tokens per sequence), with their dataset index."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p = rng.integers(3, 64, rng.integers(1, 12))
+        c = rng.integers(3, 64, int(rng.choice([2, 3, 30]) + rng.integers(0, 4)))
+        r = rng.integers(3, 64, int(rng.choice([2, 4, 28]) + rng.integers(0, 4)))
+        out.append({"prompt": np.r_[1, p].astype(np.int32), "chosen": np.r_[c, 2].astype(np.int32),
+                    "rejected": np.r_[r, 2].astype(np.int32), "index": np.int32(i)})
+    return out
+
+
+def test_first_fit_and_the_packed_arrays():
+    lengths = [5, 3, 8, 2, 6]
+    assert packing.first_fit(lengths, 8) == [[0, 1], [2], [3, 4]]
+    with pytest.raises(data.DataError, match="does not fit a packed row of 8"):
+        packing.first_fit([9], 8)
+    pairs = [{"prompt": np.array([1, 5], np.int32), "chosen": np.array([6, 2], np.int32),
+              "rejected": np.array([7, 8, 2], np.int32), "index": 0},
+             {"prompt": np.array([1, 9, 9], np.int32), "chosen": np.array([3, 2], np.int32),
+              "rejected": np.array([4, 2], np.int32), "index": 1}]
+    layout = packing.plan(pairs, micro=1, shards=1, buckets=(10, 16))
+    # sequences 4, 5, 5, 5 tokens into rows of 10: [p0c, p0r], [p1c, p1r]
+    assert layout.row_length == 10 and layout.rows == ((((0, True), (0, False)), ((1, True), (1, False))),)
+    rows = packing.materialize(pairs, layout, [0])
+    assert rows["input_ids"][0, 0].tolist() == [1, 5, 6, 2, 1, 5, 7, 8, 2, 0]
+    assert rows["segment_ids"][0, 0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 2, 0]
+    assert rows["positions"][0, 0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0]
+    assert rows["labels"][0, 0].tolist() == [5, 6, 2, 0, 5, 7, 8, 2, 0, 0]
+    assert rows["loss_mask"][0, 0].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 0]
+    # Sequence ids: pair q's chosen is q, its rejected Bm + q (Bm = 2 pairs in the micro-batch).
+    assert rows["sequence_ids"][0, 0].tolist()[:9] == [0, 0, 0, 0, 2, 2, 2, 2, 2]
+    assert rows["sequence_ids"][0, 1].tolist()[:10] == [1] * 5 + [3] * 5
+    # Two micro-batches x two shards: four groups of one pair each; each group's sequences stay in its rows.
+    four = _pairs(4)
+    layout = packing.plan(four, micro=2, shards=2, buckets=BUCKETS)
+    assert len(layout.rows) == 4 and all({j for row in g for j, _ in row} == {i} for i, g in enumerate(layout.rows))
+    assert packing.row_counts(8) == (1, 2, 3, 4, 5, 6, 7, 8) and packing.row_counts(20)[8:] == (9, 11, 13, 15, 17, 20)
+
+
+def _padded_and_packed(pairs, micro=1):
+    padded = data.collate(pairs, BUCKETS)
+    packed = run_setup.place_packed(pairs, None, micro, shd.make_mesh(shd.MeshConfig(data=1), CONF, jax.devices()[:1]),
+                                    RunConfig(data=data.DataConfig(train_path="x")), BUCKETS)
+    return padded, jax.tree.map(np.asarray, packed)
+
+
+def test_packed_equals_padded_loss_gradients_and_moe_statistics():
+    pairs = _pairs(8)
+    padded, packed = _padded_and_packed(pairs)
+    assert packed["input_ids"].shape[1] < padded["input_ids"].shape[0]  # fewer rows: less padding
+    params = model.init_params(CONF, jax.random.key(0))
+    ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape) * 1.3), params)  # off the policy
+    for loss in (LOSS, LossSection(type=("sigmoid", "sft"), ld_alpha=0.5, wpo=True)):
+        fn = functools.partial(step.loss_and_metrics, config=CONF, loss_cfg=loss)
+        (l_pad, m_pad), g_pad = jax.value_and_grad(fn, has_aux=True)(params, ref, padded)
+        (l_pk, m_pk), g_pk = jax.value_and_grad(fn, has_aux=True)(params, ref, step.unpair(packed))
+        np.testing.assert_allclose(l_pk, l_pad, rtol=1e-5)
+        for k in ("logps/chosen", "logps/rejected", "rewards/margins", "moe/aux_loss", "moe/expert_load", "tokens"):
+            np.testing.assert_allclose(m_pk[k], m_pad[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert float(m_pk["padding_fraction"]) < float(m_pad["padding_fraction"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_pk, g_pad)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_a_packed_row_attends_only_within_each_segment(impl):
+    """Change every token of one segment: the hidden states of the other segments of the row stay exactly put
+    (a mask that leaked across segments would move them)."""
+    conf = CONF.replace(attention_impl=impl)
+    params = model.init_params(conf, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    seg = np.array([[1] * 9 + [2] * 14 + [3] * 7 + [0] * 2], np.int32)  # blocks of 8 straddle the boundaries
+    pos = np.concatenate([np.arange(9), np.arange(14), np.arange(7), [0, 0]])[None].astype(np.int32)
+    ids = rng.integers(3, 64, seg.shape).astype(np.int32)
+    other = ids.copy()
+    other[seg == 2] = rng.integers(3, 64, int((seg == 2).sum()))
+    h = lambda x: np.asarray(model.forward_hidden(conf, params, x, segment_ids=seg, positions=pos)[0])  # noqa: E731
+    a, b = h(ids), h(other)
+    keep = (seg[0] == 1) | (seg[0] == 3)
+    np.testing.assert_array_equal(a[0, keep], b[0, keep])
+    assert np.abs(a[0, seg[0] == 2] - b[0, seg[0] == 2]).max() > 1e-3
+    # Each segment alone (positions from 0, as a row of its own) gives the same states.
+    third = slice(23, 30)
+    alone = np.asarray(model.forward_hidden(conf, params, ids[:, third], segment_ids=np.ones((1, 7), np.int32),
+                                            positions=pos[:, third])[0])
+    np.testing.assert_allclose(a[0, third], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def _train(batches, mesh_cfg, devices, micro=1, packed=False, steps=2):
+    mesh = shd.make_mesh(mesh_cfg, CONF, devices)
+    param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
+    params = jax.jit(lambda k: model.init_params(CONF, k), out_shardings=param_sh)(jax.random.key(0))
+    ref = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.01, p), out_shardings=param_sh)(params)
+    opt = optax.sgd(0.5, momentum=0.9)
+    state_sh = step.state_shardings(opt, params, param_sh, mesh)
+    state = step.init_state(opt, params, state_sh, seed=0)
+    cfg = RunConfig(data=data.DataConfig(train_path="x", packing=packed), mesh=mesh_cfg)
+    place = (functools.partial(run_setup.place_packed, micro=micro, mesh=mesh, cfg=cfg, buckets=BUCKETS) if packed
+             else lambda p, _: shd.put_batch(data.collate(p, BUCKETS), mesh, mesh_cfg))
+    out = []
+    for pairs in batches[:steps]:
+        batch = place(pairs, None)
+        fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batch), param_sh, config=CONF,
+                                 loss_cfg=LOSS, optimizer=opt, micro_batches=micro)
+        state, m = fn(state, batch, ref, jnp.asarray(False))
+        out.append({k: np.asarray(v) for k, v in m.items()})
+    return state, out
+
+
+def test_packed_steps_equal_padded_steps_on_a_mesh_with_micro_batches():
+    mesh_sizes, micro = dict(data=2, expert=2), 2  # 8 pairs: 2 micro-batches x 4 data shards of one pair each
+    batches = [_pairs(8, seed=s) for s in (3, 4)]
+    mesh_cfg = shd.MeshConfig(**mesh_sizes)
+    devices = jax.devices()[:int(np.prod(list(mesh_sizes.values())))]
+    s_pad, m_pad = _train(batches, mesh_cfg, devices, micro)
+    s_pk, m_pk = _train(batches, mesh_cfg, devices, micro, packed=True)
+    for a, b in zip(m_pad, m_pk):
+        # rewards/margins is beta x a difference of ~-100-nat log-probs: float32 resolves it to ~1e-5 absolute.
+        for k in ("loss", "logps/chosen", "rewards/margins", "grad_norm", "moe/aux_loss", "moe/expert_load", "tokens"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6),
+                 s_pad.params, s_pk.params)
+
+
+def test_padding_fractions_report_both():
+    batches = [_pairs(8, seed=s) for s in range(3)]
+    padded, packed = packing.padding_fractions(batches, micro=1, shards=1, buckets=BUCKETS)
+    assert 0 <= packed < padded < 1
