@@ -20,8 +20,10 @@ train: $(STAMP)
 	$(PY) tools/make_sample_data.py --check || $(PY) tools/make_sample_data.py
 	$(PY) -m jsmaug.train $(CONFIG) $(ARGS)
 
+# Two pytest workers (CI has 2 cores; compiling the tiny programs is most of the time). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests --durations=10
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 clean:
 	rm -rf .venv runs .jax_cache .pytest_cache

@@ -1,13 +1,13 @@
 """tools/compare_losses.py end to end on a tiny config: SFT warm-up, DPO and DPOP on identical batches."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_env import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=32", "model.intermediate_size=32", "data.max_length=64", "data.max_prompt_length=32",
@@ -16,10 +16,7 @@ SMALL = ["model.hidden_size=32", "model.intermediate_size=32", "data.max_length=
 
 
 def _tool(args, out):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env.pop("XLA_FLAGS", None)  # one device
-    return subprocess.run([sys.executable, "tools/compare_losses.py", "--out", str(out), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "tools/compare_losses.py", "--out", str(out), *args], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=900)
 
 

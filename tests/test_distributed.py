@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_env import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,23 +28,18 @@ POD = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "model.moe_dispatch=all_to
        "train.batch_size=16", "train.micro_batches=2", "train.steps=3"]
 
 
-def _env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
 
 
 def _two(args, timeout=500):
     """Two processes through the launcher; returns (exit code, output)."""
     r = subprocess.run([sys.executable, "tools/launch_local.py", "--processes", "2", "--devices_per_process", "4",
-                        "--grace", "20", "--", *args], cwd=ROOT, env=_env(4), capture_output=True, text=True,
+                        "--grace", "20", "--", *args], cwd=ROOT, env=cli_env(4), capture_output=True, text=True,
                        timeout=timeout)
     return r.returncode, r.stdout + r.stderr
 
 
 def _one(args, timeout=500):
-    r = subprocess.run([sys.executable, "-m", "jsmaug.train", *args], cwd=ROOT, env=_env(8), capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "jsmaug.train", *args], cwd=ROOT, env=cli_env(8), capture_output=True,
                        text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
@@ -139,7 +135,7 @@ def test_a_peer_that_never_comes_is_one_error_and_nothing_is_written(tmp_path):
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "jsmaug.train", *BASE, f"workdir={wd}", "distributed.num_processes=2",
                         "distributed.process_id=0", "distributed.coordinator_address=127.0.0.1:1",
-                        "distributed.initialization_timeout=5"], cwd=ROOT, env=_env(4), capture_output=True,
+                        "distributed.initialization_timeout=5"], cwd=ROOT, env=cli_env(4), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and time.time() - t0 < 60
     assert ("error: distributed: process 0 could not join the run within distributed.initialization_timeout=5s "
@@ -153,7 +149,7 @@ def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
     args = [*BASE, "mesh.data=2", "mesh.fsdp=4", "train.steps=200", "checkpoint.every=1", "export_hf=false",
             f"data.train_path={data}", "data.eval_path=null", f"workdir={wd}", "distributed.heartbeat_timeout=10"]
     launcher = subprocess.Popen([sys.executable, "tools/launch_local.py", "--processes", "2", "--devices_per_process",
-                                 "4", "--grace", "60", "--", *args], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
+                                 "4", "--grace", "60", "--", *args], cwd=ROOT, env=cli_env(4), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     out = []
     for line in launcher.stdout:

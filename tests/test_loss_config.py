@@ -2,7 +2,6 @@
 logged, a loss of your own trained through the CLI, and TR-DPO's moving reference resumed exactly."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_env import cli_env
 
 import jax.numpy as jnp
 
@@ -62,10 +62,8 @@ def test_a_weighted_combination_is_its_terms_weighted_and_logs_each():
 
 
 def _run(args, env_extra=None, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), **(env_extra or {}))
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-m", "jsmaug.train", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "jsmaug.train", *args], cwd=ROOT, env=cli_env(**(env_extra or {})),
+                       capture_output=True, text=True, timeout=600)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r

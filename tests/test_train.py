@@ -1,12 +1,12 @@
 """End to end through the CLI: the shipped config runs, a SIGKILLed run resumes bit-exactly, bad config keys."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from cli_env import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,13 +18,7 @@ SMALL = ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden
 
 
 def _run(args, check=True, devices=1, max_file_bytes=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    # Share compiled steps between the subprocess runs of this module.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env = cli_env(devices)
     def limit_file_size():  # a disk that fills up: writes past this size fail with EFBIG
         import resource
         import signal
@@ -223,9 +217,10 @@ def test_lora_cli_trains_resumes_exactly_and_exports_merged_weights(tmp_path):
     assert eval_lib.load_model(full)[0].lora_rank == 0
 
 
-def test_packed_run_preempted_by_sigterm_resumes_exactly(tmp_path):
-    """Packing, a precomputed reference and eval; SIGTERM (a scheduler's preemption notice) after step 3: the run
-    saves step 3, says so, exits with 143, and the same command resumes it bitwise equal to an uninterrupted run."""
+def test_packed_run_killed_then_preempted_resumes_exactly(tmp_path):
+    """Packing, a precomputed reference and eval. SIGKILL at step 3 (step 2 is saved), a restart that gets SIGTERM
+    (a scheduler's preemption notice) after step 3: it saves step 3, says so and exits with 143; a second restart
+    finishes the run bitwise equal to an uninterrupted one."""
     data = _pairs(tmp_path / "pairs.jsonl")
     common = ["configs/tiny_dpop.yaml", *SMALL, "loss.type=dpo", f"data.train_path={data}", f"data.eval_path={data}",
               "train.steps=4", "reference.mode=precomputed", "data.packing=true"]
@@ -233,8 +228,11 @@ def test_packed_run_preempted_by_sigterm_resumes_exactly(tmp_path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("padding: "))
     padded, packed = (float(x.split("%")[0].split()[-1]) for x in line.split(", ")[:2])
     assert "packing on" in line and packed < padded, line  # rows of 32 tokens hold two or three short sequences
+    r = _run([*common, f"workdir={tmp_path / 'term'}", "debug.kill_at_step=3"], check=False)
+    assert r.returncode == -9 and "at step" not in r.stdout, r.stderr[-2000:]
     r = _run([*common, f"workdir={tmp_path / 'term'}", "debug.sigterm_at_step=3"], check=False)
-    assert r.returncode == 143 and "preempted at step 3: checkpoint saved" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 143 and "at step 2" in r.stdout, r.stderr[-2000:]
+    assert "preempted at step 3: checkpoint saved" in r.stdout
     assert sorted(p.name for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     r = _run([*common, f"workdir={tmp_path / 'term'}"])
     assert "at step 3" in r.stdout and "reference logps: cached" in r.stdout
