@@ -71,7 +71,7 @@ class Plan:
 def row_counts(max_rows: int) -> tuple[int, ...]:
     """The row counts a group may take: every count up to 8, then steps of 1/8 (9, 11, 13, 15, 17, 20, ...), and
     `max_rows`. Rounding a group up to the next count wastes at most 1/8 of its rows (powers of two would waste up
-    to half: 25 to 35% padding on the bench's long-tailed data, against 7 to 13% with these), while a run meets
+    to half: 25 to 35% padding on the bench's long-tailed data, against 7 to 20% with these), while a run meets
     only the few counts near its typical fill, so only a few programs compile."""
     out, n = [], 1
     while n < max_rows:

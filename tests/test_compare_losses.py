@@ -68,6 +68,9 @@ def test_a_losss_own_hyperparameters_reach_its_run_only():
     assert compare_losses.parse_loss("simpo@beta=2.0@simpo_gamma=0.5") == (
         "simpo", ["loss.beta=2.0", "loss.simpo_gamma=0.5"])
     assert compare_losses.parse_loss("dpop") == ("dpop", [])
+    # argparse hands everything after --losses to it: loss specs stay, key=value overrides move back.
+    assert compare_losses.split_overrides(["dpo", "simpo@beta=2.0", "train.steps=3", "a.b=x@y"], ["seed=1"]) == (
+        ["dpo", "simpo@beta=2.0"], ["train.steps=3", "a.b=x@y", "seed=1"])
 
 
 def test_unknown_loss_is_an_error(tmp_path):

@@ -54,6 +54,14 @@ def parse_loss(spec: str) -> tuple[str, list[str]]:
     return name, [f"loss.{p}" for p in params]
 
 
+def split_overrides(loss_args: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--losses dpo simpo@beta=2.0 key=value`: argparse hands the overrides to --losses; move them back (an
+    override has its `=` before any `@`; a loss spec has its `@` first)."""
+    is_override = [("=" in x and "@" not in x.split("=")[0]) for x in loss_args]
+    return ([x for x, o in zip(loss_args, is_override) if not o],
+            [x for x, o in zip(loss_args, is_override) if o] + list(overrides))
+
+
 def _run(config: str, overrides: list[str], extra: list[str]) -> None:
     cfg, raw = load_run_config(config, overrides + extra)
     train.run(cfg, raw)
@@ -103,9 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config, for every run")
     args = ap.parse_args(argv)
-    # `--losses dpo dpop key=value`: argparse hands the overrides to --losses; move them back.
-    args.overrides = [x for x in args.losses if "=" in x] + args.overrides
-    args.losses = [x for x in args.losses if "=" not in x]
+    args.losses, args.overrides = split_overrides(args.losses, args.overrides)
     out = Path(args.out)
     t_all = time.time()
     try:
