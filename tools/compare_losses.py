@@ -8,8 +8,8 @@ hyper-parameters after `@`: `simpo@beta=2.0@simpo_gamma=0.5`, `exo_pair@label_sm
 `loss.key=value` override of that run only; the run's folder and label are the whole string).
 
 1. The start: --init_from (a converter checkpoint or a training workdir), or an SFT warm-up of --sft_steps steps
-   (loss.type=sft on the chosen completions of the config's training data) from the config's model, so the
-   start already gives the chosen answers a reasonable likelihood, as the paper's models did.
+   in OUT/start_sft (loss.type=sft on the chosen completions of the config's training data) from the config's
+   model, so the start already gives the chosen answers a reasonable likelihood, as the paper's models did.
 2. One training run per loss from that start, with the same seed, so step i sees the same batch in every run
    (a batch is a pure function of data, seed and step). Everything else comes from --config and the overrides.
 3. The start and every final policy are scored on the eval split (`jsmaug.eval.preference_eval`, the start as
@@ -35,6 +35,8 @@ from jsmaug import checkpoint, data as data_lib, eval as eval_lib, losses, metri
 from jsmaug.config import ConfigError  # noqa: E402
 from jsmaug.run_config import load_run_config  # noqa: E402
 
+# The SFT warm-up's folder: not a loss name, so `--losses sft` (the `sft` loss) gets its own run.
+START = "start_sft"
 COLORS = {"dpo": "tab:red", "dpop": "tab:blue", "ipo": "tab:green", "hinge": "tab:purple", "sft": "tab:gray"}
 
 
@@ -127,13 +129,13 @@ def main(argv=None) -> int:
         if start is None:
             if args.sft_steps < 1:
                 raise ConfigError("give --init_from or --sft_steps > 0")
-            sft = ["loss.type=sft", f"train.steps={args.sft_steps}", f"workdir={out / 'sft'}", "init_from=null",
+            sft = ["loss.type=sft", f"train.steps={args.sft_steps}", f"workdir={out / START}", "init_from=null",
                    "log.eval_every=0"]
             if args.sft_learning_rate is not None:
                 sft.append(f"train.learning_rate={args.sft_learning_rate}")
-            print(f"== SFT warm-up: {args.sft_steps} steps -> {out / 'sft'}", flush=True)
+            print(f"== SFT warm-up: {args.sft_steps} steps -> {out / START}", flush=True)
             _run(args.config, args.overrides, common + sft)
-            start = str(out / "sft")
+            start = str(out / START)
         runs = {}
         for spec, (name, extra) in specs.items():
             print(f"== {spec}: {args.steps} steps from {start} -> {out / spec}", flush=True)
