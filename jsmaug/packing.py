@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jsmaug.data import batch_length
 from jsmaug.data_files import DataError
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask", "sequence_ids")
@@ -63,9 +64,10 @@ class Plan:
     rows_per_group: int
     rows: tuple[tuple[tuple[tuple[int, bool], ...], ...], ...]
 
-    def padding_fraction(self, pairs) -> float:
-        real = sum(sum(_lengths(p)) for p in pairs)
-        return 1.0 - real / (self.micro * self.shards * self.rows_per_group * self.row_length)
+    @property
+    def slots(self) -> int:
+        """Token slots of the packed batch, padding included."""
+        return self.micro * self.shards * self.rows_per_group * self.row_length
 
 
 def row_counts(max_rows: int) -> tuple[int, ...]:
@@ -88,11 +90,8 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
     if b % groups:
         raise DataError(f"{b} pairs do not split into {micro} micro-batches x {shards} data shards")
     per = b // groups
-    longest = max(max(_lengths(p)) for p in pairs)
-    if row_length is None:
-        row_length = next((x for x in sorted(buckets) if x >= longest), None)
-        if row_length is None:
-            raise DataError(f"a sequence of {longest} tokens exceeds the largest bucket length {max(buckets)}")
+    if row_length is None:  # the padded batch's length: packing changes the layout, not the programs' lengths
+        row_length = batch_length(pairs, buckets)
     rows = []
     for g in range(groups):
         seqs = [(j, c) for j in range(g * per, (g + 1) * per) for c in (True, False)]
@@ -136,10 +135,7 @@ def padding_fractions(batches: Sequence[Sequence[dict]], *, micro: int, shards: 
     with packing."""
     real = padded = packed = 0
     for pairs in batches:
-        lens = [_lengths(p) for p in pairs]
-        real += sum(a + b for a, b in lens)
-        longest = max(max(x) for x in lens)
-        padded += 2 * len(pairs) * next((x for x in sorted(buckets) if x >= longest), max(buckets))
-        pl = plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length)
-        packed += pl.micro * pl.shards * pl.rows_per_group * pl.row_length
+        real += sum(sum(_lengths(p)) for p in pairs)
+        padded += 2 * len(pairs) * batch_length(pairs, buckets)
+        packed += plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length).slots
     return 1.0 - real / padded, 1.0 - real / packed
