@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import attention, splash
+from jsmaug.models import attention, splash
 
 RNG = np.random.default_rng(0)
 

@@ -6,7 +6,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from jsmaug import checkpoint as ckpt
+from jsmaug.train import checkpoint as ckpt
 
 
 def _state(x):

@@ -41,7 +41,7 @@ def test_runs_share_start_and_batches(compared):
 
 def test_start_scores_match_the_trainers_eval(compared):
     """Two code paths score the SFT start on the eval split: the trainer's final eval (chunked logps, batches of
-    pairs, padding pairs dropped) and jsmaug.eval (rows sorted by length). They must agree."""
+    pairs, padding pairs dropped) and jsmaug.train.eval (rows sorted by length). They must agree."""
     out, summary, _ = compared
     sft_final = [json.loads(x) for x in (out / "start_sft" / "metrics.jsonl").read_text().splitlines()][-1]
     np.testing.assert_allclose(summary["start_eval"]["logps/chosen"], sft_final["eval/logps/chosen"], rtol=1e-4)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jsmaug import data
+from jsmaug.data import batches as data
 
 TOK = data.Tokenizer()
 

@@ -173,7 +173,7 @@ def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
     assert clean or heartbeat, text[-3000:]
     assert not clean or "process 0 exited with code 2" in text or "exit codes [2, -9]" in text, text[-2000:]
     # The newest complete checkpoint is intact: its metadata reads (what a restart resumes from).
-    from jsmaug import checkpoint
+    from jsmaug.train import checkpoint
 
     found = checkpoint.stored_model_config(wd / "checkpoints")
     assert found is not None and found[0] >= 1

@@ -9,9 +9,13 @@ import pytest
 
 import jax
 
-from jsmaug import checkpoint, config as config_lib, data as data_lib
-from jsmaug import eval as eval_lib
-from jsmaug import model
+from jsmaug.data import batches as data_lib
+
+from jsmaug.models import config as config_lib
+
+from jsmaug.train import checkpoint
+from jsmaug.train import eval as eval_lib
+from jsmaug.models import decoder as model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))

@@ -7,7 +7,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, expert_parallel as ep, mesh_context, moe, sharding as shd
+from jsmaug.models import config as cfg_lib, moe
+
+from jsmaug.parallel import expert_parallel as ep, mesh_context, sharding as shd
 
 T, D, F, E, K = 64, 16, 24, 8, 2
 _k = jax.random.split(jax.random.key(0), 5)

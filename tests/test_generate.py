@@ -6,8 +6,9 @@ import pytest
 import jax.numpy as jnp
 
 from hf_fixtures import make_hf_checkpoint
-from jsmaug import generate as gen
-from jsmaug import hf, model
+from jsmaug.models import generate as gen
+from jsmaug import hf
+from jsmaug.models import decoder as model
 
 PROMPTS = [[1, 5, 9, 33, 12, 7], [1, 40, 41], [1, 8, 8, 9, 10, 11, 12, 13, 14, 15]]
 NEW = 12

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import grouped_matmul as gm
+from jsmaug.models import grouped_matmul as gm
 
 
 def _reference(lhs, rhs, sizes):

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from hf_fixtures import hf_forward, make_hf_checkpoint
-from jsmaug import hf, model
-from jsmaug.config import ConfigError
+from jsmaug import hf
+from jsmaug.models import decoder as model
+from jsmaug.models.config import ConfigError
 
 fwd = jax.jit(model.forward, static_argnums=0)
 
@@ -124,7 +125,7 @@ def test_sharded_import_on_8_devices_places_every_tensor(hub):
                                   pytest.fail("wrong sharding") if a.sharding != s else None),
                  params, plain, shardings)
     # mesh= uses the default rule table: experts over `expert`, embed over `fsdp`.
-    from jsmaug import sharding as shd
+    from jsmaug.parallel import sharding as shd
 
     mesh2 = shd.make_mesh(shd.MeshConfig(data=2, fsdp=1, expert=4), config, jax.devices())
     _, p2 = hf.load(path, mesh=mesh2)
@@ -246,7 +247,7 @@ def test_converter_checks_inputs_before_writing_anything(hub, tmp_path):
     spec.loader.exec_module(tool)
     path, _ = hub
     config, params = hf.load(path)
-    from jsmaug import checkpoint
+    from jsmaug.train import checkpoint
 
     checkpoint.save_params(tmp_path / "ck", config, params)
     # A typo in --tokenizer fails before a single tensor is written; a typo in --ckpt_dir creates nothing.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jsmaug import data, hf_tokenizer
+from jsmaug.data import batches as data, tokenizer_files as hf_tokenizer
 
 HUB = Path(__file__).parent / "fixtures" / "mixtral_8x7b_v0.1"
 TEXTS = ["Hello world", " leading space", "  two leading", "a  b   c    d", "trailing  ", "x\n\ny", "tab\there\t",

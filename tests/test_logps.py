@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import logps
+from jsmaug.models import logps
 
 
 def test_sequence_logps_naive_and_chunked():

@@ -10,8 +10,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, data, lora, model, sharding as shd, step
-from jsmaug.run_config import LossSection
+from jsmaug.data import batches as data
+
+from jsmaug.models import config as cfg_lib, lora, decoder as model
+
+from jsmaug.parallel import sharding as shd
+
+from jsmaug.train import step
+from jsmaug.train.config import LossSection
 
 CONF = cfg_lib.tiny(vocab_size=64, lora_rank=4, lora_alpha=8.0, moe_capacity_factor=8.0)
 IDS = jax.random.randint(jax.random.key(2), (2, 12), 3, 64)

@@ -13,9 +13,11 @@ from cli_env import cli_env
 
 import jax.numpy as jnp
 
-from jsmaug import loss_config, losses
-from jsmaug.config import ConfigError
-from jsmaug.run_config import LossSection, load_run_config
+from jsmaug import losses
+
+from jsmaug.losses import config as loss_config
+from jsmaug.models.config import ConfigError
+from jsmaug.train.config import LossSection, load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,8 +119,8 @@ def test_tr_dpo_moves_the_reference_and_resumes_exactly(tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from jsmaug import model
-    from jsmaug.run_config import load_run_config
+    from jsmaug.models import decoder as model
+    from jsmaug.train.config import load_run_config
 
     cfg, _ = load_run_config(common[0], common[1:])
     start = jax.jit(lambda k: model.init_params(cfg.model, k))(jax.random.key(cfg.seed))

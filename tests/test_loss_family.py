@@ -10,8 +10,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import loss_config, logps as logps_lib, losses
-from jsmaug.run_config import LossSection
+from jsmaug import losses
+
+from jsmaug.losses import config as loss_config
+
+from jsmaug.models import logps as logps_lib
+from jsmaug.train.config import LossSection
 from numeric import check_grads_by_finite_differences
 
 torch = pytest.importorskip("torch")

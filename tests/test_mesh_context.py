@@ -1,9 +1,9 @@
-"""jsmaug/mesh_context.py: what a layer sees while a step is traced for a mesh, and outside it."""
+"""jsmaug/parallel/mesh_context.py: what a layer sees while a step is traced for a mesh, and outside it."""
 
 import jax
 import jax.numpy as jnp
 
-from jsmaug import mesh_context, sharding as shd
+from jsmaug.parallel import mesh_context, sharding as shd
 
 
 def test_scope_sets_and_restores_the_mesh_and_drops_size_one_axes():

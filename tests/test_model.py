@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from hf_fixtures import hf_forward, make_hf_checkpoint
-from jsmaug import hf, model
+from jsmaug import hf
+from jsmaug.models import decoder as model
 
 # One jitted forward shared by every test (the config is static: a frozen, hashable dataclass).
 fwd = jax.jit(model.forward, static_argnums=0)
@@ -80,7 +81,7 @@ def test_bfloat16_compute_close_to_float32(case):
 
 
 def test_remat_and_logical_axes():
-    from jsmaug import config as cfg
+    from jsmaug.models import config as cfg
 
     c = cfg.tiny()
     params = model.init_params(c, jax.random.key(1))

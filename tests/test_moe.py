@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import moe
+from jsmaug.models import moe
 
 
 def _problem(num_tokens=37, d=16, f=24, e=5, k=2, seed=0):

@@ -10,8 +10,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, data, model, packing, run_setup, sharding as shd, step
-from jsmaug.run_config import LossSection, RunConfig
+from jsmaug.data import batches as data, packing
+
+from jsmaug.models import config as cfg_lib, decoder as model
+
+from jsmaug.parallel import sharding as shd
+
+from jsmaug.train import setup as run_setup, step
+from jsmaug.train.config import LossSection, RunConfig
 
 CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02, attention_block_size=8)
 LOSS = LossSection(type="dpo", beta=0.3)

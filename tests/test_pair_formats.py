@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jsmaug import data, hf_tokenizer, pair_formats
+from jsmaug.data import batches as data, tokenizer_files as hf_tokenizer, formats as pair_formats
 
 TOK = data.Tokenizer()
 TEMPLATE = "configs/chat_templates/mixtral_instruct.jinja"

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import plan_pod  # noqa: E402
 
-from jsmaug import config as cfg_lib  # noqa: E402
+from jsmaug.models import config as cfg_lib  # noqa: E402
 
 def test_analytic_flops_by_hand():
     c = cfg_lib.tiny(vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
@@ -25,8 +25,8 @@ def test_analytic_flops_by_hand():
 def test_host_view_names_hosts_and_their_pairs():
     import jax
 
-    from jsmaug import sharding as shd
-    from jsmaug.run_config import load_run_config
+    from jsmaug.parallel import sharding as shd
+    from jsmaug.train.config import load_run_config
 
     cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["mesh.data=2", "mesh.fsdp=4"])
     mesh = shd.make_mesh(cfg.mesh, cfg.model)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from jsmaug.config import ConfigError
-from jsmaug.run_config import load_run_config
+from jsmaug.models.config import ConfigError
+from jsmaug.train.config import load_run_config
 
 
 def test_floats_in_every_spelling(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from jsmaug.run_outputs import RunOutputs
+from jsmaug.train.outputs import RunOutputs
 
 
 def test_only_the_writer_writes(tmp_path):

@@ -9,9 +9,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jsmaug import config as cfg_lib, data, model, sharding as shd, step
-from jsmaug.config import ConfigError
-from jsmaug.run_config import LossSection
+from jsmaug.data import batches as data
+
+from jsmaug.models import config as cfg_lib, decoder as model
+
+from jsmaug.parallel import sharding as shd
+
+from jsmaug.train import step
+from jsmaug.models.config import ConfigError
+from jsmaug.train.config import LossSection
 
 CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02)
 # DPO, not DPOP: the reference starts equal to the policy, and there DPOP's penalty switches on a 1e-7 round-off
@@ -69,7 +75,7 @@ def single():
 MESHES = {"data8": shd.MeshConfig(data=8), "data2_expert4": shd.MeshConfig(data=2, expert=4),
           "fsdp2_expert2_tensor2": shd.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
           "fsdp2_expert4": shd.MeshConfig(data=1, fsdp=2, expert=4)}
-# (mesh, MoE token dispatch[+remat][+splash attention][+megablox experts]): GSPMD moves expert weights, all_to_all moves tokens (jsmaug/expert_parallel.py).
+# (mesh, MoE token dispatch[+remat][+splash attention][+megablox experts]): GSPMD moves expert weights, all_to_all moves tokens (jsmaug/parallel/expert_parallel.py).
 CASES = [("data8", "gspmd"), ("data2_expert4", "gspmd"), ("data2_expert4", "all_to_all"),
          ("fsdp2_expert2_tensor2", "gspmd"), ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert4", "all_to_all+remat"),
          # TPU's defaults: the Pallas splash and megablox kernels (interpret mode on CPU); splash under shard_map

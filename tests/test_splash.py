@@ -1,4 +1,4 @@
-"""jsmaug/splash.py: the Pallas TPU splash kernel (interpret mode on CPU) under a mesh, and the shapes it pads.
+"""jsmaug/models/splash.py: the Pallas TPU splash kernel (interpret mode on CPU) under a mesh, and the shapes it pads.
 (Its values and gradients against `xla` in every mask case are in tests/test_attention.py.)"""
 
 import numpy as np
@@ -6,7 +6,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jsmaug import attention, mesh_context, sharding as shd, splash
+from jsmaug.models import attention, splash
+
+from jsmaug.parallel import mesh_context, sharding as shd
 
 RNG = np.random.default_rng(1)
 

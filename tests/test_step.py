@@ -8,8 +8,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug import config as cfg_lib, data, loss_config, model, step
-from jsmaug.run_config import LossSection, TrainSection
+from jsmaug.data import batches as data
+
+from jsmaug.losses import config as loss_config
+
+from jsmaug.models import config as cfg_lib, decoder as model
+
+from jsmaug.train import step
+from jsmaug.train.config import LossSection, TrainSection
 
 CONF = cfg_lib.tiny(vocab_size=64, router_aux_loss_coef=0.0)
 BUCKETS = (16, 24)

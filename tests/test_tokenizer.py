@@ -4,7 +4,7 @@ truncation. Exact ids with the real Mixtral tokenizer."""
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from jsmaug.tokenizer import Tokenizer, common_prefix_length, split_at_prompt, tokenize_pair, truncate
+from jsmaug.data.tokenizer import Tokenizer, common_prefix_length, split_at_prompt, tokenize_pair, truncate
 
 TOK = Tokenizer()
 SP = TOK.sp

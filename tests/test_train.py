@@ -57,7 +57,8 @@ def test_shipped_config_runs_two_steps_and_exports(tmp_path):
     assert "eval/rewards/accuracies" in m[-1]
     assert (wd / "metrics.png").stat().st_size > 1000 and list((wd / "tensorboard").iterdir())
     # The HF export holds the checkpoint's final policy.
-    from jsmaug import checkpoint, hf
+    from jsmaug import hf
+    from jsmaug.train import checkpoint
 
     config, params = hf.load(wd / "hf")
     _, ck = checkpoint.load_params(wd)
@@ -187,7 +188,11 @@ def test_lora_cli_trains_resumes_exactly_and_exports_merged_weights(tmp_path):
     import torch
     from transformers import MixtralForCausalLM
 
-    from jsmaug import checkpoint, eval as eval_lib, hf, model
+    from jsmaug import hf
+
+    from jsmaug.models import decoder as model
+
+    from jsmaug.train import checkpoint, eval as eval_lib
 
     data = _pairs(tmp_path / "pairs.jsonl")
     common = ["configs/tiny_dpop.yaml", *SMALL, f"data.train_path={data}", "data.eval_path=null", "train.steps=6",

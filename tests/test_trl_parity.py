@@ -11,7 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from jsmaug import config as cfg_lib, data, eval as eval_lib, hf, model
+from jsmaug import hf
+
+from jsmaug.data import batches as data
+
+from jsmaug.models import config as cfg_lib, decoder as model
+
+from jsmaug.train import eval as eval_lib
 
 trl = pytest.importorskip("trl", reason="trl is in the test extra (pip install -e '.[test]')")
 

@@ -35,7 +35,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jsmaug import config as cfg_lib, model, moe, step  # noqa: E402
+from jsmaug.models import config as cfg_lib, decoder as model, moe  # noqa: E402
+
+from jsmaug.train import step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib import (CHUNK, NOMINAL_BF16_PEAK, StepRunner, machine, print_table, record,  # noqa: E402
@@ -97,7 +99,7 @@ def bench_lora(conf, batch, ref, rank=16, rounds=5):
     """LoRA DPOP step (rank `rank` on attention and experts; the base is the policy's base and the reference) vs
     the full DPOP step with a frozen reference copy: time, compiled memory and the train state's bytes (what a
     checkpoint holds)."""
-    from jsmaug import lora
+    from jsmaug.models import lora
 
     lconf = conf.replace(lora_rank=rank)
     adapters = lora.init_adapters(lora.split(model.param_shapes(lconf))[1], jax.random.key(1))
@@ -146,8 +148,10 @@ def bench_packing(conf, pairs=8, max_length=1024, steps=6, rounds=2):
     """Real (non-padding) tokens per second of the DPOP step, packed vs padded, on the same long-tailed batches
     (`long_tailed_pairs`), and the padded share of token slots of each; packed rows of the batch's bucket length
     (the default) and of twice that."""
-    from jsmaug import data, packing, run_setup, sharding as shd
-    from jsmaug.run_config import RunConfig
+    from jsmaug.data import batches as data, packing
+    from jsmaug.parallel import sharding as shd
+    from jsmaug.train import setup as run_setup
+    from jsmaug.train.config import RunConfig
 
     batches = [long_tailed_pairs(pairs, max_length, seed=s, vocab=conf.vocab_size) for s in range(steps)]
     buckets = data.power_of_two_buckets(max_length)

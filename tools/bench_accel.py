@@ -33,8 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_lib as bench  # noqa: E402  (timers, records, the step batch, the PyTorch step)
-from jsmaug import attention, config as cfg_lib, model, moe, step  # noqa: E402
-from jsmaug.run_config import LossSection, TrainSection  # noqa: E402
+from jsmaug.models import attention, config as cfg_lib, decoder as model, moe  # noqa: E402
+from jsmaug.train import step
+from jsmaug.train.config import LossSection, TrainSection  # noqa: E402
 from plan_pod import analytic_flops_per_step  # noqa: E402
 
 

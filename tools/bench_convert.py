@@ -29,7 +29,9 @@ def _child(mode: str, args) -> dict:
     sys.path.insert(0, str(ROOT))
     import jax
 
-    from jsmaug import config as cfg_lib, hf, model
+    from jsmaug import hf
+
+    from jsmaug.models import config as cfg_lib, decoder as model
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     d = Path(args.dir)

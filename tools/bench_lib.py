@@ -21,8 +21,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jsmaug import config as cfg_lib, model, step  # noqa: E402
-from jsmaug.run_config import LossSection, TrainSection  # noqa: E402
+from jsmaug.models import config as cfg_lib, decoder as model  # noqa: E402
+
+from jsmaug.train import step
+from jsmaug.train.config import LossSection, TrainSection  # noqa: E402
 
 RESULTS: list[dict] = []
 NOMINAL_BF16_PEAK = {"gpu": {"H100": 989e12, "H200": 989e12, "A100": 312e12}, "tpu": {}}

@@ -12,7 +12,7 @@ hyper-parameters after `@`: `simpo@beta=2.0@simpo_gamma=0.5`, `exo_pair@label_sm
    model, so the start already gives the chosen answers a reasonable likelihood, as the paper's models did.
 2. One training run per loss from that start, with the same seed, so step i sees the same batch in every run
    (a batch is a pure function of data, seed and step). Everything else comes from --config and the overrides.
-3. The start and every final policy are scored on the eval split (`jsmaug.eval.preference_eval`, the start as
+3. The start and every final policy are scored on the eval split (`jsmaug.train.eval.preference_eval`, the start as
    the reference).
 
 Writes OUT/compare_losses.png (train logps of chosen and rejected completions and preference accuracy over
@@ -31,9 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, data as data_lib, eval as eval_lib, losses, metrics_log, train  # noqa: E402
-from jsmaug.config import ConfigError  # noqa: E402
-from jsmaug.run_config import load_run_config  # noqa: E402
+from jsmaug import losses  # noqa: E402
+
+from jsmaug.data import batches as data_lib
+
+from jsmaug.train import checkpoint, eval as eval_lib, metrics_log, run as train
+from jsmaug.models.config import ConfigError  # noqa: E402
+from jsmaug.train.config import load_run_config  # noqa: E402
 
 # The SFT warm-up's folder: not a loss name, so `--losses sft` (the `sft` loss) gets its own run.
 START = "start_sft"

@@ -14,8 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, hf  # noqa: E402
-from jsmaug.config import ConfigError  # noqa: E402
+from jsmaug import hf  # noqa: E402
+
+from jsmaug.train import checkpoint
+from jsmaug.models.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, data, hf, pair_formats  # noqa: E402
-from jsmaug.config import ConfigError  # noqa: E402
+from jsmaug import hf  # noqa: E402
+
+from jsmaug.data import batches as data, formats as pair_formats
+
+from jsmaug.train import checkpoint
+from jsmaug.models.config import ConfigError  # noqa: E402
 
 
 def _tokenizer_of(ckpt_dir: str, given: str | None) -> tuple[str, str | None]:

@@ -19,8 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, data as data_lib, eval as eval_lib, hf  # noqa: E402
-from jsmaug.config import ConfigError  # noqa: E402
+from jsmaug import hf  # noqa: E402
+
+from jsmaug.data import batches as data_lib
+
+from jsmaug.train import checkpoint, eval as eval_lib
+from jsmaug.models.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:

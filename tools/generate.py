@@ -16,7 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jsmaug import checkpoint, data as data_lib, eval as eval_lib, generate as gen, hf  # noqa: E402
+from jsmaug import hf  # noqa: E402
+
+from jsmaug.data import batches as data_lib
+
+from jsmaug.models import generate as gen
+
+from jsmaug.train import checkpoint, eval as eval_lib
 
 
 def main(argv=None) -> int:

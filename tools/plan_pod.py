@@ -29,8 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import hlo_stats  # noqa: E402  (tools/, beside this file)
-from jsmaug import attention, expert_parallel, lora, model, sharding as shd, step  # noqa: E402
-from jsmaug.run_config import load_run_config  # noqa: E402
+from jsmaug.models import attention, lora, decoder as model  # noqa: E402
+from jsmaug.parallel import expert_parallel, sharding as shd
+from jsmaug.train import step
+from jsmaug.train.config import load_run_config  # noqa: E402
 
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
 TOPOLOGIES = {
@@ -97,7 +99,7 @@ def _batch_shapes(cfg, mesh, b: int, s: int, packed_fill: float = 2.0) -> dict:
         sh = shd.batch_sharding(mesh, cfg.mesh, 3)
         return {k: jax.ShapeDtypeStruct((2, b, s), jnp.int32, sharding=sh)
                 for k in ("input_ids", "segment_ids", "positions", "labels", "loss_mask")}
-    from jsmaug import packing
+    from jsmaug.data import packing
 
     m, d = cfg.train.micro_batches, shd.batch_rows_divisor(mesh, cfg.mesh)
     length = cfg.data.packing_length or s
@@ -129,7 +131,7 @@ def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None, packed_
                                         chips_per_host_bounds=per_host, num_slices=1)
     devices = topo.devices
     assert len(devices) == n_dev, (len(devices), n_dev)
-    # The same `auto` choices the run would make on TPU (jsmaug.moe / jsmaug.attention resolve_impl).
+    # The same `auto` choices the run would make on TPU (jsmaug.models.moe / jsmaug.models.attention resolve_impl).
     attn_path, attn_why = attention.resolve_impl(cfg.model.attention_impl, cfg.model.dtype,
                                                  cfg.model.resolved_head_dim, "tpu")
     mesh = shd.make_mesh(cfg.mesh, cfg.model, devices)

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the step model, the batch, timers)
-from jsmaug import logps as logps_lib, model  # noqa: E402
+from jsmaug.models import logps as logps_lib, decoder as model  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
 `primitives`: the formulas on arrays (DPOP, DPO's sigmoid with cDPO smoothing, IPO, hinge, NLL) and the metrics
 trainers log. `family`: every loss of HF TRL 1.16's DPOTrainer under TRL's names, plus DPOP, SimPO, CPO and
 ORPO, on `LossInputs`, with `preference_loss(name, inputs, **hparams)`. Log-probabilities themselves come from
-`jsmaug.logps`.
+`jsmaug.models.logps`.
 """
 
 from jsmaug.losses.family import (ALIASES, F_DIVERGENCES, LOSSES, LossInputs, LossSpec, hyperparameters,

@@ -1,3 +1,0 @@
-from jsmaug.datasets.preference_pairs.preference_pairs import PreferencePairs, PreferencePairsConfig
-
-__all__ = ["PreferencePairs", "PreferencePairsConfig"]

@@ -1,0 +1,306 @@
+"""Hugging Face -> jsmaug: `load` reads an HF Mixtral folder tensor by tensor (plain reads, no mmap) and builds
+each stacked parameter one layer at a time into a preallocated device array (donated update), so host memory
+stays near one layer's expert stack, never the model. Accepts the hub layout (per-expert w1/w2/w3) and
+transformers-5's fused layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jsmaug.models.config import MixtralConfig
+from jsmaug.hf.layout import _LAYER, CheckpointError, _expected_hf_shape, _hub_names, _progress
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+_NP_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+              "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+
+
+class _SafetensorsFile:
+    """Reads one tensor at a time with plain file reads (no mmap).
+
+    safetensors' own reader memory-maps the whole file; every page it touches then stays in this process's RSS
+    until the map closes, so reading a checkpoint tensor by tensor still shows the whole checkpoint in RSS.
+    Explicit reads keep the footprint at one tensor.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > 100_000_000:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {hlen})")
+            try:
+                header = json.loads(fh.read(hlen))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: not a safetensors file ({err})") from err
+        header.pop("__metadata__", None)
+        self.base = 8 + hlen
+        self.entries = header
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] not in _NP_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        dtype = _NP_DTYPES[e["dtype"]]
+        start, end = e["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self.base + start)
+        if arr.size != count:
+            raise CheckpointError(f"{self.path}: tensor {name} is truncated (file shorter than its header says)")
+        return arr.reshape(e["shape"])
+
+
+class _Reader:
+    """Lazy access to the tensors of an HF folder (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir: Path):
+        self.dir = hf_dir
+        index = hf_dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+            files = sorted(set(weight_map.values()))
+            for fn in files:
+                if not (hf_dir / fn).exists():
+                    users = sorted(k for k, v in weight_map.items() if v == fn)
+                    raise CheckpointError(f"{hf_dir / fn}: shard named in {index.name} is missing "
+                                          f"(it holds {len(users)} tensors, e.g. {users[0]})")
+        else:
+            files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{hf_dir}: no model.safetensors.index.json and no *.safetensors file")
+            weight_map = None
+        self._handles = {}
+        self.location: dict[str, str] = {}
+        for fn in files:
+            h = _SafetensorsFile(hf_dir / fn)
+            self._handles[fn] = h
+            for k in h.keys():
+                self.location[k] = fn
+        if weight_map is not None:
+            for k, fn in weight_map.items():
+                if k not in self.location:
+                    raise CheckpointError(f"{hf_dir / fn}: tensor {k} is listed in the index but not in the file")
+        self.read_bytes = 0
+        self.read_count = 0
+
+    def keys(self) -> set[str]:
+        return set(self.location)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._handles[self.location[name]].shape(name)
+
+    def dtype_name(self, name: str) -> str:
+        return self._handles[self.location[name]].entries[name]["dtype"]
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.location:
+            raise CheckpointError(f"{self.dir}: tensor {name} is missing")
+        arr = self._handles[self.location[name]].get(name)
+        self.read_bytes += arr.nbytes
+        self.read_count += 1
+        return arr
+
+
+def _detect_layout(keys: set[str]) -> str:
+    if any(".mlp.experts.gate_up_proj" in k for k in keys):
+        return "fused"
+    return "hub"
+
+
+def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, layout: str) -> None:
+    if layout == "hub":
+        expected = set(_hub_names(config))
+    else:
+        expected = {n for n in _hub_names(config) if ".block_sparse_moe." not in n}
+        for n in range(config.num_hidden_layers):
+            p = f"model.layers.{n}.mlp."
+            expected |= {p + "gate.weight", p + "experts.gate_up_proj", p + "experts.down_proj"}
+    keys = reader.keys()
+    # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
+    unexpected = sorted(keys - expected - {"lm_head.weight"})
+    missing = sorted(expected - keys)
+    if missing:
+        raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing for the config in config.json, "
+                              f"first: {missing[0]}")
+    if unexpected:
+        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) (not in a Mixtral with this "
+                              f"config.json), first: {unexpected[0]} in {reader.location[unexpected[0]]}")
+    for name in sorted(expected):
+        dtype = reader.dtype_name(name)
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; Mixtral "
+                                  f"weights are floating point ({', '.join(_FLOAT_DTYPES)})")
+        want = _expected_hf_shape(config, name)
+        got = reader.shape(name)
+        if want is not None and got != want:
+            raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has shape {got}, "
+                                  f"config.json implies {want}")
+
+
+def _layer_tensor(reader: _Reader, layout: str, config: MixtralConfig, leaf: str, n: int) -> np.ndarray:
+    """One layer's slice of a stacked jsmaug leaf, in jsmaug's (in, out) orientation."""
+    d, hq, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
+    f, e = config.intermediate_size, config.num_local_experts
+    p = f"model.layers.{n}."
+    if leaf == "input_layernorm/weight":
+        return reader.get(p + "input_layernorm.weight")
+    if leaf == "post_attention_layernorm/weight":
+        return reader.get(p + "post_attention_layernorm.weight")
+    if leaf == "self_attn/q_proj":
+        return reader.get(p + "self_attn.q_proj.weight").T.reshape(d, hq, dh)
+    if leaf in ("self_attn/k_proj", "self_attn/v_proj"):
+        return reader.get(p + f"self_attn.{leaf[-6]}_proj.weight").T.reshape(d, hkv, dh)
+    if leaf == "self_attn/o_proj":
+        return reader.get(p + "self_attn.o_proj.weight").T.reshape(hq, dh, d)
+    if leaf == "block_sparse_moe/gate":
+        name = p + ("block_sparse_moe.gate.weight" if layout == "hub" else "mlp.gate.weight")
+        return reader.get(name).T
+    if layout == "hub":
+        w = leaf.split("/")[-1]
+        return np.stack([reader.get(p + f"block_sparse_moe.experts.{j}.{w}.weight").T for j in range(e)])
+    if leaf in ("block_sparse_moe/w1", "block_sparse_moe/w3"):
+        gate_up = reader.get(p + "mlp.experts.gate_up_proj")  # (E, 2F, D) = [w1; w3]
+        part = gate_up[:, :f] if leaf.endswith("w1") else gate_up[:, f:]
+        return np.transpose(part, (0, 2, 1))
+    if leaf == "block_sparse_moe/w2":
+        return np.transpose(reader.get(p + "mlp.experts.down_proj"), (0, 2, 1))  # (E, D, F) -> (E, F, D)
+    raise KeyError(leaf)
+
+
+def _leaf_paths(tree) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [("/".join(str(k.key) for k in path), leaf) for path, leaf in flat]
+
+
+def _set_from_path(tree: dict, path: str, value) -> None:
+    keys = path.split("/")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _stack_into_device_array(layers: Iterator[np.ndarray], shape, dtype, sharding) -> jax.Array:
+    """Builds a (L, ...) device array one layer at a time: host memory holds one layer, never the stack."""
+    layer_sharding = None
+    if sharding is not None:
+        spec = sharding.spec
+        layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    alloc = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    buf = alloc()
+    put = jax.jit(lambda b, v, i: jax.lax.dynamic_update_index_in_dim(b, v, i, 0), donate_argnums=0,
+                  out_shardings=sharding)
+    for i, layer in enumerate(layers):
+        arr = np.asarray(layer).astype(dtype, copy=False)
+        if layer_sharding is not None:
+            val = jax.make_array_from_callback(arr.shape, layer_sharding, lambda idx, a=arr: a[idx])
+        else:
+            val = jnp.asarray(arr)
+        buf = put(buf, val, i)
+    return buf
+
+
+def _device_put(arr: np.ndarray, dtype, sharding) -> jax.Array:
+    arr = np.asarray(arr).astype(dtype, copy=False)
+    if sharding is None:
+        return jnp.asarray(arr)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def read_config(hf_dir: str | os.PathLike, **overrides) -> MixtralConfig:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found (an HF model folder has a config.json)")
+    return MixtralConfig.from_hf_dict(_read_config_json(path), source=str(path), **overrides)
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
+         progress: bool = False, **config_overrides) -> tuple[MixtralConfig, Any]:
+    """Reads an HF Mixtral folder -> (MixtralConfig, params).
+
+    dtype: the parameter dtype to store (default: the checkpoint's config `torch_dtype`/`dtype`, else float32).
+    mesh: a `jax.sharding.Mesh` with jsmaug's axes (`jsmaug.parallel.sharding.make_mesh`): params are placed with the
+      default logical-axis rules. shardings: a pytree like the params of NamedShardings (wins over `mesh`).
+      Either way each layer goes straight onto its devices; nothing is assembled on one device first.
+    """
+    hf_dir = Path(hf_dir)
+    cfg_json = _read_config_json(hf_dir / "config.json") if (hf_dir / "config.json").exists() else {}
+    if dtype is None:
+        dtype = cfg_json.get("torch_dtype") or cfg_json.get("dtype") or "float32"
+        dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    overrides = dict(config_overrides)
+    overrides.setdefault("param_dtype", dtype)
+    config = read_config(hf_dir, **overrides)
+    reader = _Reader(hf_dir)
+    layout = _detect_layout(reader.keys())
+    _check_keys_and_shapes(reader, config, layout)
+
+    from jsmaug.models import decoder as model  # local import: model imports flax, which hf users may not need for reading names
+
+    shapes = model.param_shapes(config)
+    if shardings is None and mesh is not None:
+        from jsmaug.parallel import sharding as shd
+
+        shardings = shd.param_shardings(config, mesh, shd.MeshConfig())
+    shard_map = dict(_leaf_paths(shardings)) if shardings is not None else {}
+    np_dtype = jnp.dtype(config.param_dtype)
+    params: dict = {}
+    t0 = time.time()
+    leaves = _leaf_paths(shapes)
+    for i, (path, sds) in enumerate(leaves):
+        sharding = shard_map.get(path)
+        if path == "embed_tokens":
+            arr = _device_put(reader.get("model.embed_tokens.weight"), np_dtype, sharding)
+        elif path == "lm_head":
+            arr = _device_put(reader.get("lm_head.weight").T, np_dtype, sharding)
+        elif path == "norm/weight":
+            arr = _device_put(reader.get("model.norm.weight"), np_dtype, sharding)
+        elif path.startswith(_LAYER):
+            leaf = path[len(_LAYER):]
+            gen = (_layer_tensor(reader, layout, config, leaf, n) for n in range(config.num_hidden_layers))
+            arr = _stack_into_device_array(gen, sds.shape, np_dtype, sharding)
+        else:  # pragma: no cover - the param tree and this mapping are written together
+            raise KeyError(path)
+        if arr.shape != sds.shape:  # pragma: no cover - guarded by the HF shape checks above
+            raise CheckpointError(f"{hf_dir}: {path} built with shape {arr.shape}, expected {sds.shape}")
+        _set_from_path(params, path, arr)
+        if progress:
+            _progress("import", i + 1, len(leaves), reader.read_bytes, t0)
+    if progress:
+        print(file=sys.stderr)
+    return config, params

@@ -1,0 +1,209 @@
+"""jsmaug -> Hugging Face: `save` writes the hub layout (sharded safetensors with `model.safetensors.index.json`,
+`config.json`, `generation_config.json` and the tokenizer files), gathering one tensor at a time into a
+temporary folder that is renamed at the end, so a failure leaves nothing behind.
+
+In a multi-process run every process calls `save` (each tensor is gathered by a collective the processes take
+part in alike) and only the one with `write=True` writes: host memory holds one tensor, never the model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import struct
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jsmaug.models.config import MixtralConfig
+from jsmaug.hf.layout import CheckpointError, _expected_hf_shape, _progress
+from jsmaug.data.tokenizer_files import write_tokenizer_files
+from jsmaug.paths import is_remote
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+@functools.lru_cache(maxsize=None)
+def _take_replicated(mesh, n_idx: int):
+    """x[i0, ..., i{n-1}] (indices traced: one program per array shape), the result on every device."""
+    return jax.jit(lambda x, idx: x[tuple(idx[i] for i in range(n_idx))], out_shardings=NamedSharding(mesh, P()))
+
+
+def gather(x, *idx: int) -> np.ndarray:
+    """One slice x[idx] of a (possibly sharded, possibly multi-process) array, on the host."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x[idx] if idx else x))
+    return np.asarray(jax.device_get(_take_replicated(x.sharding.mesh, len(idx))(x, jnp.asarray(idx, jnp.int32))))
+
+
+def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(hub name, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor only."""
+    layers = params["layers"]["layer"]
+    d, hq, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
+    g = gather
+
+    yield "model.embed_tokens.weight", lambda: g(params["embed_tokens"])
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        a, m = layers["self_attn"], layers["block_sparse_moe"]
+        yield p + "input_layernorm.weight", lambda n=n: g(layers["input_layernorm"]["weight"], n)
+        yield p + "self_attn.q_proj.weight", lambda n=n: g(a["q_proj"], n).reshape(d, hq * dh).T
+        yield p + "self_attn.k_proj.weight", lambda n=n: g(a["k_proj"], n).reshape(d, hkv * dh).T
+        yield p + "self_attn.v_proj.weight", lambda n=n: g(a["v_proj"], n).reshape(d, hkv * dh).T
+        yield p + "self_attn.o_proj.weight", lambda n=n: g(a["o_proj"], n).reshape(hq * dh, d).T
+        yield p + "post_attention_layernorm.weight", lambda n=n: g(layers["post_attention_layernorm"]["weight"], n)
+        yield p + "block_sparse_moe.gate.weight", lambda n=n: g(m["gate"], n).T
+        for e in range(config.num_local_experts):
+            for w in ("w1", "w2", "w3"):
+                yield p + f"block_sparse_moe.experts.{e}.{w}.weight", lambda n=n, e=e, w=w: g(m[w], n, e).T
+    yield "model.norm.weight", lambda: g(params["norm"]["weight"])
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", lambda: g(params["lm_head"]).T
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+
+
+def _write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
+    """Streams tensors into one safetensors file: header first (from shapes), then each tensor's bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, dtype, fetch in entries:
+            arr = np.ascontiguousarray(fetch(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise CheckpointError(f"{path}: tensor {name} came out with shape {arr.shape}, expected {shape}")
+            fh.write(arr.tobytes())
+    return offset
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use e.g. '5GB', '500MB' or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def prepare_out_dir(out_dir: epath.Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+
+
+def commit_dir(tmp: epath.Path, out_dir: epath.Path) -> None:
+    """Replaces out_dir by tmp with renames only (the old folder is removed after the new one is in place)."""
+    if out_dir.exists():
+        old = out_dir.parent / (out_dir.name + f".old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        old.rmtree(missing_ok=True)
+    else:
+        tmp.rename(out_dir)
+
+
+def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
+    """Fails before any tensor is written when the tokenizer to export is missing or unreadable."""
+    if tokenizer_path is None:
+        return
+    path = epath.Path(tokenizer_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer model not found (give the path of a SentencePiece tokenizer.model)")
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0]})") from err
+
+
+def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
+         max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
+         overwrite: bool = False, progress: bool = False, chat_template: str | None = None,
+         write: bool = True) -> dict[str, Any]:
+    """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
+
+    With `tokenizer_path` (a SentencePiece tokenizer.model) the folder also gets what a Mixtral hub repository
+    ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json;
+    `chat_template` (the Jinja source a run trained with) goes into tokenizer_config.json. With `write=False`
+    (the processes other than 0 of a multi-process run) every tensor is gathered and nothing is written."""
+    out_dir = epath.Path(out_dir)
+    if write:
+        prepare_out_dir(out_dir, overwrite)
+    check_tokenizer_path(tokenizer_path)
+    dtype = dtype or config.param_dtype
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    limit = _parse_size(max_shard_size)
+    t0 = time.time()
+    entries = []
+    for name, fetch in _hub_tensors(config, params):
+        shape = _expected_hf_shape(config, name)
+        entries.append((name, shape, np_dtype, fetch))
+    shards: list[list] = [[]]
+    size = 0
+    for ent in entries:
+        nbytes = int(np.prod(ent[1])) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(ent)
+        size += nbytes
+
+    if not write:
+        for ent in entries:
+            ent[3]()
+        return {"tensors": len(entries), "bytes": 0, "seconds": time.time() - t0, "files": 0}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # In a bucket there is no folder rename to commit with (it is a copy of every object): the files are
+    # written in place, each one whole (an object appears once its upload is complete).
+    tmp = out_dir if is_remote(out_dir) else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp.rmtree(missing_ok=True)
+    tmp.mkdir(parents=True)
+    try:
+        total = 0
+        weight_map = {}
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        done = 0
+        for fname, shard in zip(names, shards):
+            total += _write_safetensors(tmp / fname, shard)
+            for ent in shard:
+                weight_map[ent[0]] = fname
+            done += len(shard)
+            if progress:
+                _progress("export", done, len(entries), total, t0)
+        if len(shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+             "_from_model_config": True}, indent=2))
+        if tokenizer_path is not None:
+            write_tokenizer_files(tokenizer_path, tmp, chat_template)
+        if tmp != out_dir:
+            commit_dir(tmp, out_dir)
+    except BaseException:
+        tmp.rmtree(missing_ok=True)
+        raise
+    if progress:
+        print(file=sys.stderr)
+    return {"tensors": len(entries), "bytes": total, "seconds": time.time() - t0, "files": len(shards)}

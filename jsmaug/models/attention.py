@@ -1,0 +1,301 @@
+"""Causal self-attention with padding, packed segments, a sliding window and GQA/MQA, in several kernels.
+
+One meaning, several paths (`implementation=`), each tested against `xla`:
+
+- "xla":     the reference. Builds the (B, K, G, S, T) float32 scores: O(S^2) memory per layer, forward and backward.
+- "chunked": memory-efficient attention in pure JAX (query and key blocks with an online softmax, as in
+             FlashAttention), with a hand-written VJP that recomputes each block's probabilities from the saved
+             log-sum-exp. O(S x block) temporaries in the forward and the backward, on every backend; key blocks
+             that the causal or sliding-window mask rules out, or that pair two different packed segments of
+             every row, are skipped at run time.
+- "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")` on GPU, for bf16/fp16 and head_dim <= 256. It has
+             no segment ids: a batch whose rows each hold one segment followed by padding runs there (padding
+             becomes key/query lengths); a packed batch (several segments in a row) takes the `chunked` branch
+             at run time (`lax.cond`), so the result is right whatever the data.
+- "splash":  the Pallas TPU splash kernel (jsmaug/models/splash.py), under shard_map on a mesh; off TPU it runs in Pallas
+             interpret mode (exact, slow: for tests on CPU).
+- "auto":    `resolve_impl` picks per backend, dtype and head_dim, and says why.
+
+The mask, in every path: query i sees key j when j <= i, both carry the same segment id, the key's segment id is
+not 0 (padding), and, with a sliding window w, i - j < w (HF's convention).
+
+Array names carry their shapes: B batch, S queries, T keys, H query heads, K kv heads, G = H / K, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jsmaug.models import splash
+
+from jsmaug.parallel import mesh_context
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
+
+
+def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None, q_index_BxS=None,
+               kv_index_BxT=None):
+    """Causal + same-segment (packing) + not-padding (segment 0) + optional sliding window, as booleans."""
+    kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
+    s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
+    q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
+    k_idx = jnp.arange(t)[None, :] if kv_index_BxT is None else kv_index_BxT
+    q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
+    mask = (k_idx <= q_idx) & (segment_ids_BxS[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] > 0)
+    if sliding_window is not None:
+        mask &= (q_idx - k_idx) < sliding_window  # HF: a query sees keys with q - k < window (itself included)
+    return mask
+
+
+def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask):
+    """The reference: float32 scores and softmax, probabilities cast to the compute dtype for the PV matmul."""
+    b, s, h, dh = q_BxSxHxDh.shape
+    kv = k_BxTxKxDh.shape[2]
+    q = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxDh, preferred_element_type=jnp.float32) * (dh ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxDh)
+    return out.reshape(b, s, h, dh)
+
+
+# ------------------------------------------------------------------------------------------------ chunked
+
+def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window):
+    """(B, bq, bk) mask of query block starting at i0 against key block starting at j0."""
+    qi = i0 + jnp.arange(bq)[:, None]
+    kj = j0 + jnp.arange(bk)[None, :]
+    m = (kj <= qi)[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0)
+    if window is not None:
+        m &= (qi - kj < window)[None]
+    return m
+
+
+def _key_block_range(i, bq, bk, nk, window):
+    """Key blocks [lo, hi) that query block i can see (causal, and the window if any)."""
+    hi = jnp.minimum((i * bq + bq - 1) // bk + 1, nk)
+    lo = 0 if window is None else jnp.maximum((i * bq - window + 1) // bk, 0)
+    return lo, hi
+
+
+def _query_block_range(j, bq, bk, nq, window):
+    """Query blocks [lo, hi) that can see key block j."""
+    lo = (j * bk) // bq
+    hi = nq if window is None else jnp.minimum((j * bk + bk - 1 + window - 1) // bq + 1, nq)
+    return lo, hi
+
+
+def _segment_bounds(seg_BxS):
+    """Per position, where its segment starts and ends (exclusive); a padding position (segment 0) is its own
+    span. Segments are contiguous runs of one id, as packing lays them out."""
+    s = seg_BxS.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_BxS.shape)
+    prev = jnp.pad(seg_BxS[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    nxt = jnp.pad(seg_BxS[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(seg_BxS != prev, idx, 0), axis=1)
+    end = jax.lax.cummin(jnp.where(seg_BxS != nxt, idx + 1, s), axis=1, reverse=True)
+    pad = seg_BxS == 0
+    return jnp.where(pad, idx, start), jnp.where(pad, idx + 1, end)
+
+
+def _segment_block_ranges(seg, bq, bk):
+    """Packing's block skipping: for each query block, the first key block any of its queries' segments reaches
+    (over the batch); for each key block, one past the last query block its keys' segments reach. Blocks
+    outside these ranges pair two different segments: fully masked, so skipping them changes nothing."""
+    b, s = seg.shape
+    start, end = _segment_bounds(seg)
+    first_key_block = jnp.min(start.reshape(b, s // bq, bq), axis=(0, 2)) // bk  # (nq,)
+    last_query_block = (jnp.max(end.reshape(b, s // bk, bk), axis=(0, 2)) - 1) // bq + 1  # (nk,)
+    return first_key_block, last_query_block
+
+
+def _scores(q_blk, k_blk, scale):
+    # q_blk (B, bq, K, G, Dh), k_blk (B, bk, K, Dh) -> (B, K, G, bq, bk) float32
+    return jnp.einsum("bqkgd,btkd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+
+
+def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
+    """q (B, S, K, G, Dh), k/v (B, S, K, Dh), seg (B, S); S a multiple of bq and bk.
+    Returns out (B, S, K, G, Dh) in q's dtype and lse (B, K, G, S) float32 (0 for rows that see nothing)."""
+    b, s, kv, g, dh = q.shape
+    nq, nk = s // bq, s // bk
+    scale = dh ** -0.5
+    first_key_block, _ = _segment_block_ranges(seg, bq, bk)
+
+    def q_block(i):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)
+
+        def body(j, carry):
+            m, l, acc = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window)[:, None, None]
+            sc = jnp.where(mask, _scores(q_blk, k_blk, scale), NEG_INF)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+            return m_new, l, acc * corr[..., None] + pv
+
+        lo, hi = _key_block_range(i, bq, bk, nk, window)
+        lo = jnp.maximum(lo, first_key_block[i])
+        init = (jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
+                jnp.zeros((b, kv, g, bq, dh), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return out.astype(q.dtype), lse
+
+    out_N, lse_N = jax.lax.map(q_block, jnp.arange(nq))  # (nq, B, K, G, bq, Dh), (nq, B, K, G, bq)
+    out = jnp.moveaxis(out_N, 0, 3).reshape(b, kv, g, s, dh).transpose(0, 3, 1, 2, 4)
+    lse = jnp.moveaxis(lse_N, 0, 3).reshape(b, kv, g, s)
+    return out, lse
+
+
+def _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk):
+    b, s, kv, g, dh = q.shape
+    nq, nk = s // bq, s // bk
+    scale = dh ** -0.5
+    _, last_query_block = _segment_block_ranges(seg, bq, bk)
+    # D_i = rowsum(dO_i * O_i), per query (B, K, G, S)
+    delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+    def k_block(carry, j):
+        dq = carry
+        k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)
+
+        def body(i, inner):
+            dq, dk, dv = inner
+            q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+            do_blk = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
+            seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)
+            lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+            delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window)[:, None, None]
+            p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)  # (B,K,G,bq,bk)
+            dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do_blk.dtype), do_blk,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,btkd->bkgqt", do_blk, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_blk[..., None]) * scale
+            dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(q_blk.dtype), q_blk,
+                                 preferred_element_type=jnp.float32)
+            dq_blk = jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(
+                dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
+            return dq, dk, dv
+
+        lo, hi = _query_block_range(j, bq, bk, nq, window)
+        hi = jnp.minimum(hi, last_query_block[j])
+        zeros = jnp.zeros((b, bk, kv, dh), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk_N, dv_N) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    dk = jnp.moveaxis(dk_N, 0, 1).reshape(b, s, kv, dh)
+    dv = jnp.moveaxis(dv_N, 0, 1).reshape(b, s, kv, dh)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_core(q, k, v, seg, window, bq, bk):
+    return _chunked_fwd_impl(q, k, v, seg, window, bq, bk)[0]
+
+
+def _chunked_core_fwd(q, k, v, seg, window, bq, bk):
+    out, lse = _chunked_fwd_impl(q, k, v, seg, window, bq, bk)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _chunked_core_bwd(window, bq, bk, res, d_out):
+    q, k, v, seg, out, lse = res
+    dq, dk, dv = _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk)
+    return dq, dk, dv, None
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
+                      block_size: int = 512):
+    """Memory-efficient causal self-attention (see the module docstring). Any length: the sequence is padded to
+    a multiple of the block (padding is segment 0, masked) and cut back."""
+    b, s, h, dh = q_BxSxHxDh.shape
+    kv = k_BxSxKxDh.shape[2]
+    blk = min(block_size, max(8, -(-s // 8) * 8))
+    pad = -s % blk
+    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q = pad_seq(q_BxSxHxDh).reshape(b, s + pad, kv, h // kv, dh)
+    seg = pad_seq(jnp.asarray(segment_ids_BxS, jnp.int32))
+    out = _chunked_core(q, pad_seq(k_BxSxKxDh), pad_seq(v_BxSxKxDh), seg, sliding_window, blk, blk)
+    return out.reshape(b, s + pad, h, dh)[:, :s]
+
+
+# ------------------------------------------------------------------------------------------------ cudnn
+
+def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
+                    block_size: int = 512, fused_impl: str = "cudnn"):
+    """cuDNN's fused attention where each row is one segment then padding; `chunked` for packed rows.
+    `fused_impl="xla"` runs the same call through `jax.nn.dot_product_attention`'s XLA path (tests on CPU: the
+    segment-ids-to-lengths conversion, the window and the packed-row branch are this function's, not cuDNN's)."""
+    seg = jnp.asarray(segment_ids_BxS, jnp.int32)
+    lengths_B = jnp.sum((seg > 0).astype(jnp.int32), axis=1)
+    # One segment per row, starting at 0, then padding: the only layout cuDNN's lengths can express.
+    simple = jnp.all((seg == jnp.where(jnp.arange(seg.shape[1])[None] < lengths_B[:, None], 1, 0))
+                     | (jnp.max(seg, axis=1, keepdims=True) == 0))
+
+    def fused(q, k, v):
+        window = None if sliding_window is None else (sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths_B,
+                                            key_value_seq_lengths=lengths_B, local_window_size=window,
+                                            implementation=fused_impl)
+
+    def fallback(q, k, v):
+        return chunked_attention(q, k, v, seg, sliding_window, block_size)
+
+    return jax.lax.cond(simple, fused, fallback, q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
+
+
+# ------------------------------------------------------------------------------------------------ choice
+
+def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = None) -> tuple[str, str]:
+    """(path, why). `auto`: splash on TPU, cuDNN on GPU where its limits allow, else `chunked`; `xla` is never chosen
+    automatically, since its S^2 scores do not fit long sequences (4k-token pairs ran out of memory on an H200)."""
+    backend = backend or mesh_context.target_platform()  # plan_pod compiles for TPU from a CPU host
+    if impl != "auto":
+        if impl == "cudnn" and backend != "gpu":
+            return "chunked", f"cudnn needs a GPU (backend is {backend}); using chunked"
+        if impl == "splash" and backend == "gpu":
+            return "chunked", "splash is a TPU kernel (backend is gpu); using chunked"
+        if impl == "splash" and backend != "tpu":
+            return impl, f"set in the config; Pallas interpret mode on {backend} (exact, slow: for tests)"
+        if impl == "cudnn" and (dtype not in ("bfloat16", "float16") or head_dim > 256):
+            return "chunked", f"cudnn needs bf16/fp16 and head_dim <= 256 (dtype {dtype}, head_dim {head_dim})"
+        return impl, "set in the config"
+    if backend == "tpu":
+        return "splash", "the Pallas TPU kernel (block-sparse causal/window mask, segment ids)"
+    if backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 256 and head_dim % 8 == 0:
+        return "cudnn", "GPU with bf16/fp16 and head_dim <= 256 (packed rows fall back to chunked at run time)"
+    return "chunked", f"memory-efficient pure-JAX attention on {backend} (dtype {dtype})"
+
+
+def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, sliding_window: int | None = None,
+                   implementation: str = "auto", block_size: int = 512, dtype: str = "float32"):
+    """Causal self-attention over a whole sequence (training and scoring; decoding with a cache uses `xla`)."""
+    impl, _ = resolve_impl(implementation, dtype, q_BxSxHxDh.shape[-1])
+    if impl == "xla":
+        return xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxSxT(segment_ids_BxS, sliding_window))
+    if impl == "splash":
+        return splash.splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
+    if impl == "cudnn":
+        return cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
+    return chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)

@@ -1,0 +1,280 @@
+"""The training run's configuration: typed sections read from YAML plus `key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key (`train.stepz`, `loss.beta`).
+The `model` section is a preset name plus any `MixtralConfig` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jsmaug.models.config import ConfigError, MixtralConfig, preset
+from jsmaug.data.batches import DataConfig
+from jsmaug.parallel.distributed import DistributedConfig
+from jsmaug.parallel.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 8  # preference pairs per optimizer step (global, over all processes)
+    micro_batches: int = 1  # gradient accumulation: batch_size must be divisible by it
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    on_nonfinite: str = "skip"  # skip (count and go on) | stop
+    logps_chunk_size: int = 64  # >0: log-probs of completion positions only, batch x this many rows at a time; 0: all positions at once
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    type: str | tuple[str, ...] = "dpop"  # a name (jsmaug.losses.LOSSES, TRL's names), a list, or module:function
+    weights: tuple[float, ...] = ()  # one per type; default 1 each
+    beta: float = 0.3
+    dpop_lambda: float = 50.0
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    f_divergence: str = "reverse_kl"  # forward_kl | js_divergence | alpha_divergence (with f_alpha)
+    f_alpha: float = 0.5
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    ld_alpha: float | None = None  # LD-DPO: weight of the tail beyond the shorter completion
+    wpo: bool = False  # WPO's pair weights (TRL's use_weighting)
+    params: dict = dataclasses.field(default_factory=dict, hash=False)  # keyword arguments of your own loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSection:
+    mode: str = "online"  # online | precomputed
+    dtype: str = "float32"  # the frozen reference's weights may be kept in bfloat16
+    sync_every: int = 0  # TR-DPO: every this many steps ref <- mixup_alpha * policy + (1 - mixup_alpha) * ref
+    mixup_alpha: float = 0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # 0 = off (full training); > 0: low-rank adapters, the frozen base is the reference
+    alpha: float = 16.0  # the adapters' product is scaled by alpha / rank
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
+    base_dtype: str = "float32"  # dtype the frozen base is kept in (bfloat16 halves it)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 50
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 0  # 0 = the whole eval split
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugSection:
+    kill_at_step: int = 0  # tests: SIGKILL this process right after this step (0 = never)
+    sigterm_at_step: int = 0  # tests: SIGTERM this process right after this step, as a scheduler would (0 = never)
+    nan_at_step: int = 0  # tests: make this step's gradients non-finite (0 = never)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    workdir: str = "runs/default"
+    seed: int = 0
+    init_from: str | None = None
+    export_hf: bool = True
+    model: MixtralConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+    debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def validate(self) -> "RunConfig":
+        def need(cond, key, msg):
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+        t = self.train
+        need(t.steps > 0, "train.steps", "must be > 0")
+        need(t.batch_size > 0, "train.batch_size", "must be > 0")
+        need(t.micro_batches > 0 and t.batch_size % t.micro_batches == 0, "train.micro_batches",
+             f"must divide train.batch_size={t.batch_size}")
+        need(t.schedule in ("cosine", "linear", "constant"), "train.schedule", "must be cosine, linear or constant")
+        need(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", "must be skip or stop")
+        from jsmaug.losses import config as loss_config
+        objective = loss_config.objective(self.loss)
+        need(self.loss.beta > 0, "loss.beta", "must be > 0")
+        need(self.loss.dpop_lambda >= 0, "loss.dpop_lambda", "must be >= 0")
+        need(self.reference.mode in ("online", "precomputed"), "reference.mode", "must be online or precomputed")
+        need(self.reference.dtype in ("float32", "bfloat16"), "reference.dtype", "must be float32 or bfloat16")
+        need(self.reference.sync_every >= 0, "reference.sync_every", "must be >= 0 (0: the reference never moves)")
+        need(0.0 < self.reference.mixup_alpha <= 1.0, "reference.mixup_alpha", "must be in (0, 1]")
+        if self.reference.sync_every:
+            need(self.reference.mode == "online", "reference.sync_every",
+                 "TR-DPO updates the reference, so it cannot be precomputed (reference.mode=precomputed)")
+            need(self.lora.rank == 0, "reference.sync_every", "not with LoRA: there the reference is the policy's "
+                 "own frozen base, which an update would move too")
+            need(objective.needs_reference, "reference.sync_every", "the loss has no reference to update")
+        need(self.data.train_path is not None, "data.train_path", "is required")
+        need(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
+        need(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
+             f"must be < data.max_length={self.data.max_length}")
+        need(self.data.packing_length is None or self.data.max_length <= self.data.packing_length,
+             "data.packing_length", f"must hold the longest sequence: >= data.max_length={self.data.max_length}")
+        need(self.checkpoint.every > 0, "checkpoint.every", "must be > 0")
+        need(self.lora.rank >= 0, "lora.rank", "must be >= 0")
+        need(self.lora.alpha > 0, "lora.alpha", "must be > 0")
+        from jsmaug.models.config import LORA_TARGETS
+        need(len(self.lora.targets) > 0 and set(self.lora.targets) <= set(LORA_TARGETS), "lora.targets",
+             f"must be a non-empty list from {list(LORA_TARGETS)}, got {list(self.lora.targets)}")
+        need(self.lora.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "must be float32 or bfloat16")
+        need(self.log.every > 0, "log.every", "must be > 0")
+        self.distributed.validate()
+        return self
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string: accept what float() accepts
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, d: dict[str, Any], prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if prefix == "mesh." and "distributed" in unknown:
+        raise ConfigError("mesh.distributed moved to its own section: use distributed.enabled=true (and, outside "
+                          "a cluster JAX detects, distributed.coordinator_address, num_processes, process_id)")
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {sorted(fields)}")
+    kw = {}
+    for name, value in d.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and tp is not MixtralConfig:
+            kw[name] = _build(tp, value, key + ".")
+        elif tp is MixtralConfig:
+            kw[name] = _model(value, key + ".")
+        else:
+            kw[name] = _check_type(key, value, tp)
+    return cls(**kw)
+
+
+def _model(d: dict[str, Any], prefix: str) -> MixtralConfig:
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {d!r}")
+    d = dict(d or {})
+    name = d.pop("preset", "tiny")
+    hints = typing.get_type_hints(MixtralConfig)
+    for k, v in d.items():
+        if k not in hints:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (a MixtralConfig field or 'preset')")
+        d[k] = _check_type(prefix + k, v, hints[k])
+    try:
+        return preset(name, **d)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
+    """Reads a YAML file and `key=value` overrides (values parsed as YAML). Returns (config, raw dict)."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        raw = _parse_yaml(p.read_text(), str(p)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value")
+        k, v = ov.split("=", 1)
+        _set_dotted(raw, k.strip(), _parse_yaml(v, f"override {ov!r}") if v.strip() else None)
+    return _build(RunConfig, raw, "").validate(), raw
+
+
+def _parse_yaml(text: str, where: str):
+    """yaml.safe_load with errors as `FILE:line:col: problem` (1-based, as editors count)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        raise ConfigError(f"{loc}: {problem}" + (f" ({context})" if context else "")) from None

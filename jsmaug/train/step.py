@@ -1,0 +1,268 @@
+"""The jitted DPOP/DPO/SFT train step: one policy forward over [chosen; rejected], frozen reference, optax.
+
+    loss = mean_b preference_loss(b) + router_aux_loss_coef * aux_loss(policy)
+
+The preference loss is the `loss` section's objective (`loss_config`): one loss of `jsmaug.losses` or a weighted
+sum of several, or a function of your own.
+
+The reference enters only through `jax.lax.stop_gradient` (inside `reference_logps` and again inside each loss),
+runs without the aux loss, and is never part of the optimizer state. With `reference.mode=precomputed` the
+batch carries the reference logps and no reference forward runs at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jsmaug import losses
+
+from jsmaug.data import packing
+
+from jsmaug.losses import config as loss_config
+
+from jsmaug.models import logps as logps_lib, lora, decoder as model
+
+from jsmaug.parallel import mesh_context
+from jsmaug.models.config import MixtralConfig
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer steps taken (applied or skipped)
+    skipped: jax.Array  # int32 scalar: steps whose loss or gradients were not finite
+    rng: jax.Array  # uint32 key data (reserved for router jitter / dropout)
+
+
+def make_optimizer(train) -> optax.GradientTransformation:
+    """AdamW with warmup then cosine / linear / constant decay, and global-norm clipping."""
+    peak, warm, total = train.learning_rate, train.warmup_steps, train.steps
+    end = peak * train.end_lr_fraction
+    decay_steps = max(total - warm, 1)
+    if train.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.end_lr_fraction)
+    elif train.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]) if warm else decay
+    parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0, token_weights=None,
+                 with_aligned: bool = False):
+    """Completion log-probs of every sequence (`logps.SequenceLogps`: one per row, or per packed sequence), plus
+    the aux loss and MoE stats."""
+    h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
+                                         positions=batch["positions"])
+    seq = logps_lib.sequence_logps_from_hidden(
+        h, lambda x: model.unembed(config, params, x), batch["labels"], batch["loss_mask"],
+        chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned,
+        **_packing_args(batch))
+    return seq, aux, stats
+
+
+def _packing_args(batch) -> dict:
+    if "sequence_ids" not in batch:
+        return {}
+    return {"sequence_ids_BxS": batch["sequence_ids"], "num_sequences": batch["pair_index"].shape[0]}
+
+
+def token_weights(batch, ld_alpha: float | None):
+    """LD-DPO's per-token weights of a [chosen; rejected] batch (padded or packed), or None."""
+    if ld_alpha is None:
+        return None
+    packed = _packing_args(batch)
+    return logps_lib.ld_weights(batch["loss_mask"], ld_alpha, packed.get("sequence_ids_BxS"),
+                                batch["positions"] if packed else None, packed.get("num_sequences"))
+
+
+def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
+    """The frozen reference: stop_gradient on its weights, no aux loss. With LoRA it is the base alone."""
+    batch = unpair(batch)
+    config = config.replace(lora_rank=0) if config.lora_rank else config
+    seq, _, _ = policy_logps(config, jax.lax.stop_gradient(ref_params), batch, chunk_size,
+                             token_weights(batch, ld_alpha))
+    return jax.lax.stop_gradient(seq.logps)
+
+
+def _split(x):
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def unpair(batch):
+    """(2, B, ...) paired arrays (see `sharding.put_pairs`) -> [chosen; rejected] rows (2B, ...). A packed batch
+    (`jsmaug.data.packing`) of one micro-batch: its rows (1, R, L) -> (R, L), its per-pair arrays (2, B) -> (2B,)."""
+    if batch["input_ids"].ndim == 3:
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+    return batch
+
+
+def _packed_micro_batches(batch, k: int):
+    """A packed batch of k micro-batches -> k packed batches stacked on axis 0: the rows are laid out per
+    micro-batch already; each per-pair array (2, B) becomes (k, 2B/k), [chosen; rejected] per micro-batch."""
+    def split(name, x):
+        if name in packing.ROW_KEYS:
+            return x
+        return jnp.swapaxes(x.reshape(2, k, x.shape[1] // k, *x.shape[2:]), 0, 1).reshape(k, -1, *x.shape[2:])
+    return {name: split(name, x) for name, x in batch.items()}
+
+
+def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    """Per-pair loss inputs and losses: (LossInputs, per-pair loss (B,), each term's mean, aux loss, MoE stats).
+
+    With LoRA (`config.lora_rank > 0`), `params` are the adapters and `ref_params` the frozen base: the policy is
+    base + adapters (the base under stop_gradient: it gets no gradient), and the reference is the base alone.
+    A reference-free loss sees zeros as reference log-probs (its rewards are then beta x policy log-probs, as
+    TRL's CPO and ORPO trainers log them)."""
+    objective = loss_config.objective(loss_cfg)
+    batch = unpair(batch)
+    if config.lora_rank:
+        params = lora.combine(jax.lax.stop_gradient(ref_params), params)
+    weights = token_weights(batch, objective.ld_alpha)
+    seq, aux, stats = policy_logps(config, params, batch, chunk_size, weights, objective.wpo)
+    pc, pr = _split(seq.logps)
+    if "ref_logps" in batch:  # precomputed reference: no reference forward
+        rc, rr = _split(jax.lax.stop_gradient(batch["ref_logps"]))
+    elif objective.needs_reference:
+        rc, rr = _split(reference_logps(config, ref_params, batch, chunk_size, objective.ld_alpha))
+    else:
+        rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
+    aligned = (None, None) if seq.aligned_logps is None else _split(seq.aligned_logps)
+    inputs = losses.LossInputs(pc, pr, rc, rr, *_split(seq.num_tokens), *_split(seq.logps_unweighted), *aligned)
+    per_pair, terms = objective(inputs)
+    return inputs, per_pair, terms, aux, stats
+
+
+def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    batch = unpair(batch)
+    inputs, per_pair, terms, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+                                                      chunk_size=chunk_size)
+    pc, pr, rc, rr = inputs[:4]
+    pref_loss = jnp.mean(per_pair)
+    loss = pref_loss + config.router_aux_loss_coef * aux
+    metrics = losses.preference_metrics(pc, pr, rc, rr, beta=loss_cfg.beta)
+    counts = jnp.sum(stats["counts"], axis=0)
+    metrics.update({
+        "loss": loss, "loss/preference": pref_loss, "moe/aux_loss": aux,
+        "moe/expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0),
+        "moe/dropped": jnp.sum(stats["dropped"]),
+        "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32)),
+        "padding_fraction": 1.0 - jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32)),
+    })
+    if len(terms) > 1:  # each term of a weighted combination, unweighted, as its own metric
+        metrics.update({f"loss/{name}": value for name, value in terms.items()})
+    return loss, metrics
+
+
+def _micro_batches(batch, k: int):
+    """Splits [chosen; rejected] rows into k micro-batches that each keep their pairs together."""
+    def split(x):
+        c, r = _split(x)
+        c = c.reshape(k, c.shape[0] // k, *c.shape[1:])
+        r = r.reshape(k, r.shape[0] // k, *r.shape[1:])
+        return jnp.concatenate([c, r], axis=1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Array = False, *,
+               config: MixtralConfig, loss_cfg, optimizer, micro_batches: int = 1, chunk_size: int = 0):
+    """One optimizer step. A step whose loss or gradient norm is not finite is not applied (and counted)."""
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_and_metrics, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(state.params, ref_params, unpair(batch))
+    else:
+        mb = (_packed_micro_batches(batch, micro_batches) if "sequence_ids" in batch
+              else _micro_batches(unpair(batch), micro_batches))
+
+        def body(acc, one):
+            (l, m), g = grad_fn(state.params, ref_params, one)
+            return jax.tree.map(jnp.add, acc, (g, l, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(
+            state.params, ref_params, jax.tree.map(lambda x: x[0], mb))))
+        zero_acc = (zeros[1], zeros[0][0], zeros[0][1])
+        (grads, loss, metrics), _ = jax.lax.scan(body, zero_acc, mb)
+        grads, loss = jax.tree.map(lambda g: g / micro_batches, grads), loss / micro_batches
+        tokens = metrics["tokens"]
+        metrics = jax.tree.map(lambda m: m / micro_batches, metrics)
+        metrics["tokens"] = tokens
+    grads = jax.tree.map(lambda g: jnp.where(inject_nan, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                           step=state.step + 1, skipped=state.skipped + (~ok).astype(jnp.int32), rng=state.rng)
+    metrics.update({"grad_norm": grad_norm, "applied": ok.astype(jnp.int32)})
+    return new_state, metrics
+
+
+def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+    """Per-pair values (not batch means, so a caller can drop padding pairs): the four logps, the preference
+    loss of each pair, and the batch's aux loss. (A batch-level loss, `aot` or `sft`, is per eval batch.)"""
+    inputs, per_pair, _, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
+                                              chunk_size=chunk_size)
+    return {"pc": inputs.policy_chosen_logps, "pr": inputs.policy_rejected_logps, "rc": inputs.reference_chosen_logps,
+            "rr": inputs.reference_rejected_logps, "loss": per_pair, "aux": aux}
+
+
+def eval_metrics(per_pair, aux_mean: float, *, config: MixtralConfig, loss_cfg) -> dict[str, float]:
+    """Metrics (the trainer's names) from `eval_step` outputs concatenated over the real pairs of a split."""
+    m = losses.preference_metrics(*(jnp.asarray(per_pair[k]) for k in ("pc", "pr", "rc", "rr")), beta=loss_cfg.beta)
+    pref = float(np.mean(per_pair["loss"]))
+    m.update({"loss/preference": pref, "loss": pref + config.router_aux_loss_coef * aux_mean,
+              "moe/aux_loss": aux_mean})
+    return {k: float(v) for k, v in m.items()}
+
+
+# ------------------------------------------------------------------------------------------------ on a mesh
+
+def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
+    """Where every piece of the train state lives: moments beside their params, scalars replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jsmaug.parallel import sharding as shd
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = shd.opt_state_shardings(optimizer, jax.eval_shape(lambda: params), param_sh, mesh)
+    return TrainState(params=param_sh, opt_state=opt_sh, step=replicated, skipped=replicated, rng=replicated)
+
+
+def init_state(optimizer, params, state_sh: TrainState, seed: int) -> TrainState:
+    """A fresh train state placed on `state_sh` (the optimizer state is created directly sharded)."""
+    rep = state_sh.step
+    return TrainState(params=params, opt_state=jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params),
+                      step=jax.device_put(jnp.int32(0), rep), skipped=jax.device_put(jnp.int32(0), rep),
+                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
+
+
+def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralConfig, loss_cfg, optimizer,
+                   micro_batches: int = 1, chunk_size: int = 0):
+    """`train_step` jitted with explicit in/out shardings; the state is donated. It is traced inside
+    `mesh_context.mesh_scope` (the mesh of the shardings), so the MoE layers can move tokens."""
+    rep = state_sh.step
+    fn = jax.jit(functools.partial(train_step, config=config, loss_cfg=loss_cfg, optimizer=optimizer,
+                                   micro_batches=micro_batches, chunk_size=chunk_size),
+                 in_shardings=(state_sh, batch_sh, ref_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    return on_mesh(fn, batch_sh)
+
+
+def on_mesh(fn, batch_sh):
+    """`fn` traced inside `mesh_context.mesh_scope`, with the mesh and the token axes of `batch_sh` (the
+    paired batch's shardings: axis 1 holds the pairs)."""
+    sharding = next(iter(jax.tree.leaves(batch_sh)))
+    pair_axes = sharding.spec[1] if len(sharding.spec) > 1 else None
+    axes = () if pair_axes is None else (pair_axes,) if isinstance(pair_axes, str) else tuple(pair_axes)
+    return mesh_context.under_mesh(fn, sharding.mesh, axes)
