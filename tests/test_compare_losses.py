@@ -60,10 +60,7 @@ def test_writes_figure_and_table(compared):
 
 
 def test_a_losss_own_hyperparameters_reach_its_run_only():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    import compare_losses
+    from jsmaug.cli import compare_losses
 
     assert compare_losses.parse_loss("simpo@beta=2.0@simpo_gamma=0.5") == (
         "simpo", ["loss.beta=2.0", "loss.simpo_gamma=0.5"])

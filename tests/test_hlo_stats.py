@@ -1,16 +1,12 @@
-"""tools/hlo_stats.py: matmul FLOPs and collective bytes per step from compiled HLO text, loops counted by their
+"""jsmaug/perf/hlo_stats.py: matmul FLOPs and collective bytes per step from compiled HLO text, loops counted by their
 trip counts (XLA's cost analysis counts a loop body once)."""
 
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-import hlo_stats  # noqa: E402
+from jsmaug.perf import hlo_stats
 
 HLO = """
 HloModule m

@@ -3,21 +3,17 @@ gradients, MoE statistics and training steps (DPO, float32; a mesh and micro-bat
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from jsmaug.data import batches as data, packing
-
 from jsmaug.models import config as cfg_lib, decoder as model
-
 from jsmaug.parallel import sharding as shd
-
-from jsmaug.train import setup as run_setup, step
-from jsmaug.train.config import LossSection, RunConfig
+from jsmaug.train import plan as plan_lib, step
+from jsmaug.train.config import LossSection
 
 CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.02, attention_block_size=8)
 LOSS = LossSection(type="dpo", beta=0.3)
@@ -67,8 +63,9 @@ def test_first_fit_and_the_packed_arrays():
 
 def _padded_and_packed(pairs, micro=1):
     padded = data.collate(pairs, BUCKETS)
-    packed = run_setup.place_packed(pairs, None, micro, shd.make_mesh(shd.MeshConfig(data=1), CONF, jax.devices()[:1]),
-                                    RunConfig(data=data.DataConfig(train_path="x")), BUCKETS)
+    mesh = shd.make_mesh(shd.MeshConfig(data=1), CONF, jax.devices()[:1])
+    packed = plan_lib.place_packed(pairs, None, micro, mesh, shd.MeshConfig(data=1), data.DataConfig(train_path="x"),
+                                   BUCKETS)
     return padded, jax.tree.map(np.asarray, packed)
 
 
@@ -121,8 +118,9 @@ def _train(batches, mesh_cfg, devices, micro=1, packed=False, steps=2):
     opt = optax.sgd(0.5, momentum=0.9)
     state_sh = step.state_shardings(opt, params, param_sh, mesh)
     state = step.init_state(opt, params, state_sh, seed=0)
-    cfg = RunConfig(data=data.DataConfig(train_path="x", packing=packed), mesh=mesh_cfg)
-    place = (functools.partial(run_setup.place_packed, micro=micro, mesh=mesh, cfg=cfg, buckets=BUCKETS) if packed
+    data_cfg = data.DataConfig(train_path="x", packing=packed)
+    place = (functools.partial(plan_lib.place_packed, micro=micro, mesh=mesh, mesh_cfg=mesh_cfg, data_cfg=data_cfg,
+                               buckets=BUCKETS) if packed
              else lambda p, _: shd.put_batch(data.collate(p, BUCKETS), mesh, mesh_cfg))
     out = []
     for pairs in batches[:steps]:

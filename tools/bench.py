@@ -27,21 +27,30 @@ import functools
 import os
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_lib import (  # noqa: E402
+    CHUNK,
+    NOMINAL_BF16_PEAK,
+    StepRunner,
+    machine,
+    print_table,
+    record,
+    step_model_config,
+    synthetic_batch,
+    time_alternating,
+    timeit,
+    torch_dpop_step,
+)
 
-from jsmaug.models import config as cfg_lib, decoder as model, moe  # noqa: E402
-
+from jsmaug.models import (
+    config as cfg_lib,  # noqa: E402
+    decoder as model,
+    moe,
+)
 from jsmaug.train import step
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lib import (CHUNK, NOMINAL_BF16_PEAK, StepRunner, machine, print_table, record,  # noqa: E402
-                       step_model_config, synthetic_batch, time_alternating, timeit, torch_dpop_step)
 
 # ------------------------------------------------------------------------------------------------ peak
 
@@ -150,19 +159,19 @@ def bench_packing(conf, pairs=8, max_length=1024, steps=6, rounds=2):
     (the default) and of twice that."""
     from jsmaug.data import batches as data, packing
     from jsmaug.parallel import sharding as shd
-    from jsmaug.train import setup as run_setup
-    from jsmaug.train.config import RunConfig
+    from jsmaug.train import plan as plan_lib
 
     batches = [long_tailed_pairs(pairs, max_length, seed=s, vocab=conf.vocab_size) for s in range(steps)]
     buckets = data.power_of_two_buckets(max_length)
-    mesh = shd.make_mesh(shd.MeshConfig(data=1), conf, jax.devices()[:1])
+    one = shd.MeshConfig(data=1)
+    mesh = shd.make_mesh(one, conf, jax.devices()[:1])
     ref = model.init_params(conf, jax.random.key(1))
     layouts = {
         "padded": lambda p: shd.put_batch(data.collate(p, buckets), mesh, shd.MeshConfig(data=1)),
-        "packed": lambda p: run_setup.place_packed(p, None, 1, mesh, RunConfig(data=data.DataConfig(
-            train_path="x", max_length=max_length, packing=True)), buckets),
-        "packed_2x_rows": lambda p: run_setup.place_packed(p, None, 1, mesh, RunConfig(data=data.DataConfig(
-            train_path="x", max_length=max_length, packing=True, packing_length=2 * max_length)), buckets),
+        "packed": lambda p: plan_lib.place_packed(p, None, 1, mesh, one, data.DataConfig(
+            train_path="x", max_length=max_length, packing=True), buckets),
+        "packed_2x_rows": lambda p: plan_lib.place_packed(p, None, 1, mesh, one, data.DataConfig(
+            train_path="x", max_length=max_length, packing=True, packing_length=2 * max_length), buckets),
     }
     placed = {name: [fn(p) for p in batches] for name, fn in layouts.items()}
     real = sum(sum(len(x["prompt"]) * 2 + len(x["chosen"]) + len(x["rejected"]) for x in p) for p in batches)
@@ -251,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--cpu_mode", action="store_true", help="the CPU comparisons even on a GPU/TPU backend")
     args = ap.parse_args(argv)
-    from plan_pod import analytic_flops_per_step
+    from jsmaug.perf.flops import analytic_flops_per_step
 
     q = args.quick
     backend = jax.default_backend()

@@ -23,20 +23,16 @@ import functools
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench_lib as bench  # noqa: E402  (timers, records, the step batch, the PyTorch step)
 from jsmaug.models import attention, config as cfg_lib, decoder as model, moe  # noqa: E402
+from jsmaug.perf import bench
+from jsmaug.perf.flops import analytic_flops_per_step
 from jsmaug.train import step
 from jsmaug.train.config import LossSection, TrainSection  # noqa: E402
-from plan_pod import analytic_flops_per_step  # noqa: E402
 
 
 def preset_2p45b(quick: bool):

@@ -26,11 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _child(mode: str, args) -> dict:
-    sys.path.insert(0, str(ROOT))
     import jax
 
     from jsmaug import hf
-
     from jsmaug.models import config as cfg_lib, decoder as model
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the step model, the batch, timers)
-from jsmaug.models import logps as logps_lib, decoder as model  # noqa: E402
+from jsmaug.models import (
+    decoder as model,
+    logps as logps_lib,  # noqa: E402
+)
+from jsmaug.perf import bench
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from jsmaug.models.config import ConfigError, MixtralConfig, preset
 from jsmaug.data.batches import DataConfig
+from jsmaug.models.config import ConfigError, MixtralConfig, preset
 from jsmaug.parallel.distributed import DistributedConfig
 from jsmaug.parallel.sharding import MeshConfig
 
@@ -250,16 +250,47 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIGS = PACKAGE_ROOT / "configs"  # package data; the checkout's top-level configs/ links here
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config file, or the name of a shipped config (`tiny_dpop`, `tiny_dpop.yaml`): `jsmaug train tiny_dpop`
+    works from any folder of a pip-installed jsmaug."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = SHIPPED_CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if p.parent == Path(".") or str(p.parent) == "configs":
+        if shipped.exists():
+            return shipped
+    raise ConfigError(f"{p}: config file not found (nor a shipped config; they are: {', '.join(shipped_configs())})")
+
+
+def _shipped_data_paths(raw: dict) -> None:
+    """A shipped config names the sample data as `data/sample/...` (the checkout's path); where that is not in the
+    working folder, the package's own copy is used."""
+    section = raw.get("data") or {}
+    for key in ("train_path", "eval_path"):
+        v = section.get(key)
+        if isinstance(v, str) and v.startswith("data/sample/") and not Path(v).exists():
+            section[key] = str(PACKAGE_ROOT / v)
+
+
 def load_run_config(path: str | None, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
     """Reads a YAML file and `key=value` overrides (values parsed as YAML). Returns (config, raw dict)."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
+        p = resolve_config_path(path)
         raw = _parse_yaml(p.read_text(), str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
+        if p.parent == SHIPPED_CONFIGS:
+            _shipped_data_paths(raw)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key=value")

@@ -1,8 +1,11 @@
-"""DPOP training end to end: `python -m jsmaug.train CONFIG.yaml [key=value ...]`.
+"""DPOP training end to end: `jsmaug train CONFIG.yaml|NAME [key=value ...]` (or `python -m jsmaug.train ...`).
 
-A run has four phases, each a function below: `load_data` (files -> tokenised pairs), `run_setup.build` (mesh,
-model, reference, optimizer, restored state), `train_loop` (jitted steps -> metrics and Orbax checkpoints) and
-`finish` (final eval, plot, HF export of the final policy in workdir/hf). What each process writes is decided
+    jsmaug train tiny_dpop                                  # a shipped config (jsmaug configs lists them)
+    jsmaug train my_run.yaml train.steps=200 workdir=runs/mine init_from=ckpt/model
+
+A run has four phases, each a function below: `load_data` (files -> tokenised pairs), `setup.build` (the
+plan of jsmaug.train.plan, then the model, reference, optimizer and restored state), `train_loop` (jitted steps
+-> metrics and Orbax checkpoints) and `finish` (final eval, plot, HF export of the final policy in workdir/hf). What each process writes is decided
 in one place, `run_outputs`; in a multi-process run (one process per host, `distributed`) process 0 writes.
 
 Resume: a run started with a workdir that holds checkpoints restores the latest complete one (params,
@@ -25,19 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.data import batches as data_lib, packing, formats as pair_formats
-
-from jsmaug.parallel import distributed
-
-from jsmaug.train import checkpoint as ckpt, setup as run_setup
-from jsmaug.parallel import sharding as shd
-from jsmaug.train import step as step_lib
+from jsmaug.data import batches as data_lib, formats as pair_formats, packing
 from jsmaug.models.config import ConfigError
-from jsmaug.train.metrics_log import log, speak
-from jsmaug.train.reference_cache import fixed_chunks
+from jsmaug.parallel import distributed, sharding as shd
+from jsmaug.train import checkpoint as ckpt, setup as run_setup, step as step_lib
 from jsmaug.train.config import RunConfig, load_run_config
+from jsmaug.train.metrics_log import log, speak
 from jsmaug.train.outputs import RunOutputs
-
+from jsmaug.train.reference_cache import fixed_chunks
 
 # ------------------------------------------------------------------------------------------------ phase 1: data
 
@@ -143,11 +141,8 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
     micro = cfg.train.micro_batches
     _log_padding(cfg, setup, ds, len(run_data.train))
     first = setup.place(ds[start], setup.train_ref, micro)
-    batch_sh = jax.tree.map(lambda x: x.sharding, first)
-    step_fn = step_lib.jit_train_step(setup.state_sh, batch_sh, setup.ref_sh, config=setup.mconf,
-                                      loss_cfg=cfg.loss, optimizer=setup.optimizer,
-                                      micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.logps_chunk_size)
-    evaluate = Evaluator(cfg, setup, run_data, batch_sh)
+    step_fn = setup.plan.step  # the one program of jsmaug.train.plan (what `jsmaug plan` compiles)
+    evaluate = Evaluator(cfg, setup, run_data, jax.tree.map(lambda x: x.sharding, setup.plan.batch_shapes()))
     mix = _reference_mixer(cfg, setup) if cfg.reference.sync_every else None
     t_last = t_start = time.time()
     steps_since, window, saved = 0, None, None
@@ -255,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: python -m jsmaug.train CONFIG.yaml [key=value ...]")
+        print("usage: jsmaug train CONFIG.yaml|SHIPPED_NAME [key=value ...]   (or python -m jsmaug.train ...)")
         return 0 if argv else 2
     path = None if "=" in argv[0] else argv.pop(0)
     cfg = None

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the timers, the result records and their table, the synthetic step batch, a
+"""What the benchmarks share (`tools/bench.py`, `tools/bench_accel.py`, `tools/profile_step.py`): the timers, the result records and their table, the synthetic step batch, a
 compiled train step to time, and the PyTorch DPOP step they are compared with.
 
 `tools/bench.py` (CPU figures) and `tools/bench_accel.py` (GPU/TPU figures) both import it; it imports neither.
@@ -6,25 +6,21 @@ compiled train step to time, and the PyTorch DPOP step they are compared with.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jsmaug.models import config as cfg_lib, decoder as model  # noqa: E402
-
-from jsmaug.train import step
-from jsmaug.train.config import LossSection, TrainSection  # noqa: E402
+from jsmaug.data.batches import DataConfig
+from jsmaug.models import config as cfg_lib, decoder as model
+from jsmaug.parallel.sharding import MeshConfig
+from jsmaug.train import plan as plan_lib, step
+from jsmaug.train.config import LossSection, RunConfig, TrainSection
 
 RESULTS: list[dict] = []
 NOMINAL_BF16_PEAK = {"gpu": {"H100": 989e12, "H200": 989e12, "A100": 312e12}, "tpu": {}}
@@ -106,22 +102,31 @@ def step_model_config(quick: bool = False):
                         max_position_embeddings=1024, moe_block_size=64 if quick else 256)
 
 
-def step_fn(conf, loss_type, chunk):
-    opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-4, schedule="constant"))
-    fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type=loss_type, beta=0.3),
-                                   optimizer=opt, chunk_size=chunk), donate_argnums=0)
-    return fn, opt
+def step_run_config(conf, loss_type: str, length: int, chunk: int = CHUNK) -> RunConfig:
+    """The run the benches time: `conf` on one device, AdamW at a constant rate, the loss with beta 0.3."""
+    return RunConfig(model=conf, loss=LossSection(type=loss_type, beta=0.3),
+                     train=TrainSection(steps=100, learning_rate=1e-4, schedule="constant", logps_chunk_size=chunk),
+                     data=DataConfig(train_path="-", max_length=length, max_prompt_length=length // 2),
+                     mesh=MeshConfig(data=1))
+
+
+def paired(batch: dict) -> dict:
+    """[chosen rows; rejected rows] (2P, L) -> the step's paired layout (2, P, L)."""
+    return {k: v.reshape(2, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 class StepRunner:
-    """A compiled train step and its state; each call runs one step and waits for it (see time_alternating)."""
+    """The planned train step (`jsmaug.train.plan`, what a run compiles) and its state; each call runs one step
+    and waits for it (see time_alternating)."""
 
     def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK, params=None):
-        self.fn, opt = step_fn(conf, loss_type, chunk)
+        length = batch["input_ids"].shape[-1]
+        self.plan = plan_lib.plan(step_run_config(conf, loss_type, length, chunk), jax.devices()[:1], mconf=conf)
+        self.fn = self.plan.step
         params = model.init_params(conf, jax.random.key(0)) if params is None else params
-        self.state = step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0),
-                                     jax.random.key_data(jax.random.key(0)))
-        self.batch, self.ref = batch, ref
+        self.state = step.init_state(self.plan.optimizer, params, self.plan.state_sh, seed=0)
+        self.batch = paired(batch)
+        self.ref = ref if self.plan.reference is not None else None
         self()  # compile + warm-up
 
     def __call__(self):

@@ -225,6 +225,6 @@ def count(hlo_text: str) -> dict:
     return totals
 
 
-if __name__ == "__main__":  # python tools/hlo_stats.py module.hlo.txt
+if __name__ == "__main__":  # python -m jsmaug.perf.hlo_stats module.hlo.txt
     import sys
     print(json.dumps(count(open(sys.argv[1]).read()), indent=1))

@@ -1,0 +1,53 @@
+"""jsmaug/train/plan.py: the one plan of a run. The step the planner lowers on abstract shapes (what `jsmaug plan`
+/ tools/plan_pod.py compiles for a pod) is the program training lowers on its real state and batch: the same
+HLO text, fingerprinted, for the same config on 8 CPU devices."""
+
+import hashlib
+
+import jax
+import pytest
+
+from jsmaug.models.config import ConfigError
+from jsmaug.train import plan as plan_lib, run as train_run, setup as run_setup
+from jsmaug.train.config import load_run_config
+from jsmaug.train.outputs import RunOutputs
+
+BASE = ["train.steps=1", "data.max_length=64", "data.max_prompt_length=32", "log.eval_every=0"]
+
+
+def _fingerprint(lowered) -> str:
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "train.batch_size=8"],
+    ["mesh.fsdp=4", "mesh.expert=2", "train.batch_size=8", "lora.rank=4", "reference.mode=precomputed",
+     "data.packing=true"],
+], ids=["full-dpop-mesh", "lora-precomputed-packed"])
+def test_plan_lowers_the_program_training_runs(tmp_path, overrides):
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", [*BASE, *overrides, f"workdir={tmp_path}"])
+    run_data = train_run.load_data(cfg)
+    setup = run_setup.build(cfg, run_data, RunOutputs(cfg.workdir, writer=True))
+    batch = setup.place(run_data.train[:cfg.train.batch_size], setup.train_ref, cfg.train.micro_batches)
+    trained = setup.plan.step.lower(setup.state, batch, setup.ref_params, False)
+
+    planned = plan_lib.plan(cfg, jax.devices())  # what the planner builds from the config alone
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    assert set(abstract) == set(planned.batch_shapes())
+    assert _fingerprint(planned.lower(abstract)) == _fingerprint(trained)
+    # The planner's own batch at the config's length has the batch's structure and shardings.
+    shapes = planned.batch_shapes(length=batch["input_ids"].shape[-1])
+    assert {k: v.sharding for k, v in shapes.items()} == {k: v.sharding for k, v in batch.items()}
+
+
+def test_plan_refuses_a_batch_the_mesh_cannot_split():
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["mesh.data=8", "train.batch_size=4"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=4 .* data-parallel mesh size 8"):
+        plan_lib.plan(cfg, jax.devices())
+
+
+def test_host_view_names_hosts_and_their_pairs():
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["mesh.data=2", "mesh.fsdp=4"])
+    assert plan_lib.plan(cfg, jax.devices()).host_view() == (
+        "hosts: 1 (one JAX process each, distributed.enabled=true), 8 devices per host; pairs per host per step: "
+        "8 of 8")
