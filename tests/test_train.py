@@ -50,10 +50,13 @@ def test_shipped_config_runs_two_steps_and_exports(tmp_path):
     m = _metrics(wd)
     assert [x["step"] for x in m if "loss" in x] == [1, 2]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "dpop/penalty", "dpop/active_fraction", "moe/aux_loss", "moe/expert_load",
-                "grad_norm", "learning_rate", "tokens_per_sec", "skipped_steps"):
+                "logps/rejected", "dpop/penalty", "dpop/active_fraction", "moe/aux_loss", "moe/expert_load_min",
+                "moe/expert_load_max", "moe/expert_load_entropy", "moe/experts_idle", "grad_norm", "learning_rate",
+                "tokens_per_sec", "skipped_steps"):
         assert key in m[0], key
-    assert len(m[0]["moe/expert_load"]) == 4
+    # The per-expert vector goes to TensorBoard only; the line has its summary, consistent with itself.
+    assert "moe/expert_load" not in m[0] and 0 < m[0]["moe/expert_load_min"] <= 1 <= m[0]["moe/expert_load_max"] < 4
+    assert 0 < m[0]["moe/expert_load_entropy"] <= 1 and "experts " in r.stdout
     assert "eval/rewards/accuracies" in m[-1]
     assert (wd / "metrics.png").stat().st_size > 1000 and list((wd / "tensorboard").iterdir())
     # The HF export holds the checkpoint's final policy.

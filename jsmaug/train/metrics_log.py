@@ -45,6 +45,20 @@ def read_metrics(path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
     return out
 
 
+def expert_load_summary(load) -> dict[str, float]:
+    """The share of routed tokens per expert (128 numbers with Qwen3-MoE) as four: the smallest and largest share
+    over the mean share (1.0 each when balanced), the routing entropy over its maximum log(E) (1.0 = uniform), and
+    the number of experts that got no token."""
+    load = np.asarray(load, np.float64)
+    if load.size == 0:
+        return {}
+    mean = 1.0 / load.size
+    nz = load[load > 0]
+    entropy = float(-(nz * np.log(nz)).sum() / np.log(load.size)) if load.size > 1 else 1.0
+    return {"moe/expert_load_min": float(load.min() / mean), "moe/expert_load_max": float(load.max() / mean),
+            "moe/expert_load_entropy": entropy, "moe/experts_idle": int((load == 0).sum())}
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard event files."""
 
@@ -72,10 +86,16 @@ class MetricsWriter:
         atomic_write(self.path, "".join(self.lines))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        rec = {"step": step}
+        """One JSON line (vectors such as `moe/expert_load` as their summary, `expert_load_summary`) and the
+        same values in TensorBoard, where the vectors go whole (one scalar per entry)."""
+        rec, vectors = {"step": step}, {}
         for k, v in metrics.items():
             v = np.asarray(v)
-            rec[k] = v.tolist() if v.ndim else (int(v) if v.dtype.kind in "iu" else float(v))
+            if v.ndim:
+                vectors[k] = v.tolist()
+                rec.update(expert_load_summary(v) if k == "moe/expert_load" else {k: v.tolist()})
+            else:
+                rec[k] = int(v) if v.dtype.kind in "iu" else float(v)
         line = json.dumps(rec) + "\n"
         self.keys.setdefault(step, set()).update(rec)
         if self.fh is not None:
@@ -86,13 +106,11 @@ class MetricsWriter:
             self._rewrite()
         if self.tb is not None:
             for k, v in rec.items():
-                if k == "step":
-                    continue
-                if isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self.tb.add_scalar(f"{k}/{i}", x, step)
-                else:
+                if k != "step" and not isinstance(v, list):
                     self.tb.add_scalar(k, v, step)
+            for k, v in vectors.items():
+                for i, x in enumerate(v):
+                    self.tb.add_scalar(f"{k}/{i}", x, step)
             self.tb.flush()
 
     def logged(self, step: int, key: str) -> bool:

@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.data import batches as data_lib, formats as pair_formats, packing
+from jsmaug.data import batches as data_lib, formats as pair_formats, packing, tokenizer_folder
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import distributed, sharding as shd
 from jsmaug.train import checkpoint as ckpt, setup as run_setup, step as step_lib
 from jsmaug.train.config import RunConfig, load_run_config
+from jsmaug.train import metrics_log
 from jsmaug.train.metrics_log import log, speak
 from jsmaug.train.outputs import RunOutputs
 from jsmaug.train.reference_cache import fixed_chunks
@@ -54,7 +55,11 @@ def _with_index(examples):
 
 def load_data(cfg: RunConfig) -> RunData:
     """Every process reads and tokenises the same files (cheap next to a step); nothing is written."""
-    tok = data_lib.Tokenizer(cfg.data.tokenizer_path)
+    # data.tokenizer_path, else init_from's own tokenizer files, else Mixtral's (jsmaug.data.tokenizer_folder).
+    tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(cfg.data.tokenizer_path, cfg.init_from))
+    log(f"tokenizer: {tok.path} ({tok.kind}, {tok.vocab_size} tokens, EOS {tok.eos_token!r})")
+    if tok.note:
+        log(f"note: {tok.note}")
     train, report = data_lib.prepare(cfg.data.train_path, cfg.data, tok)
     log(f"train data {cfg.data.train_path}: {report}")
     for r in report.skipped_rows[:5]:
@@ -165,9 +170,12 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
                        skipped_steps=int(state.skipped))
             writer.write(done, rec)
             eta = (steps - done) * (now - t_start) / max(done - start, 1)
+            load = metrics_log.expert_load_summary(rec.get("moe/expert_load", []))
+            experts = (f"experts {load['moe/expert_load_min']:.2f}-{load['moe/expert_load_max']:.2f}x mean "
+                       f"H {load['moe/expert_load_entropy']:.3f} ") if load else ""
             log(f"step {done}/{steps} loss {float(rec['loss']):.4f} acc {float(rec['rewards/accuracies']):.2f} "
                 f"margin {float(rec['rewards/margins']):.3f} logp_c {float(rec['logps/chosen']):.2f} "
-                f"gnorm {float(rec['grad_norm']):.2f} {tok_s:,.0f} tok/s ETA {eta:.0f}s")
+                f"gnorm {float(rec['grad_norm']):.2f} {experts}{tok_s:,.0f} tok/s ETA {eta:.0f}s")
             t_last, steps_since, window = now, 0, None
         if run_data.eval and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != steps:
             ev = evaluate(state.params)
