@@ -1,0 +1,110 @@
+"""`jsmaug pairs make` and `jsmaug pairs stats` (also tools/make_pairs.py and tools/pair_stats.py).
+
+    jsmaug pairs make --format arc ARC-Challenge/train.parquet --out arc.jsonl \
+        --shots 25 --shots_from ARC-Challenge/validation.parquet
+    jsmaug pairs stats arc.jsonl [--tokenizer PATH | --words]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+from jsmaug.data.files import DataError
+
+MAKE_EXAMPLES = """\
+inputs (JSONL, a JSON array or Parquet, columns as the hub ships them):
+  arc        question, choices.text, choices.label, answerKey       (allenai/ai2_arc)
+  hellaswag  activity_label, ctx_a, ctx_b (or ctx), endings, label  (Rowan/hellaswag)
+  mc         query, choices, gold                                   (tools/evaluate.py --mc rows)
+  metamath   query, response ("The answer is: X" last)              (meta-math/MetaMathQA)
+  gsm8k      question, answer (<<a*b=c>> annotations, "#### X" last) (openai/gsm8k)
+
+examples:
+  jsmaug pairs make --format gsm8k gsm8k/main/train-00000-of-00001.parquet --out gsm.jsonl --split_eval 500
+  jsmaug pairs make --format arc ARC-Challenge/train-00000-of-00001.parquet --out arc.jsonl --max_wrong 3 \\
+      --shots 25 --shots_from ARC-Challenge/validation-00000-of-00001.parquet
+(docs/making-pairs.md)"""
+
+STATS_EXAMPLES = """\
+input: preference pairs, JSONL or Parquet, string columns chosen and rejected (prompt not needed).
+
+examples:
+  jsmaug pairs stats gsm.jsonl                    # Mixtral's tokenizer (shipped with mistral-common)
+  jsmaug pairs stats pairs.parquet --tokenizer /models/tokenizer.model --json stats.json
+  jsmaug pairs stats big.jsonl --words --sample 50000
+(docs/making-pairs.md)"""
+
+
+def parser() -> argparse.ArgumentParser:
+    from jsmaug.pairs.make import FORMATS
+
+    ap = argparse.ArgumentParser(prog="jsmaug pairs", description="Preference pairs the Smaug paper's way, and "
+                                 "whether they are in the regime where DPOP matters.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    mk = sub.add_parser("make", help="make pairs from multiple-choice or math rows", epilog=MAKE_EXAMPLES,
+                        formatter_class=fmt, description="Standard-format pairs {prompt, chosen, rejected}, "
+                        "written atomically: one per wrong choice (arc, hellaswag, mc), or chosen = the solution "
+                        "and rejected = it with one computed intermediate result changed (metamath, gsm8k).")
+    mk.add_argument("inputs", nargs="+", help="source files (.jsonl, .json, .parquet), read in order")
+    mk.add_argument("--format", required=True, choices=FORMATS)
+    mk.add_argument("--out", required=True, help="the .jsonl to write (with --split_eval also NAME.eval.jsonl)")
+    mk.add_argument("--seed", type=int, default=0, help="the corruption, --max_wrong, shots and split draws")
+    mk.add_argument("--shots", type=int, default=0, help="k solved examples before each prompt")
+    mk.add_argument("--shots_from", nargs="+", default=[], help="files of solved examples (same --format)")
+    mk.add_argument("--max_rows", type=int, default=None, help="read only the first N source rows")
+    mk.add_argument("--max_wrong", type=int, default=None, help="at most K pairs per question (arc, hellaswag, mc)")
+    mk.add_argument("--split_eval", type=int, default=0, help="N source rows' pairs to OUT's .eval.jsonl sibling")
+    mk.add_argument("--on_bad_row", choices=("error", "skip"), default="error")
+    st = sub.add_parser("stats", help="token edit distance between chosen and rejected", epilog=STATS_EXAMPLES,
+                        formatter_class=fmt, description="Levenshtein distance over token ids between each pair's "
+                        "chosen and rejected completions, its distribution, the shared-prefix share, and a "
+                        "one-line reading of whether DPO is likely to lower the chosen log-probs.")
+    st.add_argument("file", help="preference pairs (.jsonl, .json, .parquet)")
+    tok = st.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default=None, help="a SentencePiece model (default: Mixtral's shipped one)")
+    tok.add_argument("--words", action="store_true", help="split on whitespace instead of a tokenizer")
+    st.add_argument("--sample", type=int, default=None, help="measure N pairs drawn at random (--seed)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    st.add_argument("--on_bad_row", choices=("error", "skip"), default="error")
+    return ap
+
+
+def _make(args) -> None:
+    from jsmaug.pairs.make import make_pairs
+
+    if args.shots and not args.shots_from:
+        raise DataError("--shots needs --shots_from FILE")
+    summary = make_pairs(args.format, args.inputs, args.out, seed=args.seed, shots=args.shots,
+                         shots_from=args.shots_from, max_rows=args.max_rows, split_eval=args.split_eval,
+                         on_bad_row=args.on_bad_row, max_wrong=args.max_wrong)
+    print(summary.line())
+
+
+def _stats(args) -> None:
+    from jsmaug.pairs import stats
+
+    start = time.perf_counter()
+    chosen, rejected = stats.read_pairs(args.file, args.on_bad_row, args.sample, args.seed)
+    tokenizer = None if args.words else stats.load_tokenizer(args.tokenizer)
+    result = stats.pair_stats(chosen, rejected, tokenizer)
+    result["file"], result["seconds"] = args.file, round(time.perf_counter() - start, 1)
+    print(stats.report(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        (_make if args.command == "make" else _stats)(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
