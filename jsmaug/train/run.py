@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.data import batches as data_lib, formats as pair_formats, packing, tokenizer_folder
+from jsmaug.data import batches as data_lib, formats as pair_formats, packing
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import distributed, sharding as shd
 from jsmaug.train import checkpoint as ckpt, setup as run_setup, step as step_lib
@@ -55,11 +55,7 @@ def _with_index(examples):
 
 def load_data(cfg: RunConfig) -> RunData:
     """Every process reads and tokenises the same files (cheap next to a step); nothing is written."""
-    # data.tokenizer_path, else init_from's own tokenizer files, else Mixtral's (jsmaug.data.tokenizer_folder).
-    tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(cfg.data.tokenizer_path, cfg.init_from))
-    log(f"tokenizer: {tok.path} ({tok.kind}, {tok.vocab_size} tokens, EOS {tok.eos_token!r})")
-    if tok.note:
-        log(f"note: {tok.note}")
+    tok = data_lib.Tokenizer(cfg.data.tokenizer_path)
     train, report = data_lib.prepare(cfg.data.train_path, cfg.data, tok)
     log(f"train data {cfg.data.train_path}: {report}")
     for r in report.skipped_rows[:5]:
