@@ -73,37 +73,89 @@ def main(argv=None) -> int:
     return 0 if all(r["fits"] for r in results) else 1
 
 
-def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None, packed_fill: float = 2.0) -> dict:
-    """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
-    topo_name, chip_cfg, per_host, n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology]
+def tpu_devices(topology: str):
+    """The devices of a TPU topology, compiled for from this (CPU) host."""
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chip_config_name=chip_cfg,
-                                        chips_per_host_bounds=per_host, num_slices=1)
-    devices = topo.devices
+    topo_name, chip_cfg, per_host, n_dev = TOPOLOGIES[topology][:4]
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chip_config_name=chip_cfg,
+                                           chips_per_host_bounds=per_host, num_slices=1).devices
     assert len(devices) == n_dev, (len(devices), n_dev)
-    # The run's own plan (jsmaug.train.plan): the program training compiles, with this mesh's `auto` choices.
+    return devices
+
+
+def planned_run(cfg, topology: str, dispatch: str, packed_fill: float):
+    """The run's own plan (jsmaug.train.plan: the program training compiles, with this mesh's `auto` choices) and
+    its batch, described."""
+    devices = tpu_devices(topology)
     if cfg.model.moe_impl == "blocked":  # the CPU kernel has no TPU lowering worth planning; ragged is its TPU form
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(moe_impl="ragged"))
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(moe_dispatch=dispatch))
     rp = plan_lib.plan(cfg, devices)
-    mesh, mconf, params, resolved = rp.mesh, rp.mconf, rp.state.params, rp.paths["dispatch"]
-    precomputed = rp.precomputed
-    print(f"\n{topology}: {n_dev} devices ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+    mconf = rp.mconf
+    print(f"\n{topology}: {len(devices)} devices ({devices[0].device_kind}), mesh {dict(rp.mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
-    print(f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {resolved}; attention: {rp.paths['attention']} "
-          f"({rp.paths['attention_why']})")
+    print(f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {rp.paths['dispatch']}; attention: "
+          f"{rp.paths['attention']} ({rp.paths['attention_why']})")
     print(rp.host_view(devices))
     if mconf.lora_rank:
         print(f"LoRA rank {mconf.lora_rank} on {list(mconf.lora_targets)}: "
-              f"{sum(math.prod(x.shape) for x in jax.tree.leaves(params)) / 1e6:.1f}M trained parameters, "
+              f"{sum(math.prod(x.shape) for x in jax.tree.leaves(rp.state.params)) / 1e6:.1f}M trained parameters, "
               f"base in {cfg.lora.base_dtype}")
-    b, s = cfg.train.batch_size, cfg.data.max_length
     batch = rp.batch_shapes(packed_fill=packed_fill)
     if cfg.data.packing:
         m, rows, length = batch["input_ids"].shape
         print(f"packed: {m} x {rp.batch_divisor} groups of {rows // rp.batch_divisor} rows of {length} tokens "
               f"({packed_fill:g} sequences per row)")
+    return rp, batch
+
+
+def flop_figures(rp, counts: dict, n_dev: int) -> dict:
+    """Analytic FLOPs per device (with remat's recomputed forward when remat is full) and the compiled matmuls'."""
+    mconf, s = rp.mconf, rp.cfg.data.max_length
+    tokens = 2 * rp.cfg.train.batch_size * s
+    analytic = analytic_flops_per_step(mconf, tokens, s, with_reference=not rp.precomputed) / n_dev
+    with_remat = analytic_flops_per_step(mconf, tokens, s, not rp.precomputed, remat_layers=True) / n_dev
+    # all_to_all's ragged-dots run on a buffer of ep x the rows a shard receives when routing is balanced (its
+    # worst case); the kernel computes only the rows its group sizes cover, so the useful count divides by ep.
+    buffer = rp.mesh.shape["expert"] if rp.paths["dispatch"] == "all_to_all" else 1
+    compiled = counts["dot"] + counts["ragged_dot"] / buffer
+    remat = mconf.remat == "full"
+    expected = with_remat if remat else analytic
+    return {"tokens": tokens, "analytic": analytic, "with_remat": with_remat, "remat": remat, "buffer": buffer,
+            "compiled": compiled, "ratio": compiled / max(expected, 1)}
+
+
+def print_figures(mem, f: dict, counts: dict, flops_xla: float, hbm_gib: float, peak_tflops: float, n_dev: int):
+    gib = 2 ** 30
+    args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    out_b, alias_b = mem.output_size_in_bytes, getattr(mem, "alias_size_in_bytes", 0)
+    total = args_b + temp_b + out_b - alias_b
+    print(f"per device: arguments {args_b / gib:.2f} GiB, temporaries {temp_b / gib:.2f} GiB, outputs "
+          f"{out_b / gib:.2f} GiB (aliased {alias_b / gib:.2f}), total {total / gib:.2f} GiB of {hbm_gib} GiB HBM")
+    buffer = f["buffer"]
+    print(f"FLOPs per device per step: analytic (MaxText formula) {f['analytic'] / 1e12:.1f} TFLOP"
+          + (f", {f['with_remat'] / 1e12:.1f} with remat's recomputed forward" if f["remat"] else "")
+          + f"; compiled matmuls (jsmaug/perf/hlo_stats.py, loops x trip counts) {f['compiled'] / 1e12:.1f} TFLOP = "
+          f"{f['ratio']:.2f} x the analytic{' with remat' if f['remat'] else ''} (dots "
+          f"{counts['dot'] / 1e12:.1f} + grouped {counts['ragged_dot'] / 1e12:.1f}"
+          + (f" / {buffer}: all_to_all's buffer holds {buffer}x the rows routed when balanced; megablox computes "
+             "only the routed ones" if buffer > 1 else "")
+          + f"); XLA's cost analysis says {flops_xla / 1e12:.1f} (it counts a loop body once)")
+    if counts["unknown_trip_count_loops"]:
+        print(f"  ({counts['unknown_trip_count_loops']} loops without a known trip count were counted once)")
+    seconds = f["analytic"] / (0.5 * peak_tflops * 1e12)
+    print(f"at 50% MFU a step would take {seconds:.2f}s ({f['tokens'] / seconds / n_dev:,.0f} tokens/s/device)")
+    print("collectives per step (result bytes x executions): "
+          + (", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(counts["collectives"].items())) or "none"))
+    return total / gib, temp_b / gib
+
+
+def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None, packed_fill: float = 2.0) -> dict:
+    """AOT-compiles the step for `topology` with MoE `dispatch`; prints and returns its figures."""
+    n_dev, hbm_gib, peak_tflops = TOPOLOGIES[topology][3:]
+    rp, batch = planned_run(cfg, topology, dispatch, packed_fill)
+    resolved, params = rp.paths["dispatch"], rp.state.params
     t0 = time.time()
     try:
         compiled = rp.lower(batch).compile()
@@ -114,57 +166,26 @@ def plan(cfg, topology: str, dispatch: str, save_hlo: str | None = None, packed_
         _largest(params, hbm_gib)
         need = re.search(r"required for HLO temporaries \(([0-9.]+)G\)", str(err))
         return {"dispatch": resolved, "total_gib": float("nan"), "fits": False, "tflop": float("nan"),
-                "ratio": float("nan"),
-                "temp_gib": float(need.group(1)) if need else float("nan"), "collectives": {}}
-    mem = compiled.memory_analysis()
+                "ratio": float("nan"), "temp_gib": float(need.group(1)) if need else float("nan"), "collectives": {}}
+    print(f"compiled in {time.time() - t0:.0f}s")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    gib = 2 ** 30
-    args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-    out_b, alias_b = mem.output_size_in_bytes, getattr(mem, "alias_size_in_bytes", 0)
-    total = args_b + temp_b + out_b - alias_b
-    flops_xla = float(cost.get("flops", 0.0)) if cost else 0.0
-    tokens = 2 * b * s
-    flops_analytic = analytic_flops_per_step(mconf, tokens, s, with_reference=not precomputed) / n_dev
     hlo_text = compiled.as_text()
     if save_hlo:
         Path(save_hlo).mkdir(parents=True, exist_ok=True)
         (Path(save_hlo) / f"{topology}-{resolved}.hlo.txt").write_text(hlo_text)
     counts = hlo_stats.count(hlo_text)
-    # all_to_all's ragged-dots run on a buffer of ep x the rows a shard receives when routing is balanced (its
-    # worst case); the kernel computes only the rows its group sizes cover, so the useful count divides by ep.
-    buffer = mesh.shape["expert"] if resolved == "all_to_all" else 1
-    flops_hlo = counts["dot"] + counts["ragged_dot"] / buffer
-    remat = mconf.remat == "full"
-    flops_remat = analytic_flops_per_step(mconf, tokens, s, not precomputed, remat_layers=True) / n_dev
-    expected = flops_remat if remat else flops_analytic
-    print(f"compiled in {time.time() - t0:.0f}s")
-    print(f"per device: arguments {args_b / gib:.2f} GiB, temporaries {temp_b / gib:.2f} GiB, outputs "
-          f"{out_b / gib:.2f} GiB (aliased {alias_b / gib:.2f}), total {total / gib:.2f} GiB of {hbm_gib} GiB HBM")
-    print(f"FLOPs per device per step: analytic (MaxText formula) {flops_analytic / 1e12:.1f} TFLOP"
-          + (f", {flops_remat / 1e12:.1f} with remat's recomputed forward" if remat else "")
-          + f"; compiled matmuls (jsmaug/perf/hlo_stats.py, loops x trip counts) {flops_hlo / 1e12:.1f} TFLOP = "
-          f"{flops_hlo / max(expected, 1):.2f} x the analytic{' with remat' if remat else ''} (dots "
-          f"{counts['dot'] / 1e12:.1f} + grouped {counts['ragged_dot'] / 1e12:.1f}"
-          + (f" / {buffer}: all_to_all's buffer holds {buffer}x the rows routed when balanced; megablox computes "
-             "only the routed ones" if buffer > 1 else "")
-          + f"); XLA's cost analysis says {flops_xla / 1e12:.1f} (it counts a loop body once)")
-    if counts["unknown_trip_count_loops"]:
-        print(f"  ({counts['unknown_trip_count_loops']} loops without a known trip count were counted once)")
-    print(f"at 50% MFU a step would take {flops_analytic / (0.5 * peak_tflops * 1e12):.2f}s "
-          f"({tokens / (flops_analytic / (0.5 * peak_tflops * 1e12)) / n_dev:,.0f} tokens/s/device)")
-    collectives = counts["collectives"]
-    print("collectives per step (result bytes x executions): "
-          + (", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(collectives.items())) or "none"))
-    fits = total <= hbm_gib * gib
+    f = flop_figures(rp, counts, n_dev)
+    total_gib, temp_gib = print_figures(compiled.memory_analysis(), f, counts,
+                                        float(cost.get("flops", 0.0)) if cost else 0.0, hbm_gib, peak_tflops, n_dev)
+    fits = total_gib <= hbm_gib
     if not fits:
-        print(f"DOES NOT FIT: {total / gib:.1f} GiB > {hbm_gib} GiB per device.")
+        print(f"DOES NOT FIT: {total_gib:.1f} GiB > {hbm_gib} GiB per device.")
         _largest(params, hbm_gib)
     else:
         print("FITS")
-    return {"dispatch": resolved, "total_gib": total / gib, "temp_gib": temp_b / gib, "tflop": flops_hlo / 1e12,
-            "ratio": flops_hlo / max(expected, 1),
-            "collectives": collectives, "fits": fits}
+    return {"dispatch": resolved, "total_gib": total_gib, "temp_gib": temp_gib, "tflop": f["compiled"] / 1e12,
+            "ratio": f["ratio"], "collectives": counts["collectives"], "fits": fits}
 
 
 def _largest(params, hbm_gib) -> None:
