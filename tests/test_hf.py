@@ -255,3 +255,15 @@ def test_converter_checks_inputs_before_writing_anything(hub, tmp_path):
                       "--tokenizer", str(tmp_path / "tokenizer.modle")]) == 2
     assert tool.main(["--ckpt_dir", str(tmp_path / "ckk"), "--out_dir", str(tmp_path / "out")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_commit_dir_replaces_an_existing_folder_given_plain_paths(tmp_path):
+    """`jsmaug convert --overwrite` passes pathlib paths: the old folder is replaced and nothing is left beside."""
+    out, new = tmp_path / "out", tmp_path / "out.tmp"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    hf.commit_dir(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]

@@ -159,7 +159,7 @@ def test_eval_metrics_drop_padding_pairs():
     ex = _examples(3, seed=7)
     want_loss, want = step.loss_and_metrics(params, ref, data.collate(ex, BUCKETS), config=conf, loss_cfg=LOSS)
     out = jax.device_get(step.eval_step(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS))
-    per_pair = {k: np.asarray(out[k])[:3] for k in ("pc", "pr", "rc", "rr", "loss")}
+    per_pair = {k: np.asarray(out[k])[:3] for k in (*step.PAIR_LOGPS, "loss")}
     got = step.eval_metrics(per_pair, float(out["aux"]), config=conf, loss_cfg=LOSS)
     for k in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "loss/preference",
               "dpop/penalty"):

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from jsmaug import losses  # noqa: E402
-from jsmaug.data import batches as data_lib
+from jsmaug.data import batches as data_lib, tokenizer_folder
 from jsmaug.models.config import ConfigError  # noqa: E402
 from jsmaug.train import checkpoint, eval as eval_lib, metrics_log, run as train
 from jsmaug.train.config import load_run_config  # noqa: E402
@@ -102,6 +102,79 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
     os.replace(tmp, out_png)
 
 
+def train_runs(args, specs: dict, out: Path) -> tuple[str, dict[str, Path]]:
+    """The SFT warm-up (unless --init_from), then one run per loss from that start. Returns (start, runs)."""
+    common = ["export_hf=false", f"checkpoint.every={max(args.steps, args.sft_steps)}", "checkpoint.keep=1"]
+    start = args.init_from
+    if start is None:
+        if args.sft_steps < 1:
+            raise ConfigError("give --init_from or --sft_steps > 0")
+        sft = ["loss.type=sft", f"train.steps={args.sft_steps}", f"workdir={out / START}", "init_from=null",
+               "log.eval_every=0"]
+        if args.sft_learning_rate is not None:
+            sft.append(f"train.learning_rate={args.sft_learning_rate}")
+        print(f"== SFT warm-up: {args.sft_steps} steps -> {out / START}", flush=True)
+        _run(args.config, args.overrides, common + sft)
+        start = str(out / START)
+    runs = {}
+    for spec, (name, extra) in specs.items():
+        print(f"== {spec}: {args.steps} steps from {start} -> {out / spec}", flush=True)
+        _run(args.config, args.overrides,
+             common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / spec}",
+                       f"init_from={start}", *extra])
+        runs[spec] = out / spec
+    return start, runs
+
+
+def score(base, start: str, runs: dict[str, Path]) -> dict[str, dict]:
+    """The start and every final policy on the eval split, the start as the reference."""
+    tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(base.data.tokenizer_path, str(start)))
+    examples, _ = data_lib.prepare(base.data.eval_path, base.data, tok)
+    mconf, start_params = checkpoint.load_params(start)
+    scored = {"start": eval_lib.preference_eval(mconf, start_params, examples, start_params, beta=base.loss.beta)}
+    for name, workdir in runs.items():
+        _, params = checkpoint.load_params(workdir)
+        scored[name] = eval_lib.preference_eval(mconf, params, examples, start_params, beta=base.loss.beta)
+    return scored
+
+
+def summarize(args, base, start: str, runs: dict[str, Path], scored: dict[str, dict]) -> dict:
+    s0 = scored["start"]
+    summary = {"config": args.config, "overrides": args.overrides, "start": start, "steps": args.steps,
+               "eval_path": base.data.eval_path, "eval_pairs": s0["pairs"],
+               "start_eval": {"logps/chosen": s0["logps/chosen"], "logps/rejected": s0["logps/rejected"],
+                              "logps/accuracy": s0["logps/accuracy"]},
+               "losses": {}, "seconds": None}
+    for name, workdir in runs.items():
+        s = scored[name]
+        train_recs = [r for r in metrics_log.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+        summary["losses"][name] = {
+            "start_chosen_logps": s0["logps/chosen"], "end_chosen_logps": s["logps/chosen"],
+            "start_rejected_logps": s0["logps/rejected"], "end_rejected_logps": s["logps/rejected"],
+            "chosen_logps_change": s["logps/chosen"] - s0["logps/chosen"],
+            "rejected_logps_change": s["logps/rejected"] - s0["logps/rejected"],
+            "eval_reward_accuracy": s["rewards/accuracies"], "eval_logps_accuracy": s["logps/accuracy"],
+            "eval_fraction_chosen_decreased": s["chosen_logps_decreased"],
+            "train_first": {k: train_recs[0][k] for k in ("step", "logps/chosen", "logps/rejected")},
+            "train_last": {k: train_recs[-1][k] for k in ("step", "logps/chosen", "logps/rejected",
+                                                          "rewards/accuracies")},
+        }
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    start = summary["start_eval"]
+    print(f"\neval split {summary['eval_path']} ({summary['eval_pairs']} pairs); start: logp(chosen) "
+          f"{start['logps/chosen']:.2f}, logp(rejected) {start['logps/rejected']:.2f}")
+    w = max(8, *(len(n) + 2 for n in summary["losses"]))
+    print(f"{'loss':<{w}}{'chosen start':>14}{'chosen end':>12}{'rejected end':>14}{'reward acc':>12}"
+          f"{'chosen fell':>13}")
+    for name, s in summary["losses"].items():
+        print(f"{name:<{w}}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
+              f"{s['end_rejected_logps']:>14.2f}{s['eval_reward_accuracy']:>12.2f}"
+              f"{s['eval_fraction_chosen_decreased']:>13.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny_dpop.yaml")
@@ -124,73 +197,18 @@ def main(argv=None) -> int:
         base, _ = load_run_config(args.config, args.overrides)
         if not base.data.eval_path:
             raise ConfigError("data.eval_path: the comparison scores every run on the eval split; set one")
-        common = ["export_hf=false", f"checkpoint.every={max(args.steps, args.sft_steps)}", "checkpoint.keep=1"]
-        start = args.init_from
-        if start is None:
-            if args.sft_steps < 1:
-                raise ConfigError("give --init_from or --sft_steps > 0")
-            sft = ["loss.type=sft", f"train.steps={args.sft_steps}", f"workdir={out / START}", "init_from=null",
-                   "log.eval_every=0"]
-            if args.sft_learning_rate is not None:
-                sft.append(f"train.learning_rate={args.sft_learning_rate}")
-            print(f"== SFT warm-up: {args.sft_steps} steps -> {out / START}", flush=True)
-            _run(args.config, args.overrides, common + sft)
-            start = str(out / START)
-        runs = {}
-        for spec, (name, extra) in specs.items():
-            print(f"== {spec}: {args.steps} steps from {start} -> {out / spec}", flush=True)
-            _run(args.config, args.overrides,
-                 common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / spec}",
-                           f"init_from={start}", *extra])
-            runs[spec] = out / spec
-
-        # Score the start and every final policy on the eval split, the start as the reference.
-        tok = data_lib.Tokenizer(base.data.tokenizer_path)
-        examples, _ = data_lib.prepare(base.data.eval_path, base.data, tok)
-        mconf, start_params = checkpoint.load_params(start)
-        scored = {"start": eval_lib.preference_eval(mconf, start_params, examples, start_params, beta=base.loss.beta)}
-        for name, workdir in runs.items():
-            _, params = checkpoint.load_params(workdir)
-            scored[name] = eval_lib.preference_eval(mconf, params, examples, start_params, beta=base.loss.beta)
+        start, runs = train_runs(args, specs, out)
+        scored = score(base, start, runs)
     except (ConfigError, data_lib.DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    s0 = scored["start"]
-    summary = {"config": args.config, "overrides": args.overrides, "start": start, "steps": args.steps,
-               "eval_path": base.data.eval_path, "eval_pairs": s0["pairs"],
-               "start_eval": {"logps/chosen": s0["logps/chosen"], "logps/rejected": s0["logps/rejected"],
-                              "logps/accuracy": s0["logps/accuracy"]},
-               "losses": {}, "seconds": None}
-    for name, workdir in runs.items():
-        s = scored[name]
-        train_recs = [r for r in metrics_log.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
-        summary["losses"][name] = {
-            "start_chosen_logps": s0["logps/chosen"], "end_chosen_logps": s["logps/chosen"],
-            "start_rejected_logps": s0["logps/rejected"], "end_rejected_logps": s["logps/rejected"],
-            "chosen_logps_change": s["logps/chosen"] - s0["logps/chosen"],
-            "rejected_logps_change": s["logps/rejected"] - s0["logps/rejected"],
-            "eval_reward_accuracy": s["rewards/accuracies"], "eval_logps_accuracy": s["logps/accuracy"],
-            "eval_fraction_chosen_decreased": s["chosen_logps_decreased"],
-            "train_first": {k: train_recs[0][k] for k in ("step", "logps/chosen", "logps/rejected")},
-            "train_last": {k: train_recs[-1][k] for k in ("step", "logps/chosen", "logps/rejected",
-                                                          "rewards/accuracies")},
-        }
+    summary = summarize(args, base, start, runs, scored)
     summary["seconds"] = round(time.time() - t_all, 1)
     plot(runs, out / "compare_losses.png",
          f"{args.config}: {', '.join(args.losses)} from {start}, {args.steps} steps, identical batches",
          summary["start_eval"])
     eval_lib.write_json(out / "summary.json", summary)
-
-    print(f"\neval split {base.data.eval_path} ({s0['pairs']} pairs); start: logp(chosen) "
-          f"{s0['logps/chosen']:.2f}, logp(rejected) {s0['logps/rejected']:.2f}")
-    w = max(8, *(len(n) + 2 for n in summary["losses"]))
-    print(f"{'loss':<{w}}{'chosen start':>14}{'chosen end':>12}{'rejected end':>14}{'reward acc':>12}"
-          f"{'chosen fell':>13}")
-    for name, s in summary["losses"].items():
-        print(f"{name:<{w}}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
-              f"{s['end_rejected_logps']:>14.2f}{s['eval_reward_accuracy']:>12.2f}"
-              f"{s['eval_fraction_chosen_decreased']:>13.2f}")
+    print_table(summary)
     print(f"wrote {out / 'compare_losses.png'} and {out / 'summary.json'} ({summary['seconds']}s)")
     return 0
 

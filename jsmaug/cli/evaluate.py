@@ -28,10 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default=None, help="the starting model, for implicit rewards")
     ap.add_argument("--preference", nargs="*", default=[], help="JSONL/Parquet files of prompt/chosen/rejected")
     ap.add_argument("--mc", nargs="*", default=[], help="JSONL files of query/choices/gold")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model folder's own "
-                    "tokenizer.model, or its hf/ export's; else Mixtral's, from mistral-common)")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (tokenizer.json or tokenizer.model) or "
+                    "file (default: the model folder's own tokenizer files, or its hf/ export's, or those its run "
+                    "trained with; else Mixtral's, from mistral-common)")
     ap.add_argument("--chat_template", default=None, help="for conversational pairs: a Jinja file, or 'tokenizer' "
-                    "(the tokenizer folder's own), as data.chat_template")
+                    "(the tokenizer folder's own: the model's when its tokenizer is), as data.chat_template")
     ap.add_argument("--beta", type=float, default=0.3, help="beta of the implicit rewards")
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--max_prompt_length", type=int, default=256)

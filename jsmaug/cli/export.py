@@ -1,12 +1,15 @@
 """Orbax checkpoint (the converter's output, or a training workdir: its policy params) -> HF Mixtral folder.
 
     jsmaug export --ckpt_dir runs/tiny_dpop --out_dir export/tiny [--step N] [--dtype bfloat16]
-                                      [--tokenizer tokenizer.model | --no_tokenizer]
+                                      [--tokenizer FOLDER_OR_FILE | --no_tokenizer]
 
-The export carries the tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json), so transformers, TRL and lm-eval read it as jsmaug does. Without --tokenizer: a
-training workdir's own (its config.json's data.tokenizer_path, and its data.chat_template), a converter
-checkpoint's tokenizer.model if it holds one, else Mixtral's (mistral-common's tokenizer.model.v1).
+The export carries the tokenizer files, so transformers, TRL and lm-eval read it as jsmaug does: a
+tokenizer.json tokenizer's files copied as they are (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja, ...), or for a SentencePiece model what a Mixtral hub repository
+ships (tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json). Without --tokenizer: a
+training workdir's own (its config.json's data.tokenizer_path, else its init_from's tokenizer; and its
+data.chat_template), a converter checkpoint's tokenizer files if it holds them, else Mixtral's
+(mistral-common's tokenizer.model.v1).
 """
 
 from __future__ import annotations
@@ -18,24 +21,25 @@ import sys
 from pathlib import Path
 
 from jsmaug import hf  # noqa: E402
-from jsmaug.data import batches as data, formats as pair_formats
+from jsmaug.data import batches as data, formats as pair_formats, tokenizer_folder
 from jsmaug.models.config import ConfigError  # noqa: E402
 from jsmaug.train import checkpoint
 
 
 def _tokenizer_of(ckpt_dir: str, given: str | None) -> tuple[str, str | None]:
-    """(tokenizer.model path, chat template source or None) for the export."""
+    """(tokenizer path: a folder or file, chat template source or None) for the export."""
     folder = Path(ckpt_dir)
     run_config = folder / "config.json"
     if (folder / "checkpoints").is_dir() and run_config.is_file():  # a training workdir: what it trained with
-        dcfg = json.loads(run_config.read_text()).get("data") or {}
-        tok = data.Tokenizer(given or dcfg.get("tokenizer_path"))
+        raw = json.loads(run_config.read_text())
+        dcfg = raw.get("data") or {}
+        tok = data.Tokenizer(given or tokenizer_folder.run_tokenizer_path(dcfg.get("tokenizer_path"),
+                                                                          raw.get("init_from")))
         template = pair_formats.load_chat_template(dcfg.get("chat_template"), tok)
         return tok.path, template.source if template else None
     if given:
         return given, None
-    own = folder / "tokenizer.model"
-    return (str(own) if own.is_file() else data.default_tokenizer_path()), None
+    return tokenizer_folder.model_tokenizer_path(folder) or data.default_tokenizer_path(), None
 
 
 def main(argv=None) -> int:
@@ -45,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ap.add_argument("--max_shard_size", default="5GB")
-    ap.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model (default: the checkpoint's "
-                    "own, else Mixtral's)")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (tokenizer.json or tokenizer.model), or "
+                    "one of those files (default: the checkpoint's own, else Mixtral's)")
     ap.add_argument("--no_tokenizer", action="store_true", help="write the weights and configs only")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -55,11 +59,12 @@ def main(argv=None) -> int:
         tokenizer, template = (None, None) if args.no_tokenizer else _tokenizer_of(args.ckpt_dir, args.tokenizer)
         hf.check_tokenizer_path(tokenizer)  # before minutes of tensor writing, not after
         vocab = checkpoint.read_model_config(args.ckpt_dir, args.step).vocab_size
-        if tokenizer and data.Tokenizer(tokenizer).sp.get_piece_size() != vocab:
+        size = data.Tokenizer(tokenizer).vocab_size if tokenizer else 0
+        if size > vocab:  # a vocabulary padded beyond the tokenizer's (Qwen's) is fine
             if args.tokenizer:
-                raise ConfigError(f"--tokenizer {tokenizer}: {data.Tokenizer(tokenizer).sp.get_piece_size()} "
-                                  f"pieces, but the model's vocabulary has {vocab}")
-            print(f"note: the model's vocabulary ({vocab}) is not {tokenizer}'s; exporting without tokenizer files "
+                raise ConfigError(f"--tokenizer {tokenizer}: {size} tokens, but the model's vocabulary has {vocab}")
+            print(f"note: the model's vocabulary ({vocab}) is smaller than {tokenizer}'s ({size}); exporting "
+                  "without tokenizer files "
                   "(pass --tokenizer)")
             tokenizer, template = None, None
         if tokenizer:

@@ -3,8 +3,10 @@
     jsmaug generate --model runs/tiny_dpop/hf --prompt "Question: 2 + 2?\nAnswer:" [--prompt ...] \
         [--max_new_tokens 64] [--temperature 0.7 --top_k 50 --top_p 0.9 --seed 0]
 
---model: a Hugging Face folder, a converter checkpoint or a training workdir. Prompts get Mixtral's BOS; "\n"
-in a prompt given on the command line is a newline. Several prompts run as one left-padded batch.
+--model: a Hugging Face folder, a converter checkpoint or a training workdir. --tokenizer: a tokenizer folder
+or file (default: the model's own tokenizer files, else Mixtral's). Prompts get the tokenizer's BOS (none for
+Qwen) and generation stops at its EOS; "\n" in a prompt given on the command line is a newline. Several
+prompts run as one left-padded batch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt", action="append", required=True)
-    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (tokenizer.json or tokenizer.model) or "
+                    "file (default: the model folder's own, or its hf/ export's; else Mixtral's)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=0)
@@ -32,12 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None)
     args = ap.parse_args(argv)
     try:
+        tok = data_lib.Tokenizer(args.tokenizer or eval_lib.model_tokenizer_path(args.model))
         sampling = gen.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p)
-        tok = data_lib.Tokenizer(args.tokenizer)
+                                      top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id)
         config, params = eval_lib.load_model(args.model, args.dtype)
         prompts = [p.replace("\\n", "\n") for p in args.prompt]
-        ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+        ids = [tok.prefix_ids + tok.encode(p) for p in prompts]
         t0 = time.time()
         out = gen.generate(config, params, ids, sampling, seed=args.seed)
         secs = time.time() - t0

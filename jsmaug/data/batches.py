@@ -38,7 +38,9 @@ __all__ = ["DataConfig", "DataError", "Tokenizer", "default_tokenizer_path", "pr
 class DataConfig:
     train_path: str | None = None
     eval_path: str | None = None
-    tokenizer_path: str | None = None  # None = mistral-common's tokenizer.model.v1 (Mixtral's)
+    # A folder (tokenizer.json or tokenizer.model) or file; None = init_from's own tokenizer, else Mixtral's
+    # (mistral-common's tokenizer.model.v1).
+    tokenizer_path: str | None = None
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"

@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A bad input file or row; the message names the file and row (1-based line for JSONL)."""
+from jsmaug.errors import DataError  # noqa: F401 - re-exported (data.DataError)
 
 
 def read_rows(path: str | os.PathLike) -> list[tuple[str, Any]]:

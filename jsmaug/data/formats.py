@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from jsmaug.data.files import DataError
 from jsmaug.data.tokenizer import Tokenizer, joined_ids, split_at_prompt
+from jsmaug.data.tokenizer_folder import chat_template_of
 
 STANDARD, IMPLICIT, CONVERSATIONAL, CONVERSATIONAL_IMPLICIT = (
     "standard", "implicit prompt", "conversational", "conversational, implicit prompt")
@@ -40,7 +41,10 @@ STANDARD, IMPLICIT, CONVERSATIONAL, CONVERSATIONAL_IMPLICIT = (
 class ChatTemplate:
     """A Jinja chat template, rendered as transformers renders it."""
 
-    def __init__(self, source: str, origin: str, bos_token: str, eos_token: str):
+    def __init__(self, source: str, origin: str, bos_token: str | None, eos_token: str | None,
+                 special_tokens: dict[str, str] | None = None):
+        import datetime
+
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -48,14 +52,18 @@ class ChatTemplate:
             raise DataError(f"chat template {origin}: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3's templates
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateSyntaxError as err:
             raise DataError(f"chat template {origin}:{err.lineno}: {err.message}") from None
         self.source, self.origin = source, origin
-        self.tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        # The tokenizer's named special tokens that are set, as transformers passes them (an unset BOS is undefined).
+        tokens = {"bos_token": bos_token, "eos_token": eos_token, **(special_tokens or {})}
+        self.tokens = {k: v for k, v in tokens.items() if v is not None}
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
@@ -63,27 +71,22 @@ class ChatTemplate:
 
 def load_chat_template(spec: str | None, tok: Tokenizer) -> ChatTemplate | None:
     """`data.chat_template`: None, a Jinja file, or 'tokenizer' (the tokenizer folder's own template:
-    `chat_template.jinja`, or `chat_template` in its `tokenizer_config.json`)."""
+    `chat_template.jinja`, or `chat_template` in its `tokenizer_config.json`; the tokenizer's folder is
+    `init_from`'s or the model's when the tokenizer came from there)."""
     if spec is None:
         return None
     if spec == "tokenizer":
-        folder = Path(tok.path).parent
-        jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
-        if jinja.is_file():
-            return ChatTemplate(jinja.read_text(), str(jinja), tok.bos_token, tok.eos_token)
-        if config.is_file():
-            found = json.loads(config.read_text()).get("chat_template")
-            if isinstance(found, list):  # [{"name": ..., "template": ...}, ...]: the default one
-                found = next((t.get("template") for t in found if t.get("name") == "default"), None)
-            if isinstance(found, str):
-                return ChatTemplate(found, f"{config} (chat_template)", tok.bos_token, tok.eos_token)
+        folder = tok.folder
+        found = chat_template_of(folder)
+        if found is not None:
+            return ChatTemplate(found[0], found[1], tok.bos_token, tok.eos_token, tok.special_tokens_map)
         raise DataError(f"data.chat_template=tokenizer: {folder} has no chat_template.jinja and no chat_template "
                         "in tokenizer_config.json; give a Jinja file instead "
                         "(e.g. configs/chat_templates/mixtral_instruct.jinja)")
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"data.chat_template: {path}: no such file")
-    return ChatTemplate(path.read_text(), str(path), tok.bos_token, tok.eos_token)
+    return ChatTemplate(path.read_text(), str(path), tok.bos_token, tok.eos_token, tok.special_tokens_map)
 
 
 def detect_format(row: Any, keys: tuple[str, str, str]) -> str | None:

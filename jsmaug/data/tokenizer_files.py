@@ -1,4 +1,5 @@
-"""The tokenizer files of a Mixtral hub repository, written from a SentencePiece `tokenizer.model`.
+"""The tokenizer files of an export: a tokenizer.json tokenizer's files copied as they are
+(`export_tokenizer_files`), or those of a Mixtral hub repository, written from a SentencePiece `tokenizer.model`.
 
 An export that holds only `tokenizer.model` makes transformers build a generic tokenizer that adds no `<s>`, and
 lm-evaluation-harness then silently scores contexts without BOS. So an export carries what the hub's Mixtral
@@ -121,3 +122,39 @@ def write_tokenizer_files(tokenizer_model: str | Path, out_dir: Path, chat_templ
         {"bos_token": _special_token_entry(bos), "eos_token": _special_token_entry(eos),
          "unk_token": _special_token_entry(unk)}, indent=2))
     return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def export_tokenizer_files(tokenizer_path: str | Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
+    """The tokenizer files of an export. A tokenizer.json tokenizer (a folder, or the file) has its folder's
+    tokenizer files copied as they are (`tokenizer_folder.TOKENIZER_FILES`); a SentencePiece model gets the
+    files above (`write_tokenizer_files`). `chat_template` (the Jinja source a run trained with), when it is not
+    the folder's own, becomes the export's chat_template.jinja (transformers reads that file first) and replaces
+    tokenizer_config.json's `chat_template`. Returns the names written."""
+    from jsmaug.data import tokenizer_folder
+
+    files = tokenizer_folder.locate(tokenizer_path)
+    if files.tokenizer_json is None:
+        return write_tokenizer_files(files.tokenizer_model, out_dir, chat_template)
+    out_dir = epath.Path(out_dir)
+    names = tokenizer_folder.copy_tokenizer_files(files.folder, out_dir)
+    if files.tokenizer_json.name != "tokenizer.json":  # a tokenizer.json given by another name
+        (out_dir / "tokenizer.json").write_bytes(files.tokenizer_json.read_bytes())
+        names = sorted(set(names) | {"tokenizer.json"})
+    own = tokenizer_folder.chat_template_of(files.folder)
+    if chat_template is not None and (own is None or own[0] != chat_template):
+        (out_dir / "chat_template.jinja").write_text(chat_template)
+        names = sorted(set(names) | {"chat_template.jinja"})
+        config = out_dir / "tokenizer_config.json"
+        if config.is_file():
+            cfg = tokenizer_folder.read_json_file(config)
+            if "chat_template" in cfg:
+                cfg["chat_template"] = chat_template
+                config.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return names
+
+
+def check_tokenizer(tokenizer_path: str | Path) -> None:
+    """Reads the tokenizer once (a `DataError` names the bad file), so an export fails before its tensors."""
+    from jsmaug.data.tokenizer import Tokenizer
+
+    Tokenizer(tokenizer_path)

@@ -1,57 +1,109 @@
-"""What the Hugging Face Mixtral layout holds: tensor names and shapes for a config, the error type of the
-converter, and its progress line. Shared by `hf_read` (import) and `hf_write` (export)."""
+"""What the Hugging Face layout of each family holds: the tensor names and shapes for a config, the jsmaug leaf
+each one maps to, the converter's error type and its progress line. Shared by `hf/read.py` (import) and
+`hf/write.py` (export).
+
+Per layer n (`model.layers.{n}.`): the two norms, `self_attn.{q,k,v,o}_proj.weight`, the biases
+(`.bias`, qwen2: q/k/v; `attention_bias`: all four), `self_attn.{q,k}_norm.weight` (qwen3: (head_dim,);
+olmoe: the whole projection), and the MLP: dense `mlp.{gate,up,down}_proj.weight`; Mixtral's experts
+`block_sparse_moe.gate.weight` + `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`; Qwen3-MoE's and OLMoE's
+`mlp.gate.weight` + `mlp.experts.{e}.{gate,up,down}_proj.weight`. transformers 5 keeps experts fused in memory
+(`mlp.experts.gate_up_proj` (E, 2F, D) = [gate; up], `mlp.experts.down_proj` (E, D, F)) and writes them so with
+`save_pretrained(save_original_format=False)`: the importer reads that layout too, the exporter writes the hub's.
+A tied model has no `lm_head.weight`. PyTorch Linear weights are (out, in): jsmaug's (in, out) transposed.
+"""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
+from typing import Iterator, NamedTuple
 
-from jsmaug.models.config import MixtralConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message names the file or tensor at fault."""
+from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (jsmaug.hf.CheckpointError)
+from jsmaug.models.config import MixtralConfig, layer_groups
 
 
-# ------------------------------------------------------------------------------------------------ name mapping
-# Every jsmaug leaf -> how to build it from HF tensors. Per-layer leaves are stacked on axis 0 (the scan axis);
-# expert leaves additionally on axis 1.
+class Entry(NamedTuple):
+    """One jsmaug leaf and the HF tensor(s) it is made of."""
+    leaf: str  # path in the params: top level ("embed_tokens") or inside a layer ("self_attn/q_proj")
+    names: tuple[str, ...]  # one HF tensor, or one per expert (stacked on the leaf's expert axis)
+    hf_shape: tuple[int, ...]  # the shape of each HF tensor
+    transposed: bool  # a Linear weight: HF (out, in) = jsmaug's (in, ..., out) transposed
+    fused: str | None = None  # the fused expert layout: "gate" / "up" (halves of gate_up_proj) or "down"
 
-_LAYER = "layers/layer/"
+
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})}
+_HF_EXPERT_NAMES = ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})
 
 
-def _hub_names(config: MixtralConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def top_entries(config: MixtralConfig) -> list[Entry]:
+    d, v = config.hidden_size, config.vocab_size
+    out = [Entry("embed_tokens", ("model.embed_tokens.weight",), (v, d), False),
+           Entry("norm/weight", ("model.norm.weight",), (d,), False)]
     if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                  p + "block_sparse_moe.gate.weight"]
-        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        for e in range(config.num_local_experts):
-            names += [p + f"block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3")]
-    return names
+        out.append(Entry("lm_head", ("lm_head.weight",), (v, d), True))
+    return out
 
 
-def _expected_hf_shape(config: MixtralConfig, name: str) -> tuple[int, ...] | None:
-    d, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
-    hq, hkv, dh = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
-    table = {
-        r"model\.embed_tokens\.weight": (v, d), r"lm_head\.weight": (v, d), r"model\.norm\.weight": (d,),
-        r".*layernorm\.weight": (d,), r".*q_proj\.weight": (hq * dh, d), r".*[kv]_proj\.weight": (hkv * dh, d),
-        r".*o_proj\.weight": (d, hq * dh), r".*(block_sparse_moe|mlp)\.gate\.weight": (e, d),
-        r".*\.w[13]\.weight": (f, d), r".*\.w2\.weight": (d, f),
-        r".*gate_up_proj": (e, 2 * f, d), r".*down_proj": (e, d, f),
-    }
-    for pat, shape in table.items():
-        if re.fullmatch(pat, name):
-            return shape
-    return None
+def layer_entries(config: MixtralConfig, n: int, sparse: bool, fused: bool = False) -> list[Entry]:
+    """The entries of HF layer n (a sparse MoE layer or a dense one), in the hub's order."""
+    c = config
+    d, hq, hkv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
+    p = f"model.layers.{n}."
+    out = [Entry("input_layernorm/weight", (p + "input_layernorm.weight",), (d,), False)]
+    for x, rows in (("q", hq * dh), ("k", hkv * dh), ("v", hkv * dh)):
+        out.append(Entry(f"self_attn/{x}_proj", (p + f"self_attn.{x}_proj.weight",), (rows, d), True))
+        if c.qkv_bias:
+            out.append(Entry(f"self_attn/{x}_proj_bias", (p + f"self_attn.{x}_proj.bias",), (rows,), False))
+    out.append(Entry("self_attn/o_proj", (p + "self_attn.o_proj.weight",), (d, hq * dh), True))
+    if c.o_bias:
+        out.append(Entry("self_attn/o_proj_bias", (p + "self_attn.o_proj.bias",), (d,), False))
+    if c.qk_norm != "none":
+        q_size, k_size = (dh, dh) if c.qk_norm == "head" else (hq * dh, hkv * dh)
+        out += [Entry("self_attn/q_norm/weight", (p + "self_attn.q_norm.weight",), (q_size,), False),
+                Entry("self_attn/k_norm/weight", (p + "self_attn.k_norm.weight",), (k_size,), False)]
+    out.append(Entry("post_attention_layernorm/weight", (p + "post_attention_layernorm.weight",), (d,), False))
+    if not sparse:
+        f = c.intermediate_size
+        out += [Entry("mlp/gate_proj", (p + "mlp.gate_proj.weight",), (f, d), True),
+                Entry("mlp/up_proj", (p + "mlp.up_proj.weight",), (f, d), True),
+                Entry("mlp/down_proj", (p + "mlp.down_proj.weight",), (d, f), True)]
+        return out
+    e, f = c.num_local_experts, c.expert_intermediate_size
+    m = "block_sparse_moe/"
+    if fused:
+        return out + [Entry(m + "gate", (p + "mlp.gate.weight",), (e, d), True),
+                      Entry(m + "w1", (p + "mlp.experts.gate_up_proj",), (e, 2 * f, d), False, "gate"),
+                      Entry(m + "w3", (p + "mlp.experts.gate_up_proj",), (e, 2 * f, d), False, "up"),
+                      Entry(m + "w2", (p + "mlp.experts.down_proj",), (e, d, f), False, "down")]
+    block, proj = _EXPERT_NAMES.get(c.model_type, _HF_EXPERT_NAMES)
+    out.append(Entry(m + "gate", (p + f"{block}.gate.weight",), (e, d), True))
+    for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
+        out.append(Entry(m + w, tuple(p + f"{block}.experts.{j}.{proj[w]}.weight" for j in range(e)), shape, True))
+    return out
 
 
-def _progress(what: str, done: int, total: int, nbytes: int, t0: float) -> None:
+def layer_positions(config: MixtralConfig) -> dict[int, tuple[str, bool, int]]:
+    """HF layer n -> (its stack under params["layers"], sparse?, its index in that stack)."""
+    return {n: (group, sparse, j) for group, sparse, idx in layer_groups(config) for j, n in enumerate(idx)}
+
+
+def hub_order(config: MixtralConfig, fused: bool = False) -> Iterator[tuple[Entry, int | None]]:
+    """Every entry with its HF layer (None at the top level), in the hub's file order."""
+    top = top_entries(config)
+    yield top[0], None
+    for n, (_, sparse, _) in sorted(layer_positions(config).items()):
+        for entry in layer_entries(config, n, sparse, fused):
+            yield entry, n
+    for entry in top[1:]:
+        yield entry, None
+
+
+def hf_shapes(config: MixtralConfig, fused: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of the layout -> its shape, in file order."""
+    return {name: entry.hf_shape for entry, _ in hub_order(config, fused) for name in entry.names}
+
+
+def progress(what: str, done: int, total: int, nbytes: int, t0: float) -> None:
     dt = max(time.time() - t0, 1e-9)
     width = 30
     fill = int(width * done / max(total, 1))

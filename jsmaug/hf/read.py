@@ -1,7 +1,8 @@
-"""Hugging Face -> jsmaug: `load` reads an HF Mixtral folder tensor by tensor (plain reads, no mmap) and builds
-each stacked parameter one layer at a time into a preallocated device array (donated update), so host memory
-stays near one layer's expert stack, never the model. Accepts the hub layout (per-expert w1/w2/w3) and
-transformers-5's fused layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight`)."""
+"""Hugging Face -> jsmaug: `load` reads an HF folder of any supported family (jsmaug/models/families.py) tensor by
+tensor (plain reads, no mmap) and builds each stacked parameter one layer at a time into a preallocated device
+array (donated update), so host memory stays near one layer's expert stack, never the model. Accepts the hub
+layout (per-expert tensors) and transformers-5's fused layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`,
+`mlp.gate.weight`); jsmaug/hf/layout.py names the tensors."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jsmaug.hf import layout
+from jsmaug.hf.layout import CheckpointError, Entry
 from jsmaug.models.config import MixtralConfig
-from jsmaug.hf.layout import _LAYER, CheckpointError, _expected_hf_shape, _hub_names, _progress
-
 
 # ------------------------------------------------------------------------------------------------ reading
 
@@ -127,70 +128,52 @@ class _Reader:
         return arr
 
 
-def _detect_layout(keys: set[str]) -> str:
-    if any(".mlp.experts.gate_up_proj" in k for k in keys):
-        return "fused"
-    return "hub"
+def _detect_layout(keys: set[str]) -> bool:
+    """True for transformers-5's fused expert layout."""
+    return any(".mlp.experts.gate_up_proj" in k for k in keys)
 
 
-def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, layout: str) -> None:
-    if layout == "hub":
-        expected = set(_hub_names(config))
-    else:
-        expected = {n for n in _hub_names(config) if ".block_sparse_moe." not in n}
-        for n in range(config.num_hidden_layers):
-            p = f"model.layers.{n}.mlp."
-            expected |= {p + "gate.weight", p + "experts.gate_up_proj", p + "experts.down_proj"}
-    keys = reader.keys()
+def _ignored(name: str) -> bool:
+    # Old checkpoints saved RoPE buffers; transformers ignores them on load, and so do we.
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, fused: bool) -> None:
+    expected = layout.hf_shapes(config, fused)
+    keys = {k for k in reader.keys() if not _ignored(k)}
     # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
-    unexpected = sorted(keys - expected - {"lm_head.weight"})
-    missing = sorted(expected - keys)
+    unexpected = sorted(keys - set(expected) - {"lm_head.weight"})
+    missing = sorted(set(expected) - keys)
+    arch = config.to_hf_dict()["architectures"][0]
     if missing:
         raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing for the config in config.json, "
                               f"first: {missing[0]}")
     if unexpected:
-        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) (not in a Mixtral with this "
+        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) (not in a {arch} with this "
                               f"config.json), first: {unexpected[0]} in {reader.location[unexpected[0]]}")
-    for name in sorted(expected):
+    for name, want in expected.items():
         dtype = reader.dtype_name(name)
         if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; Mixtral "
+            raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; model "
                                   f"weights are floating point ({', '.join(_FLOAT_DTYPES)})")
-        want = _expected_hf_shape(config, name)
         got = reader.shape(name)
-        if want is not None and got != want:
+        if got != want:
             raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has shape {got}, "
                                   f"config.json implies {want}")
 
 
-def _layer_tensor(reader: _Reader, layout: str, config: MixtralConfig, leaf: str, n: int) -> np.ndarray:
-    """One layer's slice of a stacked jsmaug leaf, in jsmaug's (in, out) orientation."""
-    d, hq, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
-    f, e = config.intermediate_size, config.num_local_experts
-    p = f"model.layers.{n}."
-    if leaf == "input_layernorm/weight":
-        return reader.get(p + "input_layernorm.weight")
-    if leaf == "post_attention_layernorm/weight":
-        return reader.get(p + "post_attention_layernorm.weight")
-    if leaf == "self_attn/q_proj":
-        return reader.get(p + "self_attn.q_proj.weight").T.reshape(d, hq, dh)
-    if leaf in ("self_attn/k_proj", "self_attn/v_proj"):
-        return reader.get(p + f"self_attn.{leaf[-6]}_proj.weight").T.reshape(d, hkv, dh)
-    if leaf == "self_attn/o_proj":
-        return reader.get(p + "self_attn.o_proj.weight").T.reshape(hq, dh, d)
-    if leaf == "block_sparse_moe/gate":
-        name = p + ("block_sparse_moe.gate.weight" if layout == "hub" else "mlp.gate.weight")
-        return reader.get(name).T
-    if layout == "hub":
-        w = leaf.split("/")[-1]
-        return np.stack([reader.get(p + f"block_sparse_moe.experts.{j}.{w}.weight").T for j in range(e)])
-    if leaf in ("block_sparse_moe/w1", "block_sparse_moe/w3"):
-        gate_up = reader.get(p + "mlp.experts.gate_up_proj")  # (E, 2F, D) = [w1; w3]
-        part = gate_up[:, :f] if leaf.endswith("w1") else gate_up[:, f:]
-        return np.transpose(part, (0, 2, 1))
-    if leaf == "block_sparse_moe/w2":
-        return np.transpose(reader.get(p + "mlp.experts.down_proj"), (0, 2, 1))  # (E, D, F) -> (E, F, D)
-    raise KeyError(leaf)
+def _entry_tensor(reader: _Reader, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
+    """One jsmaug leaf (or one layer's slice of a stacked leaf) of `shape`, in jsmaug's (in, out) orientation."""
+    if entry.fused is not None:  # (E, 2F, D) = [gate; up] or (E, D, F): per expert (out, in)
+        arr = reader.get(entry.names[0])
+        if entry.fused != "down":
+            f = arr.shape[1] // 2
+            arr = arr[:, :f] if entry.fused == "gate" else arr[:, f:]
+        return np.transpose(arr, (0, 2, 1)).reshape(shape)
+    if len(entry.names) > 1:  # per-expert tensors, stacked on the expert axis
+        return np.stack([reader.get(name).T for name in entry.names]).reshape(shape)
+    arr = reader.get(entry.names[0])
+    return (arr.T if entry.transposed else arr).reshape(shape)
 
 
 def _leaf_paths(tree) -> list[tuple[str, Any]]:
@@ -251,7 +234,7 @@ def _read_config_json(path: Path) -> dict:
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
          progress: bool = False, **config_overrides) -> tuple[MixtralConfig, Any]:
-    """Reads an HF Mixtral folder -> (MixtralConfig, params).
+    """Reads an HF folder of a supported family -> (MixtralConfig, params).
 
     dtype: the parameter dtype to store (default: the checkpoint's config `torch_dtype`/`dtype`, else float32).
     mesh: a `jax.sharding.Mesh` with jsmaug's axes (`jsmaug.parallel.sharding.make_mesh`): params are placed with the
@@ -267,10 +250,12 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     overrides.setdefault("param_dtype", dtype)
     config = read_config(hf_dir, **overrides)
     reader = _Reader(hf_dir)
-    layout = _detect_layout(reader.keys())
-    _check_keys_and_shapes(reader, config, layout)
+    fused = _detect_layout(reader.keys())
+    _check_keys_and_shapes(reader, config, fused)
 
-    from jsmaug.models import decoder as model  # local import: model imports flax, which hf users may not need for reading names
+    from jsmaug.models import (
+        decoder as model,  # local import: model imports flax, which hf users may not need for reading names
+    )
 
     shapes = model.param_shapes(config)
     if shardings is None and mesh is not None:
@@ -279,20 +264,22 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
         shardings = shd.param_shardings(config, mesh, shd.MeshConfig())
     shard_map = dict(_leaf_paths(shardings)) if shardings is not None else {}
     np_dtype = jnp.dtype(config.param_dtype)
+    top = {e.leaf: e for e in layout.top_entries(config)}
+    positions = layout.layer_positions(config)
+    by_group: dict[str, list[tuple[int, dict[str, Entry]]]] = {}
+    for n, (group, sparse, _) in sorted(positions.items()):
+        by_group.setdefault(group, []).append(
+            (n, {e.leaf: e for e in layout.layer_entries(config, n, sparse, fused)}))
     params: dict = {}
     t0 = time.time()
     leaves = _leaf_paths(shapes)
     for i, (path, sds) in enumerate(leaves):
         sharding = shard_map.get(path)
-        if path == "embed_tokens":
-            arr = _device_put(reader.get("model.embed_tokens.weight"), np_dtype, sharding)
-        elif path == "lm_head":
-            arr = _device_put(reader.get("lm_head.weight").T, np_dtype, sharding)
-        elif path == "norm/weight":
-            arr = _device_put(reader.get("model.norm.weight"), np_dtype, sharding)
-        elif path.startswith(_LAYER):
-            leaf = path[len(_LAYER):]
-            gen = (_layer_tensor(reader, layout, config, leaf, n) for n in range(config.num_hidden_layers))
+        if path in top:
+            arr = _device_put(_entry_tensor(reader, top[path], sds.shape), np_dtype, sharding)
+        elif path.startswith("layers/"):
+            group, leaf = path.split("/", 2)[1:]
+            gen = (_entry_tensor(reader, entries[leaf], sds.shape[1:]) for _, entries in by_group[group])
             arr = _stack_into_device_array(gen, sds.shape, np_dtype, sharding)
         else:  # pragma: no cover - the param tree and this mapping are written together
             raise KeyError(path)
@@ -300,7 +287,7 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
             raise CheckpointError(f"{hf_dir}: {path} built with shape {arr.shape}, expected {sds.shape}")
         _set_from_path(params, path, arr)
         if progress:
-            _progress("import", i + 1, len(leaves), reader.read_bytes, t0)
+            layout.progress("import", i + 1, len(leaves), reader.read_bytes, t0)
     if progress:
         print(file=sys.stderr)
     return config, params

@@ -23,11 +23,12 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jsmaug.data.files import DataError
+from jsmaug.data.tokenizer_files import check_tokenizer, export_tokenizer_files
+from jsmaug.hf import layout
+from jsmaug.hf.layout import CheckpointError
 from jsmaug.models.config import MixtralConfig
-from jsmaug.hf.layout import CheckpointError, _expected_hf_shape, _progress
-from jsmaug.data.tokenizer_files import write_tokenizer_files
 from jsmaug.paths import is_remote
-
 
 # ------------------------------------------------------------------------------------------------ writing
 
@@ -44,29 +45,34 @@ def gather(x, *idx: int) -> np.ndarray:
     return np.asarray(jax.device_get(_take_replicated(x.sharding.mesh, len(idx))(x, jnp.asarray(idx, jnp.int32))))
 
 
-def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(hub name, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor only."""
-    layers = params["layers"]["layer"]
-    d, hq, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
-    g = gather
+def _leaf(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
 
-    yield "model.embed_tokens.weight", lambda: g(params["embed_tokens"])
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        a, m = layers["self_attn"], layers["block_sparse_moe"]
-        yield p + "input_layernorm.weight", lambda n=n: g(layers["input_layernorm"]["weight"], n)
-        yield p + "self_attn.q_proj.weight", lambda n=n: g(a["q_proj"], n).reshape(d, hq * dh).T
-        yield p + "self_attn.k_proj.weight", lambda n=n: g(a["k_proj"], n).reshape(d, hkv * dh).T
-        yield p + "self_attn.v_proj.weight", lambda n=n: g(a["v_proj"], n).reshape(d, hkv * dh).T
-        yield p + "self_attn.o_proj.weight", lambda n=n: g(a["o_proj"], n).reshape(hq * dh, d).T
-        yield p + "post_attention_layernorm.weight", lambda n=n: g(layers["post_attention_layernorm"]["weight"], n)
-        yield p + "block_sparse_moe.gate.weight", lambda n=n: g(m["gate"], n).T
-        for e in range(config.num_local_experts):
-            for w in ("w1", "w2", "w3"):
-                yield p + f"block_sparse_moe.experts.{e}.{w}.weight", lambda n=n, e=e, w=w: g(m[w], n, e).T
-    yield "model.norm.weight", lambda: g(params["norm"]["weight"])
-    if not config.tie_word_embeddings:
-        yield "lm_head.weight", lambda: g(params["lm_head"]).T
+
+def _to_hf(a: np.ndarray, entry: layout.Entry) -> np.ndarray:
+    if a.size != np.prod(entry.hf_shape):  # a wrong leaf: the writer's shape check names the tensor
+        return a
+    return a.reshape(entry.hf_shape[::-1]).T if entry.transposed else a.reshape(entry.hf_shape)
+
+
+def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(hub name, shape, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor (one layer's
+    slice, or one expert's) only. jsmaug/hf/layout.py names the tensors of each family."""
+    positions = layout.layer_positions(config)
+    for entry, n in layout.hub_order(config):
+        if n is None:
+            arr = _leaf(params, entry.leaf)
+            yield entry.names[0], entry.hf_shape, lambda arr=arr, entry=entry: _to_hf(gather(arr), entry)
+            continue
+        group, _, j = positions[n]
+        arr = _leaf(params["layers"][group], entry.leaf)
+        if len(entry.names) == 1:
+            yield entry.names[0], entry.hf_shape, lambda arr=arr, j=j, entry=entry: _to_hf(gather(arr, j), entry)
+        else:  # one tensor per expert
+            for e, name in enumerate(entry.names):
+                yield name, entry.hf_shape, lambda arr=arr, j=j, e=e, entry=entry: _to_hf(gather(arr, j, e), entry)
 
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
@@ -110,7 +116,9 @@ def prepare_out_dir(out_dir: epath.Path, overwrite: bool) -> None:
 
 
 def commit_dir(tmp: epath.Path, out_dir: epath.Path) -> None:
-    """Replaces out_dir by tmp with renames only (the old folder is removed after the new one is in place)."""
+    """Replaces out_dir by tmp with renames only (the old folder is removed after the new one is in place).
+    Either may be a plain path or a string (`jsmaug convert` passes pathlib paths)."""
+    tmp, out_dir = epath.Path(tmp), epath.Path(out_dir)
     if out_dir.exists():
         old = out_dir.parent / (out_dir.name + f".old-{os.getpid()}")
         out_dir.rename(old)
@@ -124,15 +132,10 @@ def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
     """Fails before any tensor is written when the tokenizer to export is missing or unreadable."""
     if tokenizer_path is None:
         return
-    path = epath.Path(tokenizer_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: tokenizer model not found (give the path of a SentencePiece tokenizer.model)")
-    import sentencepiece as spm
-
-    try:
-        spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as err:
-        raise CheckpointError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0]})") from err
+    try:  # a folder with tokenizer.json or tokenizer.model, or one of those files
+        check_tokenizer(tokenizer_path)
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
@@ -141,9 +144,9 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
          write: bool = True) -> dict[str, Any]:
     """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
 
-    With `tokenizer_path` (a SentencePiece tokenizer.model) the folder also gets what a Mixtral hub repository
-    ships for its tokenizer: tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json;
-    `chat_template` (the Jinja source a run trained with) goes into tokenizer_config.json. With `write=False`
+    With `tokenizer_path` the folder also gets the tokenizer files: a tokenizer.json tokenizer's folder files
+    copied as they are, or for a SentencePiece tokenizer.model what a Mixtral hub repository ships
+    (`jsmaug.data.tokenizer_files`); `chat_template` (the Jinja source a run trained with) goes with them. With `write=False`
     (the processes other than 0 of a multi-process run) every tensor is gathered and nothing is written."""
     out_dir = epath.Path(out_dir)
     if write:
@@ -154,8 +157,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
     limit = _parse_size(max_shard_size)
     t0 = time.time()
     entries = []
-    for name, fetch in _hub_tensors(config, params):
-        shape = _expected_hf_shape(config, name)
+    for name, shape, fetch in _hub_tensors(config, params):
         entries.append((name, shape, np_dtype, fetch))
     shards: list[list] = [[]]
     size = 0
@@ -189,7 +191,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
                 weight_map[ent[0]] = fname
             done += len(shard)
             if progress:
-                _progress("export", done, len(entries), total, t0)
+                layout.progress("export", done, len(entries), total, t0)
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -198,7 +200,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
              "_from_model_config": True}, indent=2))
         if tokenizer_path is not None:
-            write_tokenizer_files(tokenizer_path, tmp, chat_template)
+            export_tokenizer_files(tokenizer_path, tmp, chat_template)
         if tmp != out_dir:
             commit_dir(tmp, out_dir)
     except BaseException:

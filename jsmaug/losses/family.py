@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jsmaug.losses.primitives import _check_logps, dpop as _dpop
+from jsmaug.losses.primitives import check_logps, dpop as _dpop
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -55,7 +55,7 @@ def _unweighted(x: LossInputs):
 
 
 def logratios(x: LossInputs):
-    _check_logps(*x[:4])
+    check_logps(*x[:4])
     return x.policy_chosen_logps - _sg(x.reference_chosen_logps), x.policy_rejected_logps - _sg(x.reference_rejected_logps)
 
 
@@ -156,7 +156,7 @@ def sppo_hard(x: LossInputs, *, beta: float):
 def aot(x: LossInputs, *, beta: float, label_smoothing: float = 0.0):
     """AOT (Melnyk et al., arXiv 2406.05882), paired: the batch's sorted (pi_c - pi_r) minus its sorted
     (ref_c - ref_r), through the smoothed sigmoid. Batch-level: entry i is the i-th sorted pair's loss."""
-    _check_logps(*x[:4])
+    check_logps(*x[:4])
     pol = jnp.sort(x.policy_chosen_logps - x.policy_rejected_logps)
     ref = jnp.sort(_sg(x.reference_chosen_logps - x.reference_rejected_logps))
     return _smoothed_sigmoid(beta * (pol - ref), label_smoothing)

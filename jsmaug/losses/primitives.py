@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_logps(*arrays: jax.Array) -> None:
+def check_logps(*arrays: jax.Array) -> None:
     for a in arrays:
         if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
             raise TypeError(f"log-probabilities must be floating point, got dtype {jnp.asarray(a).dtype}")
@@ -30,7 +30,7 @@ def _check_logps(*arrays: jax.Array) -> None:
 
 
 def _delta(pc, pr, rc, rr):
-    _check_logps(pc, pr, rc, rr)
+    check_logps(pc, pr, rc, rr)
     rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
     return (pc - rc) - (pr - rr), rc
 
@@ -90,7 +90,7 @@ def hinge(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, re
 
 def nll(chosen_logps, chosen_num_tokens) -> jax.Array:
     """Per-example negative log-likelihood per completion token: -logp / max(num_tokens, 1) (SFT, RPO mixing)."""
-    _check_logps(chosen_logps)
+    check_logps(chosen_logps)
     return -chosen_logps / jnp.maximum(chosen_num_tokens, 1).astype(chosen_logps.dtype)
 
 
@@ -99,7 +99,7 @@ def nll(chosen_logps, chosen_num_tokens) -> jax.Array:
 def preference_metrics(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                        reference_rejected_logps, *, beta: float) -> dict[str, jax.Array]:
     """The metrics DPO trainers log (TRL names), plus DPOP's penalty statistics. All are batch means."""
-    _check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     rc = jax.lax.stop_gradient(reference_chosen_logps)
     rr = jax.lax.stop_gradient(reference_rejected_logps)
     reward_c = beta * (policy_chosen_logps - rc)

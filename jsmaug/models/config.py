@@ -1,8 +1,12 @@
-"""Model configuration: `MixtralConfig`, with Hugging Face's field names.
+"""Model configuration: `MixtralConfig`, one decoder for seven Hugging Face families, with HF's field names.
 
-The fields are exactly the names of transformers' `MixtralConfig`, so a `config.json` from the hub maps
-onto it one to one (`from_hf_dict`) and back (`to_hf_dict`). Fields that only jsmaug knows about
-(dtypes, remat, MoE dispatch) live beside them and are never written to `config.json`.
+`model_type` picks the family (llama, mistral, qwen2, qwen3: dense; mixtral, qwen3_moe, olmoe: sparse MoE) and
+every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`, `tie_word_embeddings`,
+`sliding_window`, `num_local_experts`, `norm_topk_prob`, `mlp_only_layers`, ...) or follows from the family
+(`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`). MoE fields left at None take the family's HF default.
+`jsmaug/models/families.py` reads and writes each family's `config.json` (`from_hf_dict` / `to_hf_dict` here
+delegate to it). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
+never written to `config.json`. The class keeps its historical name: it is the public API.
 """
 
 from __future__ import annotations
@@ -10,47 +14,64 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Fields that HF's config.json carries and jsmaug reads.
-_HF_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "rms_norm_eps",
-    "rope_theta", "sliding_window", "max_position_embeddings", "router_aux_loss_coef",
-    "router_jitter_noise", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "initializer_range",
-)
+from jsmaug.errors import ConfigError  # noqa: F401 - re-exported (jsmaug.ConfigError)
 
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe")
+MODEL_TYPES = DENSE_TYPES + MOE_TYPES
+ROPE_TYPES = ("default", "linear", "llama3")
 MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "megablox", "capacity")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
+# HF projection names; w1/w3/w2 are Mixtral's names of the experts' gate/up/down (the same targets).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 DTYPES = ("float32", "bfloat16", "float16")
 
-
-class ConfigError(ValueError):
-    """A config (or config.json) that jsmaug cannot use; the message names the field."""
+# HF defaults per MoE family for the fields left at None (transformers 5's config classes; Mixtral keeps
+# jsmaug's released-8x7B values). Dense families have no experts.
+_MOE_DEFAULTS = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02, norm_topk_prob=True),
+    "qwen3_moe": dict(num_local_experts=128, num_experts_per_tok=8, router_aux_loss_coef=0.001,
+                      norm_topk_prob=False, moe_intermediate_size=768),
+    "olmoe": dict(num_local_experts=64, num_experts_per_tok=8, router_aux_loss_coef=0.01, norm_topk_prob=False),
+}
+_DENSE_DEFAULTS = dict(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0, norm_topk_prob=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class MixtralConfig:
-    """Mixtral architecture (HF names) plus jsmaug's numerics and dispatch settings."""
+    """A decoder of one HF family (HF names) plus jsmaug's numerics and dispatch settings."""
 
+    model_type: str = "mixtral"
     vocab_size: int = 32000
     hidden_size: int = 4096
-    intermediate_size: int = 14336
+    intermediate_size: int = 14336  # the dense MLP's width; Mixtral's and OLMoE's experts' too
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
     head_dim: int | None = None  # None = hidden_size // num_attention_heads, as in HF
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
+    attention_bias: bool = False  # llama/qwen3/qwen3_moe/olmoe: bias on q, k, v, o (qwen2: q, k, v always)
+    clip_qkv: float | None = None  # olmoe: q, k, v clamped to [-clip_qkv, clip_qkv]
+    num_local_experts: int | None = None  # 0 = dense MLP (HF qwen3_moe / olmoe call it num_experts)
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None  # qwen3_moe: the experts' width (intermediate_size: dense layers)
+    norm_topk_prob: bool | None = None  # renormalise the top-k router weights (mixtral: always)
+    decoder_sparse_step: int = 1  # qwen3_moe: layer i is sparse iff (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
+    rope_type: str = "default"  # default | linear | llama3 (HF rope_parameters.rope_type)
+    rope_factor: float | None = None  # rope_parameters.factor (linear, llama3)
+    rope_low_freq_factor: float | None = None  # llama3
+    rope_high_freq_factor: float | None = None  # llama3
+    rope_original_max_position_embeddings: int | None = None  # llama3
     sliding_window: int | None = None
     max_position_embeddings: int = 32768
-    router_aux_loss_coef: float = 0.02
+    router_aux_loss_coef: float | None = None
     router_jitter_noise: float = 0.0
+    output_router_logits: bool = False  # HF's switch; jsmaug's training adds the aux loss whatever it says
     tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     initializer_range: float = 0.02
 
@@ -69,6 +90,14 @@ class MixtralConfig:
     attention_block_size: int = 512  # query and key block of the chunked attention
 
     def __post_init__(self):
+        defaults = _MOE_DEFAULTS.get(self.model_type, _DENSE_DEFAULTS)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if isinstance(self.mlp_only_layers, list):
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -76,20 +105,48 @@ class MixtralConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type in MOE_TYPES
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size if self.model_type == "qwen3_moe" else self.intermediate_size
+
+    @property
+    def qk_norm(self) -> str:
+        """'head': RMSNorm over head_dim of each head (qwen3, qwen3_moe); 'projection': over the whole q / k
+        projection (olmoe); 'none'."""
+        return {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}.get(self.model_type, "none")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether its MLP is the sparse MoE block (HF's rule, Qwen3MoeDecoderLayer)."""
+        if not self.is_moe:
+            return (False,) * self.num_hidden_layers
+        return tuple(i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                     for i in range(self.num_hidden_layers))
+
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         def need(cond: bool, field: str, msg: str):
             if not cond:
                 raise ConfigError(f"MixtralConfig.{field}: {msg} (got {getattr(self, field)!r})")
 
+        need(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts_per_tok",
-                  "max_position_embeddings"):
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive integer")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"must divide num_attention_heads={self.num_attention_heads}")
-        need(self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
-             f"must be <= num_local_experts={self.num_local_experts}")
         if self.head_dim is None:
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  "must be divisible by num_attention_heads when head_dim is not given")
@@ -100,6 +157,8 @@ class MixtralConfig:
              "sliding_window", "must be null or a positive integer")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        self._check_rope(need)
+        self._check_family(need)
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.remat in ("none", "full", "minimal"), "remat", "must be none, full or minimal")
@@ -114,58 +173,79 @@ class MixtralConfig:
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         need(self.attention_block_size > 0, "attention_block_size", "must be > 0")
 
+    def _check_rope(self, need) -> None:
+        need(self.rope_type in ROPE_TYPES, "rope_type",
+             f"rope_type {self.rope_type!r} is not supported; jsmaug implements {ROPE_TYPES}")
+        wanted = {"default": (), "linear": ("rope_factor",),
+                  "llama3": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                             "rope_original_max_position_embeddings")}.get(self.rope_type, ())
+        for f in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_position_embeddings"):
+            if f in wanted:
+                need(getattr(self, f) is not None and getattr(self, f) > 0, f,
+                     f"rope_type {self.rope_type!r} needs a positive {f}")
+            else:
+                need(getattr(self, f) is None, f, f"is not a parameter of rope_type {self.rope_type!r}")
+        if self.rope_type == "llama3":
+            need(self.rope_high_freq_factor != self.rope_low_freq_factor, "rope_high_freq_factor",
+                 "must differ from rope_low_freq_factor (llama3 interpolates between them)")
+
+    def _check_family(self, need) -> None:
+        """A field of another family is refused here, so a config always means one HF architecture."""
+        mt = self.model_type
+        if not self.is_moe:
+            for f in ("num_local_experts", "num_experts_per_tok"):
+                need(getattr(self, f) == 0, f, f"model_type {mt!r} is a dense family (no experts); set 0, or "
+                     f"pick an MoE model_type {MOE_TYPES}")
+            need(not self.norm_topk_prob, "norm_topk_prob", f"model_type {mt!r} has no router")
+            need(self.router_jitter_noise == 0, "router_jitter_noise", f"model_type {mt!r} has no router")
+        else:
+            need(isinstance(self.num_local_experts, int) and self.num_local_experts > 0, "num_local_experts",
+                 f"model_type {mt!r} needs a positive number of experts")
+            need(isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.num_local_experts,
+                 "num_experts_per_tok", f"must be in 1..num_local_experts={self.num_local_experts}")
+            need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        if mt == "qwen3_moe":
+            need(isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+                 "moe_intermediate_size", "qwen3_moe needs the experts' width as a positive integer")
+            need(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
+                 "mlp_only_layers", f"must list layer indices in 0..{self.num_hidden_layers - 1}")
+        else:
+            need(self.moe_intermediate_size is None, "moe_intermediate_size", f"is a qwen3_moe field, not {mt!r}'s")
+            need(self.mlp_only_layers == (), "mlp_only_layers", f"is a qwen3_moe field, not {mt!r}'s")
+            need(self.decoder_sparse_step == 1, "decoder_sparse_step", f"is a qwen3_moe field, not {mt!r}'s")
+        if mt == "mixtral":
+            need(self.norm_topk_prob is True, "norm_topk_prob", "Mixtral always renormalises its top-k weights")
+        else:
+            need(self.router_jitter_noise == 0, "router_jitter_noise", f"is a mixtral field, not {mt!r}'s")
+        need(not (self.attention_bias and mt in ("mistral", "mixtral", "qwen2")), "attention_bias",
+             f"{mt!r} has no attention_bias switch (qwen2: q/k/v biases always, no o bias; mistral/mixtral: none)")
+        if mt == "olmoe":
+            need(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", "must be null or > 0")
+        else:
+            need(self.clip_qkv is None, "clip_qkv", f"is an olmoe field, not {mt!r}'s")
+        need(self.sliding_window is None or mt not in ("llama", "olmoe"), "sliding_window",
+             f"{mt!r} has no sliding window in HF")
+        if mt == "olmoe":
+            need(self.head_dim is None or self.head_dim * self.num_attention_heads == self.hidden_size, "head_dim",
+                 "olmoe's q/k norms assume head_dim = hidden_size // num_attention_heads")
+
     def replace(self, **kw) -> "MixtralConfig":
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "MixtralConfig":
-        """Builds a config from an HF `config.json` dict (hub form or transformers-5 form)."""
-        arch = d.get("architectures") or ["MixtralForCausalLM"]
-        model_type = d.get("model_type", "mixtral")
-        if model_type != "mixtral" or "MixtralForCausalLM" not in arch:
-            raise ConfigError(
-                f"{source}: model_type={model_type!r}, architectures={arch!r}; jsmaug reads only "
-                "MixtralForCausalLM checkpoints (model_type 'mixtral')")
-        kw: dict[str, Any] = {}
-        for f in _HF_FIELDS:
-            if f in d:
-                kw[f] = d[f]
-        # transformers 5 writes rope_parameters instead of a top-level rope_theta.
-        if "rope_theta" not in kw and isinstance(d.get("rope_parameters"), dict):
-            rp = d["rope_parameters"]
-            if rp.get("rope_type", "default") != "default":
-                raise ConfigError(f"{source}: rope_parameters.rope_type={rp.get('rope_type')!r} is not supported")
-            if "rope_theta" in rp:
-                kw["rope_theta"] = rp["rope_theta"]
-        if isinstance(d.get("rope_scaling"), dict) and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) not in (None, "default"):
-            raise ConfigError(f"{source}: rope_scaling={d['rope_scaling']!r} is not supported")
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
-        for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "router_jitter_noise", "initializer_range"):
-            if f in kw and kw[f] is not None:
-                kw[f] = float(kw[f])
-        kw.update(overrides)
-        try:
-            return cls(**kw)
-        except TypeError as e:  # pragma: no cover - defensive
-            raise ConfigError(f"{source}: {e}") from e
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        """Builds a config from an HF `config.json` dict of any supported family (jsmaug/models/families.py)."""
+        from jsmaug.models import families
+
+        return families.from_hf_dict(d, source=source, **overrides)
 
     def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
-        """The hub form of config.json (plus transformers-5's rope_parameters, so every reader finds its key)."""
-        d: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
-        for f in _HF_FIELDS:
-            d[f] = getattr(self, f)
-        d["head_dim"] = self.resolved_head_dim
-        d["hidden_act"] = "silu"
-        d["attention_dropout"] = 0.0
-        d["output_router_logits"] = False
-        d["use_cache"] = True
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        d["torch_dtype"] = torch_dtype or self.param_dtype
-        return d
+        """The hub form of this family's config.json (jsmaug/models/families.py)."""
+        from jsmaug.models import families
+
+        return families.to_hf_dict(self, torch_dtype=torch_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,12 +260,43 @@ class MixtralConfig:
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:
-        d, i, v, e = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_local_experts
+        d, v, e = self.hidden_size, self.vocab_size, self.num_local_experts
         hd, hq, hkv = self.resolved_head_dim, self.num_attention_heads, self.num_key_value_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        moe = d * e + e * 3 * d * i
-        per_layer = attn + moe + 2 * d
-        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + d
+        attn += hd * (hq + 2 * hkv) * self.qkv_bias + d * self.o_bias
+        attn += {"head": 2 * hd, "projection": hd * (hq + hkv)}.get(self.qk_norm, 0)
+        sparse = d * e + e * 3 * d * self.expert_intermediate_size if self.is_moe else 0
+        dense = 3 * d * self.intermediate_size
+        mlps = sum(sparse if s else dense for s in self.sparse_layers)
+        return (v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * (attn + 2 * d)
+                + mlps + d)
+
+
+def layer_groups(config: MixtralConfig) -> list[tuple[str, bool, tuple[int, ...]]]:
+    """The stacks of layers in the params: (name under params["layers"], sparse?, HF layer indices). One stack
+    `layer` when every layer is of one kind, else `dense_layer` and `sparse_layer`."""
+    kinds = config.sparse_layers
+    if len(set(kinds)) == 1:
+        return [("layer", kinds[0], tuple(range(config.num_hidden_layers)))]
+    return [(name, sparse, tuple(i for i, s in enumerate(kinds) if s == sparse))
+            for name, sparse in (("dense_layer", False), ("sparse_layer", True))]
+
+
+def layer_segments(config: MixtralConfig) -> list[tuple[str, bool, int, int, int]]:
+    """Runs of consecutive layers of one kind, in order: (group, sparse?, start, stop within the group's stack,
+    first HF layer). Each run is one scan over a slice of its group's stack."""
+    where = {}
+    for name, sparse, idx in layer_groups(config):
+        for j, n in enumerate(idx):
+            where[n] = (name, sparse, j)
+    out: list[list] = []
+    for n in range(config.num_hidden_layers):
+        name, sparse, j = where[n]
+        if out and out[-1][0] == name:
+            out[-1][3] = j + 1
+        else:
+            out.append([name, sparse, j, j + 1, n])
+    return [tuple(s) for s in out]
 
 
 def mixtral_8x7b(**overrides) -> MixtralConfig:
@@ -195,16 +306,66 @@ def mixtral_8x7b(**overrides) -> MixtralConfig:
     return MixtralConfig(**kw)
 
 
-def tiny(**overrides) -> MixtralConfig:
-    """A Mixtral-shaped model small enough for CPU unit tests (all code paths, no cost)."""
-    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-              rope_theta=1e6, moe_block_size=8)
+def _released(kw: dict, overrides: dict) -> MixtralConfig:
+    kw = dict(kw, param_dtype="bfloat16", dtype="bfloat16")
     kw.update(overrides)
     return MixtralConfig(**kw)
 
 
-PRESETS = {"mixtral_8x7b": mixtral_8x7b, "tiny": tiny}
+def mixtral_8x22b(**overrides) -> MixtralConfig:
+    """Mixtral-8x22B-v0.1's shapes (its HF config.json): 56 layers, 8 experts of 16384 at hidden 6144, top-2."""
+    return _released(dict(
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+        max_position_embeddings=65536, rms_norm_eps=1e-5, router_aux_loss_coef=0.001), overrides)
+
+
+_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=151936, head_dim=128, num_key_value_heads=4,
+                  num_local_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
+                  rms_norm_eps=1e-6, max_position_embeddings=40960, router_aux_loss_coef=0.001,
+                  tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
+
+
+def qwen3_30b_a3b(**overrides) -> MixtralConfig:
+    """Qwen3-30B-A3B's shapes: 48 layers, 128 experts of 768 at hidden 2048, top-8 renormalised, q/k norms."""
+    return _released(dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32), overrides)
+
+
+def qwen3_235b_a22b(**overrides) -> MixtralConfig:
+    """Qwen3-235B-A22B's shapes: 94 layers, 128 experts of 1536 at hidden 4096, top-8 renormalised."""
+    return _released(dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                          num_hidden_layers=94, num_attention_heads=64), overrides)
+
+
+def olmoe_1b_7b(**overrides) -> MixtralConfig:
+    """OLMoE-1B-7B-0924's shapes: 16 layers, 64 experts of 1024 at hidden 2048, top-8 not renormalised, q/k
+    norms over the whole projection."""
+    return _released(dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_local_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, rope_theta=1e4, rms_norm_eps=1e-5, max_position_embeddings=4096,
+        router_aux_loss_coef=0.01, tie_word_embeddings=False, bos_token_id=None, eos_token_id=50279,
+        pad_token_id=1), overrides)
+
+
+def tiny(**overrides) -> MixtralConfig:
+    """A model small enough for CPU unit tests (all code paths, no cost): Mixtral-shaped, or of the family
+    `model_type=` names."""
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+              rope_theta=1e6, moe_block_size=8)
+    model_type = overrides.get("model_type", "mixtral")
+    if model_type in DENSE_TYPES:  # no experts: the family's own defaults (0)
+        del kw["num_local_experts"], kw["num_experts_per_tok"]
+    if model_type == "qwen3_moe":
+        kw["moe_intermediate_size"] = 24
+    kw.update(overrides)
+    return MixtralConfig(**kw)
+
+
+PRESETS = {"mixtral_8x7b": mixtral_8x7b, "mixtral_8x22b": mixtral_8x22b, "qwen3_30b_a3b": qwen3_30b_a3b,
+           "qwen3_235b_a22b": qwen3_235b_a22b, "olmoe_1b_7b": olmoe_1b_7b, "tiny": tiny}
 
 
 def preset(name: str, **overrides) -> MixtralConfig:

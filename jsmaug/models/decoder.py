@@ -1,82 +1,36 @@
-"""The Mixtral sparse-MoE decoder in Flax linen, matching HF `MixtralForCausalLM`.
+"""One decoder for seven HF families (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, OLMoE), in Flax linen.
 
-Why linen: `nn.scan` + `nn.remat` give one compiled layer for all 32 with a single flag, and
-`nn.with_logical_partitioning` attaches logical axis names to every weight, which the sharding rules map to a
-mesh (MaxText's approach). The public API is functional (`init_params`, `forward`): params are a plain
-pytree of arrays, so losses, optimizers, converters and checkpoints never see a Module.
+Every family is the same pre-norm stack, `h = x + Attn(RMSNorm(x))`, `out = h + MLP(RMSNorm(h))`, with switches
+read from the config (jsmaug/models/config.py): q/k/v(/o) biases, q/k RMSNorm per head or over the whole
+projection, q/k/v clipping, the RoPE variant (jsmaug/models/rope.py), a sliding window, tied embeddings, and per
+layer a dense SwiGLU MLP or the sparse MoE block (jsmaug/models/mlp.py). The tests hold each family's logits to
+transformers' on the same weights (tests/test_families*.py).
+
+A layer is a linen module (`nn.with_logical_partitioning` names every weight's axes for the sharding rules);
+the stack is plain JAX: the layers of one kind are stacked on a leading `layers` axis (`params["layers"]["layer"]`
+when all layers are of one kind, else `dense_layer` and `sparse_layer`) and each run of consecutive layers of
+one kind is one `lax.scan` over a slice of its stack, so a model compiles one layer per kind and run. The public
+API is functional (`init_params`, `forward`, `decode`): params are a plain pytree of arrays, so losses, optimizers,
+converters and checkpoints never see a Module.
 
 Array names carry their shapes: B batch, S sequence (queries), T keys, D hidden, H query heads,
-K kv heads, G query heads per kv head, Dh head dim, V vocab, E experts, L layers.
+K kv heads, Dh head dim, V vocab, E experts, L layers.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import attention, lora, moe
-
-from jsmaug.parallel import expert_parallel
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models import attention, moe, rope
+from jsmaug.models.config import MixtralConfig, layer_groups, layer_segments
+from jsmaug.models.mlp import DenseMLP, SparseMoE
+from jsmaug.models.weights import RMSNorm, bias, normal, rms_norm, weight
 
 Params = Any
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-def _param(module: nn.Module, name: str, shape, axes, init, config: MixtralConfig):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(config.param_dtype))
-
-
-def _normal(config: MixtralConfig):
-    return nn.initializers.normal(stddev=config.initializer_range)
-
-
-def _weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
-    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py)."""
-    dtype = _dtype(config.dtype)
-    w = _param(module, name, shape, axes, _normal(config), config).astype(dtype)
-    if not config.lora_rank or name not in config.lora_targets:
-        return w
-    a_shape, a_axes, b_shape, b_axes = lora.factor_shapes(name, shape, axes, config.lora_rank)
-    a = _param(module, name + "_lora_a", a_shape, a_axes, lora.a_init(name), config)
-    b = _param(module, name + "_lora_b", b_shape, b_axes, nn.initializers.zeros, config)
-    scale = config.lora_alpha / config.lora_rank
-    return w + (scale * lora.delta(name, a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
-
-
-class RMSNorm(nn.Module):
-    config: MixtralConfig
-
-    @nn.compact
-    def __call__(self, x_BxSxD):
-        weight_D = _param(self, "weight", (x_BxSxD.shape[-1],), ("embed",), nn.initializers.ones, self.config)
-        # Computed in float32 and cast back before the weight, as HF does.
-        xf = x_BxSxD.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return y.astype(x_BxSxD.dtype) * weight_D.astype(x_BxSxD.dtype)
-
-
-def rope_cos_sin(positions_BxS, head_dim: int, theta: float):
-    """rotate_half RoPE tables in float32: (B, S, head_dim) each."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x_BxSxHxDh, cos_BxSxDh, sin_BxSxDh):
-    half = x_BxSxHxDh.shape[-1] // 2
-    x1, x2 = x_BxSxHxDh[..., :half], x_BxSxHxDh[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_BxSxDh[:, :, None, :], sin_BxSxDh[:, :, None, :]
-    return (x_BxSxHxDh.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BxSxHxDh.dtype)
 
 
 class Attention(nn.Module):
@@ -89,16 +43,31 @@ class Attention(nn.Module):
         at slots cache_index .. cache_index + S, the queries attend over all T slots, and `mask` is the
         (B, S, T) boolean mask saying which. Returns (output, updated cache or None)."""
         c = self.config
-        dtype = _dtype(c.dtype)
+        dtype = jnp.dtype(c.dtype)
         d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
-        wq = _weight(self, "q_proj", (d, h, dh), ("embed", "heads", "head_dim"), c)
-        wk = _weight(self, "k_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
-        wv = _weight(self, "v_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
-        wo = _weight(self, "o_proj", (h, dh, d), ("heads", "head_dim", "embed"), c)
+        wq = weight(self, "q_proj", (d, h, dh), ("embed", "heads", "head_dim"), c)
+        wk = weight(self, "k_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
+        wv = weight(self, "v_proj", (d, kv, dh), ("embed", "kv_heads", "head_dim"), c)
+        wo = weight(self, "o_proj", (h, dh, d), ("heads", "head_dim", "embed"), c)
         x = x_BxSxD.astype(dtype)
-        q_BxSxHxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype)), cos, sin)
-        k_BxSxKxDh = apply_rope(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype)), cos, sin)
-        v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+        q_BxSxHxDh = jnp.einsum("bsd,dhk->bshk", x, wq)
+        k_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x, wk)
+        v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x, wv)
+        if c.qkv_bias:
+            q_BxSxHxDh = q_BxSxHxDh + bias(self, "q_proj_bias", (h, dh), ("heads", "head_dim"), c)
+            k_BxSxKxDh = k_BxSxKxDh + bias(self, "k_proj_bias", (kv, dh), ("kv_heads", "head_dim"), c)
+            v_BxSxKxDh = v_BxSxKxDh + bias(self, "v_proj_bias", (kv, dh), ("kv_heads", "head_dim"), c)
+        if c.qk_norm == "head":  # Qwen3: one RMSNorm over head_dim, shared by the heads
+            q_BxSxHxDh = RMSNorm(c, (dh,), ("head_dim",), name="q_norm")(q_BxSxHxDh)
+            k_BxSxKxDh = RMSNorm(c, (dh,), ("head_dim",), name="k_norm")(k_BxSxKxDh)
+        elif c.qk_norm == "projection":  # OLMoE: over the whole projection (all heads together)
+            q_BxSxHxDh = RMSNorm(c, (h, dh), ("heads", "head_dim"), name="q_norm")(q_BxSxHxDh)
+            k_BxSxKxDh = RMSNorm(c, (kv, dh), ("kv_heads", "head_dim"), name="k_norm")(k_BxSxKxDh)
+        if c.clip_qkv is not None:
+            q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh = (jnp.clip(t, -c.clip_qkv, c.clip_qkv)
+                                                  for t in (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh))
+        q_BxSxHxDh = rope.apply_rope(q_BxSxHxDh, cos, sin)
+        k_BxSxKxDh = rope.apply_rope(k_BxSxKxDh, cos, sin)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k_BxSxKxDh = jax.lax.dynamic_update_slice(cache[0], k_BxSxKxDh.astype(cache[0].dtype), start)
@@ -109,147 +78,150 @@ class Attention(nn.Module):
             out_BxSxHxDh = attention.self_attention(
                 q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, sliding_window=c.sliding_window,
                 implementation=c.attention_impl, block_size=c.attention_block_size, dtype=c.dtype)
-        out = jnp.einsum("bshk,hkd->bsd", out_BxSxHxDh, wo.astype(dtype))
+        out = jnp.einsum("bshk,hkd->bsd", out_BxSxHxDh, wo)
+        if c.o_bias:
+            out = out + bias(self, "o_proj_bias", (d,), ("embed",), c)
         return out, cache
 
 
-class SparseMoE(nn.Module):
-    config: MixtralConfig
-
-    @nn.compact
-    def __call__(self, x_BxSxD, token_mask_BxS):
-        c = self.config
-        dtype = _dtype(c.dtype)
-        d, f, e = c.hidden_size, c.intermediate_size, c.num_local_experts
-        gate = _param(self, "gate", (d, e), ("embed", "exp"), _normal(c), c)
-        w1 = _weight(self, "w1", (e, d, f), ("exp", "embed", "mlp"), c)
-        w3 = _weight(self, "w3", (e, d, f), ("exp", "embed", "mlp"), c)
-        w2 = _weight(self, "w2", (e, f, d), ("exp", "mlp", "embed"), c)
-        b, s, _ = x_BxSxD.shape
-        x_TxD = x_BxSxD.reshape(b * s, d).astype(dtype)
-        # Router in float32 (its softmax decides which experts run: keep it exact).
-        logits_TxE = x_TxD.astype(jnp.float32) @ gate.astype(jnp.float32)
-        probs_TxE, idx_TxK, w_TxK = moe.route(logits_TxE, c.num_experts_per_tok)
-        # The experts in the compute dtype before any dispatch: a gathered (or all_to_all-side) copy of bf16
-        # weights is half the bytes of the float32 master weights.
-        y_TxD, dropped = expert_parallel.expert_ffn(
-            x_TxD, idx_TxK, w_TxK.astype(dtype), w1.astype(dtype), w3.astype(dtype), w2.astype(dtype),
-            dispatch=c.moe_dispatch, impl=c.moe_impl, block_size=c.moe_block_size,
-            capacity_factor=c.moe_capacity_factor)
-        # Load-balancing statistics over unpadded tokens (HF's load_balancing_loss_func with an attention mask).
-        valid_T = token_mask_BxS.reshape(-1).astype(jnp.float32)
-        counts_E = jnp.sum(jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * valid_T[:, None, None], axis=(0, 1))
-        prob_sums_E = jnp.sum(probs_TxE * valid_T[:, None], axis=0)
-        stats = {"counts": counts_E, "prob_sums": prob_sums_E, "dropped": dropped}
-        return y_TxD.reshape(b, s, d), stats
-
-
 class DecoderLayer(nn.Module):
+    """One pre-norm layer; `sparse` picks the MoE block (`block_sparse_moe`) over the dense MLP (`mlp`)."""
     config: MixtralConfig
+    sparse: bool
 
     @nn.compact
     def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS, cache_index=None, cache=None):
-        h, cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index)
+        c = self.config
+        h, cache = Attention(c, name="self_attn")(
+            RMSNorm(c, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index)
         x_BxSxD = x_BxSxD + h.astype(x_BxSxD.dtype)
-        y, stats = SparseMoE(self.config, name="block_sparse_moe")(
-            RMSNorm(self.config, name="post_attention_layernorm")(x_BxSxD), token_mask_BxS)
+        y = RMSNorm(c, name="post_attention_layernorm")(x_BxSxD)
+        if self.sparse:
+            y, stats = SparseMoE(c, name="block_sparse_moe")(y, token_mask_BxS)
+        else:
+            y, stats = DenseMLP(c, name="mlp")(y), {}
         return x_BxSxD + y.astype(x_BxSxD.dtype), (stats, cache)
 
 
-class _ScanBody(nn.Module):
-    """DecoderLayer with the (carry, xs) -> (carry, ys) signature nn.scan wants. `cache` (this layer's slice
-    of the stacked KV cache, or None) is scanned over; everything else is broadcast."""
-    config: MixtralConfig
+# ---------------------------------------------------------------------------------------------- the stack
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask, cache_index, cache):
-        layer_cls = DecoderLayer
-        if self.config.remat != "none":
-            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                      if self.config.remat == "minimal" else None)
-            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
-        return layer_cls(self.config, name="layer")(x, cos, sin, mask, token_mask, cache_index, cache)
+def _layer_fn(config: MixtralConfig, sparse: bool):
+    """One layer as a function of its params, rematerialised per `config.remat`."""
+    layer = DecoderLayer(config, sparse)
+
+    def apply(p, x, cos, sin, mask, token_mask, cache_index, cache):
+        return layer.apply({"params": p}, x, cos, sin, mask, token_mask, cache_index, cache)
+
+    if config.remat == "none":
+        return apply
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if config.remat == "minimal" else None
+    return jax.checkpoint(apply, policy=policy, prevent_cse=False)
 
 
-class Mixtral(nn.Module):
-    config: MixtralConfig
+def _empty_stats():
+    return {"counts": jnp.zeros((0, 1), jnp.float32), "prob_sums": jnp.zeros((0, 1), jnp.float32),
+            "dropped": jnp.zeros((0,), jnp.int32)}
 
-    def setup(self):
-        c = self.config
-        self.embed_tokens = self.param(
-            "embed_tokens", nn.with_logical_partitioning(_normal(c), ("vocab", "embed")),
-            (c.vocab_size, c.hidden_size), _dtype(c.param_dtype))
-        self.layers = nn.scan(
-                _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
-        self.norm = RMSNorm(c, name="norm")
-        if not c.tie_word_embeddings:
-            self.lm_head = self.param(
-                "lm_head", nn.with_logical_partitioning(_normal(c), ("embed", "vocab")),
-                (c.hidden_size, c.vocab_size), _dtype(c.param_dtype))
 
-    def _embed(self, input_ids_BxS, positions_BxS):
-        """Token embeddings in the compute dtype and the RoPE tables for their positions."""
-        c = self.config
-        x = jnp.take(self.embed_tokens, input_ids_BxS, axis=0).astype(_dtype(c.dtype))
-        return (x, *rope_cos_sin(positions_BxS, c.resolved_head_dim, c.rope_theta))
+def _concat(parts):
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
-    def hidden(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
-        """Final normed hidden states (B, S, D) and the stacked per-layer MoE statistics."""
-        x, cos, sin = self._embed(input_ids_BxS, positions_BxS)
-        token_mask = segment_ids_BxS > 0
-        # One compiled layer for all of them; stats come back stacked over layers. The attention kernel gets
-        # the segment ids, not an (S, S) mask: memory-efficient kernels never build one.
-        x, (stats, _) = self.layers(x, cos, sin, segment_ids_BxS, token_mask, None, None)
-        return self.norm(x), stats
 
-    def decode(self, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
-        """S new tokens at cache slots cache_index .. cache_index + S - 1 (prefill: S = prompt length;
-        decoding: S = 1). kv_valid_BxT marks the slots that hold real tokens, these included.
-        cache = (k, v), each (L, B, T, K, Dh). Returns float32 logits (B, S, V) and the updated cache."""
-        c = self.config
-        b, s = input_ids_BxS.shape
-        t = kv_valid_BxT.shape[1]
-        x, cos, sin = self._embed(input_ids_BxS, positions_BxS)
-        q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
-        # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
-        # distance: the causal and sliding-window tests can use slot indices.
-        mask = attention.mask_BxSxT(q_valid_BxS, c.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
-                                    q_index_BxS=cache_index + jnp.arange(s)[None, :],
-                                    kv_index_BxT=jnp.arange(t)[None, :])
-        x, (_, cache) = self.layers(x, cos, sin, mask, q_valid_BxS > 0, cache_index, cache)
-        return self.unembed(self.norm(x)), cache
+def run_layers(config: MixtralConfig, layers: Params, x, cos, sin, mask, token_mask, cache_index=None, cache=None):
+    """All layers in HF order: per run of one kind, a `lax.scan` over its slice of the kind's stack (and of the
+    (L, ...) KV cache). Returns (x, MoE statistics stacked over the sparse layers, updated cache or None)."""
+    stats, caches = [], []
+    for group, sparse, start, stop, first in layer_segments(config):
+        p = layers[group]
+        if (start, stop) != (0, jax.tree.leaves(p)[0].shape[0]):
+            p = jax.tree.map(lambda a, i=start, j=stop: a[i:j], p)
+        c = None
+        if cache is not None:
+            c = cache if stop - start == config.num_hidden_layers else jax.tree.map(
+                lambda a, i=first, j=first + stop - start: a[i:j], cache)
+        fn = _layer_fn(config, sparse)
 
-    def unembed(self, h_BxSxD):
-        dtype = _dtype(self.config.dtype)
-        w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
-        return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(dtype), w.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        def body(h, xs, fn=fn):
+            h, (st, c_new) = fn(xs[0], h, cos, sin, mask, token_mask, cache_index, xs[1])
+            return h, (st, c_new)
 
-    def __call__(self, input_ids_BxS, segment_ids_BxS, positions_BxS):
-        h, stats = self.hidden(input_ids_BxS, segment_ids_BxS, positions_BxS)
-        return self.unembed(h), stats
+        x, (st, c_new) = jax.lax.scan(body, x, (p, c))
+        if sparse:
+            stats.append(st)
+        caches.append(c_new)
+    return x, (_concat(stats) if stats else _empty_stats()), (None if cache is None else _concat(caches))
 
 
 # ---------------------------------------------------------------------------------------------- functional API
 
-@functools.lru_cache(maxsize=None)
-def _module(config: MixtralConfig) -> Mixtral:
-    return Mixtral(config)
+def _dummy_layer_inputs(config: MixtralConfig):
+    dh = config.resolved_head_dim
+    table = jnp.zeros((1, 1, dh), jnp.float32)
+    return (jnp.zeros((1, 1, config.hidden_size), jnp.dtype(config.dtype)), table, table,
+            jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), bool))
 
 
-def _dummy_inputs():
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return ids, jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+def _scan(module_cls, config: MixtralConfig, sparse: bool, length: int, name: str):
+    """`length` stacked layers (a key each, leading axis named `layers`), as nn.scan initialises them."""
+    return nn.scan(module_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * 5 + (0,), length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(config, sparse, name=name)
+
+
+class _ScanBody(nn.Module):
+    config: MixtralConfig
+    sparse: bool
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, token_mask, cache_index, cache):
+        return DecoderLayer(self.config, self.sparse, name="layer")(x, cos, sin, mask, token_mask, cache_index, cache)
+
+
+class _Stacks(nn.Module):
+    """A model of both kinds of layers: one stack per kind (`dense_layer`, `sparse_layer`)."""
+    config: MixtralConfig
+
+    @nn.compact
+    def __call__(self, x, *args):
+        for group, sparse, idx in layer_groups(self.config):
+            x, _ = _scan(DecoderLayer, self.config, sparse, len(idx), group)(x, *args)
+        return x, None
+
+
+class _Params(nn.Module):
+    """Declares the params (names, logical axes, random init): used by `init_params` and `logical_axes` only, the
+    forward is `run_layers`. A model of one kind of layer gets exactly the tree (and, key for key, the random
+    init) of jsmaug's Mixtral before the families."""
+    config: MixtralConfig
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.param_dtype)
+        self.embed_tokens = self.param("embed_tokens", nn.with_logical_partitioning(normal(c), ("vocab", "embed")),
+                                       (c.vocab_size, c.hidden_size), dtype)
+        groups = layer_groups(c)
+        self.layers = (_scan(_ScanBody, c, groups[0][1], c.num_hidden_layers, "layers") if len(groups) == 1
+                       else _Stacks(c, name="layers"))
+        self.norm = RMSNorm(c, name="norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(normal(c), ("embed", "vocab")),
+                                      (c.hidden_size, c.vocab_size), dtype)
+
+    def __call__(self, x, cos, sin, segment_ids, token_mask):
+        x = jnp.take(self.embed_tokens, jnp.zeros(x.shape[:2], jnp.int32), axis=0)
+        x, _ = self.layers(x, cos, sin, segment_ids, token_mask, None, None)
+        h = self.norm(x)
+        return h @ (self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head)
+
+
+def _boxed_init(config: MixtralConfig, rng: jax.Array):
+    """The params as flax boxes that carry each leaf's logical axis names."""
+    return _Params(config).init(rng, *_dummy_layer_inputs(config))["params"]
 
 
 def init_params(config: MixtralConfig, rng: jax.Array) -> Params:
     """Random parameters (a plain pytree of arrays, dtype `config.param_dtype`)."""
-    boxed = _module(config).init(rng, *_dummy_inputs())["params"]
-    return nn.meta.unbox(boxed)
+    return nn.meta.unbox(_boxed_init(config, rng))
 
 
 def param_shapes(config: MixtralConfig) -> Params:
@@ -259,8 +231,13 @@ def param_shapes(config: MixtralConfig) -> Params:
 
 def logical_axes(config: MixtralConfig) -> Params:
     """A pytree like the params whose leaves are PartitionSpecs of *logical* axis names."""
-    boxed = jax.eval_shape(lambda: _module(config).init(jax.random.key(0), *_dummy_inputs())["params"])
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+
+
+def _embed(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS):
+    """Token embeddings in the compute dtype and the RoPE tables for their positions."""
+    x = jnp.take(params["embed_tokens"], input_ids_BxS, axis=0).astype(jnp.dtype(config.dtype))
+    return (x, *rope.cos_sin(positions_BxS, config))
 
 
 def _inputs(input_ids, attention_mask, segment_ids, positions):
@@ -274,8 +251,10 @@ def _inputs(input_ids, attention_mask, segment_ids, positions):
 
 
 def aux_loss_from_stats(config: MixtralConfig, stats, segment_ids_BxS) -> jax.Array:
-    """HF's load-balancing loss (unscaled) from the per-layer statistics the layers return."""
-    num_rows = config.num_hidden_layers * jnp.sum((segment_ids_BxS > 0).astype(jnp.float32))
+    """HF's load-balancing loss (unscaled) over the sparse layers' statistics; 0 for a dense model."""
+    if not config.is_moe:
+        return jnp.zeros((), jnp.float32)
+    num_rows = stats["counts"].shape[0] * jnp.sum((segment_ids_BxS > 0).astype(jnp.float32))
     return moe.load_balancing_loss(jnp.sum(stats["counts"], 0), jnp.sum(stats["prob_sums"], 0), num_rows,
                                    config.num_local_experts)
 
@@ -284,18 +263,24 @@ def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_m
                    positions=None):
     """Final hidden states (B, S, D) before the lm_head, the aux loss and the MoE statistics."""
     ids, seg, pos = _inputs(input_ids, attention_mask, segment_ids, positions)
-    h, stats = _module(config).apply({"params": params}, ids, seg, pos, method=Mixtral.hidden)
+    x, cos, sin = _embed(config, params, ids, pos)
+    # The attention kernel gets the segment ids, not an (S, S) mask: memory-efficient kernels never build one.
+    x, stats, _ = run_layers(config, params["layers"], x, cos, sin, seg, seg > 0)
+    h = rms_norm(x, params["norm"]["weight"], config.rms_norm_eps)
     return h, aux_loss_from_stats(config, stats, seg), stats
 
 
 def unembed(config: MixtralConfig, params: Params, h_BxSxD):
-    """Float32 logits from hidden states (exposed so losses can chunk over the sequence)."""
-    return _module(config).apply({"params": params}, h_BxSxD, method=Mixtral.unembed)
+    """Float32 logits from hidden states (exposed so losses can chunk over the sequence). A tied model uses
+    the embedding matrix: one leaf, so its gradient is the sum of both uses."""
+    dtype = jnp.dtype(config.dtype)
+    w = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
             positions=None, return_stats: bool = False):
-    """Logits (B, S, V) in float32 and HF's load-balancing aux loss (unscaled, padding excluded).
+    """Logits (B, S, V) in float32 and HF's load-balancing aux loss (unscaled, padding excluded; 0 if dense).
 
     attention_mask: (B, S) 1 for tokens, 0 for padding. segment_ids (packed sequences, 0 = padding) takes
     its place when given. positions default to 0..S-1 in every row (HF's default).
@@ -309,11 +294,23 @@ def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=Non
 def init_cache(config: MixtralConfig, batch: int, length: int):
     """An empty KV cache (k, v), each (layers, batch, length, kv_heads, head_dim) in the compute dtype."""
     shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.resolved_head_dim)
-    return jnp.zeros(shape, _dtype(config.dtype)), jnp.zeros(shape, _dtype(config.dtype))
+    return jnp.zeros(shape, jnp.dtype(config.dtype)), jnp.zeros(shape, jnp.dtype(config.dtype))
 
 
 def decode(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
-    """Incremental forward with a KV cache (see `Mixtral.decode`): (logits (B, S, V) float32, new cache)."""
-    return _module(config).apply({"params": params}, jnp.asarray(input_ids_BxS, jnp.int32),
-                                 jnp.asarray(positions_BxS, jnp.int32), jnp.asarray(kv_valid_BxT, jnp.int32),
-                                 cache, cache_index, method=Mixtral.decode)
+    """S new tokens at cache slots cache_index .. cache_index + S - 1 (prefill: S = prompt length;
+    decoding: S = 1). kv_valid_BxT marks the slots that hold real tokens, these included.
+    cache = (k, v), each (L, B, T, K, Dh). Returns float32 logits (B, S, V) and the updated cache."""
+    ids = jnp.asarray(input_ids_BxS, jnp.int32)
+    kv_valid_BxT = jnp.asarray(kv_valid_BxT, jnp.int32)
+    s, t = ids.shape[1], kv_valid_BxT.shape[1]
+    x, cos, sin = _embed(config, params, ids, jnp.asarray(positions_BxS, jnp.int32))
+    q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
+    # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
+    # distance: the causal and sliding-window tests can use slot indices.
+    mask = attention.mask_BxSxT(q_valid_BxS, config.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
+                                q_index_BxS=cache_index + jnp.arange(s)[None, :],
+                                kv_index_BxT=jnp.arange(t)[None, :])
+    x, _, cache = run_layers(config, params["layers"], x, cos, sin, mask, q_valid_BxS > 0, cache_index, cache)
+    h = rms_norm(x, params["norm"]["weight"], config.rms_norm_eps)
+    return unembed(config, params, h), cache

@@ -1,7 +1,9 @@
 """Low-rank adapters (LoRA, arXiv 2106.09685) on the attention projections and on every expert, for DPOP with the
 frozen base as the reference.
 
-A targeted weight W (any of `q_proj`, `k_proj`, `v_proj`, `o_proj`, and the experts' `w1`, `w3`, `w2`) is used as
+A targeted weight W (named after the HF projections: `q_proj`, `k_proj`, `v_proj`, `o_proj`, and the MLP's
+`gate_proj`, `up_proj`, `down_proj`, dense or per expert; `w1`, `w3`, `w2` are Mixtral's names of the experts'
+gate, up and down and name the same targets) is used as
 
     W_eff = W + (alpha / rank) * A @ B          A: (*batch, *in, rank)   B: (*batch, rank, *out)
 
@@ -22,11 +24,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 # weight name -> (leading batch axes, input axes) of its per-layer shape; the remaining axes are outputs.
-_SPLIT = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2), "w1": (1, 1), "w3": (1, 1),
-          "w2": (1, 1)}
+# gate_proj/up_proj/down_proj are the dense MLP's (D, F) / (F, D); w1/w3/w2 the experts' (E, D, F) / (E, F, D).
+_SPLIT = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2), "gate_proj": (0, 1),
+          "up_proj": (0, 1), "down_proj": (0, 1), "w1": (1, 1), "w3": (1, 1), "w2": (1, 1)}
+# The experts' leaves keep Mixtral's names; a target of either name covers both the dense and the expert weight.
+ALIASES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "gate_proj", "w3": "up_proj",
+           "w2": "down_proj"}
 _SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def is_target(name: str, targets) -> bool:
+    """Whether the weight leaf `name` gets adapters under `targets` (HF names or Mixtral's w1/w3/w2)."""
+    return name in targets or ALIASES.get(name) in targets
 
 
 def factor_shapes(name: str, shape, axes, rank: int):

@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts: routing and the expert feed-forward, with several dispatch paths.
+"""Sparse mixture-of-experts: routing and the expert feed-forward, with several dispatch paths (Mixtral,
+Qwen3-MoE and OLMoE share them: SwiGLU experts, top-k softmax routing).
 
 All paths compute, for every token t with chosen experts e_1..e_k and weights g_1..g_k,
     y_t = sum_j g_j * w2[e_j]( silu(w1[e_j] x_t) * w3[e_j] x_t )
@@ -34,18 +35,19 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug.models import grouped_matmul
-
 from jsmaug.parallel import mesh_context
 
 
-def route(router_logits_TxE: jax.Array, k: int):
-    """Mixtral routing: float32 softmax over experts, top-k, renormalise the k weights to sum to 1.
+def route(router_logits_TxE: jax.Array, k: int, renormalize: bool = True):
+    """HF's top-k routing: float32 softmax over experts, top-k, and (Mixtral always; Qwen3-MoE and OLMoE per
+    `norm_topk_prob`) the k weights renormalised to sum to 1; otherwise they stay softmax probabilities.
 
     Returns (probs_TxE float32, topk_idx_TxK int32, topk_weight_TxK float32).
     """
     probs_TxE = jax.nn.softmax(router_logits_TxE.astype(jnp.float32), axis=-1)
     topk_w_TxK, topk_idx_TxK = jax.lax.top_k(probs_TxE, k)
-    topk_w_TxK = topk_w_TxK / jnp.sum(topk_w_TxK, axis=-1, keepdims=True)
+    if renormalize:
+        topk_w_TxK = topk_w_TxK / jnp.sum(topk_w_TxK, axis=-1, keepdims=True)
     return probs_TxE, topk_idx_TxK.astype(jnp.int32), topk_w_TxK
 
 
@@ -172,19 +174,30 @@ def _expert_matmuls(xb_ExCxD, w1, w3, w2):
     return jnp.einsum("ecf,efd->ecd", jax.nn.silu(p1_ExCxF) * p3_ExCxF, w2), p1_ExCxF, p3_ExCxF
 
 
+# bucketed's ladder of capacities, in multiples of the mean load. Measured on 64 experts of width 192 at hidden
+# 512, top-8, 2,048 tokens (jsmaug/perf/moe_bench.py --ladder, 2-core CPU, 2026-12-02): a branch costs the same
+# from 1.0x to 1.25x the mean (726-730 ms fwd+bwd) and grows linearly beyond (1.5x 859, 2x 1071, 3x 1754, 8x =
+# every token 5348 ms), and a random router's busiest expert is 1.17x the mean, so finer low rungs save nothing;
+# but with many experts the jump from 3x to all tokens was 3x the cost (with 128 experts 5x): a router whose
+# busiest expert held 3.7x the mean took 6.9 s with rungs up to 3x and 3.4 s with 4x and 6x added, and the
+# added branches cost nothing measurable with balanced routing (1064-1127 ms either way).
+BUCKET_FACTORS = (1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
 def bucket_capacities(num_tokens: int, k: int, num_experts: int,
-                      factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0),
+                      factors: tuple[float, ...] = BUCKET_FACTORS,
                       mean: float | None = None) -> tuple[int, ...]:
     """The static per-expert capacities `bucketed_ffn` chooses from: factor x the mean load (`mean`, default
     num_tokens * k / num_experts), rounded up to a multiple of 8, and finally `num_tokens` (an expert never gets
-    more rows than there are tokens)."""
+    more rows than there are tokens; factors above num_tokens / mean add no branch, so with 8 experts top-2 the
+    4x and 6x rungs are `num_tokens` itself)."""
     mean = num_tokens * k / num_experts if mean is None else mean
     caps = {min(num_tokens, -(-math.ceil(f * mean) // 8) * 8) for f in factors}
     return tuple(sorted(caps | {num_tokens}))
 
 
 def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                 factors: tuple[float, ...] = (1.125, 1.25, 1.5, 2.0, 3.0), valid_TxK=None,
+                 factors: tuple[float, ...] = BUCKET_FACTORS, valid_TxK=None,
                  mean_load: float | None = None):
     """Dropless capacity dispatch: the capacity is the smallest of a few static sizes that holds the busiest
     expert (`lax.switch` over one compiled branch per size), so nothing is dropped and the expert matmuls are

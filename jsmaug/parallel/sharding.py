@@ -95,7 +95,10 @@ def make_mesh(mesh_cfg: MeshConfig, model_config: MixtralConfig | None = None,
     """Builds the mesh, checking it before anything compiles."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_cfg.sizes(len(devices))
-    if model_config is not None and model_config.num_local_experts % sizes["expert"]:
+    if model_config is not None and not model_config.is_moe and sizes["expert"] > 1:
+        raise ConfigError(f"mesh.expert={sizes['expert']}: model_type {model_config.model_type!r} is dense (no "
+                          "experts to split); set mesh.expert=1 and give the devices to data or fsdp")
+    if model_config is not None and model_config.is_moe and model_config.num_local_experts % sizes["expert"]:
         raise ConfigError(f"mesh.expert={sizes['expert']} does not divide num_local_experts="
                           f"{model_config.num_local_experts}; use an expert axis size that divides it")
     arr = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])

@@ -19,11 +19,8 @@ from etils import epath
 
 from jsmaug.parallel import distributed
 from jsmaug.models.config import MixtralConfig
+from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (ckpt.CheckpointError)
 from jsmaug.paths import absolute
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the message names it."""
 
 
 class Manager:

@@ -46,12 +46,12 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[MixtralConfi
 
 
 def model_tokenizer_path(model_path: str | Path) -> str | None:
-    """The tokenizer a model folder carries: `tokenizer.model` in an HF folder or converter checkpoint, or in
-    `hf/` of a training workdir. None when it has none (the caller then uses Mixtral's)."""
-    for candidate in (Path(model_path) / "tokenizer.model", Path(model_path) / "hf" / "tokenizer.model"):
-        if candidate.is_file():
-            return str(candidate)
-    return None
+    """The tokenizer a model folder carries (its tokenizer.json, else its tokenizer.model): in an HF folder or
+    converter checkpoint, in `hf/` of a training workdir, or the one a workdir trained with. None when it has
+    none (the caller then uses Mixtral's). `jsmaug.data.tokenizer_folder.model_tokenizer_path`."""
+    from jsmaug.data import tokenizer_folder
+
+    return tokenizer_folder.model_tokenizer_path(model_path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +162,7 @@ def encode_pair(tok: data_lib.Tokenizer, context: str, continuation: str) -> tup
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context)
-    return [tok.bos_id] + ctx, whole[len(ctx):]
+    return tok.prefix_ids + ctx, whole[len(ctx):]
 
 
 def multiple_choice_eval(config: MixtralConfig, params, tok: data_lib.Tokenizer, rows: Sequence[dict], *,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from jsmaug.data.files import DataError
+from jsmaug.errors import DataError
 from jsmaug.paths import atomic_write, is_remote
 
 _SPEAK = [True]

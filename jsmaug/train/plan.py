@@ -139,11 +139,12 @@ class RunPlan:
                 + (" (hosts share rows: a batch axis does not span them)" if shared else ""))
 
     def describe(self) -> str:
-        m = self.mconf
-        experts = (f"{m.num_local_experts} experts (top-{m.num_experts_per_tok}), moe {self.paths['moe']}, "
-                   f"dispatch {self.paths['dispatch']}; ") if m.num_local_experts else ""
-        return (f"model: {m.num_params() / 1e6:.2f}M parameters, {m.num_hidden_layers} layers, {experts}"
-                f"attention {self.paths['attention']} ({self.paths['attention_why']}); mesh {dict(self.mesh.shape)}")
+        m, p = self.mconf, self.paths
+        experts = (f"{m.num_local_experts} experts (top-{m.num_experts_per_tok}), moe_impl={m.moe_impl} -> "
+                   f"{p['moe']}, moe_dispatch={m.moe_dispatch} -> {p['dispatch']}, ") if m.is_moe else "dense MLP, "
+        return (f"model: {m.model_type}, {m.num_params() / 1e6:.2f}M parameters, {m.num_hidden_layers} layers, "
+                f"{experts}attention_impl={m.attention_impl} -> {p['attention']} ({p['attention_why']}); "
+                f"mesh {dict(self.mesh.shape)}")
 
 
 def model_config(cfg: RunConfig, stored: MixtralConfig | None = None) -> MixtralConfig:

@@ -5,8 +5,9 @@
 
 A run has four phases, each a function below: `load_data` (files -> tokenised pairs), `setup.build` (the
 plan of jsmaug.train.plan, then the model, reference, optimizer and restored state), `train_loop` (jitted steps
--> metrics and Orbax checkpoints) and `finish` (final eval, plot, HF export of the final policy in workdir/hf). What each process writes is decided
-in one place, `run_outputs`; in a multi-process run (one process per host, `distributed`) process 0 writes.
+-> metrics and Orbax checkpoints) and `finish` (final eval, plot, HF export of the final policy in workdir/hf).
+What each process writes is decided in one place, `jsmaug.train.outputs`; in a multi-process run (one process per
+host, `jsmaug.parallel.distributed`) process 0 writes.
 
 Resume: a run started with a workdir that holds checkpoints restores the latest complete one (params,
 optimizer state, step, RNG, skipped count; the data position is the step, since batch i is a pure function of
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.data import batches as data_lib, formats as pair_formats, packing
+from jsmaug.data import batches as data_lib, formats as pair_formats, packing, tokenizer_folder
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import distributed, sharding as shd
 from jsmaug.train import checkpoint as ckpt, setup as run_setup, step as step_lib
@@ -55,7 +56,11 @@ def _with_index(examples):
 
 def load_data(cfg: RunConfig) -> RunData:
     """Every process reads and tokenises the same files (cheap next to a step); nothing is written."""
-    tok = data_lib.Tokenizer(cfg.data.tokenizer_path)
+    # data.tokenizer_path, else init_from's own tokenizer files, else Mixtral's (jsmaug.data.tokenizer_folder).
+    tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(cfg.data.tokenizer_path, cfg.init_from))
+    log(f"tokenizer: {tok.path} ({tok.kind}, {tok.vocab_size} tokens, EOS {tok.eos_token!r})")
+    if tok.note:
+        log(f"note: {tok.note}")
     train, report = data_lib.prepare(cfg.data.train_path, cfg.data, tok)
     log(f"train data {cfg.data.train_path}: {report}")
     for r in report.skipped_rows[:5]:
@@ -91,7 +96,7 @@ class Evaluator:
             if self.cfg.log.eval_batches and i >= self.cfg.log.eval_batches:
                 break
             out = jax.device_get(self.fn(params, self.setup.ref_params, self.setup.place(chunk, self.setup.eval_ref)))
-            for k in ("pc", "pr", "rc", "rr", "loss"):
+            for k in (*step_lib.PAIR_LOGPS, "loss"):
                 parts.setdefault(k, []).append(np.asarray(out[k])[:n])  # the padding pairs are dropped
             aux_sum += float(out["aux"]) * n
             count += n
@@ -131,6 +136,22 @@ def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds, num_pairs: int) -> 
     log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} batches; packing {use}")
 
 
+def _log_window(setup, writer, state, done: int, steps: int, window, steps_since: int, seconds: float,
+                eta: float) -> None:
+    """The metrics of the steps since the last line (summed on device), as means: one JSON line, one console line."""
+    m = jax.device_get(window)
+    tok_s = float(m["tokens"]) / max(seconds, 1e-9)
+    rec = {k: np.asarray(v) / steps_since for k, v in m.items() if k not in ("applied", "tokens")}
+    rec.update(learning_rate=float(setup.schedule(done - 1)), tokens_per_sec=tok_s, skipped_steps=int(state.skipped))
+    writer.write(done, rec)
+    load = metrics_log.expert_load_summary(rec.get("moe/expert_load", []))
+    experts = (f"experts {load['moe/expert_load_min']:.2f}-{load['moe/expert_load_max']:.2f}x mean "
+               f"H {load['moe/expert_load_entropy']:.3f} ") if load else ""
+    log(f"step {done}/{steps} loss {float(rec['loss']):.4f} acc {float(rec['rewards/accuracies']):.2f} "
+        f"margin {float(rec['rewards/margins']):.3f} logp_c {float(rec['logps/chosen']):.2f} "
+        f"gnorm {float(rec['grad_norm']):.2f} {experts}{tok_s:,.0f} tok/s ETA {eta:.0f}s")
+
+
 def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: RunOutputs, writer,
                preemption: distributed.Preemption):
     """Steps `setup.start` .. `train.steps`: metrics every `log.every` steps (means over the window, summed on
@@ -158,20 +179,9 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
             setup.manager.wait()
             raise FloatingPointError(f"step {done}: loss or gradients not finite (train.on_nonfinite=stop)")
         if done % cfg.log.every == 0 or done == steps:
-            m = jax.device_get(window)
             now = time.time()
-            tok_s = float(m["tokens"]) / max(now - t_last, 1e-9)
-            rec = {k: np.asarray(v) / steps_since for k, v in m.items() if k not in ("applied", "tokens")}
-            rec.update(learning_rate=float(setup.schedule(done - 1)), tokens_per_sec=tok_s,
-                       skipped_steps=int(state.skipped))
-            writer.write(done, rec)
             eta = (steps - done) * (now - t_start) / max(done - start, 1)
-            load = metrics_log.expert_load_summary(rec.get("moe/expert_load", []))
-            experts = (f"experts {load['moe/expert_load_min']:.2f}-{load['moe/expert_load_max']:.2f}x mean "
-                       f"H {load['moe/expert_load_entropy']:.3f} ") if load else ""
-            log(f"step {done}/{steps} loss {float(rec['loss']):.4f} acc {float(rec['rewards/accuracies']):.2f} "
-                f"margin {float(rec['rewards/margins']):.3f} logp_c {float(rec['logps/chosen']):.2f} "
-                f"gnorm {float(rec['grad_norm']):.2f} {experts}{tok_s:,.0f} tok/s ETA {eta:.0f}s")
+            _log_window(setup, writer, state, done, steps, window, steps_since, now - t_last, eta)
             t_last, steps_since, window = now, 0, None
         if run_data.eval and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != steps:
             ev = evaluate(state.params)

@@ -114,6 +114,9 @@ def build(cfg: RunConfig, run_data, outputs) -> Setup:
     """The plan, then its real params, reference, optimizer state (restored when the workdir holds checkpoints)."""
     mconf = model_config(cfg)
     check_resume(outputs.checkpoints, outputs.workdir, mconf)
+    if run_data.tok.vocab_size > mconf.vocab_size:  # ids past the embedding would be read as other tokens
+        raise ConfigError(f"tokenizer {run_data.tok.path}: {run_data.tok.vocab_size} tokens, more than the model's "
+                          f"vocab_size {mconf.vocab_size}; set data.tokenizer_path to the model's own tokenizer")
     plan = plan_lib.plan(cfg, mconf=mconf)
     outputs.check_writable()
     log(plan.describe())

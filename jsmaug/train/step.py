@@ -147,10 +147,9 @@ def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_c
     batch = unpair(batch)
     inputs, per_pair, terms, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
                                                       chunk_size=chunk_size)
-    pc, pr, rc, rr = inputs[:4]
     pref_loss = jnp.mean(per_pair)
     loss = pref_loss + config.router_aux_loss_coef * aux
-    metrics = losses.preference_metrics(pc, pr, rc, rr, beta=loss_cfg.beta)
+    metrics = losses.preference_metrics(*inputs[:4], beta=loss_cfg.beta)
     counts = jnp.sum(stats["counts"], axis=0)
     metrics.update({
         "loss": loss, "loss/preference": pref_loss, "moe/aux_loss": aux,
@@ -209,18 +208,22 @@ def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Arra
     return new_state, metrics
 
 
+PAIR_LOGPS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")  # eval_step's keys
+
+
 def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
     """Per-pair values (not batch means, so a caller can drop padding pairs): the four logps, the preference
     loss of each pair, and the batch's aux loss. (A batch-level loss, `aot` or `sft`, is per eval batch.)"""
     inputs, per_pair, _, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
                                               chunk_size=chunk_size)
-    return {"pc": inputs.policy_chosen_logps, "pr": inputs.policy_rejected_logps, "rc": inputs.reference_chosen_logps,
-            "rr": inputs.reference_rejected_logps, "loss": per_pair, "aux": aux}
+    return {"policy_chosen": inputs.policy_chosen_logps, "policy_rejected": inputs.policy_rejected_logps,
+            "reference_chosen": inputs.reference_chosen_logps, "reference_rejected": inputs.reference_rejected_logps,
+            "loss": per_pair, "aux": aux}
 
 
 def eval_metrics(per_pair, aux_mean: float, *, config: MixtralConfig, loss_cfg) -> dict[str, float]:
     """Metrics (the trainer's names) from `eval_step` outputs concatenated over the real pairs of a split."""
-    m = losses.preference_metrics(*(jnp.asarray(per_pair[k]) for k in ("pc", "pr", "rc", "rr")), beta=loss_cfg.beta)
+    m = losses.preference_metrics(*(jnp.asarray(per_pair[k]) for k in PAIR_LOGPS), beta=loss_cfg.beta)
     pref = float(np.mean(per_pair["loss"]))
     m.update({"loss/preference": pref, "loss": pref + config.router_aux_loss_coef * aux_mean,
               "moe/aux_loss": aux_mean})

@@ -1,0 +1,206 @@
+"""Each Hugging Face family's `config.json`, read into a `MixtralConfig` and written back.
+
+One table per family says which HF fields it has; `from_hf_dict` reads them (the hub's older form with a
+top-level `rope_theta` + `rope_scaling`, and transformers-5's `rope_parameters`), fills what a file leaves out
+with transformers' own defaults for that class, and refuses what jsmaug does not implement with an error that
+names the file and the field: an unknown `model_type`, a `rope_type` other than default/linear/llama3, fields of
+two families in one file, a non-SiLU activation, per-layer sliding windows. `to_hf_dict` writes the class's own
+fields (its architecture, `model_type`, the RoPE in both forms) so transformers 4.x and 5 both load it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsmaug.models.config import MOE_TYPES, ConfigError, MixtralConfig
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+_COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+           "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+_MOE = ("num_experts_per_tok", "router_aux_loss_coef", "output_router_logits")
+# The fields each family's HF config class has beyond the common ones (and the RoPE).
+_FIELDS = {
+    "llama": ("attention_bias",),
+    "mistral": ("sliding_window",),
+    "qwen2": (),
+    "qwen3": ("attention_bias",),
+    "mixtral": ("sliding_window", "num_local_experts", "router_jitter_noise") + _MOE,
+    "qwen3_moe": ("attention_bias", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                  "mlp_only_layers") + _MOE,
+    "olmoe": ("attention_bias", "clip_qkv", "norm_topk_prob") + _MOE,
+}
+# Fields that only some families have: one of them in another family's file means the file mixes two.
+_OWNERS = {
+    "num_local_experts": MOE_TYPES, "num_experts": ("qwen3_moe", "olmoe"), "num_experts_per_tok": MOE_TYPES,
+    "moe_intermediate_size": ("qwen3_moe",), "norm_topk_prob": ("qwen3_moe", "olmoe"),
+    "decoder_sparse_step": ("qwen3_moe",), "mlp_only_layers": ("qwen3_moe",), "router_jitter_noise": ("mixtral",),
+    "clip_qkv": ("olmoe",),
+}
+# transformers' defaults for fields a config.json may leave out (the ones that change the numbers).
+_HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=2048),
+    "mistral": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=32768),
+    "qwen3": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=32768),
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072),
+    "qwen3_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=32768),
+    "olmoe": dict(rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096),
+}
+_ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+              "high_freq_factor": "rope_high_freq_factor",
+              "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+_FLOATS = ("rms_norm_eps", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "clip_qkv",
+           "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+
+
+def _model_type(d: dict, source: str) -> str:
+    arch = d.get("architectures") or []
+    mt = d.get("model_type")
+    if mt is None:  # infer from the architecture (old Mixtral files may lack both: Mixtral)
+        known = [m for m, a in ARCHITECTURES.items() if a in arch]
+        mt = known[0] if known else "mixtral" if not arch else None
+        if mt is None:
+            raise ConfigError(f"{source}: no model_type and architectures={arch!r}; jsmaug reads model_type "
+                              f"{sorted(ARCHITECTURES)}")
+    if mt not in ARCHITECTURES:
+        raise ConfigError(f"{source}: model_type {mt!r} (architectures={arch!r}) is not supported; jsmaug reads "
+                          f"{', '.join(sorted(ARCHITECTURES))}")
+    if arch and ARCHITECTURES[mt] not in arch:
+        raise ConfigError(f"{source}: architectures={arch!r} do not match model_type {mt!r}, whose causal LM is "
+                          f"{ARCHITECTURES[mt]}")
+    foreign = sorted(k for k, owners in _OWNERS.items() if mt not in owners and d.get(k) not in (None, 0, False, []))
+    if foreign:
+        which = "; ".join(f"{k} ({'/'.join(_OWNERS[k])})" for k in foreign)
+        raise ConfigError(f"{source}: model_type {mt!r} ({ARCHITECTURES[mt]}) but the file has fields of another "
+                          f"family: {which}. A config.json holds one family's fields: fix model_type or drop them")
+    return mt
+
+
+def _rope(d: dict, mt: str, source: str) -> dict[str, Any]:
+    """transformers' precedence: `rope_scaling` (older files) over `rope_parameters`; the dict's own rope_theta
+    over the top-level one; llama3's original length defaults to max_position_embeddings."""
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_scaling / rope_parameters must be a mapping, got {params!r}")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"{source}: rope_parameters per layer type ({sorted(params)}) are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported; jsmaug implements default, linear "
+                          "and llama3")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial!r} is not supported (jsmaug rotates all of "
+                          "head_dim)")
+    theta = params.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta")))
+    out: dict[str, Any] = {"rope_type": rope_type,
+                           "rope_theta": _HF_DEFAULTS[mt]["rope_theta"] if theta is None else theta}
+    wanted = {"linear": ("factor",), "llama3": tuple(_ROPE_KEYS)}.get(rope_type, ())
+    for key in wanted:
+        value = params.get(key)
+        if key == "original_max_position_embeddings" and value is None:
+            value = d.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+        if value is None:
+            raise ConfigError(f"{source}: rope_type {rope_type!r} needs {key} in rope_scaling / rope_parameters")
+        out[_ROPE_KEYS[key]] = value
+    return out
+
+
+def _sliding_window(d: dict, mt: str, source: str) -> int | None:
+    if mt in ("llama", "olmoe"):
+        return None  # HF's attention for these ignores any sliding_window in the file
+    window = d.get("sliding_window", _HF_DEFAULTS[mt].get("sliding_window"))
+    if mt in ("mistral", "mixtral"):
+        return window
+    if not d.get("use_sliding_window", False):  # qwen: the window is off unless use_sliding_window
+        return None
+    if mt in ("qwen2", "qwen3"):  # HF: layers >= max_window_layers slide, the others do not
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28)
+                                         else "full_attention" for i in range(n)]
+        if len(set(types)) > 1:
+            full, sliding = types.count("full_attention"), types.count("sliding_attention")
+            raise ConfigError(f"{source}: use_sliding_window with layers of both kinds ({full} full, {sliding} "
+                              "sliding; max_window_layers / layer_types) is not supported: jsmaug applies one "
+                              "window to every layer")
+        return window if types[0] == "sliding_attention" else None
+    return window
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> MixtralConfig:
+    """A `MixtralConfig` from an HF `config.json` dict of any supported family. `overrides` set jsmaug fields
+    (dtypes, dispatch, LoRA) or replace HF ones."""
+    mt = _model_type(d, source)
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act={act!r} is not supported (every family here uses silu)")
+    if d.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported (no released {mt} checkpoint has MLP biases)")
+    kw: dict[str, Any] = {"model_type": mt}
+    for key in _COMMON + _FIELDS[mt]:
+        if d.get(key) is not None:
+            kw[key] = d[key]
+    for key, value in _HF_DEFAULTS[mt].items():
+        if key in ("rms_norm_eps", "max_position_embeddings"):
+            kw.setdefault(key, value)
+    if mt in ("qwen3_moe", "olmoe"):  # HF calls it num_experts (qwen3_moe's attribute_map writes either)
+        experts = d.get("num_experts", d.get("num_local_experts"))
+        if experts is not None:
+            kw["num_local_experts"] = experts
+    if mt == "olmoe" and "head_dim" in kw and kw["head_dim"] * kw.get("num_attention_heads", 1) == kw.get(
+            "hidden_size"):
+        del kw["head_dim"]
+    kw.update(_rope(d, mt, source))
+    kw["sliding_window"] = _sliding_window(d, mt, source)
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = tuple(kw["eos_token_id"]) if len(kw["eos_token_id"]) > 1 else kw["eos_token_id"][0]
+    if isinstance(kw.get("mlp_only_layers"), list):
+        kw["mlp_only_layers"] = tuple(kw["mlp_only_layers"])
+    for key in _FLOATS:
+        if kw.get(key) is not None:
+            kw[key] = float(kw[key])
+    kw.update(overrides)
+    try:
+        return MixtralConfig(**kw)
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def to_hf_dict(config: MixtralConfig, torch_dtype: str | None = None) -> dict[str, Any]:
+    """The family's config.json: its own fields, the RoPE as `rope_theta` (+ `rope_scaling` when scaled) for the
+    hub's readers and as `rope_parameters` for transformers 5."""
+    c, mt = config, config.model_type
+    d: dict[str, Any] = {"architectures": [ARCHITECTURES[mt]], "model_type": mt}
+    for key in _COMMON + _FIELDS[mt]:
+        value = getattr(c, key)
+        d[key] = list(value) if isinstance(value, tuple) else value
+    if c.head_dim is None or mt == "olmoe":  # as the import had it (OLMoE's config has none)
+        del d["head_dim"]
+    if mt in ("qwen3_moe", "olmoe"):
+        d["num_experts"] = c.num_local_experts
+    if mt in ("qwen2", "qwen3", "qwen3_moe"):
+        d["use_sliding_window"] = c.sliding_window is not None
+        d["sliding_window"] = c.sliding_window
+        if mt != "qwen3_moe":
+            d["max_window_layers"] = 0 if c.sliding_window is not None else c.num_hidden_layers
+    if mt == "llama":
+        d["mlp_bias"] = False
+    d["hidden_act"] = "silu"
+    d["attention_dropout"] = 0.0
+    d["use_cache"] = True
+    scaling = {hf: getattr(c, ours) for hf, ours in _ROPE_KEYS.items() if getattr(c, ours) is not None}
+    d["rope_theta"] = c.rope_theta
+    if c.rope_type != "default":
+        d["rope_scaling"] = {"rope_type": c.rope_type, **scaling}
+    d["rope_parameters"] = {"rope_theta": c.rope_theta, "rope_type": c.rope_type, **scaling}
+    d["torch_dtype"] = torch_dtype or c.param_dtype
+    return d
+

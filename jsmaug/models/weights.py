@@ -1,0 +1,58 @@
+"""How a layer declares its weights: logical axis names on every parameter (the sharding rules map them to a
+mesh, jsmaug/parallel/sharding.py), the config's parameter dtype, and LoRA adapters on the targeted ones."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jsmaug.models import lora
+from jsmaug.models.config import MixtralConfig
+
+
+def param(module: nn.Module, name: str, shape, axes, init, config: MixtralConfig):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(config.param_dtype))
+
+
+def normal(config: MixtralConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
+    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py)."""
+    dtype = jnp.dtype(config.dtype)
+    w = param(module, name, shape, axes, normal(config), config).astype(dtype)
+    if not config.lora_rank or not lora.is_target(name, config.lora_targets):
+        return w
+    a_shape, a_axes, b_shape, b_axes = lora.factor_shapes(name, shape, axes, config.lora_rank)
+    a = param(module, name + "_lora_a", a_shape, a_axes, lora.a_init(name), config)
+    b = param(module, name + "_lora_b", b_shape, b_axes, nn.initializers.zeros, config)
+    scale = config.lora_alpha / config.lora_rank
+    return w + (scale * lora.delta(name, a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
+
+
+def bias(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
+    """A bias (zeros at init, as HF's Linear biases after its init), in the compute dtype."""
+    return param(module, name, shape, axes, nn.initializers.zeros, config).astype(jnp.dtype(config.dtype))
+
+
+def rms_norm(x, weight_, eps: float, num_axes: int = 1):
+    """RMSNorm over the last `num_axes` axes, in float32 and cast back before the weight, as HF does."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(-num_axes, 0))
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight_.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight of `shape` (default: the last axis of x) over as many trailing axes of x."""
+    config: MixtralConfig
+    shape: tuple[int, ...] | None = None
+    axes: tuple[str, ...] = ("embed",)
+
+    @nn.compact
+    def __call__(self, x):
+        shape = self.shape or (x.shape[-1],)
+        w = param(self, "weight", shape, self.axes, nn.initializers.ones, self.config)
+        return rms_norm(x, w, self.config.rms_norm_eps, len(shape))

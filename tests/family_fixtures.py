@@ -1,0 +1,85 @@
+"""Tiny random checkpoints of every supported HF family, made by transformers (test-only dependency).
+
+Each case switches on what its family adds: biases (random, so they matter), q/k norms (non-trivial weights),
+RoPE scaling, a sliding window shorter than the test sequences, tied embeddings, 16 experts with top-4 and
+dense layers between sparse ones. Router weights are scaled up so that top-k choices are clear-cut (a near tie
+could flip on float32 round-off and make two correct implementations disagree), and q/k weights so that
+attention is sharp enough for the RoPE variant to show in the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MOE = dict(num_experts=16, num_experts_per_tok=4)
+
+# name: (transformers config class, overrides, what the case checks)
+CASES = {
+    "llama3_tied": ("LlamaConfig", dict(
+        attention_bias=True, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=64)),
+        "llama3 RoPE scaling (all three bands), biases on q/k/v/o, tied embeddings"),
+    "llama_linear_legacy": ("LlamaConfig", dict(
+        rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=4.0)),
+        "linear RoPE scaling read from the older rope_theta + rope_scaling form"),
+    "mistral_window": ("MistralConfig", dict(sliding_window=5, head_dim=16),
+                       "sliding window 5 < sequence, explicit head_dim"),
+    "qwen2_bias": ("Qwen2Config", dict(), "q/k/v biases, no o bias"),
+    "qwen3_qknorm": ("Qwen3Config", dict(head_dim=16), "q/k RMSNorm per head, head_dim != hidden / heads"),
+    "qwen3_moe_mixed": ("Qwen3MoeConfig", dict(
+        _MOE, num_hidden_layers=4, mlp_only_layers=[2], moe_intermediate_size=16, norm_topk_prob=True,
+        head_dim=8, router_aux_loss_coef=0.001),
+        "16 experts top-4 renormalised, dense layer 2 between sparse ones, q/k norm per head"),
+    "olmoe": ("OlmoeConfig", dict(_MOE, intermediate_size=16, norm_topk_prob=False, clip_qkv=0.6,
+                                  router_aux_loss_coef=0.01),
+              "16 experts top-4 not renormalised, q/k norm over the projection, clip_qkv"),
+}
+MOE_CASES = ("qwen3_moe_mixed", "olmoe")
+
+
+def make_checkpoint(name: str, path: Path, seed: int = 0):
+    """Saves case `name` with save_pretrained into `path`; returns the torch model (eval, float32, eager)."""
+    import torch
+    import transformers
+
+    cls, overrides, _ = CASES[name]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cls)(**dict(_BASE, **overrides))
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):  # a transposed, skipped or misplaced norm shows up
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif pname.endswith(".bias"):  # HF initialises biases to 0: make them count
+                p.copy_(0.1 * torch.randn_like(p))
+            elif pname.endswith("mlp.gate.weight"):  # clear-cut routing
+                p.mul_(40.0)
+            elif pname.endswith(("q_proj.weight", "k_proj.weight")):  # sharp attention: positions (RoPE) matter
+                p.mul_(10.0)
+    model.save_pretrained(path)
+    if name == "llama_linear_legacy":  # the hub's older config.json form
+        d = json.loads((path / "config.json").read_text())
+        rp = d.pop("rope_parameters")
+        d["rope_theta"] = rp["rope_theta"]
+        d["rope_scaling"] = {"type": "linear", "factor": rp["factor"]}
+        (path / "config.json").write_text(json.dumps(d))
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None, output_router_logits=False):
+    """(float32 logits, aux loss or None) of a torch model."""
+    import numpy as np
+    import torch
+
+    kw = {"output_router_logits": True} if output_router_logits else {}
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_ids)),
+                    attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
+                    **kw)
+    aux = getattr(out, "aux_loss", None)
+    return out.logits.float().numpy(), None if aux is None else float(aux)
