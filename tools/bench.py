@@ -14,8 +14,9 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
               (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
   lora/*      LoRA DPOP step (the frozen base is the reference) vs the full DPOP step: time, compiled memory, state
   losses/*    a reference-free loss (SimPO) vs DPO's sigmoid with an online reference: time, compiled memory
-  packing/*   real (non-padding) tokens/s of packed vs padded steps on long-tailed synthetic pairs, two row
-              lengths, and the share of token slots spent on padding
+  packing/*   real (non-padding) tokens/s of packed vs padded steps, 8 pairs a step, on long-tailed and on
+              mild synthetic pairs (jsmaug/perf/packing_bench.py): rows from the length ladder (the default) and
+              rows of the bucket length, and the share of token slots spent on padding
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
 Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
 """
@@ -31,7 +32,7 @@ import time
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_lib import (  # noqa: E402
+from jsmaug.perf.bench import (  # noqa: E402
     CHUNK,
     NOMINAL_BF16_PEAK,
     StepRunner,
@@ -50,6 +51,7 @@ from jsmaug.models import (
     decoder as model,
     moe,
 )
+from jsmaug.perf import packing_bench
 from jsmaug.train import step
 
 # ------------------------------------------------------------------------------------------------ peak
@@ -139,81 +141,6 @@ def bench_reference_free(conf, batch, ref, rounds=5):
            "SimPO step", "DPO sigmoid step (with the reference's weights)")
 
 
-def long_tailed_pairs(n, max_length, seed=0, vocab=32000):
-    """The packing benchmark's synthetic data: prompt lengths lognormal (median 32, sigma 0.6), completion lengths
-    lognormal (median 48, sigma 1.09: p99 about 600 tokens), cut to fit `max_length` as the trainer cuts them."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p = int(np.clip(rng.lognormal(np.log(32), 0.6), 4, max_length // 2))
-        c, r = (int(np.clip(rng.lognormal(np.log(48), 1.09), 2, max_length - p)) for _ in range(2))
-        ids = lambda k: rng.integers(3, vocab, k).astype(np.int32)  # noqa: E731
-        out.append({"prompt": np.r_[1, ids(p - 1)].astype(np.int32), "chosen": np.r_[ids(c - 1), 2].astype(np.int32),
-                    "rejected": np.r_[ids(r - 1), 2].astype(np.int32), "index": np.int32(i)})
-    return out
-
-
-def bench_packing(conf, pairs=8, max_length=1024, steps=6, rounds=2):
-    """Real (non-padding) tokens per second of the DPOP step, packed vs padded, on the same long-tailed batches
-    (`long_tailed_pairs`), and the padded share of token slots of each; packed rows of the batch's bucket length
-    (the default) and of twice that."""
-    from jsmaug.data import batches as data, packing
-    from jsmaug.parallel import sharding as shd
-    from jsmaug.train import plan as plan_lib
-
-    batches = [long_tailed_pairs(pairs, max_length, seed=s, vocab=conf.vocab_size) for s in range(steps)]
-    buckets = data.power_of_two_buckets(max_length)
-    one = shd.MeshConfig(data=1)
-    mesh = shd.make_mesh(one, conf, jax.devices()[:1])
-    ref = model.init_params(conf, jax.random.key(1))
-    layouts = {
-        "padded": lambda p: shd.put_batch(data.collate(p, buckets), mesh, shd.MeshConfig(data=1)),
-        "packed": lambda p: plan_lib.place_packed(p, None, 1, mesh, one, data.DataConfig(
-            train_path="x", max_length=max_length, packing=True), buckets),
-        "packed_2x_rows": lambda p: plan_lib.place_packed(p, None, 1, mesh, one, data.DataConfig(
-            train_path="x", max_length=max_length, packing=True, packing_length=2 * max_length), buckets),
-    }
-    placed = {name: [fn(p) for p in batches] for name, fn in layouts.items()}
-    real = sum(sum(len(x["prompt"]) * 2 + len(x["chosen"]) + len(x["rejected"]) for x in p) for p in batches)
-    slots = {name: sum(int(np.prod(b["input_ids"].shape)) for b in bs) for name, bs in placed.items()}
-    placed["packed_block128"] = placed["packed"]
-    confs = {name: conf for name in placed} | {"packed_block128": conf.replace(attention_block_size=128)}
-    runners = {}
-    for name, bs in placed.items():
-        runner = StepRunner(confs[name], "dpop", bs[0], ref)
-        for b in bs[1:]:  # compile every shape before timing
-            runner.state, _ = runner.fn(runner.state, b, ref, False)
-        runners[name] = runner
-
-    def run_all(name):
-        def go():
-            for b in placed[name]:
-                runners[name].state, m = runners[name].fn(runners[name].state, b, ref, False)
-            jax.block_until_ready(m)
-        return go
-
-    t = time_alternating({name: run_all(name) for name in placed}, rounds)
-    slots["packed_block128"] = slots["packed"]
-    cfg = (f"{conf.num_params() / 1e6:.1f}M params, {steps} steps of {pairs} pairs, max_length {max_length}, "
-           "prompts lognormal(median 32), completions lognormal(median 48, p99 ~600)")
-    rate = {name: real / t[name] for name in placed}
-    record("packing/real_tokens_per_sec_vs_padded", rate["packed"], rate["padded"], "real tokens/s", cfg,
-           "packed (rows of the batch's bucket length)", "padded")
-    record("packing/rows_2x_vs_bucket_rows", rate["packed_2x_rows"], rate["packed"], "real tokens/s", cfg,
-           "packed, rows of 2 x max_length", "packed, rows of the bucket length")
-    record("packing/attention_block_128_vs_default", rate["packed_block128"], rate["packed"], "real tokens/s",
-           cfg + f", attention blocks {conf.attention_block_size}", "packed, attention blocks of 128",
-           "packed, the default attention blocks")
-    record("packing/padding_share_vs_padded", 1 - real / slots["packed"], 1 - real / slots["padded"],
-           "share of token slots", cfg, "packed", "padded")
-    # The padding share depends on how many sequences a group packs: the planner's exact figures (no compute).
-    for n in (8, 32, 128):
-        many = [long_tailed_pairs(n, max_length, seed=100 + s_) for s_ in range(20)]
-        pad, pk = packing.padding_fractions(many, micro=1, shards=1, buckets=buckets)
-        record(f"packing/padding_share_{n}_pairs_per_group", pk, pad, "share of token slots",
-               f"20 batches of {n} pairs, max_length {max_length}, the same distribution", "packed", "padded")
-
-
 def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
     return time_alternating({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
 
@@ -279,6 +206,9 @@ def main(argv=None) -> int:
            "measured", "MFU denominator")
 
     bench_moe(256 if q else 2048, 64 if q else 512, 128 if q else 1024, 8, 2, peak, 32 if q else 256)
+    from jsmaug.perf import moe_bench  # moe/many_small_experts_*: Qwen3-30B-A3B's MoE layer in miniature
+    moe_bench.bench_many_small_experts(**(moe_bench.QUICK if q else moe_bench.QWEN3_30B_MINI),
+                                       rounds=2 if q else 5)
 
     small = step_model_config(q)
     pairs, length = (2, 32) if q else (4, 256)
@@ -286,9 +216,12 @@ def main(argv=None) -> int:
 
     if not args.skip_torch:
         bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1)
+        from jsmaug.perf import dense_bench  # torch/llama_*: a Llama-shaped dense model against LlamaForCausalLM
+        dense_bench.bench_llama_vs_torch(q, threads=os.cpu_count() or 1)
     bench_lora(small, batch, ref, rank=4 if q else 16)
     bench_reference_free(small, batch, ref)
-    bench_packing(small, *((4, 128, 2) if q else (8, 1024, 6)))
+    for dist in ("long_tailed", "mild"):  # 8 pairs per step: one data shard's share of a pod's micro-batch
+        packing_bench.bench_packing(small, dist, *((4, 2, 2, 2) if q else (8, 6, 2, 20)))
 
     mfu_conf = small if q else cfg_lib.tiny(
         vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,

@@ -3,11 +3,14 @@ spent on padding. The same pairs as without packing, truncated the same way; onl
 
 Each pair gives two sequences, prompt + chosen and prompt + rejected, each a segment of its own (its own
 `positions`, from 0; attention never crosses a segment). The pairs of a step are split into groups, one per
-micro-batch and data shard of the mesh (a shard's rows hold only its own pairs), and each group's sequences
-are laid into rows first-fit, in pair order. The row length is the batch's bucket length (the smallest
-`data.bucket_lengths` entry that holds its longest sequence, as without packing) or `data.packing_length`,
-and the rows per group the smallest of a few counts (`row_counts`) that holds every group, so only a few
-programs compile. A packed batch:
+micro-batch and data shard of the mesh (a shard's rows hold only its own pairs). The row length comes from a
+ladder of multiples of `ROW_STEP` (64 tokens; 1/8 of the bucket length for short buckets), from the longest
+sequence up to twice the batch's bucket length: the length that needs the fewest token slots, each group's
+sequences laid into its rows first-fit, longest first. Rows of the bucket length alone (first-fit in pair
+order, the layout before the ladder) left 19-23% of the slots empty at 8 pairs per group, when sequences are
+about half a bucket long; the ladder leaves 4-8% (docs/performance.md). `data.packing_length` fixes the row
+length instead. The rows per group are the smallest of a few counts (`row_counts`) that holds every group, so
+only a few programs compile. A packed batch:
 
     input_ids, segment_ids, positions, labels, loss_mask, sequence_ids   (M, D*R, L) int32
     pair_index                                                           (2, B) int32
@@ -82,24 +85,59 @@ def row_counts(max_rows: int) -> tuple[int, ...]:
     return tuple(out) + (max_rows,)
 
 
+ROW_STEP = 64  # the row-length ladder's step (`plan`'s default row_step)
+
+
+def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """`first_fit` over the sequences longest first (fuller rows); each row's indices in ascending order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows = first_fit([lengths[i] for i in order], row_length)
+    return [sorted(order[k] for k in row) for row in rows]
+
+
+def _group_sequences(pairs, g: int, per: int):
+    seqs = [(j, c) for j in range(g * per, (g + 1) * per) for c in (True, False)]
+    return seqs, [_lengths(pairs[j])[0 if c else 1] for j, c in seqs]
+
+
+def _layout(groups, row_length: int, fit, per: int):
+    """(rows per group, each group's rows) of every group's sequences in rows of `row_length`."""
+    rows = [tuple(tuple(seqs[i] for i in row) for row in fit(lengths, row_length)) for seqs, lengths in groups]
+    need = max(len(r) for r in rows)
+    return next(c for c in row_counts(2 * per) if c >= need), tuple(rows)
+
+
 def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[int],
-         row_length: int | None = None) -> Plan:
-    """The packing of one step's pairs (from their lengths only: every process makes the same plan)."""
+         row_length: int | None = None, row_step: int = ROW_STEP) -> Plan:
+    """The packing of one step's pairs (from their lengths only: every process makes the same plan).
+
+    `row_length` given (data.packing_length): rows of that length, first-fit in pair order. Else with
+    `row_step` (the default): the row length is chosen from a ladder of multiples of `row_step` (of 1/8 of the
+    bucket length where that is smaller, at least 8), from the longest sequence up to twice the batch's bucket
+    length, the one that needs the fewest token slots (rows x
+    length; the shorter on a tie), each length's rows filled first-fit longest sequence first. `row_step=0`:
+    rows of the bucket length, first-fit in pair order (the layout before the ladder)."""
     b = len(pairs)
     groups = micro * shards
     if b % groups:
         raise DataError(f"{b} pairs do not split into {micro} micro-batches x {shards} data shards")
     per = b // groups
-    if row_length is None:  # the padded batch's length: packing changes the layout, not the programs' lengths
-        row_length = batch_length(pairs, buckets)
-    rows = []
-    for g in range(groups):
-        seqs = [(j, c) for j in range(g * per, (g + 1) * per) for c in (True, False)]
-        lengths = [_lengths(pairs[j])[0 if c else 1] for j, c in seqs]
-        rows.append(tuple(tuple(seqs[i] for i in row) for row in first_fit(lengths, row_length)))
-    need = max(len(r) for r in rows)
-    count = next(c for c in row_counts(2 * per) if c >= need)
-    return Plan(micro, shards, row_length, count, tuple(rows))
+    seqs = [_group_sequences(pairs, g, per) for g in range(groups)]
+    if row_length is not None or not row_step:
+        if row_length is None:  # the padded batch's length: packing changes the layout, not the programs' lengths
+            row_length = batch_length(pairs, buckets)
+        count, rows = _layout(seqs, row_length, first_fit, per)
+        return Plan(micro, shards, row_length, count, rows)
+    longest = max(max(lengths) for _, lengths in seqs)
+    bucket = batch_length(pairs, buckets)
+    step = min(row_step, max(8, bucket // 8))  # short buckets: a finer ladder (1/8 of the bucket, >= 8)
+    best = None
+    for length in range(-(-longest // step) * step, max(2 * bucket, longest) + 1, step):
+        count, rows = _layout(seqs, length, first_fit_decreasing, per)
+        if best is None or count * length < best[0] * best[1]:
+            best = (count, length, rows)
+    count, length, rows = best
+    return Plan(micro, shards, length, count, rows)
 
 
 def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[str, np.ndarray]:
@@ -130,12 +168,13 @@ def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[s
 
 
 def padding_fractions(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int],
-                      row_length: int | None = None) -> tuple[float, float]:
+                      row_length: int | None = None, row_step: int = ROW_STEP) -> tuple[float, float]:
     """(padded, packed): the share of token slots that are padding over the given steps' batches, without and
     with packing."""
     real = padded = packed = 0
     for pairs in batches:
         real += sum(sum(_lengths(p)) for p in pairs)
         padded += 2 * len(pairs) * batch_length(pairs, buckets)
-        packed += plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length).slots
+        packed += plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length,
+                       row_step=row_step).slots
     return 1.0 - real / padded, 1.0 - real / packed

@@ -124,9 +124,11 @@ class StepRunner:
         self.plan = plan_lib.plan(step_run_config(conf, loss_type, length, chunk), jax.devices()[:1], mconf=conf)
         self.fn = self.plan.step
         params = model.init_params(conf, jax.random.key(0)) if params is None else params
+        # On the plan's shardings, as training places them (unplaced arrays made the second call compile again).
+        params = jax.device_put(params, self.plan.param_sh)
         self.state = step.init_state(self.plan.optimizer, params, self.plan.state_sh, seed=0)
-        self.batch = paired(batch)
-        self.ref = ref if self.plan.reference is not None else None
+        self.batch = jax.device_put(paired(batch), {k: self.plan.batch_sharding(3) for k in batch})
+        self.ref = None if self.plan.reference is None else jax.device_put(ref, self.plan.ref_sh)
         self()  # compile + warm-up
 
     def __call__(self):
@@ -143,18 +145,21 @@ class StepRunner:
 # ------------------------------------------------------------------------------------------------ PyTorch
 
 def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
-    """HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch (one forward over [chosen; rejected], a
-    frozen reference, AdamW, clipping): a zero-argument function that runs one step and waits for it. With `bf16`:
-    autocast to bf16, a bf16 reference and fused AdamW (the accelerator setting of tools/bench_accel.py)."""
+    """HF transformers' class of the config's family (MixtralForCausalLM, LlamaForCausalLM, ...) + the same DPOP
+    loss in PyTorch (one forward over [chosen; rejected], a frozen reference, AdamW, clipping): a zero-argument
+    function that runs one step and waits for it. With `bf16`: autocast to bf16, a bf16 reference and fused AdamW
+    (the accelerator setting of tools/bench_accel.py)."""
     import torch
-    from transformers import MixtralConfig as HFConfig, MixtralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = HFConfig(**{k: v for k, v in conf.to_hf_dict().items()
-                         if k not in ("architectures", "model_type", "rope_parameters", "torch_dtype")})
+    hf = conf.to_hf_dict()
+    hf_cfg = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
+                                                       if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    policy = MixtralForCausalLM(hf_cfg).to(device).train()
-    ref = MixtralForCausalLM(hf_cfg).to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    policy = AutoModelForCausalLM.from_config(hf_cfg).to(device).train()
+    ref = AutoModelForCausalLM.from_config(hf_cfg).to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    moe = conf.is_moe
     ref.load_state_dict(policy.state_dict())
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -165,9 +170,9 @@ def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
 
     def logps(m, with_aux):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            out = m(ids, output_router_logits=with_aux)
+            out = m(ids, output_router_logits=with_aux) if moe else m(ids)
         lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels[..., None])[..., 0]
-        return (lp * mask).sum(-1), (out.aux_loss if with_aux else 0.0)
+        return (lp * mask).sum(-1), (out.aux_loss if with_aux and moe else 0.0)
 
     def one_step():
         pl, aux = logps(policy, True)

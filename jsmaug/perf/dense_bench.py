@@ -1,0 +1,36 @@
+"""The dense-model row of the CPU benchmark: jsmaug's planned DPOP step on a Llama-shaped model against HF
+transformers' LlamaForCausalLM + the same DPOP loss in PyTorch, same batch, side by side (`tools/bench.py`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jsmaug.models import config as cfg_lib, decoder as model
+from jsmaug.perf.bench import StepRunner, record, synthetic_batch, time_alternating, torch_dpop_step
+
+
+def llama_config(quick: bool = False):
+    """A Llama-shaped dense model of about the step model's size (20.3M parameters; tiny with `quick`)."""
+    return cfg_lib.tiny(model_type="llama", vocab_size=512 if quick else 32000, hidden_size=64 if quick else 256,
+                        intermediate_size=128 if quick else 1024, num_hidden_layers=2 if quick else 4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        rope_theta=500000.0, tie_word_embeddings=False, router_aux_loss_coef=0.0)
+
+
+def bench_llama_vs_torch(quick: bool, threads: int, rounds: int = 4) -> None:
+    import jax
+    import torch
+
+    torch.set_num_threads(threads)
+    conf = llama_config(quick)
+    pairs, length = (2, 32) if quick else (4, 256)
+    batch = synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size)
+    ref = model.init_params(conf, jax.random.key(1))
+    jax_step = StepRunner(conf, "dpop", batch, ref)
+    torch_step = torch_dpop_step(conf, batch, pairs)
+    torch_step()
+    t = time_alternating({"jax": jax_step, "torch": torch_step}, rounds)
+    tokens = 2 * pairs * length
+    record("torch/llama_jsmaug_vs_pytorch_dpop_step", tokens / t["jax"], tokens / t["torch"], "tokens/s",
+           f"llama {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
+           "jsmaug jitted DPOP step", "HF LlamaForCausalLM + PyTorch DPOP step")
