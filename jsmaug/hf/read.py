@@ -74,7 +74,7 @@ class _SafetensorsFile:
         return arr.reshape(e["shape"])
 
 
-class _Reader:
+class Reader:
     """Lazy access to the tensors of an HF folder (single file or sharded with an index)."""
 
     def __init__(self, hf_dir: Path):
@@ -138,7 +138,7 @@ def _ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")
 
 
-def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, fused: bool) -> None:
+def check_keys_and_shapes(reader: Reader, config: MixtralConfig, fused: bool) -> None:
     expected = layout.hf_shapes(config, fused)
     keys = {k for k in reader.keys() if not _ignored(k)}
     # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
@@ -162,7 +162,7 @@ def _check_keys_and_shapes(reader: _Reader, config: MixtralConfig, fused: bool) 
                                   f"config.json implies {want}")
 
 
-def _entry_tensor(reader: _Reader, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
+def _entry_tensor(reader: Reader, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
     """One jsmaug leaf (or one layer's slice of a stacked leaf) of `shape`, in jsmaug's (in, out) orientation."""
     if entry.fused is not None:  # (E, 2F, D) = [gate; up] or (E, D, F): per expert (out, in)
         arr = reader.get(entry.names[0])
@@ -249,9 +249,9 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     overrides = dict(config_overrides)
     overrides.setdefault("param_dtype", dtype)
     config = read_config(hf_dir, **overrides)
-    reader = _Reader(hf_dir)
+    reader = Reader(hf_dir)
     fused = _detect_layout(reader.keys())
-    _check_keys_and_shapes(reader, config, fused)
+    check_keys_and_shapes(reader, config, fused)
 
     from jsmaug.models import (
         decoder as model,  # local import: model imports flax, which hf users may not need for reading names

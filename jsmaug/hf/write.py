@@ -78,7 +78,7 @@ def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, tuple[int
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 
 
-def _write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
+def write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
     """Streams tensors into one safetensors file: header first (from shapes), then each tensor's bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -99,7 +99,7 @@ def _write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...
     return offset
 
 
-def _parse_size(size: str | int) -> int:
+def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
@@ -154,7 +154,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
     check_tokenizer_path(tokenizer_path)
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     t0 = time.time()
     entries = []
     for name, shape, fetch in _hub_tensors(config, params):
@@ -186,7 +186,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         done = 0
         for fname, shard in zip(names, shards):
-            total += _write_safetensors(tmp / fname, shard)
+            total += write_safetensors(tmp / fname, shard)
             for ent in shard:
                 weight_map[ent[0]] = fname
             done += len(shard)
