@@ -32,22 +32,22 @@ LLAMA3 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_s
 def test_both_rope_forms_read_alike_and_transformers_reads_what_we_write():
     from transformers import LlamaConfig
 
-    old = MixtralConfig.from_hf_dict(LLAMA3)
+    old = families.from_hf_dict(LLAMA3)
     new_form = {k: v for k, v in LLAMA3.items() if k not in ("rope_theta", "rope_scaling")}
     new_form["rope_parameters"] = dict(LLAMA3["rope_scaling"], rope_theta=500000.0)
-    assert MixtralConfig.from_hf_dict(new_form) == old
+    assert families.from_hf_dict(new_form) == old
     assert (old.rope_type, old.rope_theta, old.rope_factor, old.rope_original_max_position_embeddings) == (
         "llama3", 5e5, 8.0, 64)
-    written = old.to_hf_dict()
+    written = families.to_hf_dict(old)
     assert written["rope_theta"] == 5e5 and written["rope_scaling"]["rope_type"] == "llama3"
     assert LlamaConfig.from_dict(written).rope_parameters == new_form["rope_parameters"]
-    assert MixtralConfig.from_hf_dict(written) == old
+    assert families.from_hf_dict(written) == old
     # The legacy {"type": "linear"} key; qwen's sliding window is off unless use_sliding_window.
-    lin = MixtralConfig.from_hf_dict(dict(LLAMA3, rope_scaling={"type": "linear", "factor": 2.0}))
+    lin = families.from_hf_dict(dict(LLAMA3, rope_scaling={"type": "linear", "factor": 2.0}))
     assert (lin.rope_type, lin.rope_factor, lin.rope_low_freq_factor) == ("linear", 2.0, None)
     qwen = dict(LLAMA3, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
                 use_sliding_window=False, rope_scaling=None)
-    assert MixtralConfig.from_hf_dict(qwen).sliding_window is None
+    assert families.from_hf_dict(qwen).sliding_window is None
 
 
 def test_moe_family_fields_and_defaults():
@@ -56,18 +56,18 @@ def test_moe_family_fields_and_defaults():
          "num_key_value_heads": 2, "head_dim": 8, "num_experts": 16, "num_experts_per_tok": 4,
          "norm_topk_prob": True, "mlp_only_layers": [0], "output_router_logits": True,
          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
-    c = MixtralConfig.from_hf_dict(d)
+    c = families.from_hf_dict(d)
     assert (c.num_local_experts, c.expert_intermediate_size, c.router_aux_loss_coef) == (16, 16, 0.001)  # HF default
     assert c.sparse_layers == (False, True, True, True) and c.qk_norm == "head" and c.output_router_logits
     assert cfg_lib.layer_segments(c) == [("dense_layer", False, 0, 1, 0), ("sparse_layer", True, 0, 3, 1)]
-    assert MixtralConfig.from_hf_dict(c.to_hf_dict()) == c and c.to_hf_dict()["num_experts"] == 16
-    olmoe = MixtralConfig.from_hf_dict(dict(d, architectures=["OlmoeForCausalLM"], model_type="olmoe",
+    assert families.from_hf_dict(families.to_hf_dict(c)) == c and families.to_hf_dict(c)["num_experts"] == 16
+    olmoe = families.from_hf_dict(dict(d, architectures=["OlmoeForCausalLM"], model_type="olmoe",
                                             head_dim=None, moe_intermediate_size=None, mlp_only_layers=None,
                                             norm_topk_prob=None))
     assert (olmoe.norm_topk_prob, olmoe.qk_norm, olmoe.router_aux_loss_coef, olmoe.sparse_layers) == (
         False, "projection", 0.01, (True,) * 4)
     # The decoder_sparse_step rule: layer i is sparse iff (i + 1) % step == 0.
-    step2 = MixtralConfig.from_hf_dict(dict(d, mlp_only_layers=[], decoder_sparse_step=2))
+    step2 = families.from_hf_dict(dict(d, mlp_only_layers=[], decoder_sparse_step=2))
     assert step2.sparse_layers == (False, True, False, True) and len(cfg_lib.layer_segments(step2)) == 4
 
 

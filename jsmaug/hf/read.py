@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jsmaug.models import families
 from jsmaug.hf import layout
 from jsmaug.hf.layout import CheckpointError, Entry
 from jsmaug.models.config import MixtralConfig
@@ -144,7 +145,7 @@ def check_keys_and_shapes(reader: Reader, config: MixtralConfig, fused: bool) ->
     # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
     unexpected = sorted(keys - set(expected) - {"lm_head.weight"})
     missing = sorted(set(expected) - keys)
-    arch = config.to_hf_dict()["architectures"][0]
+    arch = families.to_hf_dict(config)["architectures"][0]
     if missing:
         raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing for the config in config.json, "
                               f"first: {missing[0]}")
@@ -219,7 +220,7 @@ def read_config(hf_dir: str | os.PathLike, **overrides) -> MixtralConfig:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: not found (an HF model folder has a config.json)")
-    return MixtralConfig.from_hf_dict(_read_config_json(path), source=str(path), **overrides)
+    return families.from_hf_dict(_read_config_json(path), source=str(path), **overrides)
 
 
 def _read_config_json(path: Path) -> dict:

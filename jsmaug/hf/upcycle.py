@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from jsmaug.models import families
 from jsmaug.data.tokenizer_folder import CHECKPOINT_FILES, copy_tokenizer_files
 from jsmaug.errors import CheckpointError
 from jsmaug.hf import layout
@@ -171,7 +172,7 @@ def upcycle(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, num_experts: 
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=torch_dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=torch_dtype), indent=2))
         copied = copy_tokenizer_files(hf_dir, tmp, CHECKPOINT_FILES)
         if "generation_config.json" not in copied:
             (tmp / "generation_config.json").write_text(json.dumps(

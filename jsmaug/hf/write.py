@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jsmaug.models import families
 from jsmaug.data.files import DataError
 from jsmaug.data.tokenizer_files import check_tokenizer, export_tokenizer_files
 from jsmaug.hf import layout
@@ -195,7 +196,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=dtype), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
              "_from_model_config": True}, indent=2))

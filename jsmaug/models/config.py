@@ -4,8 +4,8 @@
 every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`, `tie_word_embeddings`,
 `sliding_window`, `num_local_experts`, `norm_topk_prob`, `mlp_only_layers`, ...) or follows from the family
 (`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`). MoE fields left at None take the family's HF default.
-`jsmaug/models/families.py` reads and writes each family's `config.json` (`from_hf_dict` / `to_hf_dict` here
-delegate to it). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
+`jsmaug/models/families.py` reads and writes each family's `config.json` (`families.from_hf_dict` /
+`families.to_hf_dict`). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
 never written to `config.json`. The class keeps its historical name: it is the public API.
 """
 
@@ -232,20 +232,6 @@ class MixtralConfig:
 
     def replace(self, **kw) -> "MixtralConfig":
         return dataclasses.replace(self, **kw)
-
-    # ------------------------------------------------------------------ HF config.json
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "MixtralConfig":
-        """Builds a config from an HF `config.json` dict of any supported family (jsmaug/models/families.py)."""
-        from jsmaug.models import families
-
-        return families.from_hf_dict(d, source=source, **overrides)
-
-    def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
-        """The hub form of this family's config.json (jsmaug/models/families.py)."""
-        from jsmaug.models import families
-
-        return families.to_hf_dict(self, torch_dtype=torch_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jsmaug.models import families
 from jsmaug.data.batches import DataConfig
 from jsmaug.models import config as cfg_lib, decoder as model
 from jsmaug.parallel.sharding import MeshConfig
@@ -152,7 +153,7 @@ def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = conf.to_hf_dict()
+    hf = families.to_hf_dict(conf)
     hf_cfg = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
                                                        if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"

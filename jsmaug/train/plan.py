@@ -28,6 +28,9 @@ from jsmaug.parallel import expert_parallel, sharding as shd
 from jsmaug.train import step as step_lib
 from jsmaug.train.config import RunConfig
 
+# Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
+RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_dispatch",
+                           "attention_impl", "attention_block_size")
 PADDED_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask")
 
 
@@ -150,8 +153,6 @@ class RunPlan:
 def model_config(cfg: RunConfig, stored: MixtralConfig | None = None) -> MixtralConfig:
     """The model config: `stored` (init_from's architecture, read by the caller) with this run's numerics
     settings, or `model`; with the `lora` section's adapters."""
-    from jsmaug.train.setup import RESUMABLE_MODEL_CHANGES
-
     lora_fields = dict(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
     if stored is None:
         return cfg.model.replace(**lora_fields)

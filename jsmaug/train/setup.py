@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from jsmaug.models import families
 from jsmaug.losses import config as loss_config
 from jsmaug.models import decoder as model, lora
 from jsmaug.models.config import ConfigError, MixtralConfig
@@ -23,9 +24,6 @@ from jsmaug.train import checkpoint as ckpt, plan as plan_lib, step as step_lib
 from jsmaug.train.config import RunConfig
 from jsmaug.train.metrics_log import log
 
-# Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
-RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_dispatch",
-                           "attention_impl", "attention_block_size")
 
 
 def model_config(cfg: RunConfig) -> MixtralConfig:
@@ -36,7 +34,7 @@ def model_config(cfg: RunConfig) -> MixtralConfig:
     if not epath.Path(cfg.init_from).exists():
         raise ConfigError(f"init_from: {cfg.init_from}: no such file or folder")
     stored = ckpt.read_model_config(cfg.init_from)
-    if stored.to_hf_dict() != cfg.model.replace(param_dtype=stored.param_dtype).to_hf_dict():
+    if families.to_hf_dict(stored) != families.to_hf_dict(cfg.model.replace(param_dtype=stored.param_dtype)):
         log(f"note: init_from {cfg.init_from} carries its own architecture; using it instead of `model`")
     return plan_lib.model_config(cfg, stored)
 
@@ -50,7 +48,7 @@ def check_resume(checkpoints: epath.Path, workdir, mconf: MixtralConfig) -> None
     stored = MixtralConfig.from_dict(stored).to_dict()  # JSON lists back to tuples, defaults for newer fields
     want = mconf.to_dict()
     diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
-            if k not in RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
+            if k not in plan_lib.RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
     if diff:
         raise ConfigError(f"{workdir} holds checkpoints of another model (step {step}); " + "; ".join(diff)
                           + ". Use another workdir, or the stored values to resume")
