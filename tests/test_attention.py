@@ -86,7 +86,10 @@ def test_chunked_memory_grows_linearly_and_xla_quadratically():
 
 
 def test_auto_choices_per_backend():
-    assert attention.resolve_impl("auto", "float32", 128, "cpu")[0] == "chunked"
+    assert attention.resolve_impl("auto", "float32", 128, "cpu")[0] == "chunked"  # length unknown
+    assert attention.resolve_impl("auto", "float32", 128, "cpu", seq_len=512, block_size=512)[0] == "xla"
+    assert attention.resolve_impl("auto", "float32", 128, "cpu", seq_len=520, block_size=512)[0] == "chunked"
+    assert attention.resolve_impl("auto", "float32", 128, "gpu", seq_len=64)[0] == "chunked"  # CPU only
     assert attention.resolve_impl("auto", "bfloat16", 128, "gpu")[0] == "cudnn"
     assert attention.resolve_impl("auto", "float32", 128, "gpu")[0] == "chunked"  # cuDNN needs bf16/fp16
     assert attention.resolve_impl("auto", "bfloat16", 512, "gpu")[0] == "chunked"  # head_dim > 256

@@ -180,8 +180,11 @@ def _expert_matmuls(xb_ExCxD, w1, w3, w2):
 # every token 5348 ms), and a random router's busiest expert is 1.17x the mean, so finer low rungs save nothing;
 # but with many experts the jump from 3x to all tokens was 3x the cost (with 128 experts 5x): a router whose
 # busiest expert held 3.7x the mean took 6.9 s with rungs up to 3x and 3.4 s with 4x and 6x added, and the
-# added branches cost nothing measurable with balanced routing (1064-1127 ms either way).
-BUCKET_FACTORS = (1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
+# added branches cost nothing measurable with balanced routing (1064-1127 ms either way). The 1.75x and 2.5x rungs:
+# the 29.8M step model's random-init routers put 1.36x, 1.70x, 1.87x and 2.1x the mean on their layers' busiest
+# experts, which ran the 1.5x, 2x, 2x and 3x branches; with 1.75x and 2.5x added the DPOP step took 1160 ms
+# against 1249 ms (0.93x; timed alternately in one process, 2026-12-02); rungs every 0.125x gained nothing more.
+BUCKET_FACTORS = (1.125, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 
 
 def bucket_capacities(num_tokens: int, k: int, num_experts: int,
