@@ -56,8 +56,8 @@ def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask):
 
     Head-major, with the G query heads of each kv head folded into the query axis, so each product is one plain
     (G*S, Dh) x (Dh, T) matmul per (batch row, kv head) with no transposes inside the dot: on the 2-core CPU
-    this layout ran fwd+bwd 1.4x to 1.8x faster than the (B, S, K, G, Dh) einsums at 128 to 1024 tokens
-    (2026-12-02; /tmp experiments, recorded in docs/performance.md)."""
+    this layout ran fwd+bwd 1.33x to 1.69x faster than the (B, S, K, G, Dh) einsums it replaced (2 x 512 tokens
+    with 8 heads of 128, and 8 x 256 with 4 of 64; docs/performance.md, 2026-12-02)."""
     b, s, h, dh = q_BxSxHxDh.shape
     t, kv = k_BxTxKxDh.shape[1], k_BxTxKxDh.shape[2]
     g = h // kv
@@ -278,7 +278,7 @@ def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = Non
                  block_size: int = 512) -> tuple[str, str]:
     """(path, why). `auto`: splash on TPU, cuDNN on GPU where its limits allow; on CPU `xla` for rows of at most
     one attention block (`seq_len <= block_size`), else `chunked`. With one block, `chunked` computes the same
-    S x T scores and skips nothing, and on the 2-core CPU machine `xla` ran attention's fwd+bwd 1.3x to 2.3x faster
+    S x T scores and skips nothing, and on the 2-core CPU machine `xla` ran attention's fwd+bwd 1.7x to 2.3x faster
     at 128 to 512 tokens (docs/performance.md); beyond one block `chunked` skips the causally masked blocks and
     keeps memory linear. Elsewhere `xla` is never chosen automatically, since its S^2 scores do not fit long
     sequences (4k-token pairs ran out of memory on an H200). `seq_len` None (not known): `chunked`."""
