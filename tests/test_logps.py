@@ -107,3 +107,44 @@ def test_token_weights_and_wpo_alignment_equal_full_logits(chunk):
 def test_bad_inputs_raise_clearly():
     with pytest.raises(TypeError, match="labels must be integers"):
         logps.sequence_logps(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2)), jnp.ones((1, 2)))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_unembedding_matrix_path_equals_autodiff(chunk):
+    """Passing the (D, V) matrix takes the hand-written backward (`_unembed_label_logps`): its values and its
+    gradients (hidden states and matrix; token weights on; WPO's aligned sum beside) equal autodiff through the
+    same unembedding passed as a function."""
+    rng = np.random.default_rng(7)
+    b, s, d, v = 4, 9, 6, 23
+    h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+    mask = np.zeros((b, s), np.int32)
+    for i, (a, n) in enumerate([(2, 5), (4, 3), (1, 8), (6, 2)]):
+        mask[i, a:a + n] = 1
+    weights = logps.ld_weights(jnp.asarray(mask), 0.4)
+
+    def run(h, w, as_matrix, aligned):
+        out = logps.sequence_logps_from_hidden(h, w if as_matrix else (lambda x: x @ w), labels, mask,
+                                               chunk_size=chunk, token_weights_BxS=weights, with_aligned=aligned)
+        # a nonlinear read of both sums, so every position's cotangent differs
+        return jnp.sum(jnp.sin(out.logps) + 0.3 * out.logps_unweighted ** 2), out
+
+    for aligned in (False, True):
+        (val_m, out_m), g_m = jax.value_and_grad(run, (0, 1), has_aux=True)(h, w, True, aligned)
+        (val_f, out_f), g_f = jax.value_and_grad(run, (0, 1), has_aux=True)(h, w, False, aligned)
+        np.testing.assert_allclose(val_m, val_f, rtol=1e-6)
+        if aligned:
+            np.testing.assert_allclose(out_m.aligned_logps, out_f.aligned_logps, rtol=1e-6)
+        for a, b_, name in zip(g_m, g_f, ("hidden", "unembed")):
+            np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6, err_msg=f"{name}, aligned={aligned}")
+    # bfloat16 matrix: the same casts as the function path (h to bf16, float32 logits)
+    wb = w.astype(jnp.bfloat16)
+    f_m = lambda h, w: jnp.sum(logps.sequence_logps_from_hidden(h, w, labels, mask, chunk_size=chunk).logps)
+    f_f = lambda h, w: jnp.sum(logps.sequence_logps_from_hidden(
+        h, lambda x: jnp.einsum("bsd,dv->bsv", x.astype(w.dtype), w, preferred_element_type=jnp.float32),
+        labels, mask, chunk_size=chunk).logps)
+    np.testing.assert_allclose(f_m(h, wb), f_f(h, wb), rtol=1e-6)
+    for a, b_ in zip(jax.grad(f_m, (0, 1))(h, wb), jax.grad(f_f, (0, 1))(h, wb)):
+        assert a.dtype == b_.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=2e-2, atol=2e-2)

@@ -270,12 +270,17 @@ def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_m
     return h, aux_loss_from_stats(config, stats, seg), stats
 
 
-def unembed(config: MixtralConfig, params: Params, h_BxSxD):
-    """Float32 logits from hidden states (exposed so losses can chunk over the sequence). A tied model uses
-    the embedding matrix: one leaf, so its gradient is the sum of both uses."""
-    dtype = jnp.dtype(config.dtype)
+def unembed_weight(config: MixtralConfig, params: Params):
+    """The (D, V) unembedding matrix in the compute dtype. A tied model uses the embedding matrix: one leaf, so
+    its gradient is the sum of both uses."""
     w = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return w.astype(jnp.dtype(config.dtype))
+
+
+def unembed(config: MixtralConfig, params: Params, h_BxSxD):
+    """Float32 logits from hidden states (exposed so losses can chunk over the sequence)."""
+    w = unembed_weight(config, params)
+    return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,

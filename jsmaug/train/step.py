@@ -64,7 +64,7 @@ def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0, toke
     h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
                                          positions=batch["positions"])
     seq = logps_lib.sequence_logps_from_hidden(
-        h, lambda x: model.unembed(config, params, x), batch["labels"], batch["loss_mask"],
+        h, model.unembed_weight(config, params), batch["labels"], batch["loss_mask"],
         chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned,
         **_packing_args(batch))
     return seq, aux, stats
