@@ -51,3 +51,22 @@ def test_host_view_names_hosts_and_their_pairs():
     assert plan_lib.plan(cfg, jax.devices()).host_view() == (
         "hosts: 1 (one JAX process each, distributed.enabled=true), 8 devices per host; pairs per host per step: "
         "8 of 8")
+
+
+@pytest.mark.parametrize("overrides, row, want", [
+    (["data.max_length=64"], 64, "xla"),  # one attention block: the plain path
+    (["data.max_length=64", "model.attention_block_size=32"], 64, "chunked"),
+    (["data.max_length=64", "model.attention_block_size=96", "data.packing=true"], 128, "chunked"),  # ladder: 2x
+    (["data.max_length=64", "data.packing=true", "data.packing_length=96", "model.attention_block_size=96"],
+     96, "xla"),
+])
+def test_plan_reports_the_attention_path_its_rows_run(overrides, row, want):
+    """On CPU `auto` depends on the row length: the plan's report (`jsmaug plan`, the run log) resolves it for
+    the longest row the data can make, as the step's attention resolves it for that row."""
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["data.max_prompt_length=32", *overrides])
+    assert plan_lib.longest_row(cfg.data) == row
+    planned = plan_lib.plan(cfg, jax.devices()[:1])
+    assert planned.paths["attention"] == want, planned.paths["attention_why"]
+    from jsmaug.models import attention
+    assert attention.resolve_impl("auto", "float32", 16, "cpu", seq_len=row,
+                                  block_size=cfg.model.attention_block_size)[0] == want

@@ -159,10 +159,20 @@ def model_config(cfg: RunConfig, stored: MixtralConfig | None = None) -> Mixtral
     return stored.replace(**{k: getattr(cfg.model, k) for k in RESUMABLE_MODEL_CHANGES}, **lora_fields)
 
 
-def resolved_paths(mconf: MixtralConfig, mesh) -> dict[str, str]:
-    """What `auto` becomes on this mesh's platform (a TPU topology compiled from a CPU host is TPU)."""
+def longest_row(data: data_lib.DataConfig) -> int:
+    """The longest row a batch of this data can have: `max_length`, or packed, `packing_length` or the packing
+    ladder's top (twice the bucket)."""
+    if not data.packing:
+        return data.max_length
+    return data.packing_length or 2 * data.max_length
+
+
+def resolved_paths(mconf: MixtralConfig, mesh, row_len: int | None = None) -> dict[str, str]:
+    """What `auto` becomes on this mesh's platform (a TPU topology compiled from a CPU host is TPU) for rows of
+    up to `row_len` tokens (None: not known)."""
     platform = next(iter(mesh.devices.flat)).platform
-    attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim, platform)
+    attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim, platform,
+                                       seq_len=row_len, block_size=mconf.attention_block_size)
     return {"attention": attn, "attention_why": why,
             "moe": expert_parallel.resolve_local_impl(mconf.moe_impl, mconf.moe_dispatch, mesh),
             "dispatch": expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh, mconf.moe_impl)}
@@ -197,7 +207,7 @@ def plan(cfg: RunConfig, devices=None, mconf: MixtralConfig | None = None) -> Ru
     rep = NamedSharding(mesh, PartitionSpec())
     scalar = _sds((), jnp.int32, rep)
     state = step_lib.TrainState(params, opt, scalar, scalar, _sds((2,), jnp.uint32, rep))
-    out = RunPlan(cfg=cfg, mconf=mconf, mesh=mesh, paths=resolved_paths(mconf, mesh), param_sh=param_sh,
+    out = RunPlan(cfg=cfg, mconf=mconf, mesh=mesh, paths=resolved_paths(mconf, mesh, longest_row(cfg.data)), param_sh=param_sh,
                   ref_sh=ref_sh, state_sh=state_sh, optimizer=optimizer, schedule=schedule, state=state,
                   reference=reference, objective=objective, step=None)
     batch_sh = jax.tree.map(lambda x: x.sharding, out.batch_shapes())
