@@ -170,12 +170,15 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
     torch.set_num_threads(threads)
     one_step = torch_dpop_step(conf, synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size), pairs)
     one_step()
-    t = time_alternating({"jax": jax_runner, "torch": one_step}, rounds)
-    t_torch, t_jax = t["torch"], t["jax"]
     tokens = 2 * pairs * length
-    record("torch/jsmaug_vs_pytorch_dpop_step", tokens / t_jax, tokens / t_torch, "tokens/s",
-           f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
-           "jsmaug jitted DPOP step", "HF transformers + PyTorch DPOP step")
+    cfg = f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
+    # The goal's row: blocks of 3 steps back to back, the first of each untimed (a training loop's steady state);
+    # the second row calls them strictly in turn, each step right after the other framework's.
+    for name, kw in (("torch/jsmaug_vs_pytorch_dpop_step", {"rounds": 3, "block": 3}),
+                     ("torch/jsmaug_vs_pytorch_dpop_step_interleaved", {"rounds": rounds})):
+        t = time_alternating({"jax": jax_runner, "torch": one_step}, **kw)
+        record(name, tokens / t["jax"], tokens / t["torch"], "tokens/s", cfg, "jsmaug jitted DPOP step",
+               "HF transformers + PyTorch DPOP step")
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -50,15 +50,23 @@ def timeit(fn, *args, reps: int = 5, min_time: float = 0.5) -> float:
     return float(np.median(times))
 
 
-def time_alternating(fns, rounds: int) -> dict[str, float]:
+def time_alternating(fns, rounds: int, block: int = 1) -> dict[str, float]:
     """Median seconds per call of each zero-argument, blocking function (compiled already), the functions
-    called in turn (A B C A B C ...), so a drift in the machine's speed hits every contender alike."""
+    called in turn (A B C A B C ...), so a drift in the machine's speed hits every contender alike.
+
+    With `block` > 1 each turn is `block` consecutive calls of one function, and only the calls after the first
+    are timed (A A A B B B ...: rounds * (block - 1) timed calls each): a contender's steady state, as a
+    training loop runs its steps back to back. Called one after the other, each framework's first call pays for
+    the other's worker threads still spinning and for caches the other filled (on the 2-core CPU machine,
+    PyTorch right after jsmaug and the reverse: docs/performance.md)."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+            for i in range(block):
+                t = time.perf_counter()
+                fn()
+                if block == 1 or i > 0:
+                    times[name].append(time.perf_counter() - t)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
