@@ -35,7 +35,7 @@ from jsmaug.data.tokenizer_folder import CHECKPOINT_FILES, copy_tokenizer_files
 from jsmaug.errors import CheckpointError
 from jsmaug.hf import layout
 from jsmaug.hf.read import Reader, check_keys_and_shapes, read_config
-from jsmaug.hf.write import commit_dir, parse_size, prepare_out_dir, write_safetensors
+from jsmaug.hf.write import commit_dir, parse_size, prepare_out_dir, split_shards, write_shards
 from jsmaug.models.config import MixtralConfig
 
 MIXTRAL_AUX_LOSS_COEF = 0.02  # MixtralConfig's default router_aux_loss_coef
@@ -142,15 +142,7 @@ def upcycle(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, num_experts: 
         dtype_of[name] = dt
         entries.append((name, shape, dt, fetch))
     limit = parse_size(max_shard_size)
-    shards: list[list] = [[]]
-    size = 0
-    for ent in entries:
-        nbytes = int(np.prod(ent[1])) * ent[2].itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(ent)
-        size += nbytes
+    shards = split_shards(entries, limit)
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
         str(dtype_of["model.embed_tokens.weight"]), "float32")
 
@@ -160,18 +152,7 @@ def upcycle(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, num_experts: 
     tmp.rmtree(missing_ok=True)
     tmp.mkdir(parents=True)
     try:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        total, done, weight_map = 0, 0, {}
-        for fname, shard in zip(names, shards):
-            total += write_safetensors(tmp / fname, shard)
-            weight_map.update({ent[0]: fname for ent in shard})
-            done += len(shard)
-            if progress:
-                layout.progress("upcycle", done, len(entries), total, t0)
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        total = write_shards(tmp, shards, "upcycle" if progress else None, t0)
         (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=torch_dtype), indent=2))
         copied = copy_tokenizer_files(hf_dir, tmp, CHECKPOINT_FILES)
         if "generation_config.json" not in copied:

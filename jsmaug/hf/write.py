@@ -139,6 +139,40 @@ def check_tokenizer_path(tokenizer_path: str | os.PathLike | None) -> None:
         raise CheckpointError(str(err)) from None
 
 
+def split_shards(entries: list, limit: int) -> list[list]:
+    """(name, shape, np dtype, fetch) entries in order, cut into shards of at most `limit` bytes (a tensor
+    larger than the limit gets a shard of its own)."""
+    shards: list[list] = [[]]
+    size = 0
+    for ent in entries:
+        nbytes = int(np.prod(ent[1])) * np.dtype(ent[2]).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(ent)
+        size += nbytes
+    return shards
+
+
+def write_shards(folder, shards: list[list], progress_label: str | None = None, t0: float = 0.0) -> int:
+    """Writes the shards as the hub names them (model.safetensors, or model-0000i-of-0000n.safetensors and
+    the index) into `folder`; returns the bytes of tensor data written. With `progress_label`, a progress line."""
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    num_entries = sum(len(shard) for shard in shards)
+    total, done, weight_map = 0, 0, {}
+    for fname, shard in zip(names, shards):
+        total += write_safetensors(folder / fname, shard)
+        weight_map.update({ent[0]: fname for ent in shard})
+        done += len(shard)
+        if progress_label:
+            layout.progress(progress_label, done, num_entries, total, t0)
+    if len(shards) > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
 def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
          overwrite: bool = False, progress: bool = False, chat_template: str | None = None,
@@ -160,15 +194,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
     entries = []
     for name, shape, fetch in _hub_tensors(config, params):
         entries.append((name, shape, np_dtype, fetch))
-    shards: list[list] = [[]]
-    size = 0
-    for ent in entries:
-        nbytes = int(np.prod(ent[1])) * np_dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(ent)
-        size += nbytes
+    shards = split_shards(entries, limit)
 
     if not write:
         for ent in entries:
@@ -181,21 +207,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str |
     tmp.rmtree(missing_ok=True)
     tmp.mkdir(parents=True)
     try:
-        total = 0
-        weight_map = {}
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        done = 0
-        for fname, shard in zip(names, shards):
-            total += write_safetensors(tmp / fname, shard)
-            for ent in shard:
-                weight_map[ent[0]] = fname
-            done += len(shard)
-            if progress:
-                layout.progress("export", done, len(entries), total, t0)
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        total = write_shards(tmp, shards, "export" if progress else None, t0)
         (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=dtype), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
