@@ -8,7 +8,9 @@ a rename there is a copy and a delete, slower and no safer.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from etils import epath
 
@@ -32,3 +34,15 @@ def atomic_write(path, data: bytes | str) -> None:
         target.write_bytes(data)
     if target != path:
         target.replace(path)
+
+
+def read_json_object(path: epath.Path, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`, or `error` naming the file (the tokenizer's files raise a DataError, a
+    checkpoint's config.json a CheckpointError)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value

@@ -27,3 +27,18 @@ def test_remote_and_absolute():
     assert paths.is_remote("gs://bucket/run") and not paths.is_remote("runs/x")
     assert str(paths.absolute("gs://bucket/run")) == "gs://bucket/run"
     assert str(paths.absolute("runs/x")) == os.path.join(os.getcwd(), "runs/x")
+
+
+def test_read_json_object_names_the_file_and_raises_the_callers_error(tmp_path):
+    class Mine(Exception):
+        pass
+
+    good, bad, arr = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "arr.json"
+    good.write_text('{"a": 1}')
+    bad.write_text("{not json")
+    arr.write_text("[1, 2]")
+    assert paths.read_json_object(good, Mine) == {"a": 1}
+    with pytest.raises(Mine, match=f"{bad}: not valid JSON"):
+        paths.read_json_object(bad, Mine)
+    with pytest.raises(Mine, match=f"{arr}: must hold a JSON object, got list"):
+        paths.read_json_object(arr, Mine)

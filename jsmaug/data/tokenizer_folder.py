@@ -15,12 +15,12 @@ says it trained with.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from etils import epath
 
+from jsmaug import paths
 from jsmaug.data.files import DataError
 
 # What a folder's tokenizer consists of; the converter and the export copy these as they are.
@@ -46,13 +46,7 @@ class TokenizerFiles:
 
 def read_json_file(path: epath.Path) -> dict[str, Any]:
     """A JSON object from `path`, or a `DataError` naming the file."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: must hold a JSON object, got {type(value).__name__}")
-    return value
+    return paths.read_json_object(path, DataError)
 
 
 def has_tokenizer_files(folder: str | os.PathLike) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jsmaug import paths
 from jsmaug.models import families
 from jsmaug.hf import layout
 from jsmaug.hf.layout import CheckpointError, Entry
@@ -224,13 +225,7 @@ def read_config(hf_dir: str | os.PathLike, **overrides) -> MixtralConfig:
 
 
 def _read_config_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return paths.read_json_object(path, CheckpointError)
 
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
