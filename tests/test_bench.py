@@ -32,3 +32,20 @@ def test_blocks_time_the_steady_state(monkeypatch):
     t = bench.time_alternating(_contenders(monkeypatch, log), rounds=2, block=3)
     assert log == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert t == {"a": 1.0, "b": 2.0}  # the first call of each block is not timed
+
+
+def test_step_runner_places_a_precomputed_reference_batch():
+    """The `step/dpop_precomputed_vs_sft` row's runner: the batch carries (2P,) reference log-probs beside the
+    (2P, L) rows, each placed with the sharding of its own rank, and a step runs and moves the state."""
+    import jax
+    import numpy as np
+
+    conf = bench.step_model_config(quick=True)
+    batch = bench.synthetic_batch(np.random.default_rng(0), 2, 16, conf.vocab_size)
+    batch["ref_logps"] = np.full((4,), -30.0, np.float32)  # far from the policy's: off DPOP's kink
+    runner = bench.StepRunner(conf, "dpop", batch, None)
+    assert runner.batch["ref_logps"].shape == (2, 2) and runner.batch["input_ids"].shape == (2, 2, 16)
+    before = int(runner.state.step)
+    runner()
+    assert int(runner.state.step) == before + 1
+    assert np.isfinite(np.asarray(jax.tree.leaves(runner.state.params)[0])).all()

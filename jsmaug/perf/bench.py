@@ -21,7 +21,7 @@ from jsmaug.data.batches import DataConfig
 from jsmaug.models import config as cfg_lib, decoder as model
 from jsmaug.parallel.sharding import MeshConfig
 from jsmaug.train import plan as plan_lib, step
-from jsmaug.train.config import LossSection, RunConfig, TrainSection
+from jsmaug.train.config import LossSection, ReferenceSection, RunConfig, TrainSection
 
 RESULTS: list[dict] = []
 NOMINAL_BF16_PEAK = {"gpu": {"H100": 989e12, "H200": 989e12, "A100": 312e12}, "tpu": {}}
@@ -111,9 +111,11 @@ def step_model_config(quick: bool = False):
                         max_position_embeddings=1024, moe_block_size=64 if quick else 256)
 
 
-def step_run_config(conf, loss_type: str, length: int, chunk: int = CHUNK) -> RunConfig:
-    """The run the benches time: `conf` on one device, AdamW at a constant rate, the loss with beta 0.3."""
+def step_run_config(conf, loss_type: str, length: int, chunk: int = CHUNK, precomputed: bool = False) -> RunConfig:
+    """The run the benches time: `conf` on one device, AdamW at a constant rate, the loss with beta 0.3; with
+    `precomputed` the reference's log-probs come with the batch (`reference.mode: precomputed`)."""
     return RunConfig(model=conf, loss=LossSection(type=loss_type, beta=0.3),
+                     reference=ReferenceSection(mode="precomputed" if precomputed else "online"),
                      train=TrainSection(steps=100, learning_rate=1e-4, schedule="constant", logps_chunk_size=chunk),
                      data=DataConfig(train_path="-", max_length=length, max_prompt_length=length // 2),
                      mesh=MeshConfig(data=1))
@@ -130,13 +132,16 @@ class StepRunner:
 
     def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK, params=None):
         length = batch["input_ids"].shape[-1]
-        self.plan = plan_lib.plan(step_run_config(conf, loss_type, length, chunk), jax.devices()[:1], mconf=conf)
+        self.plan = plan_lib.plan(step_run_config(conf, loss_type, length, chunk, precomputed="ref_logps" in batch),
+                                  jax.devices()[:1], mconf=conf)
         self.fn = self.plan.step
         params = model.init_params(conf, jax.random.key(0)) if params is None else params
         # On the plan's shardings, as training places them (unplaced arrays made the second call compile again).
         params = jax.device_put(params, self.plan.param_sh)
         self.state = step.init_state(self.plan.optimizer, params, self.plan.state_sh, seed=0)
-        self.batch = jax.device_put(paired(batch), {k: self.plan.batch_sharding(3) for k in batch})
+        # paired() adds the leading axis of 2: (2, P, L) rows, (2, P) precomputed reference log-probs
+        self.batch = jax.device_put(paired(batch), {k: self.plan.batch_sharding(np.ndim(v) + 1)
+                                                    for k, v in batch.items()})
         self.ref = None if self.plan.reference is None else jax.device_put(ref, self.plan.ref_sh)
         self()  # compile + warm-up
 
