@@ -72,17 +72,22 @@ def test_ld_weights_follow_trls_rule():
     assert w[1].tolist() == [0, 1, 1, 1, 0, 0, 0, 0] and w[3].tolist() == [1, 1, 1, .25, .25, .25, 0, 0]
 
 
-@pytest.mark.parametrize("chunk", [None, 2, 3])
-def test_token_weights_and_wpo_alignment_equal_full_logits(chunk):
-    rng = np.random.default_rng(4)
-    b, s, d, v = 4, 10, 5, 13
-    h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+def _pairs_batch(seed, s, d, v):
+    """Hidden states (4, s, d), an unembedding (d, v), labels, completion masks of 5 / 3 / 8 / 2 tokens for
+    two [chosen; rejected] pairs, and their LD-DPO weights (alpha 0.4)."""
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(4, s, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
-    mask = np.zeros((b, s), np.int32)
+    labels = jnp.asarray(rng.integers(0, v, (4, s)), jnp.int32)
+    mask = np.zeros((4, s), np.int32)
     for i, (a, n) in enumerate([(2, 5), (4, 3), (1, 8), (6, 2)]):
         mask[i, a:a + n] = 1
-    weights = logps.ld_weights(jnp.asarray(mask), 0.4)
+    return h, w, labels, mask, logps.ld_weights(jnp.asarray(mask), 0.4)
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 3])
+def test_token_weights_and_wpo_alignment_equal_full_logits(chunk):
+    h, w, labels, mask, weights = _pairs_batch(4, 10, 5, 13)
     out = logps.sequence_logps_from_hidden(h, lambda x: x @ w, labels, mask, chunk_size=chunk,
                                            token_weights_BxS=weights, with_aligned=True)
     logits = np.asarray(h @ w, np.float64)
@@ -114,15 +119,7 @@ def test_unembedding_matrix_path_equals_autodiff(chunk):
     """Passing the (D, V) matrix takes the hand-written backward (`_unembed_label_logps`): its values and its
     gradients (hidden states and matrix; token weights on; WPO's aligned sum beside) equal autodiff through the
     same unembedding passed as a function."""
-    rng = np.random.default_rng(7)
-    b, s, d, v = 4, 9, 6, 23
-    h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
-    mask = np.zeros((b, s), np.int32)
-    for i, (a, n) in enumerate([(2, 5), (4, 3), (1, 8), (6, 2)]):
-        mask[i, a:a + n] = 1
-    weights = logps.ld_weights(jnp.asarray(mask), 0.4)
+    h, w, labels, mask, weights = _pairs_batch(7, 9, 6, 23)
 
     def run(h, w, as_matrix, aligned):
         out = logps.sequence_logps_from_hidden(h, w if as_matrix else (lambda x: x @ w), labels, mask,

@@ -39,6 +39,7 @@ from jsmaug.perf.bench import (  # noqa: E402
     machine,
     print_table,
     record,
+    record_against_torch,
     step_model_config,
     synthetic_batch,
     time_alternating,
@@ -171,14 +172,9 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
     one_step = torch_dpop_step(conf, synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size), pairs)
     one_step()
     tokens = 2 * pairs * length
-    cfg = f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
-    # The goal's row: blocks of 3 steps back to back, the first of each untimed (a training loop's steady state);
-    # the second row calls them strictly in turn, each step right after the other framework's.
-    for name, kw in (("torch/jsmaug_vs_pytorch_dpop_step", {"rounds": 3, "block": 3}),
-                     ("torch/jsmaug_vs_pytorch_dpop_step_interleaved", {"rounds": rounds})):
-        t = time_alternating({"jax": jax_runner, "torch": one_step}, **kw)
-        record(name, tokens / t["jax"], tokens / t["torch"], "tokens/s", cfg, "jsmaug jitted DPOP step",
-               "HF transformers + PyTorch DPOP step")
+    record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens,
+                         f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
+                         "HF transformers + PyTorch DPOP step", rounds)
 
 
 # ------------------------------------------------------------------------------------------------ main

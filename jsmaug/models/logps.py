@@ -32,13 +32,18 @@ class SequenceLogps(NamedTuple):
 
 def _label_logps(logits_BxSxV, labels_BxS, with_sum_sq: bool = False):
     """log p(label) per position; with `with_sum_sq`, stacked with log sum_v p_v^2 (last axis: 2)."""
+    return _label_logps_and_lse(logits_BxSxV, labels_BxS, with_sum_sq)[0]
+
+
+def _label_logps_and_lse(logits_BxSxV, labels_BxS, with_sum_sq: bool):
+    """(`_label_logps`, the log-sum-exp per position)."""
     logits = logits_BxSxV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     lp = jnp.take_along_axis(logits, labels_BxS[..., None], axis=-1)[..., 0] - lse
-    if not with_sum_sq:
-        return lp
-    log_sum_sq = jax.lax.stop_gradient(jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse)
-    return jnp.stack([lp, log_sum_sq], axis=-1)
+    if with_sum_sq:
+        log_sum_sq = jax.lax.stop_gradient(jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse)
+        lp = jnp.stack([lp, log_sum_sq], axis=-1)
+    return lp, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -55,11 +60,8 @@ def _logits(h_BxCxD, w_DxV):
 
 
 def _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq):
-    logits = _logits(h_BxCxD, w_DxV)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    lp = jnp.take_along_axis(logits, labels_BxC[..., None], axis=-1)[..., 0] - lse
-    if with_sum_sq:  # no gradient (WPO), so the backward ignores its cotangent
-        lp = jnp.stack([lp, jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse], axis=-1)
+    # with_sum_sq: the second feature has no gradient (WPO), so the backward ignores its cotangent
+    lp, lse = _label_logps_and_lse(_logits(h_BxCxD, w_DxV), labels_BxC, with_sum_sq)
     return lp, (h_BxCxD, w_DxV, labels_BxC, lse)
 
 

@@ -70,6 +70,15 @@ def time_alternating(fns, rounds: int, block: int = 1) -> dict[str, float]:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, torch_label: str, rounds: int):
+    """The `torch/*` rows: `name`, timed in blocks of 3 back-to-back steps (3 rounds; the goal's row, a training
+    loop's steady state), and `name`_interleaved, the steps strictly in turn (`rounds`), in tokens/s."""
+    for row, kw in ((name, {"rounds": 3, "block": 3}), (f"{name}_interleaved", {"rounds": rounds})):
+        t = time_alternating({"jax": jax_step, "torch": torch_step}, **kw)
+        record(row, tokens / t["jax"], tokens / t["torch"], "tokens/s", config, "jsmaug jitted DPOP step",
+               torch_label)
+
+
 def record(name, a, b, unit, config, a_label, b_label):
     rec = {"name": name, "a": a, "b": b, "ratio": a / b if b else float("nan"), "unit": unit, "a_is": a_label,
            "b_is": b_label, "machine": machine(), "config": config, "peak_rss_gb": round(rss_gb(), 2)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from jsmaug.models import config as cfg_lib, decoder as model
-from jsmaug.perf.bench import StepRunner, record, synthetic_batch, time_alternating, torch_dpop_step
+from jsmaug.perf.bench import StepRunner, record_against_torch, synthetic_batch, torch_dpop_step
 
 
 def llama_config(quick: bool = False):
@@ -30,10 +30,6 @@ def bench_llama_vs_torch(quick: bool, threads: int, rounds: int = 4) -> None:
     torch_step = torch_dpop_step(conf, batch, pairs)
     torch_step()
     tokens = 2 * pairs * length
-    cfg = f"llama {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
-    # As tools/bench.py's MoE row: blocks of back-to-back steps (the goal's row), then strictly in turn.
-    for name, kw in (("torch/llama_jsmaug_vs_pytorch_dpop_step", {"rounds": 3, "block": 3}),
-                     ("torch/llama_jsmaug_vs_pytorch_dpop_step_interleaved", {"rounds": rounds})):
-        t = time_alternating({"jax": jax_step, "torch": torch_step}, **kw)
-        record(name, tokens / t["jax"], tokens / t["torch"], "tokens/s", cfg, "jsmaug jitted DPOP step",
-               "HF LlamaForCausalLM + PyTorch DPOP step")
+    record_against_torch("torch/llama_jsmaug_vs_pytorch_dpop_step", jax_step, torch_step, tokens,
+                         f"llama {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
+                         "HF LlamaForCausalLM + PyTorch DPOP step", rounds)

@@ -207,8 +207,8 @@ def plan(cfg: RunConfig, devices=None, mconf: MixtralConfig | None = None) -> Ru
     rep = NamedSharding(mesh, PartitionSpec())
     scalar = _sds((), jnp.int32, rep)
     state = step_lib.TrainState(params, opt, scalar, scalar, _sds((2,), jnp.uint32, rep))
-    out = RunPlan(cfg=cfg, mconf=mconf, mesh=mesh, paths=resolved_paths(mconf, mesh, longest_row(cfg.data)), param_sh=param_sh,
-                  ref_sh=ref_sh, state_sh=state_sh, optimizer=optimizer, schedule=schedule, state=state,
+    out = RunPlan(cfg=cfg, mconf=mconf, mesh=mesh, paths=resolved_paths(mconf, mesh, longest_row(cfg.data)),
+                  param_sh=param_sh, ref_sh=ref_sh, state_sh=state_sh, optimizer=optimizer, schedule=schedule, state=state,
                   reference=reference, objective=objective, step=None)
     batch_sh = jax.tree.map(lambda x: x.sharding, out.batch_shapes())
     out.step = step_lib.jit_train_step(state_sh, batch_sh, out.step_ref_sh, config=mconf, loss_cfg=cfg.loss,
