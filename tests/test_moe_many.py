@@ -1,6 +1,6 @@
 """Many small experts (Qwen3-MoE / OLMoE shapes in miniature: 64 and 128 experts, top-8, tiny widths): every MoE
 path equals `dense` in outputs and gradients (router included), a router that sends every token to one expert
-drops nothing with 64 experts (bucketed's largest branch), the all_to_all dispatch equals one device with 64 and
+drops nothing with 64 experts (bucketed's overflow blocks), the all_to_all dispatch equals one device with 64 and
 128 experts on expert axes of 4 and 8, a DPO step with 16 experts top-4 on 8 fake devices (data 2 x expert 4,
 fsdp 2 x expert 4) equals one device with both dispatches, and an expert axis that does not divide the number
 of experts is named."""
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug.data import batches as data
-from jsmaug.models import config as cfg_lib, decoder as model, moe
+from jsmaug.models import bucketed, config as cfg_lib, decoder as model, moe
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import expert_parallel as ep, mesh_context, sharding as shd
 from jsmaug.train import step
@@ -74,8 +74,9 @@ def test_one_expert_gets_every_token_and_nothing_is_dropped_with_64_experts():
     x, wr, w = _weights(num_experts)
     idx = moe.route((x @ wr).at[:, 5].add(100.0), K)[1]
     sizes = np.bincount(np.asarray(idx).ravel(), minlength=num_experts)
-    caps = moe.bucket_capacities(T, K, num_experts)
-    assert sizes.max() == T == caps[-1] and caps[0] < T  # the busiest expert needs bucketed's largest branch
+    layout, ladder = bucketed.plan(T, K, num_experts)
+    need = int(bucketed.needed_blocks(jnp.asarray(sizes), *layout))
+    assert sizes.max() == T and need > ladder[len(ladder) // 2]  # the busiest expert needs a high rung
     ref = _reference(num_experts, one_expert=5)
     for impl in ("bucketed", "ragged"):
         (loss, dropped), grads = jax.jit(_loss(functools.partial(moe.expert_ffn, impl=impl), 5))(x, wr, *w)

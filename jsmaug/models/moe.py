@@ -13,10 +13,10 @@ and differ only in how tokens reach their experts:
 - "megablox": "ragged" with the Pallas TPU grouped-matmul kernels (gmm/tgmm) instead of `ragged_dot`: work in
               proportion to the rows really routed, in the weight gradient too (jsmaug/models/grouped_matmul.py). The
               TPU default; off TPU it runs in Pallas interpret mode (tests only).
-- "bucketed": sort by expert into an (E, C, D) buffer whose capacity C is the smallest of a few static sizes
-              (1.125x, 1.25x, ... the mean load, up to T) that holds the busiest expert: `lax.switch` picks the
-              compiled branch at run time. Dropless, one batched matmul per weight, a hand-written VJP.
-              The CPU default: as fast as one dense matmul of the same useful FLOPs (tools/bench.py).
+- "bucketed": sort by expert; each expert's first C rows (C the mean load) into an (E, C, D) buffer, one
+              batched matmul per weight, and the busier experts' rows beyond C into overflow blocks of one
+              expert each, as many as the routing needs (`lax.switch` over a ladder of block counts).
+              Dropless, fixed shapes, a hand-written VJP (jsmaug/models/bucketed.py). The CPU and GPU default.
 - "blocked":  sort assignments by expert, pad each expert's group to a multiple of `block_size` rows, and run
               one (block_size x hidden) @ (hidden x mlp) matmul per block with that block's expert weights, in a
               `lax.scan`. Dropless; wastes at most block_size-1 rows per expert, whatever the imbalance.
@@ -34,7 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import grouped_matmul
+from jsmaug.models import bucketed, grouped_matmul
 from jsmaug.parallel import mesh_context
 
 
@@ -160,127 +160,31 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
     slot_A = jnp.where(keep_A, rank_A, capacity)
     buf_ExCxD = jnp.zeros((num_experts, capacity + 1, x_TxD.shape[1]), dtype)
     buf_ExCxD = buf_ExCxD.at[expert_A, slot_A].set(x_TxD[token_A])[:, :capacity]
-    out_ExCxD, _, _ = _expert_matmuls(buf_ExCxD, *(w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD)))
+    weights = (w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
+    out_ExCxD, _, _ = bucketed.expert_matmuls("e", buf_ExCxD, *weights)
     out_ExCxD = jnp.pad(out_ExCxD, ((0, 0), (0, 1), (0, 0)))  # scratch slot reads back zeros
     y_AxD = out_ExCxD[expert_A, slot_A]
     dropped = jnp.sum(~keep_A).astype(jnp.int32)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
 
 
-def _expert_matmuls(xb_ExCxD, w1, w3, w2):
-    """SwiGLU of every expert on its (C, D) rows: (output (E, C, D), pre-activations p1, p3 (E, C, F))."""
-    p1_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w1)
-    p3_ExCxF = jnp.einsum("ecd,edf->ecf", xb_ExCxD, w3)
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(p1_ExCxF) * p3_ExCxF, w2), p1_ExCxF, p3_ExCxF
-
-
-# bucketed's ladder of capacities, in multiples of the mean load. Measured on 64 experts of width 192 at hidden
-# 512, top-8, 2,048 tokens (jsmaug/perf/moe_bench.py --ladder, 2-core CPU, 2026-12-02): a branch costs the same
-# from 1.0x to 1.25x the mean (726-730 ms fwd+bwd) and grows linearly beyond (1.5x 859, 2x 1071, 3x 1754, 8x =
-# every token 5348 ms), and a random router's busiest expert is 1.17x the mean, so finer low rungs save nothing;
-# but with many experts the jump from 3x to all tokens was 3x the cost (with 128 experts 5x): a router whose
-# busiest expert held 3.7x the mean took 6.9 s with rungs up to 3x and 3.4 s with 4x and 6x added, and the
-# added branches cost nothing measurable with balanced routing (1064-1127 ms either way). The 1.75x and 2.5x rungs:
-# the 29.8M step model's random-init routers put 1.36x, 1.70x, 1.87x and 2.1x the mean on their layers' busiest
-# experts, which ran the 1.5x, 2x, 2x and 3x branches; with 1.75x and 2.5x added the DPOP step took 1160 ms
-# against 1249 ms (0.93x; timed alternately in one process, 2026-12-02); rungs every 0.125x gained nothing more.
-BUCKET_FACTORS = (1.125, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
-
-
-def bucket_capacities(num_tokens: int, k: int, num_experts: int,
-                      factors: tuple[float, ...] = BUCKET_FACTORS,
-                      mean: float | None = None) -> tuple[int, ...]:
-    """The static per-expert capacities `bucketed_ffn` chooses from: factor x the mean load (`mean`, default
-    num_tokens * k / num_experts), rounded up to a multiple of 8, and finally `num_tokens` (an expert never gets
-    more rows than there are tokens; factors above num_tokens / mean add no branch, so with 8 experts top-2 the
-    4x and 6x rungs are `num_tokens` itself)."""
-    mean = num_tokens * k / num_experts if mean is None else mean
-    caps = {min(num_tokens, -(-math.ceil(f * mean) // 8) * 8) for f in factors}
-    return tuple(sorted(caps | {num_tokens}))
-
-
-def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                 factors: tuple[float, ...] = BUCKET_FACTORS, valid_TxK=None,
-                 mean_load: float | None = None):
-    """Dropless capacity dispatch: the capacity is the smallest of a few static sizes that holds the busiest
-    expert (`lax.switch` over one compiled branch per size), so nothing is dropped and the expert matmuls are
-    one batched (E, C, D) x (E, D, F) product. With balanced routing C is ~1.1-1.25x the mean load; its cost
-    grows with the busiest expert's load (all tokens on one expert costs as much as `dense`).
-
-    The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make
-    every branch emit the union of all branches' residuals (zero-filled (E, C_max, F) buffers), which cost
-    more than the matmuls here. The residuals are per assignment instead, the same shape in every branch.
+def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=None, mean_load: float | None = None):
+    """Dropless dispatch with fixed shapes (jsmaug/models/bucketed.py): each expert's first C rows (C the mean
+    load) in one (E, C, D) buffer, the busier experts' rows beyond C in as many overflow blocks as they need.
 
     `valid_TxK` (the all_to_all dispatch's received rows): assignments marked False belong to no expert. They
-    sort last, count in no group and take no buffer slot (their scatter index is out of range, so it is dropped),
-    and their output is multiplied by a combine weight the caller sets to 0. `mean_load` sets the expected
-    rows per expert that the capacities are sized from (default: all assignments spread evenly)."""
+    sort last, count in no group and take no row (their scatter index is out of range, so it is dropped), and
+    their output is multiplied by a combine weight the caller sets to 0. `mean_load` sets the expected rows per
+    expert that the capacity is sized from (default: all assignments spread evenly)."""
     dtype = x_TxD.dtype
-    num_tokens, k = idx_TxK.shape
+    num_tokens = x_TxD.shape[0]
     num_experts = w1_ExDxF.shape[0]
-    caps = bucket_capacities(num_tokens, k, num_experts, factors, mean_load)
     if valid_TxK is not None:
         idx_TxK = jnp.where(valid_TxK, idx_TxK, num_experts)
     order_A, token_A, expert_A, group_sizes_E, slot_A = _sort_assignments(idx_TxK, num_experts)
-    if valid_TxK is not None:
-        slot_A = jnp.where(expert_A < num_experts, slot_A, caps[-1])  # out of every buffer: dropped
-    branch = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes_E), side="left").astype(jnp.int32)
-    y_AxD = _grouped_swiglu(caps, x_TxD, w1_ExDxF.astype(dtype), w3_ExDxF.astype(dtype), w2_ExFxD.astype(dtype),
-                            token_A, expert_A, slot_A, branch)
+    y_AxD = bucketed.expert_part(x_TxD, *(w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD)),
+                                 token_A, expert_A, slot_A, group_sizes_E, mean_load)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
-
-
-def _to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
-    buf = jnp.zeros((num_experts, capacity, v_AxN.shape[-1]), v_AxN.dtype)
-    return buf.at[expert_A, slot_A].set(v_AxN, unique_indices=True)
-
-
-def _grouped_forward(capacity, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
-    """y per assignment, and the two pre-activations per assignment (the backward's residuals)."""
-    xb_ExCxD = _to_buffer(x_TxD[token_A], expert_A, slot_A, w1.shape[0], capacity)
-    out_ExCxD, p1_ExCxF, p3_ExCxF = _expert_matmuls(xb_ExCxD, w1, w3, w2)
-    return out_ExCxD[expert_A, slot_A], p1_ExCxF[expert_A, slot_A], p3_ExCxF[expert_A, slot_A]
-
-
-def _grouped_backward(capacity, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1_AxF, p3_AxF, g_AxD):
-    num_experts = w1.shape[0]
-    buf = lambda v: _to_buffer(v, expert_A, slot_A, num_experts, capacity)  # padding rows are zeros
-    xb, p1, p3, dout = buf(x_TxD[token_A]), buf(p1_AxF), buf(p3_AxF), buf(g_AxD)
-    sig = jax.nn.sigmoid(p1)
-    s1 = p1 * sig
-    h = s1 * p3
-    dw2 = jnp.einsum("ecf,ecd->efd", h, dout)
-    dh = jnp.einsum("ecd,efd->ecf", dout, w2)
-    dp1 = dh * p3 * (sig * (1 + p1 * (1 - sig)))  # d silu(z) / dz = sig(z) (1 + z (1 - sig(z)))
-    dp3 = dh * s1
-    dxb = jnp.einsum("ecf,edf->ecd", dp1, w1) + jnp.einsum("ecf,edf->ecd", dp3, w3)
-    dw1 = jnp.einsum("ecd,ecf->edf", xb, dp1)
-    dw3 = jnp.einsum("ecd,ecf->edf", xb, dp3)
-    dx = jnp.zeros_like(x_TxD).at[token_A].add(dxb[expert_A, slot_A])
-    return dx, dw1, dw3, dw2
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _grouped_swiglu(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
-    """SwiGLU experts on the sorted assignments, capacity caps[branch] (the smallest that holds every group)."""
-    return _grouped_swiglu_fwd(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)[0]
-
-
-def _grouped_swiglu_fwd(caps, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
-    branches = [functools.partial(_grouped_forward, c) for c in caps]
-    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A)
-    return y, (x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3)
-
-
-def _grouped_swiglu_bwd(caps, res, g_AxD):
-    x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3 = res
-    branches = [functools.partial(_grouped_backward, c) for c in caps]
-    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1, p3,
-                                       g_AxD)
-    return dx, dw1, dw3, dw2, None, None, None, None
-
-
-_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:

@@ -1,0 +1,188 @@
+"""The `bucketed` MoE dispatch (the CPU and GPU default, jsmaug/models/moe.py): dropless, fixed shapes, and work in
+proportion to the rows really routed, however uneven the routing.
+
+Each expert's first C assignments (C the mean load, rounded up to a multiple of 8) go to an (E, C, D) buffer,
+whose SwiGLU is one batched matmul per weight. The rest, the rows of the busier experts beyond C, go to overflow
+blocks of `bs` rows, one expert per block (the block's weights gathered): M blocks, M the smallest rung of a
+ladder (0, 1, 2, 3, 4, 6, 8, 12, ...) that holds them, chosen at run time by `lax.switch` over one compiled branch
+per rung. A padded buffer sized for the busiest expert (the earlier design) computes E x its load; this computes
+E x the mean plus the overflow rounded up to blocks.
+
+Measured on the 2-core CPU machine (2026-12-03, expert part fwd+bwd, alternating in one process; docs/performance.md,
+"The MoE's overflow blocks"): with 8 experts top-2, T=2048, D=256, F=512 (the bench's step model) and one expert at
+1.5x / 2x / 2.5x the mean, 168 / 158 / 165 ms against 224 / 244 / 306 ms for the busiest-expert buffer; with 64
+experts top-8 at D=512, F=192 (Qwen3-30B-A3B in miniature) and a uniformly random router (busiest 1.13x),
+495 against 560 ms, and with a skewed one (busiest 1.84x) 575 against 801 ms. A base of 1.125x or 1.25x the mean
+was no faster anywhere. The overflow block is mean/4 rows, between 8 and 128: 128 beat 64 at a mean of 512 rows,
+64 beat 32 at 256.
+
+The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make every branch
+emit the union of all branches' residuals (zero-filled buffers of the largest one). The residuals are per
+assignment instead, the same shape in every branch.
+
+Array names carry their shapes: T tokens, D hidden, F mlp, E experts, K experts per token, A = T*K assignments,
+M overflow blocks, B rows per block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Overflow-block rungs up to 4, then about x1.5 apart (the last rung is the bound, see `overflow_ladder`).
+_RUNGS = (0, 1, 2, 3, 4, 6, 8)
+
+
+def base_capacity(num_tokens: int, k: int, num_experts: int, mean: float | None = None) -> int:
+    """C: the mean load (`mean`, default num_tokens * k / num_experts) rounded up to a multiple of 8, at most
+    num_tokens (an expert never gets more rows than there are tokens)."""
+    mean = num_tokens * k / num_experts if mean is None else mean
+    return max(8, min(num_tokens, -(-math.ceil(mean) // 8) * 8))
+
+
+def block_rows(capacity: int) -> int:
+    """Rows per overflow block: a quarter of the base capacity as a power of two, between 8 and 128."""
+    return int(min(128, max(8, 1 << max(0, (capacity // 4).bit_length() - 1))))
+
+
+def overflow_ladder(num_assign: int, num_experts: int, bs: int) -> tuple[int, ...]:
+    """Block counts the branches are compiled for. The last is a bound no routing exceeds: the overflow rows
+    number at most A, and each overflowing expert rounds up to at most one block more."""
+    bound = -(-num_assign // bs) + num_experts
+    rungs, r = list(_RUNGS), _RUNGS[-1]
+    while rungs[-1] < bound:
+        r = int(r * 1.5)
+        rungs.append(r)
+    return tuple(sorted({min(r, bound) for r in rungs}))
+
+
+def needed_blocks(group_sizes_E, capacity: int, bs: int):
+    """Overflow blocks the routing needs: each expert's rows beyond the capacity, rounded up to blocks."""
+    return jnp.sum((jnp.maximum(group_sizes_E - capacity, 0) + bs - 1) // bs)
+
+
+def _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts):
+    """Each overflowing assignment's row in the (M * B) overflow rows (out of range for the others) and each
+    block's expert. An expert's overflow starts on a block boundary."""
+    over_A = (expert_A < num_experts) & (slot_A >= capacity)
+    e_A = jnp.minimum(expert_A, num_experts - 1)
+    sizes_E = jnp.zeros((num_experts,), jnp.int32).at[e_A].add(over_A.astype(jnp.int32))
+    padded_E = (sizes_E + bs - 1) // bs * bs
+    ends_E = jnp.cumsum(padded_E)
+    dest_A = jnp.where(over_A, ends_E[e_A] - padded_E[e_A] + slot_A - capacity, num_blocks * bs)
+    block_expert_M = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(num_blocks) * bs, side="right"),
+                                 num_experts - 1).astype(jnp.int32)
+    return dest_A, block_expert_M
+
+
+def _to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
+    """The base buffer (E, C, N); assignments past the capacity (or of no expert) are dropped."""
+    buf = jnp.zeros((num_experts, capacity, v_AxN.shape[-1]), v_AxN.dtype)
+    return buf.at[expert_A, slot_A].set(v_AxN, unique_indices=True, mode="drop")
+
+
+def _from_buffer(buf_ExCxN, expert_A, slot_A):
+    return buf_ExCxN.at[expert_A, slot_A].get(mode="fill", fill_value=0)
+
+
+def _to_blocks(v_AxN, dest_A, num_blocks: int, bs: int):
+    buf = jnp.zeros((num_blocks * bs, v_AxN.shape[-1]), v_AxN.dtype)
+    return buf.at[dest_A].set(v_AxN, unique_indices=True, mode="drop").reshape(num_blocks, bs, -1)
+
+
+def _from_blocks(v_MxBxN, dest_A):
+    return v_MxBxN.reshape(-1, v_MxBxN.shape[-1]).at[dest_A].get(mode="fill", fill_value=0)
+
+
+def expert_matmuls(spec, xb, w1, w3, w2):
+    """SwiGLU on a buffer with per-buffer-row weights: (output, pre-activations p1, p3). `spec` is "e" for the
+    (E, C, .) base buffer with the (E, ...) weights, "m" for the (M, B, .) blocks with weights gathered per block."""
+    p1 = jnp.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w1)
+    p3 = jnp.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w3)
+    return jnp.einsum(f"{spec}cf,{spec}fd->{spec}cd", jax.nn.silu(p1) * p3, w2), p1, p3
+
+
+def _swiglu_backward(spec, xb, w1, w3, w2, p1, p3, dout):
+    """(dxb, dw1, dw3, dw2) of `expert_matmuls` from its inputs, pre-activations and output gradient."""
+    sig = jax.nn.sigmoid(p1)
+    s1 = p1 * sig
+    dh = jnp.einsum(f"{spec}cd,{spec}fd->{spec}cf", dout, w2)
+    dp1 = dh * p3 * (sig * (1 + p1 * (1 - sig)))  # d silu(z) / dz = sig(z) (1 + z (1 - sig(z)))
+    dp3 = dh * s1
+    back, grad_w = f"{spec}cf,{spec}df->{spec}cd", f"{spec}cd,{spec}cf->{spec}df"
+    dxb = jnp.einsum(back, dp1, w1) + jnp.einsum(back, dp3, w3)
+    return (dxb, jnp.einsum(grad_w, xb, dp1), jnp.einsum(grad_w, xb, dp3),
+            jnp.einsum(f"{spec}cf,{spec}cd->{spec}fd", s1 * p3, dout))
+
+
+def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
+    """y per assignment and the two pre-activations per assignment (the backward's residuals)."""
+    capacity, bs = layout
+    num_experts = w1.shape[0]
+    x_AxD = x_TxD[token_A]
+    outs = expert_matmuls("e", _to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2)
+    outs = [_from_buffer(v, expert_A, slot_A) for v in outs]
+    if num_blocks:
+        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
+        over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M])
+        outs = [a + _from_blocks(v, dest_A) for a, v in zip(outs, over)]
+    return tuple(outs)
+
+
+def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1_AxF, p3_AxF, g_AxD):
+    capacity, bs = layout
+    num_experts = w1.shape[0]
+    rows = (x_TxD[token_A], p1_AxF, p3_AxF, g_AxD)
+    xb, p1, p3, dout = (_to_buffer(v, expert_A, slot_A, num_experts, capacity) for v in rows)
+    dxb, dw1, dw3, dw2 = _swiglu_backward("e", xb, w1, w3, w2, p1, p3, dout)
+    dx_AxD = _from_buffer(dxb, expert_A, slot_A)
+    if num_blocks:
+        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
+        xb, p1, p3, dout = (_to_blocks(v, dest_A, num_blocks, bs) for v in rows)
+        dxb, *dws = _swiglu_backward("m", xb, w1[be_M], w3[be_M], w2[be_M], p1, p3, dout)
+        dx_AxD = dx_AxD + _from_blocks(dxb, dest_A)
+        dw1, dw3, dw2 = (a + jax.ops.segment_sum(d, be_M, num_experts, indices_are_sorted=True)
+                         for a, d in zip((dw1, dw3, dw2), dws))
+    return jnp.zeros_like(x_TxD).at[token_A].add(dx_AxD), dw1, dw3, dw2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+    """SwiGLU experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks."""
+    return _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)[0]
+
+
+def _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+    branches = [functools.partial(_forward, layout, m) for m in ladder]
+    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A)
+    return y, (x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3)
+
+
+def _grouped_swiglu_bwd(layout, ladder, res, g_AxD):
+    x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3 = res
+    branches = [functools.partial(_backward, layout, m) for m in ladder]
+    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1, p3,
+                                       g_AxD)
+    return dx, dw1, dw3, dw2, None, None, None, None
+
+
+_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
+def plan(num_tokens: int, k: int, num_experts: int, mean_load: float | None = None):
+    """The static layout ((capacity, rows per block), overflow ladder) for these shapes."""
+    capacity = base_capacity(num_tokens, k, num_experts, mean_load)
+    bs = block_rows(capacity)
+    return (capacity, bs), overflow_ladder(num_tokens * k, num_experts, bs)
+
+
+def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mean_load=None):
+    """y per sorted assignment (A, D): the base buffer and as many overflow blocks as the routing needs."""
+    num_tokens, num_experts = x_TxD.shape[0], w1.shape[0]
+    layout, ladder = plan(num_tokens, token_A.shape[0] // num_tokens, num_experts, mean_load)
+    need = needed_blocks(group_sizes_E, *layout)
+    branch = jnp.searchsorted(jnp.asarray(ladder), need, side="left").astype(jnp.int32)
+    return _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)
