@@ -79,6 +79,66 @@ def _unembed_label_logps_bwd(with_sum_sq, res, g):
 _unembed_label_logps.defvjp(_unembed_label_logps_fwd, _unembed_label_logps_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_loop_core(with_aligned: bool, chunk: int, w_DxV, h_BxSxD, labels_BxS, longest):
+    return _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)[0]
+
+
+def _chunk_loop(w_DxV, h_BxSxD, labels_BxS, longest, *, with_aligned: bool, chunk: int):
+    """`_unembed_label_logps` over the sequence, `chunk` positions per row at a time, for the chunks that hold any
+    of the first `longest` positions (a loop of run-time length, forward and backward: S a multiple of `chunk`).
+
+    The whole loop is one custom VJP. A `lax.map` of per-chunk custom VJPs under `lax.cond` (the earlier kernel, and
+    still the path of a callable unembedding) makes the cond's outputs the scan's residuals: the (D, V) matrix
+    stacked once per chunk into a zero-filled buffer, and copied each chunk. Here the residuals are the inputs
+    and the (B, S) log-sum-exp, and the backward accumulates dW in its loop's carry."""
+    return _chunk_loop_core(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)
+
+
+def _live_chunks(longest, chunk):
+    return (longest + chunk - 1) // chunk
+
+
+def _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest):
+    b, s, _ = h_BxSxD.shape
+    lp = jnp.zeros((b, s, 2) if with_aligned else (b, s), jnp.float32)
+    lse = jnp.zeros((b, s), jnp.float32)
+
+    def body(i, carry):
+        lp, lse = carry
+        hc = jax.lax.dynamic_slice_in_dim(h_BxSxD, i * chunk, chunk, axis=1)
+        lc = jax.lax.dynamic_slice_in_dim(labels_BxS, i * chunk, chunk, axis=1)
+        lp_c, lse_c = _label_logps_and_lse(_logits(hc, w_DxV), lc, with_aligned)
+        return (jax.lax.dynamic_update_slice_in_dim(lp, lp_c, i * chunk, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(lse, lse_c, i * chunk, axis=1))
+
+    lp, lse = jax.lax.fori_loop(0, _live_chunks(longest, chunk), body, (lp, lse))
+    return lp, (w_DxV, h_BxSxD, labels_BxS, longest, lse)
+
+
+def _chunk_loop_bwd(with_aligned, chunk, res, g):
+    w, h, labels, longest, lse = res
+    g = g[..., 0] if with_aligned else g  # the aligned feature has no gradient (WPO)
+    onehot_v = jnp.arange(w.shape[1], dtype=labels.dtype)
+
+    def body(i, carry):
+        dh, dw = carry
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
+        hc, lc, gc, lse_c = sl(h), sl(labels), sl(g), sl(lse)
+        onehot = (onehot_v == lc[..., None]).astype(jnp.float32)
+        dlogits = (gc[..., None] * (onehot - jnp.exp(_logits(hc, w) - lse_c[..., None]))).astype(w.dtype)
+        dh_c = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        dw = dw + jnp.einsum("bcd,bcv->dv", hc.astype(w.dtype), dlogits, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=1), dw
+
+    dh, dw = jax.lax.fori_loop(0, _live_chunks(longest, chunk), body,
+                               (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
+    return dw.astype(w.dtype), dh, None, None
+
+
+_chunk_loop_core.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
+
+
 def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, positions_BxS=None,
                num_sequences: int | None = None) -> jax.Array:
     """LD-DPO's token weights for a [chosen; rejected] batch (TRL 1.16): per pair, the first min(len_c, len_r)
@@ -143,6 +203,7 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     chex.assert_rank(hidden_BxSxD, 3)
     mask = loss_mask_BxS.astype(jnp.float32)
 
+    features = 2 if with_aligned else 0
     if callable(unembed):
         def chunk_fn(h, lb):
             return _label_logps(unembed(h), lb, with_aligned)
@@ -153,9 +214,11 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
 
     if chunk_size is None:
         out = chunk_fn(hidden_BxSxD, labels_BxS)
+    elif callable(unembed):
+        out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features)
     else:
-        out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size,
-                                     2 if with_aligned else 0)
+        loop = functools.partial(_chunk_loop, unembed, with_aligned=with_aligned, chunk=chunk_size)
+        out = _masked_positions_only(None, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features, loop)
     lp = out[..., 0] if with_aligned else out
     if sequence_ids_BxS is None:
         total = functools.partial(jnp.sum, axis=1)
@@ -170,13 +233,14 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     return SequenceLogps(weighted, total(loss_mask_BxS.astype(jnp.int32)), plain, aligned)
 
 
-def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, features: int = 0):
+def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, features: int = 0, loop=None):
     """fn(h (B, chunk, D), labels (B, chunk)) -> (B, chunk[, features]) on the masked positions only; 0 elsewhere.
 
     Within each row, the masked positions are moved to the front (a stable per-row sort), and the rows are
     processed `chunk` positions at a time; chunks past the longest row's count are skipped at run time. The batch
     axis is never flattened, so on a mesh each device unembeds only its own rows (a global gather over the
-    flattened batch would make every device do every row's work). Positions past a row's count are fed zeros."""
+    flattened batch would make every device do every row's work). Positions past a row's count are fed zeros.
+    `loop(h_sorted, labels_sorted, longest)`, if given, replaces the map over chunks (`_chunk_loop`)."""
     b, s, d = h_BxSxD.shape
     tail = (features,) if features else ()
     labels_BxS, mask_BxS = jnp.asarray(labels_BxS), jnp.asarray(mask_BxS)
@@ -197,8 +261,11 @@ def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, featur
         return jax.lax.cond(i * chunk < longest, lambda: fn(hc, lc).astype(jnp.float32),
                             lambda: jnp.zeros((b, chunk, *tail), jnp.float32))
 
-    lp_NxBxC = jax.lax.map(one, jnp.arange((s + pad) // chunk))
-    lp_BxS = jnp.moveaxis(lp_NxBxC, 0, 1).reshape(b, s + pad, *tail)[:, :s]
+    if loop is not None:
+        lp_BxS = loop(h_sorted, lb_sorted, longest)[:, :s]
+    else:
+        lp_NxBxC = jax.lax.map(one, jnp.arange((s + pad) // chunk))
+        lp_BxS = jnp.moveaxis(lp_NxBxC, 0, 1).reshape(b, s + pad, *tail)[:, :s]
     live = live_BxS[..., None] if features else live_BxS
     lp_BxS = jnp.where(live, lp_BxS, 0.0)
     rows_BxS = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
