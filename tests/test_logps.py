@@ -114,8 +114,8 @@ def test_bad_inputs_raise_clearly():
         logps.sequence_logps(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2)), jnp.ones((1, 2)))
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 4])
-def test_unembedding_matrix_path_equals_autodiff(chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 4, 64])
+def test_unembedding_matrix_path_equals_autodiff(chunk):  # 64: one chunk longer than the rows
     """Passing the (D, V) matrix takes the hand-written backward (`_unembed_label_logps`): its values and its
     gradients (hidden states and matrix; token weights on; WPO's aligned sum beside) equal autodiff through the
     same unembedding passed as a function."""

@@ -217,7 +217,7 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     elif callable(unembed):
         out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features)
     else:
-        loop = functools.partial(_chunk_loop, unembed, with_aligned=with_aligned, chunk=chunk_size)
+        loop = functools.partial(_chunk_loop, unembed, with_aligned=with_aligned)
         out = _masked_positions_only(None, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features, loop)
     lp = out[..., 0] if with_aligned else out
     if sequence_ids_BxS is None:
@@ -240,7 +240,7 @@ def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, featur
     processed `chunk` positions at a time; chunks past the longest row's count are skipped at run time. The batch
     axis is never flattened, so on a mesh each device unembeds only its own rows (a global gather over the
     flattened batch would make every device do every row's work). Positions past a row's count are fed zeros.
-    `loop(h_sorted, labels_sorted, longest)`, if given, replaces the map over chunks (`_chunk_loop`)."""
+    `loop(h_sorted, labels_sorted, longest, chunk=chunk)`, if given, replaces the map over chunks (`_chunk_loop`)."""
     b, s, d = h_BxSxD.shape
     tail = (features,) if features else ()
     labels_BxS, mask_BxS = jnp.asarray(labels_BxS), jnp.asarray(mask_BxS)
@@ -262,7 +262,7 @@ def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, featur
                             lambda: jnp.zeros((b, chunk, *tail), jnp.float32))
 
     if loop is not None:
-        lp_BxS = loop(h_sorted, lb_sorted, longest)[:, :s]
+        lp_BxS = loop(h_sorted, lb_sorted, longest, chunk=chunk)[:, :s]
     else:
         lp_NxBxC = jax.lax.map(one, jnp.arange((s + pad) // chunk))
         lp_BxS = jnp.moveaxis(lp_NxBxC, 0, 1).reshape(b, s + pad, *tail)[:, :s]
