@@ -8,13 +8,13 @@ ladder (0, 1, 2, 3, 4, 6, 8, 12, ...) that holds them, chosen at run time by `la
 per rung. A padded buffer sized for the busiest expert (the earlier design) computes E x its load; this computes
 E x the mean plus the overflow rounded up to blocks.
 
-Measured on the 2-core CPU machine (2026-12-03, expert part fwd+bwd, alternating in one process; docs/performance.md,
-"The MoE's overflow blocks"): with 8 experts top-2, T=2048, D=256, F=512 (the bench's step model) and one expert at
-1.5x / 2x / 2.5x the mean, 168 / 158 / 165 ms against 224 / 244 / 306 ms for the busiest-expert buffer; with 64
-experts top-8 at D=512, F=192 (Qwen3-30B-A3B in miniature) and a uniformly random router (busiest 1.13x),
-495 against 560 ms, and with a skewed one (busiest 1.84x) 575 against 801 ms. A base of 1.125x or 1.25x the mean
-was no faster anywhere. The overflow block is mean/4 rows, between 8 and 128: 128 beat 64 at a mean of 512 rows,
-64 beat 32 at 256.
+Measured on the 2-core CPU machine (2026-12-03, fwd+bwd, alternating in one process; docs/performance.md, "The
+MoE's overflow blocks"): the layer at the bench step model's shape (T=2048, D=256, F=512, top-2 of 8) with its
+layers' real loads (busiest 1.36x and 2.11x the mean) took 158 and 195 ms against 174 and 319 ms for a buffer
+sized for the busiest expert; a prototype of this layout with 64 experts top-8 (Qwen3-30B-A3B in miniature) took
+474-495 against 560 ms under a uniform router and 575 against 801 ms under a skewed one. A base of 1.125x or 1.25x
+the mean was no faster anywhere. The overflow block is mean/4 rows, between 8 and 128: 128 beat 64 at a mean of
+512 rows, 64 beat 32 at 256.
 
 The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make every branch
 emit the union of all branches' residuals (zero-filled buffers of the largest one). The residuals are per

@@ -65,26 +65,26 @@ def _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq):
     return lp, (h_BxCxD, w_DxV, labels_BxC, lse)
 
 
+def _chunk_grads(h, w, labels, lse, g):
+    """(dh in h's dtype, dw in float32) of sum(g * log p(label)) for one chunk: the logits recomputed once,
+    d logits = g * (onehot - softmax)."""
+    onehot = jnp.arange(w.shape[1], dtype=labels.dtype) == labels[..., None]
+    dlogits = (g[..., None] * (onehot.astype(jnp.float32) - jnp.exp(_logits(h, w) - lse[..., None]))).astype(w.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    return dh, jnp.einsum("bcd,bcv->dv", h.astype(w.dtype), dlogits, preferred_element_type=jnp.float32)
+
+
 def _unembed_label_logps_bwd(with_sum_sq, res, g):
     h, w, labels, lse = res
-    g = g[..., 0] if with_sum_sq else g
-    logits = _logits(h, w)
-    onehot = jnp.arange(w.shape[1], dtype=labels.dtype) == labels[..., None]
-    dlogits = (g[..., None] * (onehot.astype(jnp.float32) - jnp.exp(logits - lse[..., None]))).astype(w.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
-    dw = jnp.einsum("bcd,bcv->dv", h.astype(w.dtype), dlogits, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dh, dw, None
+    dh, dw = _chunk_grads(h, w, labels, lse, g[..., 0] if with_sum_sq else g)
+    return dh, dw.astype(w.dtype), None
 
 
 _unembed_label_logps.defvjp(_unembed_label_logps_fwd, _unembed_label_logps_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_loop_core(with_aligned: bool, chunk: int, w_DxV, h_BxSxD, labels_BxS, longest):
-    return _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)[0]
-
-
-def _chunk_loop(w_DxV, h_BxSxD, labels_BxS, longest, *, with_aligned: bool, chunk: int):
+def _chunk_loop(with_aligned: bool, chunk: int, w_DxV, h_BxSxD, labels_BxS, longest):
     """`_unembed_label_logps` over the sequence, `chunk` positions per row at a time, for the chunks that hold any
     of the first `longest` positions (a loop of run-time length, forward and backward: S a multiple of `chunk`).
 
@@ -92,7 +92,7 @@ def _chunk_loop(w_DxV, h_BxSxD, labels_BxS, longest, *, with_aligned: bool, chun
     still the path of a callable unembedding) makes the cond's outputs the scan's residuals: the (D, V) matrix
     stacked once per chunk into a zero-filled buffer, and copied each chunk. Here the residuals are the inputs
     and the (B, S) log-sum-exp, and the backward accumulates dW in its loop's carry."""
-    return _chunk_loop_core(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)
+    return _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)[0]
 
 
 def _live_chunks(longest, chunk):
@@ -119,24 +119,19 @@ def _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest):
 def _chunk_loop_bwd(with_aligned, chunk, res, g):
     w, h, labels, longest, lse = res
     g = g[..., 0] if with_aligned else g  # the aligned feature has no gradient (WPO)
-    onehot_v = jnp.arange(w.shape[1], dtype=labels.dtype)
 
     def body(i, carry):
         dh, dw = carry
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
-        hc, lc, gc, lse_c = sl(h), sl(labels), sl(g), sl(lse)
-        onehot = (onehot_v == lc[..., None]).astype(jnp.float32)
-        dlogits = (gc[..., None] * (onehot - jnp.exp(_logits(hc, w) - lse_c[..., None]))).astype(w.dtype)
-        dh_c = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
-        dw = dw + jnp.einsum("bcd,bcv->dv", hc.astype(w.dtype), dlogits, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=1), dw
+        dh_c, dw_c = _chunk_grads(sl(h), w, sl(labels), sl(lse), sl(g))
+        return jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=1), dw + dw_c
 
     dh, dw = jax.lax.fori_loop(0, _live_chunks(longest, chunk), body,
                                (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
     return dw.astype(w.dtype), dh, None, None
 
 
-_chunk_loop_core.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
+_chunk_loop.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
 
 
 def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, positions_BxS=None,
@@ -217,7 +212,8 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     elif callable(unembed):
         out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features)
     else:
-        loop = functools.partial(_chunk_loop, unembed, with_aligned=with_aligned)
+        def loop(h, lb, longest, chunk):
+            return _chunk_loop(with_aligned, chunk, unembed, h, lb, longest)
         out = _masked_positions_only(None, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features, loop)
     lp = out[..., 0] if with_aligned else out
     if sequence_ids_BxS is None:
@@ -240,7 +236,7 @@ def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, featur
     processed `chunk` positions at a time; chunks past the longest row's count are skipped at run time. The batch
     axis is never flattened, so on a mesh each device unembeds only its own rows (a global gather over the
     flattened batch would make every device do every row's work). Positions past a row's count are fed zeros.
-    `loop(h_sorted, labels_sorted, longest, chunk=chunk)`, if given, replaces the map over chunks (`_chunk_loop`)."""
+    `loop(h_sorted, labels_sorted, longest, chunk)`, if given, replaces the map over chunks (`_chunk_loop`)."""
     b, s, d = h_BxSxD.shape
     tail = (features,) if features else ()
     labels_BxS, mask_BxS = jnp.asarray(labels_BxS), jnp.asarray(mask_BxS)
@@ -262,7 +258,7 @@ def _masked_positions_only(fn, h_BxSxD, labels_BxS, mask_BxS, chunk: int, featur
                             lambda: jnp.zeros((b, chunk, *tail), jnp.float32))
 
     if loop is not None:
-        lp_BxS = loop(h_sorted, lb_sorted, longest, chunk=chunk)[:, :s]
+        lp_BxS = loop(h_sorted, lb_sorted, longest, chunk)[:, :s]
     else:
         lp_NxBxC = jax.lax.map(one, jnp.arange((s + pad) // chunk))
         lp_BxS = jnp.moveaxis(lp_NxBxC, 0, 1).reshape(b, s + pad, *tail)[:, :s]
