@@ -13,6 +13,9 @@ def test_op_names_map_to_parts():
     assert profile.part_of_op("jit(s)/transpose(jvp())/DecoderLayer/self_attn/prof_rope/mul", False) == profile.NORM
     moe = "jit(s)/jvp()/DecoderLayer/block_sparse_moe/cond/branch_1_fun/"
     assert profile.part_of_op(moe + "ecd,edf->ecf/dot_general", True) == profile.EXPERT
+    assert profile.part_of_op(moe + "mcd,mdf->mcf/dot_general", True) == profile.EXPERT  # an overflow block
+    assert profile.part_of_op(moe + "cd,cf->df/dot_general", True) == profile.EXPERT  # a backward spec
+    assert profile.part_of_op(moe + "gate/td,de->te/dot_general", True) == profile.ROUTE  # the router
     assert profile.part_of_op(moe + "gather", False) == profile.ROUTE
     assert profile.part_of_op("jit(s)/jvp()/DecoderLayer/block_sparse_moe/dot_general", True) == profile.ROUTE
     assert profile.part_of_op("jit(s)/jvp(prof_logps)/bsd,dv->bsv/dot_general", True) == profile.LOGPS

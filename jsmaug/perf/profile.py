@@ -70,7 +70,10 @@ def part_of_op(op_name: str, is_dot: bool) -> str:
     if "prof_norm" in op_name or "prof_rope" in op_name or "layernorm" in op_name:
         return NORM
     if "block_sparse_moe" in op_name:
-        return EXPERT if is_dot and re.search(r"ec[df]", op_name) else ROUTE
+        # the expert matmuls are the einsums over a capacity axis `c` (the base buffer's `ecd,edf->ecf`, the
+        # overflow blocks' `mcd,mdf->mcf`, and their backward specs) and ragged_dot; the router's matmul has none
+        expert = re.search(r"(?:^|/)[a-z]*c[a-z]*,[a-z]+->", op_name) or "ragged_dot" in op_name
+        return EXPERT if is_dot and expert else ROUTE
     if "self_attn" in op_name:
         return ATTN
     if "jvp(" not in op_name:  # after the gradient: the optimizer update, clipping, the metrics
