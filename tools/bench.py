@@ -21,6 +21,7 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
               mild synthetic pairs (jsmaug/perf/packing_bench.py): rows from the length ladder (the default) and
               rows of the bucket length, and the share of token slots spent on padding
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
+  mfu/step_model_dpop_step  the torch row's jsmaug step (the 29.8M step model): model FLOPs / its time / peak
 Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
 """
 
@@ -168,16 +169,23 @@ def bench_steps(conf, pairs, length, label, rounds=5):
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, rounds=4):
+def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, peak, rounds=4):
+    """torch/jsmaug_vs_pytorch_dpop_step, and mfu/step_model_dpop_step: the same jsmaug step's model FLOPs /
+    its time (the goal's pair, side by side in one run) against the measured peak."""
     import torch
+
+    from jsmaug.perf.flops import analytic_flops_per_step
 
     torch.set_num_threads(threads)
     one_step = torch_dpop_step(conf, synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size), pairs)
     one_step()
     tokens = 2 * pairs * length
-    record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens,
-                         f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
-                         "HF transformers + PyTorch DPOP step", rounds)
+    cfg = f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
+    sec = record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens, cfg,
+                               "HF transformers + PyTorch DPOP step", rounds)
+    flops = analytic_flops_per_step(conf, tokens, length, with_reference=True)
+    record("mfu/step_model_dpop_step", flops / sec / 1e9, peak / 1e9, "GFLOP/s", cfg + ", blocks of 3",
+           "model FLOPs / the torch row's step time", "peak (measured before the rows)")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -212,7 +220,7 @@ def main(argv=None) -> int:
         batch = synthetic_batch(np.random.default_rng(0), pairs, length, small.vocab_size)
         ref = model.init_params(small, jax.random.key(0))
         if not args.skip_torch:
-            run_torch_rows(small, pairs, length, batch, ref, q)
+            run_torch_rows(small, pairs, length, batch, ref, q, peak)
         bench_mfu(q, small, peak, lambda: measure_peak(256 if q else 2048))
         print_table(args.json_out)
         return 0
@@ -225,7 +233,7 @@ def main(argv=None) -> int:
     _, batch, ref = bench_steps(small, pairs, length, "step model")
 
     if not args.skip_torch:
-        run_torch_rows(small, pairs, length, batch, ref, q)
+        run_torch_rows(small, pairs, length, batch, ref, q, peak)
     bench_lora(small, batch, ref, rank=4 if q else 16)
     bench_reference_free(small, batch, ref)
     for dist in ("long_tailed", "mild"):  # 8 pairs per step: one data shard's share of a pod's micro-batch
@@ -237,9 +245,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_torch_rows(small, pairs, length, batch, ref, q):
-    """torch/*: the step model's DPOP step against HF Mixtral + PyTorch, and a Llama-shaped dense model's."""
-    bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1)
+def run_torch_rows(small, pairs, length, batch, ref, q, peak):
+    """torch/*: the step model's DPOP step against HF Mixtral + PyTorch (and its MFU), and a Llama-shaped dense
+    model's."""
+    bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1,
+                peak=peak)
     from jsmaug.perf import dense_bench  # torch/llama_*: a Llama-shaped dense model against LlamaForCausalLM
 
     dense_bench.bench_llama_vs_torch(q, threads=os.cpu_count() or 1)

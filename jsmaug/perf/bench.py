@@ -72,11 +72,15 @@ def time_alternating(fns, rounds: int, block: int = 1) -> dict[str, float]:
 
 def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, torch_label: str, rounds: int):
     """The `torch/*` rows: `name`, timed in blocks of 3 back-to-back steps (3 rounds; the goal's row, a training
-    loop's steady state), and `name`_interleaved, the steps strictly in turn (`rounds`), in tokens/s."""
+    loop's steady state), and `name`_interleaved, the steps strictly in turn (`rounds`), in tokens/s. Returns
+    jsmaug's seconds per step in the first."""
+    seconds = []
     for row, kw in ((name, {"rounds": 3, "block": 3}), (f"{name}_interleaved", {"rounds": rounds})):
         t = time_alternating({"jax": jax_step, "torch": torch_step}, **kw)
         record(row, tokens / t["jax"], tokens / t["torch"], "tokens/s", config, "jsmaug jitted DPOP step",
                torch_label)
+        seconds.append(t["jax"])
+    return seconds[0]
 
 
 def record(name, a, b, unit, config, a_label, b_label):
