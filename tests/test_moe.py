@@ -61,6 +61,23 @@ def test_capacity_drops_are_counted_and_zeroed():
     y_dense, _ = moe.dense_ffn(x, idx, w, w1, w3, w2)
     np.testing.assert_allclose(y[0], y_dense[0], atol=1e-5)
     assert not np.allclose(y[-1], y_dense[-1], atol=1e-5)
+    # Every token: the dense layer with the dropped assignments' weights zeroed (an assignment is kept while fewer
+    # than `capacity` earlier ones, in (token, k) order, went to its expert), in values and in gradients.
+    seen, keep = np.zeros(4, int), np.zeros(idx.shape, bool)
+    for t, j in np.ndindex(*idx.shape):
+        e = int(idx[t, j])
+        keep[t, j], seen[e] = seen[e] < capacity, seen[e] + 1
+    assert int(dropped) == int((~keep).sum())
+
+    def kept(fn):
+        return lambda x, w1, w3, w2: jnp.sum(fn(x, idx, w, w1, w3, w2)[0] ** 2)
+
+    cap = kept(lambda *a: moe.capacity_ffn(*a, capacity_factor=cf))
+    ref = kept(lambda x, i, w, *ws: moe.dense_ffn(x, i, jnp.where(keep, w, 0.0), *ws))
+    np.testing.assert_allclose(cap(x, w1, w3, w2), ref(x, w1, w3, w2), rtol=1e-5)
+    for a, b in zip(jax.grad(cap, argnums=(0, 1, 2, 3))(x, w1, w3, w2),
+                    jax.grad(ref, argnums=(0, 1, 2, 3))(x, w1, w3, w2)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_route_renormalises_topk():

@@ -78,13 +78,14 @@ def _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts):
     return dest_A, block_expert_M
 
 
-def _to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
+def to_buffer(v_AxN, expert_A, slot_A, num_experts: int, capacity: int):
     """The base buffer (E, C, N); assignments past the capacity (or of no expert) are dropped."""
     buf = jnp.zeros((num_experts, capacity, v_AxN.shape[-1]), v_AxN.dtype)
     return buf.at[expert_A, slot_A].set(v_AxN, unique_indices=True, mode="drop")
 
 
-def _from_buffer(buf_ExCxN, expert_A, slot_A):
+def from_buffer(buf_ExCxN, expert_A, slot_A):
+    """Each assignment's row of the base buffer; those past the capacity (or of no expert) read zeros."""
     return buf_ExCxN.at[expert_A, slot_A].get(mode="fill", fill_value=0)
 
 
@@ -123,8 +124,8 @@ def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
     capacity, bs = layout
     num_experts = w1.shape[0]
     x_AxD = x_TxD[token_A]
-    outs = expert_matmuls("e", _to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2)
-    outs = [_from_buffer(v, expert_A, slot_A) for v in outs]
+    outs = expert_matmuls("e", to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2)
+    outs = [from_buffer(v, expert_A, slot_A) for v in outs]
     if num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
         over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M])
@@ -136,9 +137,9 @@ def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, 
     capacity, bs = layout
     num_experts = w1.shape[0]
     rows = (x_TxD[token_A], p1_AxF, p3_AxF, g_AxD)
-    xb, p1, p3, dout = (_to_buffer(v, expert_A, slot_A, num_experts, capacity) for v in rows)
+    xb, p1, p3, dout = (to_buffer(v, expert_A, slot_A, num_experts, capacity) for v in rows)
     dxb, dw1, dw3, dw2 = _swiglu_backward("e", xb, w1, w3, w2, p1, p3, dout)
-    dx_AxD = _from_buffer(dxb, expert_A, slot_A)
+    dx_AxD = from_buffer(dxb, expert_A, slot_A)
     if num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
         xb, p1, p3, dout = (_to_blocks(v, dest_A, num_blocks, bs) for v in rows)

@@ -155,16 +155,12 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
     num_experts = w1_ExDxF.shape[0]
     capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
     order_A, token_A, expert_A, _, rank_A = _sort_assignments(idx_TxK, num_experts)
-    keep_A = rank_A < capacity
-    # Dropped assignments write to a scratch slot (index `capacity`) that is cut off afterwards.
-    slot_A = jnp.where(keep_A, rank_A, capacity)
-    buf_ExCxD = jnp.zeros((num_experts, capacity + 1, x_TxD.shape[1]), dtype)
-    buf_ExCxD = buf_ExCxD.at[expert_A, slot_A].set(x_TxD[token_A])[:, :capacity]
+    # Assignments ranked past the capacity fall outside the buffer: their scatter is dropped, their gather reads 0.
+    buf_ExCxD = bucketed.to_buffer(x_TxD[token_A], expert_A, rank_A, num_experts, capacity)
     weights = (w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
     out_ExCxD, _, _ = bucketed.expert_matmuls("e", buf_ExCxD, *weights)
-    out_ExCxD = jnp.pad(out_ExCxD, ((0, 0), (0, 1), (0, 0)))  # scratch slot reads back zeros
-    y_AxD = out_ExCxD[expert_A, slot_A]
-    dropped = jnp.sum(~keep_A).astype(jnp.int32)
+    y_AxD = bucketed.from_buffer(out_ExCxD, expert_A, rank_A)
+    dropped = jnp.sum(rank_A >= capacity).astype(jnp.int32)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
 
 
