@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jsmaug import hf
+from jsmaug.hf.trl_reference import trl_reference_logps
 
 from jsmaug.data import batches as data
 
@@ -45,22 +46,6 @@ def export(tmp_path_factory):
     return out, conf, params
 
 
-def _trl_logps(hf_dir, rows, workdir):
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    model_pt = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    args = trl.DPOConfig(output_dir=str(workdir), precompute_ref_log_probs=True, per_device_train_batch_size=2,
-                         report_to="none", use_cpu=True, max_length=None, bf16=False, dataset_num_proc=None)
-    trainer = trl.DPOTrainer(model=model_pt, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok)
-    ds = trainer.train_dataset
-    return np.asarray(ds["ref_chosen_logps"], np.float64), np.asarray(ds["ref_rejected_logps"], np.float64)
-
-
 @pytest.mark.parametrize("rows,chat_template", [(PLAIN, None), (CONV, TEMPLATE)], ids=["plain", "conversational"])
 def test_trl_dpo_trainer_gives_jsmaugs_log_probs(export, tmp_path, rows, chat_template):
     out, conf, params = export
@@ -70,7 +55,7 @@ def test_trl_dpo_trainer_gives_jsmaugs_log_probs(export, tmp_path, rows, chat_te
                                                           chat_template=chat_template))
     assert report.kept == len(rows)
     ours = eval_lib.preference_eval(conf, params, examples)["per_pair"]
-    trl_c, trl_r = _trl_logps(out / "hf", rows, tmp_path / "trl")
+    trl_c, trl_r = trl_reference_logps(out / "hf", rows, tmp_path / "trl")
     np.testing.assert_allclose(ours["policy_chosen"], trl_c, atol=1e-3, rtol=0)
     np.testing.assert_allclose(ours["policy_rejected"], trl_r, atol=1e-3, rtol=0)
     # The per-completion log-probs are of order -10 nats per token here, so a stray or missing token (the old

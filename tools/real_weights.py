@@ -164,27 +164,6 @@ def compare_logits(rep: Report, label: str, config, params, torch_model, rows, p
     rep.figure(f"{label} argmax agreement", f"{argmax:.4f}", argmax == 1.0)
 
 
-def trl_logps(hf_dir: Path, rows: list[dict], workdir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """TRL 1.16's DPOTrainer, unmodified: its precomputed reference log-probs of chosen and rejected."""
-    import datasets
-    import torch
-    import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    model_pt = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    args = trl.DPOConfig(output_dir=str(workdir), precompute_ref_log_probs=True, per_device_train_batch_size=2,
-                         report_to="none", use_cpu=True, max_length=None, bf16=False, dataset_num_proc=None)
-    trainer = trl.DPOTrainer(model=model_pt, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok)
-    ds = trainer.train_dataset
-    out = np.asarray(ds["ref_chosen_logps"], np.float64), np.asarray(ds["ref_rejected_logps"], np.float64)
-    del trainer, model_pt
-    gc.collect()
-    return out
-
-
 def read_jsonl(path: Path, n: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
@@ -210,6 +189,7 @@ def main(argv=None) -> int:
 
     from jsmaug.cli import convert, export
     from jsmaug.data import batches as data, formats as pair_formats
+    from jsmaug.hf.trl_reference import trl_reference_logps
     from jsmaug.models import generate as gen
     from jsmaug.train import checkpoint, eval as eval_lib, run as train_run
 
@@ -283,7 +263,7 @@ def main(argv=None) -> int:
                                                                   chat_template=chat), tok)
             ours = eval_lib.preference_eval(config, params, examples)["per_pair"]
             t0 = time.time()
-            trl_c, trl_r = trl_logps(hf_dir, rows_, work / f"trl_{name}")
+            trl_c, trl_r = trl_reference_logps(hf_dir, rows_, work / f"trl_{name}")
             print(f"    TRL DPOTrainer {time.time() - t0:.1f} s")
             diff = max(np.abs(np.asarray(ours["policy_chosen"]) - trl_c).max(),
                        np.abs(np.asarray(ours["policy_rejected"]) - trl_r).max())
