@@ -64,12 +64,13 @@ def needed_blocks(group_sizes_E, capacity: int, bs: int):
     return jnp.sum((jnp.maximum(group_sizes_E - capacity, 0) + bs - 1) // bs)
 
 
-def _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts):
+def _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E):
     """Each overflowing assignment's row in the (M * B) overflow rows (out of range for the others) and each
     block's expert. An expert's overflow starts on a block boundary."""
+    num_experts = group_sizes_E.shape[0]
     over_A = (expert_A < num_experts) & (slot_A >= capacity)
     e_A = jnp.minimum(expert_A, num_experts - 1)
-    sizes_E = jnp.zeros((num_experts,), jnp.int32).at[e_A].add(over_A.astype(jnp.int32))
+    sizes_E = jnp.maximum(group_sizes_E - capacity, 0)  # each expert's rows beyond the base buffer
     padded_E = (sizes_E + bs - 1) // bs * bs
     ends_E = jnp.cumsum(padded_E)
     dest_A = jnp.where(over_A, ends_E[e_A] - padded_E[e_A] + slot_A - capacity, num_blocks * bs)
@@ -119,7 +120,7 @@ def _swiglu_backward(spec, xb, w1, w3, w2, p1, p3, dout):
             jnp.einsum(f"{spec}cf,{spec}cd->{spec}fd", s1 * p3, dout))
 
 
-def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
+def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E):
     """y per assignment and the two pre-activations per assignment (the backward's residuals)."""
     capacity, bs = layout
     num_experts = w1.shape[0]
@@ -127,13 +128,14 @@ def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A):
     outs = expert_matmuls("e", to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2)
     outs = [from_buffer(v, expert_A, slot_A) for v in outs]
     if num_blocks:
-        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
+        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
         over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M])
         outs = [a + _from_blocks(v, dest_A) for a, v in zip(outs, over)]
     return tuple(outs)
 
 
-def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1_AxF, p3_AxF, g_AxD):
+def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, p1_AxF, p3_AxF,
+              g_AxD):
     capacity, bs = layout
     num_experts = w1.shape[0]
     rows = (x_TxD[token_A], p1_AxF, p3_AxF, g_AxD)
@@ -141,7 +143,7 @@ def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, 
     dxb, dw1, dw3, dw2 = _swiglu_backward("e", xb, w1, w3, w2, p1, p3, dout)
     dx_AxD = from_buffer(dxb, expert_A, slot_A)
     if num_blocks:
-        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, num_experts)
+        dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
         xb, p1, p3, dout = (_to_blocks(v, dest_A, num_blocks, bs) for v in rows)
         dxb, *dws = _swiglu_backward("m", xb, w1[be_M], w3[be_M], w2[be_M], p1, p3, dout)
         dx_AxD = dx_AxD + _from_blocks(dxb, dest_A)
@@ -151,23 +153,24 @@ def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+def _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch):
     """SwiGLU experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks."""
-    return _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)[0]
+    return _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E,
+                               branch)[0]
 
 
-def _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch):
+def _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch):
     branches = [functools.partial(_forward, layout, m) for m in ladder]
-    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A)
-    return y, (x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3)
+    routing = (token_A, expert_A, slot_A, group_sizes_E)
+    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, *routing)
+    return y, (x_TxD, w1, w3, w2, routing, branch, p1, p3)
 
 
 def _grouped_swiglu_bwd(layout, ladder, res, g_AxD):
-    x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch, p1, p3 = res
+    x_TxD, w1, w3, w2, routing, branch, p1, p3 = res
     branches = [functools.partial(_backward, layout, m) for m in ladder]
-    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, p1, p3,
-                                       g_AxD)
-    return dx, dw1, dw3, dw2, None, None, None, None
+    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, *routing, p1, p3, g_AxD)
+    return dx, dw1, dw3, dw2, None, None, None, None, None
 
 
 _grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
@@ -186,4 +189,4 @@ def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mea
     layout, ladder = plan(num_tokens, token_A.shape[0] // num_tokens, num_experts, mean_load)
     need = needed_blocks(group_sizes_E, *layout)
     branch = jnp.searchsorted(jnp.asarray(ladder), need, side="left").astype(jnp.int32)
-    return _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, branch)
+    return _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch)
