@@ -33,12 +33,35 @@ def test_floats_in_every_spelling(tmp_path):
     ("distributed.coordinator_address=localhost", r"^distributed.coordinator_address: expected host:port"),
     ("distributed.process_id=2", None),
     ("distributed.initialization_timeout=0", r"^distributed.initialization_timeout: must be >= 1 second"),
+    ("train.warmup_ratio=0.1", r"^train.warmup_ratio: set train.warmup_steps=10 or train.warmup_ratio=0.1, not both"),
+    (["train.warmup_steps=0", "train.warmup_ratio=1.0"], r"^train.warmup_ratio: must be in \[0, 1\)"),
+    ("train.schedule=polynomial", r"^train.schedule: must be one of cosine, linear, constant, constant_with_warmup, "
+                                  r"cosine_with_min_lr \(transformers' names\)"),
+    ("train.schedule=constant", r"^train.schedule: constant has no warm-up .* write constant_with_warmup"),
+    (["train.schedule=constant_with_warmup", "train.end_lr_fraction=0.1"],
+     r"^train.end_lr_fraction: means nothing to a constant_with_warmup schedule"),
+    ("train.end_lr_fraction=1.5", r"^train.end_lr_fraction: must be in \[0, 1\]"),
+    ("train.weight_decay_exclude=[bias, '']", r"^train.weight_decay_exclude: holds an empty name"),
+    ("train.eps=-1e-8", r"^train.eps: must be >= 0"),
 ])
 def test_errors_name_the_key(override, message):
     if message is None:  # process_id 2 with num_processes 2
         override, message = [override, "distributed.num_processes=2"], r"^distributed.process_id: must be in \[0, "
     with pytest.raises(ConfigError, match=message):
         load_run_config("configs/tiny_dpop.yaml", override if isinstance(override, list) else [override])
+
+
+def test_trl_settings_as_keys():
+    """TRL's adam_epsilon / warmup_ratio / schedule names / decay rule have keys; the defaults keep old configs."""
+    cfg, _ = load_run_config("configs/tiny_dpop.yaml", [
+        "train.warmup_steps=0", "train.warmup_ratio=0.1", "train.schedule=cosine_with_min_lr",
+        "train.end_lr_fraction=0.1", "train.eps=1e-6", "train.weight_decay_exclude=[bias, norm, embed_tokens]"])
+    t = cfg.train
+    assert (t.warmup_ratio, t.schedule, t.eps, t.weight_decay_exclude) == \
+        (0.1, "cosine_with_min_lr", 1e-6, ("bias", "norm", "embed_tokens"))
+    default, _ = load_run_config("configs/tiny_dpop.yaml")
+    assert (default.train.eps, default.train.warmup_ratio, default.train.weight_decay_exclude) == \
+        (1e-8, 0.0, ("bias", "norm"))
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):

@@ -12,7 +12,8 @@ from jsmaug.data import batches as data
 
 from jsmaug.losses import config as loss_config
 
-from jsmaug.models import config as cfg_lib, decoder as model
+from jsmaug.models import config as cfg_lib, decoder as model, lora
+from jsmaug.models.config import ConfigError
 
 from jsmaug.train import step
 from jsmaug.train.config import LossSection, TrainSection
@@ -168,3 +169,99 @@ def test_eval_metrics_drop_padding_pairs():
     # The padded batch's own means differ (the copy counts twice): the cut above is what makes them equal.
     _, padded = step.loss_and_metrics(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS)
     assert abs(float(padded["logps/chosen"]) - got["logps/chosen"]) > 1e-3
+
+
+# ------------------------------------------------------------------ the optimizer, against transformers
+
+
+@pytest.mark.parametrize("schedule, warmup, end", [
+    ("linear", dict(warmup_steps=3), 0.0), ("cosine", dict(warmup_steps=3), 0.0),
+    ("cosine_with_min_lr", dict(warmup_steps=3), 0.1), ("constant_with_warmup", dict(warmup_steps=3), 0.0),
+    ("constant", {}, 0.0), ("linear", dict(warmup_ratio=0.15), 0.0)])
+def test_schedules_are_transformers(schedule, warmup, end):
+    """Each name's rate at every update equals transformers' `get_scheduler` (a torch LambdaLR stepped once per
+    update), and warmup_ratio is counted as `TrainingArguments.get_warmup_steps` counts it (0.15 x 20 rounds up
+    to 4: 0.15 * 20 is 3.0000000000000004 in floating point, in both)."""
+    import torch
+    import transformers
+
+    total, peak = 20, 1e-3
+    train = TrainSection(steps=total, learning_rate=peak, schedule=schedule, end_lr_fraction=end, **warmup)
+    hf_warm = transformers.TrainingArguments(output_dir="unused", report_to="none",
+                                             warmup_steps=warmup.get("warmup_ratio", warmup.get("warmup_steps", 0))
+                                             ).get_warmup_steps(total)
+    assert step.warmup_steps(train) == hf_warm
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    kwargs = {"min_lr_rate": end} if schedule == "cosine_with_min_lr" else None
+    sched = transformers.get_scheduler(schedule, opt, num_warmup_steps=hf_warm, num_training_steps=total,
+                                       scheduler_specific_kwargs=kwargs)
+    theirs = []
+    for _ in range(total):
+        theirs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    ours = step.learning_rate_schedule(train)
+    np.testing.assert_allclose([float(ours(i)) for i in range(total)], theirs, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["llama3_tied", "mistral_window", "qwen2_bias", "qwen3_qknorm", "qwen3_moe_mixed",
+                                  "olmoe"])
+def test_decay_mask_is_hf_trainers_rule_on_every_family(case, tmp_path):
+    """The weights left out of decay by default are those HF's Trainer leaves out (`get_decay_parameter_names`:
+    biases, every norm, q/k norms): the same number of values decayed and not, on a checkpoint of each family
+    imported from transformers (tied embeddings decayed once, as the one tensor they are in torch)."""
+    from family_fixtures import make_checkpoint
+    from transformers import Trainer
+
+    from jsmaug import hf
+
+    model_pt = make_checkpoint(case, tmp_path)
+    decayed_names = set(Trainer.get_decay_parameter_names(None, model_pt))
+    hf_counts = [0, 0]  # (not decayed, decayed)
+    for name, p in model_pt.named_parameters():
+        hf_counts[name in decayed_names] += p.numel()
+    _, params = hf.load(tmp_path)
+    mask = step.decay_mask(TrainSection().weight_decay_exclude)(params)
+    ours = [0, 0]
+    for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params)):
+        ours[bool(m)] += p.size
+    assert ours == hf_counts and hf_counts[0] > 0
+
+
+def test_decay_mask_on_lora_and_typos():
+    """LoRA adapters are decayed (as PEFT's lora_A / lora_B under HF's rule); a name of your own that matches no
+    parameter is an error naming the key; [] decays everything."""
+    conf = CONF.replace(lora_rank=2)
+    base, adapters = lora.split(model.param_shapes(conf))
+    assert all(jax.tree.leaves(step.decay_mask(("bias", "norm", "embed_tokens"))(adapters)))
+    masked = step.param_names(base), jax.tree.leaves(step.decay_mask(("bias", "norm"))(base))
+    assert {n for n, m in zip(*masked) if not m} == {"layers/layer/input_layernorm/weight",
+                                                     "layers/layer/post_attention_layernorm/weight", "norm/weight"}
+    assert all(jax.tree.leaves(step.decay_mask(())(base)))
+    with pytest.raises(ConfigError, match=r"^train.weight_decay_exclude: 'embed_tokenz' is in no parameter's name"):
+        step.decay_mask(("bias", "norm", "embed_tokenz"))(base)
+
+
+def test_weight_decay_skips_excluded_weights_in_the_update():
+    """Zero gradients: Adam's part is 0, so the update is -lr x wd x w on decayed leaves and exactly 0 on the rest."""
+    conf, params, _ = _setup()
+    opt, _ = step.make_optimizer(TrainSection(steps=10, learning_rate=0.5, schedule="constant", weight_decay=0.1,
+                                              grad_clip=0.0))
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    for name, u, w in zip(step.param_names(params), jax.tree.leaves(updates), jax.tree.leaves(params)):
+        want = np.zeros_like(w) if "norm" in name else -0.5 * 0.1 * np.asarray(w)
+        np.testing.assert_allclose(u, want, rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_optimizer_state_is_unmasked_adamws_so_old_checkpoints_restore():
+    """The decay mask leaves the optimizer state's tree as it was (optax.adamw without a mask, behind clipping):
+    a checkpoint written before the mask existed restores (optax's own masked decay would add a MaskedState)."""
+    import optax
+
+    _, params, _ = _setup()
+    new, schedule = step.make_optimizer(TrainSection(weight_decay=0.1, grad_clip=1.0))
+    old = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
+    assert jax.tree.structure(new.init(params)) == jax.tree.structure(old.init(params))
+    # optax.tree_map_params (how sharding.opt_state_shardings places the moments) calls init with a placeholder.
+    mapped = optax.tree_utils.tree_map_params(new, lambda x: x * 0, new.init(params))
+    assert jax.tree.structure(mapped) == jax.tree.structure(old.init(params))

@@ -20,6 +20,13 @@ from jsmaug.parallel.distributed import DistributedConfig
 from jsmaug.parallel.sharding import MeshConfig
 
 
+# Learning-rate schedules, with transformers' names and meanings (`get_scheduler`): each warms up linearly from 0
+# over the warm-up steps (but `constant`), then cosine / cosine_with_min_lr: half a cosine to end_lr_fraction x
+# peak (0: transformers' `cosine`); linear: a straight line to end_lr_fraction x peak (0: transformers' `linear`);
+# constant: the peak from the first step, no warm-up; constant_with_warmup: the peak after the warm-up.
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     steps: int = 100
@@ -27,11 +34,14 @@ class TrainSection:
     micro_batches: int = 1  # gradient accumulation: batch_size must be divisible by it
     learning_rate: float = 5e-5
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    end_lr_fraction: float = 0.0
+    warmup_ratio: float = 0.0  # TRL's: warm-up of ceil(ratio x steps) steps; not with warmup_steps
+    schedule: str = "cosine"  # transformers' names, SCHEDULES above (step.learning_rate_schedule)
+    end_lr_fraction: float = 0.0  # cosine / linear end at this fraction of the peak (cosine_with_min_lr's min_lr_rate)
     weight_decay: float = 0.0
+    weight_decay_exclude: tuple[str, ...] = ("bias", "norm")  # a path holding one of these: not decayed (HF's rule)
     b1: float = 0.9
-    b2: float = 0.95
+    b2: float = 0.95  # TRL's / transformers' adam_beta2 default is 0.999
+    eps: float = 1e-8  # TRL's adam_epsilon (same default)
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     on_nonfinite: str = "skip"  # skip (count and go on) | stop
     logps_chunk_size: int = 64  # >0: log-probs of completion positions only, batch x this many rows at a time; 0: all positions at once
@@ -119,7 +129,21 @@ class RunConfig:
         need(t.batch_size > 0, "train.batch_size", "must be > 0")
         need(t.micro_batches > 0 and t.batch_size % t.micro_batches == 0, "train.micro_batches",
              f"must divide train.batch_size={t.batch_size}")
-        need(t.schedule in ("cosine", "linear", "constant"), "train.schedule", "must be cosine, linear or constant")
+        need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)} (transformers' names)")
+        need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+        need(not (t.warmup_steps and t.warmup_ratio), "train.warmup_ratio",
+             f"set train.warmup_steps={t.warmup_steps} or train.warmup_ratio={t.warmup_ratio}, not both")
+        need(t.schedule != "constant" or not (t.warmup_steps or t.warmup_ratio), "train.schedule",
+             "constant has no warm-up (as in transformers, which ignores it there): for a warm-up, then a constant "
+             "rate, write constant_with_warmup")
+        need(0.0 <= t.end_lr_fraction <= 1.0, "train.end_lr_fraction", "must be in [0, 1]")
+        need(t.end_lr_fraction == 0.0 or t.schedule not in ("constant", "constant_with_warmup"),
+             "train.end_lr_fraction", f"means nothing to a {t.schedule} schedule (it is for cosine and linear)")
+        need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        need(all(t.weight_decay_exclude), "train.weight_decay_exclude", "holds an empty name (it would match every "
+             "parameter); [] decays every parameter")
+        need(t.eps >= 0, "train.eps", "must be >= 0")
         need(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", "must be skip or stop")
         from jsmaug.losses import config as loss_config
         objective = loss_config.objective(self.loss)

@@ -13,6 +13,7 @@ batch carries the reference logps and no reference forward runs at all.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +30,7 @@ from jsmaug.losses import config as loss_config
 from jsmaug.models import logps as logps_lib, lora, decoder as model
 
 from jsmaug.parallel import mesh_context
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ConfigError, MixtralConfig
 
 
 class TrainState(NamedTuple):
@@ -40,20 +41,86 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data (reserved for router jitter / dropout)
 
 
-def make_optimizer(train) -> optax.GradientTransformation:
-    """AdamW with warmup then cosine / linear / constant decay, and global-norm clipping."""
-    peak, warm, total = train.learning_rate, train.warmup_steps, train.steps
-    end = peak * train.end_lr_fraction
+def warmup_steps(train) -> int:
+    """`train.warmup_steps`, or `ceil(warmup_ratio x steps)` as transformers' `TrainingArguments.get_warmup_steps`
+    counts a ratio."""
+    return math.ceil(train.warmup_ratio * train.steps) if train.warmup_ratio else train.warmup_steps
+
+
+def learning_rate_schedule(train) -> optax.Schedule:
+    """The rate of update `count` (0-based), as transformers' `get_scheduler(name, ...)` gives it to the same
+    update: a linear warm-up from 0 (update 0 has rate 0, as in transformers), then the named decay over
+    `steps - warm-up` updates, ending at `end_lr_fraction x peak` (transformers: 0; its `cosine_with_min_lr` takes
+    that fraction as `min_lr_rate`). `constant` has no warm-up (config.validate refuses one)."""
+    peak, warm, total = train.learning_rate, warmup_steps(train), train.steps
     decay_steps = max(total - warm, 1)
-    if train.schedule == "cosine":
+    if train.schedule in ("cosine", "cosine_with_min_lr"):
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.end_lr_fraction)
     elif train.schedule == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
-    else:
+        decay = optax.linear_schedule(peak, peak * train.end_lr_fraction, decay_steps)
+    else:  # constant, constant_with_warmup
         decay = optax.constant_schedule(peak)
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]) if warm else decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]) if warm else decay
+
+
+def param_names(params) -> list[str]:
+    """Each leaf's path, `/`-joined (`layers/layer/self_attn/q_proj_bias`, `norm/weight`), in leaf order."""
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+DEFAULT_NO_DECAY = ("bias", "norm")  # absent from some families (llama has no biases), so never an error
+
+
+def decay_mask(exclude: tuple[str, ...]):
+    """optax's `mask` for weight decay: True (decayed) for every leaf whose path contains none of `exclude`.
+
+    The default ("bias", "norm") is HF's Trainer rule (`Trainer.get_decay_parameter_names`: names holding "bias",
+    "layernorm", "rmsnorm", "norm", "_norm" are not decayed): every family's q/k/v/o biases and its
+    input/post-attention/final norms and q/k norms are left out; embeddings, lm_head, projections, experts
+    and routers are decayed. LoRA adapters (`<weight>_lora_a/_b`) are decayed, as PEFT's `lora_A/lora_B` are
+    under HF's rule. A name the user added that matches no parameter is an error (a typo would silently decay)."""
+    exclude = tuple(exclude)
+
+    def mask(params):
+        names = param_names(params)
+        base, _ = lora.split(params)
+        if base:  # a LoRA tree (adapters only) has neither embeddings nor norms to match: nothing to check there
+            for word in exclude:
+                if word not in DEFAULT_NO_DECAY and not any(word in n for n in names):
+                    raise ConfigError(f"train.weight_decay_exclude: {word!r} is in no parameter's name; they are "
+                                      f"{sorted(set(names))}")
+        flags = [not any(word in n for word in exclude) for n in names]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
+    return mask
+
+
+def masked_decayed_weights(weight_decay: float, mask) -> optax.GradientTransformation:
+    """optax's `add_decayed_weights(weight_decay, mask)` with the unmasked one's state (`EmptyState`): optax's
+    masked version wraps its state in a `MaskedState`, a tree checkpoints written before the mask existed do not
+    restore into. The mask is computed (and checked) at init too, so a bad name fails before the first step;
+    not when `optax.tree_map_params` calls init with its placeholder instead of a params tree."""
+    def init(params):
+        if isinstance(params, dict):
+            mask(params)
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        flags = mask(params)
+        return jax.tree.map(lambda u, w, decayed: u + weight_decay * w if decayed else u, updates, params,
+                            flags), state
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(train) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule): global-norm clipping (off at 0), then AdamW (torch.optim.AdamW's decoupled decay,
+    lr x weight_decay x w) on the weights `decay_mask` lets through, at `learning_rate_schedule`'s rate. The same
+    chain as `optax.adamw(schedule, ..., mask=...)`, state for state as it was without the mask."""
+    schedule = learning_rate_schedule(train)
     parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+    parts.append(optax.chain(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
+                             masked_decayed_weights(train.weight_decay, decay_mask(train.weight_decay_exclude)),
+                             optax.scale_by_learning_rate(schedule)))
     return optax.chain(*parts), schedule
 
 
