@@ -87,7 +87,7 @@ def test_the_row_length_ladder_picks_the_fewest_slots():
     assert placed == sorted((j, c) for j in range(16) for c in (True, False))
     for g in lay.rows:
         assert len(g) <= lay.rows_per_group
-        assert all(sum(packing._lengths(many[j])[0 if c else 1] for j, c in row) <= lay.row_length for row in g)
+        assert all(sum(packing.sequence_lengths(many[j])[0 if c else 1] for j, c in row) <= lay.row_length for row in g)
 
 
 def _padded_and_packed(pairs, micro=1):
@@ -186,3 +186,41 @@ def test_padding_fractions_report_both():
     # The ladder (the default) wastes less than rows of the bucket length on these pairs.
     _, bucket_rows = packing.padding_fractions(batches, micro=1, shards=1, buckets=BUCKETS, row_step=0)
     assert packed < bucket_rows
+
+
+def _mild_steps(steps=40, per_step=8):
+    from jsmaug.perf.packing_bench import mild_pairs
+
+    pairs = mild_pairs(160, 512, seed=1)
+    ds = data.batches(pairs, per_step, seed=0)
+    return [ds[i] for i in range(steps)], max(max(packing.sequence_lengths(p)) for p in pairs)
+
+
+def test_one_row_length_per_run_bounds_the_compiled_shapes():
+    """Per-step ladder lengths give a new (rows, length) shape, so a new compile, on most of a run's first steps;
+    the run's one length keeps the shapes to a few row counts, at no more than 12% padding on mild data."""
+    steps, longest = _mild_steps()
+    buckets = data.power_of_two_buckets(512)
+    step = packing.run_row_step("cpu")
+    length = packing.run_row_length(steps[:20], micro=1, shards=1, buckets=buckets, longest=longest, row_step=step)
+    assert length % step == 0 and length >= longest
+    per_step = {(p.rows_per_group, p.row_length) for p in
+                (packing.plan(b, micro=1, shards=1, buckets=buckets) for b in steps)}
+    run = [packing.plan(b, micro=1, shards=1, buckets=buckets, run_length=length) for b in steps]
+    assert {p.row_length for p in run} == {length}
+    assert len({p.rows_per_group for p in run}) <= 4 < len(per_step)
+    _, packed = packing.padding_fractions(steps, micro=1, shards=1, buckets=buckets, run_length=length)
+    assert packed <= 0.12
+    # The chosen length needs no more slots over the sample than any other length of the ladder.
+    def slots(n):
+        return sum(packing.plan(b, micro=1, shards=1, buckets=buckets, run_length=n).slots for b in steps[:20])
+    assert all(slots(length) <= slots(n) for n in range(length - 64, length + 129, step) if n >= longest)
+    assert packing.run_row_step("tpu") == 128
+
+
+def test_a_sequence_longer_than_the_run_length_takes_the_ladder():
+    pairs = _pairs(8)
+    longest = max(max(packing.sequence_lengths(p)) for p in pairs)
+    lay = packing.plan(pairs, micro=1, shards=1, buckets=BUCKETS, run_length=longest - 1)
+    assert lay.row_length >= longest
+    assert lay == packing.plan(pairs, micro=1, shards=1, buckets=BUCKETS)

@@ -8,8 +8,9 @@ ladder of multiples of `ROW_STEP` (64 tokens; 1/8 of the bucket length for short
 sequence up to twice the batch's bucket length: the length that needs the fewest token slots, each group's
 sequences laid into its rows first-fit, longest first. Rows of the bucket length alone (first-fit in pair
 order, the layout before the ladder) left 19-23% of the slots empty at 8 pairs per group, when sequences are
-about half a bucket long; the ladder leaves 4-8% (docs/performance.md). `data.packing_length` fixes the row
-length instead. The rows per group are the smallest of a few counts (`row_counts`) that holds every group, so
+about half a bucket long; the ladder leaves 4-8% (docs/performance.md). A training run takes one length for
+all its steps (`run_row_length`, chosen from the data before the first step), since every new row length is a
+new compile; `data.packing_length` fixes the row length instead. The rows per group are the smallest of a few counts (`row_counts`) that holds every group, so
 only a few programs compile. A packed batch:
 
     input_ids, segment_ids, positions, labels, loss_mask, sequence_ids   (M, D*R, L) int32
@@ -35,9 +36,11 @@ from jsmaug.data.files import DataError
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask", "sequence_ids")
 
 
-def _lengths(pair) -> tuple[int, int]:
+def sequence_lengths(pair) -> tuple[int, int]:
+    """(prompt + chosen, prompt + rejected) tokens of a pair."""
     n = len(pair["prompt"])
     return n + len(pair["chosen"]), n + len(pair["rejected"])
+
 
 
 def first_fit(lengths: Sequence[int], row_length: int) -> list[list[int]]:
@@ -97,7 +100,7 @@ def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[i
 
 def _group_sequences(pairs, g: int, per: int):
     seqs = [(j, c) for j in range(g * per, (g + 1) * per) for c in (True, False)]
-    return seqs, [_lengths(pairs[j])[0 if c else 1] for j, c in seqs]
+    return seqs, [sequence_lengths(pairs[j])[0 if c else 1] for j, c in seqs]
 
 
 def _layout(groups, row_length: int, fit, per: int):
@@ -108,7 +111,7 @@ def _layout(groups, row_length: int, fit, per: int):
 
 
 def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[int],
-         row_length: int | None = None, row_step: int = ROW_STEP) -> Plan:
+         row_length: int | None = None, row_step: int = ROW_STEP, run_length: int | None = None) -> Plan:
     """The packing of one step's pairs (from their lengths only: every process makes the same plan).
 
     `row_length` given (data.packing_length): rows of that length, first-fit in pair order. Else with
@@ -116,7 +119,9 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
     bucket length where that is smaller, at least 8), from the longest sequence up to twice the batch's bucket
     length, the one that needs the fewest token slots (rows x
     length; the shorter on a tie), each length's rows filled first-fit longest sequence first. `row_step=0`:
-    rows of the bucket length, first-fit in pair order (the layout before the ladder)."""
+    rows of the bucket length, first-fit in pair order (the layout before the ladder). `run_length` (the run's
+    one row length, `run_row_length`): rows of that length filled longest first, whenever the step's longest
+    sequence fits it (else this step takes the ladder's length)."""
     b = len(pairs)
     groups = micro * shards
     if b % groups:
@@ -129,6 +134,9 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
         count, rows = _layout(seqs, row_length, first_fit, per)
         return Plan(micro, shards, row_length, count, rows)
     longest = max(max(lengths) for _, lengths in seqs)
+    if run_length is not None and longest <= run_length:
+        count, rows = _layout(seqs, run_length, first_fit_decreasing, per)
+        return Plan(micro, shards, run_length, count, rows)
     bucket = batch_length(pairs, buckets)
     step = min(row_step, max(8, bucket // 8))  # short buckets: a finer ladder (1/8 of the bucket, >= 8)
     best = None
@@ -138,6 +146,37 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
             best = (count, length, rows)
     count, length, rows = best
     return Plan(micro, shards, length, count, rows)
+
+
+def run_row_step(platform: str) -> int:
+    """The step of the run's row-length ladder: 8 tokens (the finest the attention kernels take without padding
+    a row themselves; on mild data at 8 pairs a step it leaves 9.5% of the slots empty where steps of 64 leave
+    12.0%, with the same 3 row counts: tests/test_packing.py), except on TPU, where the splash kernel pads every
+    row to a multiple of 128 anyway."""
+    return 128 if platform == "tpu" else 8
+
+
+def run_row_length(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int],
+                   longest: int, row_step: int = ROW_STEP) -> int:
+    """One packed row length for a whole run: of the lengths from `longest` (the data's longest sequence) up to
+    twice its largest batch length, in steps of `row_step`, the one whose rows, filled longest first, need the
+    fewest token slots over `batches` (a sample of the run's steps; the shorter on a tie).
+
+    Why one length: a step's own best length changes from step to step, and every new (rows, length) shape is a
+    new compile of the whole step. On mild data at 8 pairs a step, per-step lengths met 12 shapes in the first 40
+    steps (a compile each, tens of seconds on a CPU) where padding met 1; with the run's one length only the
+    row count varies, over 3 of `row_counts` (docs/performance.md, "Packing in a run")."""
+    cap = max(2 * max(batch_length(b, buckets) for b in batches), longest)
+    best = None
+    for length in range(-(-longest // row_step) * row_step, cap + row_step, row_step):
+        slots = 0
+        for pairs in batches:
+            per = len(pairs) // (micro * shards)
+            groups = [_group_sequences(pairs, g, per) for g in range(micro * shards)]
+            slots += _layout(groups, length, first_fit_decreasing, per)[0] * length
+        if best is None or slots < best[0]:
+            best = (slots, length)
+    return best[1]
 
 
 def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[str, np.ndarray]:
@@ -168,13 +207,14 @@ def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[s
 
 
 def padding_fractions(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int],
-                      row_length: int | None = None, row_step: int = ROW_STEP) -> tuple[float, float]:
+                      row_length: int | None = None, row_step: int = ROW_STEP,
+                      run_length: int | None = None) -> tuple[float, float]:
     """(padded, packed): the share of token slots that are padding over the given steps' batches, without and
     with packing."""
     real = padded = packed = 0
     for pairs in batches:
-        real += sum(sum(_lengths(p)) for p in pairs)
+        real += sum(sum(sequence_lengths(p)) for p in pairs)
         padded += 2 * len(pairs) * batch_length(pairs, buckets)
         packed += plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length,
-                       row_step=row_step).slots
+                       row_step=row_step, run_length=run_length).slots
     return 1.0 - real / padded, 1.0 - real / packed

@@ -38,11 +38,13 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
-def place_packed(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets) -> dict:
+def place_packed(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets, run_length=None) -> dict:
     """A step's pairs packed (`jsmaug.data.packing`) and placed: each process lays out the rows of the data shards
-    its devices hold; the per-pair arrays (dataset index, precomputed reference) are small and whole everywhere."""
+    its devices hold; the per-pair arrays (dataset index, precomputed reference) are small and whole everywhere.
+    `run_length`: the run's one row length (`packing.run_row_length`), where data.packing_length is not set."""
     shards = shd.batch_rows_divisor(mesh, mesh_cfg)
-    layout = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=data_cfg.packing_length)
+    layout = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=data_cfg.packing_length,
+                          run_length=run_length)
     mine = shd.pairs_by_host(mesh, mesh_cfg, shards)[jax.process_index()]
     r = layout.rows_per_group
     placed = shd.place_rows(packing.materialize(pairs, layout, mine), [d * r + i for d in mine for i in range(r)],
@@ -64,10 +66,10 @@ def with_ref(pairs, buckets, ref_table: np.ndarray | None, length: int) -> dict[
     return batch
 
 
-def place(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets) -> dict:
+def place(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets, run_length=None) -> dict:
     """A global batch of pairs on the mesh, packed or padded as `data_cfg` says."""
     if data_cfg.packing:
-        return place_packed(pairs, ref_table, micro, mesh, mesh_cfg, data_cfg, buckets)
+        return place_packed(pairs, ref_table, micro, mesh, mesh_cfg, data_cfg, buckets, run_length)
     length = data_lib.batch_length(pairs, buckets)
     return shd.put_pairs(pairs, functools.partial(with_ref, buckets=buckets, ref_table=ref_table, length=length),
                          mesh, mesh_cfg)
@@ -121,8 +123,22 @@ class RunPlan:
             out["ref_logps"] = _sds((2, b), jnp.float32, self.batch_sharding(2))
         return out
 
-    def place(self, pairs, buckets, ref_table=None, micro: int = 1) -> dict:
-        return place(pairs, ref_table, micro, self.mesh, self.cfg.mesh, self.cfg.data, buckets)
+    def place(self, pairs, buckets, ref_table=None, micro: int = 1, run_length: int | None = None) -> dict:
+        return place(pairs, ref_table, micro, self.mesh, self.cfg.mesh, self.cfg.data, buckets, run_length)
+
+    def run_row_length(self, train_pairs, buckets, max_batches: int = 200) -> int | None:
+        """With data.packing and no data.packing_length: the run's one packed row length, from the first epoch's
+        batches (up to `max_batches`) and the training data's longest sequence (`packing.run_row_length`)."""
+        data = self.cfg.data
+        if not data.packing or data.packing_length is not None or not len(train_pairs):
+            return None
+        b = self.cfg.train.batch_size
+        ds = data_lib.batches(train_pairs, b, seed=self.cfg.seed)
+        sample = [ds[i] for i in range(min(max(len(train_pairs) // b, 1), max_batches))]
+        longest = max(max(packing.sequence_lengths(p)) for p in train_pairs)
+        return packing.run_row_length(sample, micro=self.cfg.train.micro_batches, shards=self.batch_divisor,
+                                      buckets=buckets, longest=longest,
+                                      row_step=packing.run_row_step(self.mesh.devices.flat[0].platform))
 
     def lower(self, batch: dict | None = None):
         """The step lowered on the abstract state (and `batch`, default `batch_shapes()`)."""

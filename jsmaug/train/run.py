@@ -131,7 +131,7 @@ def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds, num_pairs: int) -> 
     shards = shd.batch_rows_divisor(setup.mesh, cfg.mesh)
     padded, packed = packing.padding_fractions([ds[i] for i in range(n)], micro=cfg.train.micro_batches,
                                                shards=shards, buckets=data_lib.bucket_lengths(cfg.data),
-                                               row_length=cfg.data.packing_length)
+                                               row_length=cfg.data.packing_length, run_length=setup.run_length)
     use = "on" if cfg.data.packing else "off (data.packing=true to pack)"
     log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} batches; packing {use}")
 

@@ -96,6 +96,7 @@ class Setup:
     place: Callable  # place(pairs, ref_table=None, micro=1): a global batch of pairs on the mesh (packed or padded)
     train_ref: np.ndarray | None = None  # precomputed reference logps (N, 2)
     eval_ref: np.ndarray | None = None
+    run_length: int | None = None  # packed: the run's one row length (None: data.packing_length, or not packed)
 
     mconf = property(lambda self: self.plan.mconf)
     mesh = property(lambda self: self.plan.mesh)
@@ -133,8 +134,13 @@ def materialize(cfg: RunConfig, plan: plan_lib.RunPlan, run_data, outputs) -> Se
         # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
         ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
                              out_shardings=plan.ref_sh)(params) if plan.reference or plan.precomputed else None
+    run_length = plan.run_row_length(run_data.train, run_data.buckets)
+    if run_length is not None:
+        log(f"packing: rows of {run_length} tokens for the whole run (the fewest token slots over the first "
+            f"epoch's batches; one length, so only the row count changes the step's shape)")
+
     def place_batch(pairs, ref_table=None, micro: int = 1):
-        return plan.place(pairs, run_data.buckets, ref_table, micro)
+        return plan.place(pairs, run_data.buckets, ref_table, micro, run_length)
 
     train_ref = eval_ref = None
     log(f"loss: {loss_config.describe(plan.objective)}")
@@ -159,4 +165,4 @@ def materialize(cfg: RunConfig, plan: plan_lib.RunPlan, run_data, outputs) -> Se
             ref_params = jax.device_put(restored[3], plan.ref_sh)
         log(f"resumed from {outputs.checkpoints} at step {start} (skipped so far: {int(state.skipped)})")
     return Setup(plan=plan, state=state, ref_params=ref_params, manager=manager, start=start, place=place_batch,
-                 train_ref=train_ref, eval_ref=eval_ref)
+                 train_ref=train_ref, eval_ref=eval_ref, run_length=run_length)
