@@ -12,3 +12,16 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.slow` tests (real weights, long runs) run only with JSMAUG_SLOW=1; CI runs the rest."""
+    if os.environ.get("JSMAUG_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set JSMAUG_SLOW=1 to run (real weights or a long run)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

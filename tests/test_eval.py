@@ -14,7 +14,7 @@ from jsmaug.data import batches as data_lib
 from jsmaug.models import config as config_lib
 
 from jsmaug.train import checkpoint
-from jsmaug.train import eval as eval_lib
+from jsmaug import eval as eval_lib
 from jsmaug.models import decoder as model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,8 @@ import time
 from jsmaug import hf  # noqa: E402
 from jsmaug.data import batches as data_lib
 from jsmaug.models import generate as gen
-from jsmaug.train import checkpoint, eval as eval_lib
+from jsmaug import eval as eval_lib
+from jsmaug.train import checkpoint
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,37 @@
+"""Loading the model and tokenizer an evaluation scores: an HF folder, a converter checkpoint or a workdir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jsmaug.models.config import MixtralConfig
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> tuple[MixtralConfig, Any]:
+    """(config, params) from a Hugging Face folder (config.json + safetensors), a converter checkpoint
+    (model_config.json + params/) or a training workdir (its latest checkpoint)."""
+    from jsmaug import hf
+    from jsmaug.train import checkpoint as ckpt
+
+    path = Path(path)
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{path}: no such model folder")
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return hf.load(path, dtype=dtype)
+    config, params = ckpt.load_params(path)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        config = config.replace(param_dtype=dtype)
+    return config, params
+
+
+def model_tokenizer_path(model_path: str | Path) -> str | None:
+    """The tokenizer a model folder carries (its tokenizer.json, else its tokenizer.model): in an HF folder or
+    converter checkpoint, in `hf/` of a training workdir, or the one a workdir trained with. None when it has
+    none (the caller then uses Mixtral's). `jsmaug.data.tokenizer_folder.model_tokenizer_path`."""
+    from jsmaug.data import tokenizer_folder
+
+    return tokenizer_folder.model_tokenizer_path(model_path)

@@ -1,0 +1,56 @@
+"""`completion_logps`: the summed log-probability of a continuation given its context, the one primitive that
+preference and multiple-choice scoring share.
+
+Rows are padded to a few bucket lengths (powers of two) and the last batch is padded with copies, so a handful
+of shapes compile; the jitted function is the trainer's own policy-logps function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jsmaug.data import batches as data_lib
+from jsmaug.models.config import MixtralConfig
+from jsmaug.train import step as step_lib
+
+
+@functools.lru_cache(maxsize=None)
+def _logps_fn(config: MixtralConfig, chunk_size: int):
+    def fn(params, batch):
+        seq, _, _ = step_lib.policy_logps(config, params, batch, chunk_size)
+        return seq.logps, seq.num_tokens
+    return jax.jit(fn)
+
+
+def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
+                     batch_size: int = 16, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log p(continuation | context) and the continuation's token count for every (context_ids,
+    continuation_ids) pair, as float64 / int arrays of shape (N,)."""
+    if not items:
+        return np.zeros(0), np.zeros(0, np.int64)
+    for i, (ctx, cont) in enumerate(items):
+        if len(ctx) < 1 or len(cont) < 1:
+            raise ValueError(f"item {i}: context and continuation need at least one token each")
+    longest = max(len(c) + len(x) for c, x in items)
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"an item of {longest} tokens exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    buckets = data_lib.power_of_two_buckets(longest)
+    fn = _logps_fn(config, chunk_size)
+    # Sorting by length keeps similar lengths together (fewer padded tokens, fewer bucket shapes).
+    order = np.argsort([len(c) + len(x) for c, x in items], kind="stable")
+    logps, ntok = np.zeros(len(items)), np.zeros(len(items), np.int64)
+    for start in range(0, len(items), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [items[i] for i in idx]
+        length = next(b for b in buckets if b >= max(len(c) + len(x) for c, x in chunk))
+        rows = [data_lib.completion_row(np.asarray(c, np.int32), np.asarray(x, np.int32), length) for c, x in chunk]
+        batch = data_lib.stack_rows(rows + [rows[0]] * (batch_size - len(rows)))
+        lp, nt = jax.device_get(fn(params, batch))
+        logps[idx] = np.asarray(lp)[:len(idx)]
+        ntok[idx] = np.asarray(nt)[:len(idx)]
+    return logps, ntok
