@@ -2,6 +2,8 @@
 
     jsmaug export --ckpt_dir runs/tiny_dpop --out_dir export/tiny [--step N] [--dtype bfloat16]
                                       [--tokenizer FOLDER_OR_FILE | --no_tokenizer]
+                                      [--base_model HUB_ID] [--license ID] [--dataset NAME ...]
+    jsmaug export --peft --ckpt_dir runs/lora --out_dir export/lora-peft [--base_hf_dir HF_BASE] [--step N]
 
 The export carries the tokenizer files, so transformers, TRL and lm-eval read it as jsmaug does: a
 tokenizer.json tokenizer's files copied as they are (tokenizer.json, tokenizer_config.json,
@@ -10,6 +12,14 @@ ships (tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_ma
 training workdir's own (its config.json's data.tokenizer_path, else its init_from's tokenizer; and its
 data.chat_template), a converter checkpoint's tokenizer files if it holds them, else Mixtral's
 (mistral-common's tokenizer.model.v1).
+
+The export carries a model card, README.md (`jsmaug.eval.card`; docs/conversion.md, "The model card"): the base
+model (what the run started from, or --base_model), the license (the base's, else --license), tags, the training
+files (or --dataset names), the run's training settings and every result recorded for it (a workdir's
+hf/README.md results go with an export of its final step).
+
+--peft: a LoRA run's adapters alone, in PEFT's format, the experts' included (`jsmaug.hf.peft`;
+docs/conversion.md, "PEFT adapters").
 """
 
 from __future__ import annotations
@@ -22,8 +32,9 @@ from pathlib import Path
 
 from jsmaug import hf  # noqa: E402
 from jsmaug.data import batches as data, formats as pair_formats, tokenizer_folder
+from jsmaug.eval import card as model_card
 from jsmaug.models.config import ConfigError  # noqa: E402
-from jsmaug.train import checkpoint
+from jsmaug.train import checkpoint, outputs
 
 
 def _tokenizer_of(ckpt_dir: str, given: str | None) -> tuple[str, str | None]:
@@ -42,6 +53,48 @@ def _tokenizer_of(ckpt_dir: str, given: str | None) -> tuple[str, str | None]:
     return tokenizer_folder.model_tokenizer_path(folder) or data.default_tokenizer_path(), None
 
 
+def _is_workdir(ckpt_dir: str) -> bool:
+    return (Path(ckpt_dir) / "checkpoints").is_dir() and (Path(ckpt_dir) / "config.json").is_file()
+
+
+def write_export_card(ckpt_dir: str, out_dir: str, family: str, step: int | None, args) -> Path:
+    """The export's README.md. A training workdir: its run's card (`outputs.write_run_card`), with the results
+    recorded in its hf/README.md when the export is of the final step (the weights those results are of). A
+    converter checkpoint: a card naming its source, not fine-tuned."""
+    if _is_workdir(ckpt_dir):
+        carried = []
+        hf_card = Path(ckpt_dir) / "hf" / model_card.CARD
+        final = outputs.run_card_inputs(ckpt_dir)["steps"]
+        if hf_card.is_file() and step in (None, final):
+            try:
+                carried = model_card.load_card(hf_card.parent)[2]
+            except checkpoint.CheckpointError as err:  # the export stands; its card just lacks them
+                print(f"note: results of {hf_card} not carried: {err}")
+        return outputs.write_run_card(ckpt_dir, out_dir, family, base_model=args.base_model, license=args.license,
+                                      datasets=args.dataset, results=carried)
+    base = model_card.trace_base(ckpt_dir)
+    bm = args.base_model or base.base_model
+    lic = model_card.choose_license(base.license, args.license)
+    return model_card.write_card(out_dir, base_model=bm, license=lic.get("license"), family=family, loss="",
+                                 training={}, datasets=args.dataset or [],
+                                 base_note=None if bm else (base.chain[-1] if base.chain else None),
+                                 metadata={k: v for k, v in lic.items() if k != "license"})
+
+
+def _export_peft(args) -> int:
+    from jsmaug.hf import peft as peft_export
+
+    try:
+        s = peft_export.export_peft(args.ckpt_dir, args.out_dir, base_hf_dir=args.base_hf_dir, step=args.step,
+                                    overwrite=args.overwrite)
+    except (hf.CheckpointError, checkpoint.CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported the adapters of {args.ckpt_dir} (step {s['step']}, rank {s['rank']}, alpha {s['alpha']}) -> "
+          f"{args.out_dir} in PEFT's format: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB, base {s['base']}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", required=True)
@@ -52,9 +105,22 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (tokenizer.json or tokenizer.model), or "
                     "one of those files (default: the checkpoint's own, else Mixtral's)")
     ap.add_argument("--no_tokenizer", action="store_true", help="write the weights and configs only")
+    ap.add_argument("--base_model", default=None, help="the model card's base_model, a Hub id (default: what the "
+                    "run started from, when its Hub id is known)")
+    ap.add_argument("--license", default=None, help="the card's license when the base's is not known (e.g. "
+                    "apache-2.0)")
+    ap.add_argument("--dataset", action="append", default=None, help="a training dataset's name for the card "
+                    "(repeat; default: the run's training files' names)")
+    ap.add_argument("--peft", action="store_true", help="a LoRA run: write its adapters alone in PEFT's format "
+                    "(adapter_config.json + adapter_model.safetensors), not merged weights")
+    ap.add_argument("--base_hf_dir", default=None, help="with --peft: the HF folder of the run's base (checked "
+                    "against the run; recorded as base_model_name_or_path; default: traced from init_from)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    if args.peft:
+        return _export_peft(args)
     try:
+        model_card.check_hub_id(args.base_model)  # before minutes of writing
         hf.prepare_out_dir(Path(args.out_dir), args.overwrite)
         tokenizer, template = (None, None) if args.no_tokenizer else _tokenizer_of(args.ckpt_dir, args.tokenizer)
         hf.check_tokenizer_path(tokenizer)  # before minutes of tensor writing, not after
@@ -72,6 +138,7 @@ def main(argv=None) -> int:
         config, params = checkpoint.load_params(args.ckpt_dir, step=args.step)
         s = hf.save(args.out_dir, config, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     tokenizer_path=tokenizer, overwrite=args.overwrite, progress=True, chat_template=template)
+        print(f"model card: {write_export_card(args.ckpt_dir, args.out_dir, config.model_type, args.step, args)}")
     except (hf.CheckpointError, checkpoint.CheckpointError, ConfigError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

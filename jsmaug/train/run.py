@@ -142,7 +142,8 @@ def _log_window(setup, writer, state, done: int, steps: int, window, steps_since
     m = jax.device_get(window)
     tok_s = float(m["tokens"]) / max(seconds, 1e-9)
     rec = {k: np.asarray(v) / steps_since for k, v in m.items() if k not in ("applied", "tokens")}
-    rec.update(learning_rate=float(setup.schedule(done - 1)), tokens_per_sec=tok_s, skipped_steps=int(state.skipped))
+    rec.update(learning_rate=float(setup.schedule(done - 1)), tokens_per_sec=tok_s, tokens=float(m["tokens"]),
+               skipped_steps=int(state.skipped))
     writer.write(done, rec)
     load = metrics_log.expert_load_summary(rec.get("moe/expert_load", []))
     experts = (f"experts {load['moe/expert_load_min']:.2f}-{load['moe/expert_load_max']:.2f}x mean "
