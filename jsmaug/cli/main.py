@@ -10,6 +10,7 @@
     jsmaug launch --processes 2 --devices_per_process 4 -- tiny_dpop
     jsmaug compare-losses --losses dpo dpop
     jsmaug pairs make --format gsm8k --input train.jsonl --out pairs.jsonl
+    jsmaug iterate tiny_dpop --rounds 3 --problems train.jsonl --heldout test.jsonl --out runs/iter --init_from M
     jsmaug configs                                 # the shipped configs
 
 The `tools/*.py` scripts of a checkout call the same code.
@@ -32,6 +33,7 @@ COMMANDS = {
     "launch": ("jsmaug.cli.launch", "N local processes x K CPU devices joined as one multi-host run"),
     "compare-losses": ("jsmaug.cli.compare_losses", "train several losses from one start and plot them"),
     "pairs": ("jsmaug.pairs.cli", "make preference pairs the paper's way, and their edit-distance statistics"),
+    "iterate": ("jsmaug.train.iterate", "rounds: the policy samples pairs, trains on them, is scored held-out"),
 }
 
 

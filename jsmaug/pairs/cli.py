@@ -1,8 +1,10 @@
-"""`jsmaug pairs make` and `jsmaug pairs stats` (also tools/make_pairs.py and tools/pair_stats.py).
+"""`jsmaug pairs make`, `jsmaug pairs stats` (also tools/make_pairs.py and tools/pair_stats.py) and
+`jsmaug pairs sample`.
 
     jsmaug pairs make --format arc ARC-Challenge/train.parquet --out arc.jsonl \
         --shots 25 --shots_from ARC-Challenge/validation.parquet
     jsmaug pairs stats arc.jsonl [--tokenizer PATH | --words]
+    jsmaug pairs sample --model runs/x/hf --input gsm8k_train.jsonl --k 8 --out pairs.jsonl
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from typing import Sequence
 
 from jsmaug.data.files import DataError
+from jsmaug.errors import CheckpointError
 
 MAKE_EXAMPLES = """\
 inputs (JSONL, a JSON array or Parquet, columns as the hub ships them):
@@ -37,6 +40,53 @@ examples:
   jsmaug pairs stats pairs.parquet --tokenizer /models/tokenizer.model --json stats.json
   jsmaug pairs stats big.jsonl --words --sample 50000
 (docs/making-pairs.md)"""
+
+SAMPLE_EXAMPLES = """\
+input: problems, JSONL/Parquet rows: GSM8K's {question, answer "... #### N"} (--verifier gsm8k), multiple
+choice {question, choices, gold} (--verifier mc), or any rows with a 'prompt' for your own verifier.
+
+examples:
+  jsmaug pairs sample --model runs/x/hf --input gsm8k/train.jsonl --k 8 --out pairs.jsonl
+  jsmaug pairs sample --model runs/x/hf --input arc.jsonl --verifier mc --chat_template tokenizer \\
+      --k 8 --rule edit --pairs_per_problem 2 --out arc_pairs.jsonl
+  jsmaug pairs sample --model M --input rows.jsonl --verifier my_checks.py:is_right --out pairs.jsonl
+Interrupted? Run the same command again: finished problems (in OUT.partial) are skipped.
+(docs/making-pairs.md, "Pairs the model makes itself")"""
+
+
+def _add_sample(sub, fmt) -> None:
+    from jsmaug.pairs.sample import RULES
+    from jsmaug.pairs.verify import BUILT_IN
+
+    sp = sub.add_parser("sample", help="pairs the model makes itself: k samples per problem, graded by a verifier",
+                        epilog=SAMPLE_EXAMPLES, formatter_class=fmt, description="Samples k completions of every "
+                        "problem with the model, grades them with a verifier, and writes pairs of a correct and a "
+                        "wrong sample in the training format, with the model's log-probs of both as the "
+                        "precomputed reference (ref_chosen_logps, ref_rejected_logps).")
+    sp.add_argument("--model", required=True, help="a Hugging Face folder, a converter checkpoint or a workdir")
+    sp.add_argument("--input", required=True, help="the problems (.jsonl, .json, .parquet)")
+    sp.add_argument("--out", required=True, help="the pairs' .jsonl (OUT.partial holds finished problems meanwhile)")
+    sp.add_argument("--k", type=int, default=8, help="samples per problem")
+    sp.add_argument("--temperature", type=float, default=0.7)
+    sp.add_argument("--top_p", type=float, default=0.95)
+    sp.add_argument("--top_k", type=int, default=0, help="0 = off")
+    sp.add_argument("--max_new_tokens", type=int, default=256)
+    sp.add_argument("--seed", type=int, default=0, help="problem n's samples are seeded by (seed, n)")
+    sp.add_argument("--verifier", default="gsm8k", help=f"one of {list(BUILT_IN)}, or module:function / "
+                    "file.py:function, fn(problem: dict, completion: str) -> bool | float")
+    sp.add_argument("--threshold", type=float, default=1.0, help="a sample is correct when its score is >= this")
+    sp.add_argument("--pairs_per_problem", type=int, default=1)
+    sp.add_argument("--rule", choices=RULES, default="likely", help="likely: the most likely wrong samples; edit: "
+                    "the wrong samples nearest a correct one in token edit distance")
+    sp.add_argument("--chat_template", default=None, help="'tokenizer' (the model's own) or a Jinja file; the "
+                    "pairs are then conversations")
+    sp.add_argument("--batch_size", type=int, default=8, help="problems per step (graded and saved together)")
+    sp.add_argument("--until", nargs="*", default=None, help="stop sequences (default: gsm8k's for the gsm8k "
+                    "verifiers, else none; the tokenizer's EOS always)")
+    sp.add_argument("--tokenizer", default=None, help="default: the model's own tokenizer files")
+    sp.add_argument("--dtype", default=None, help="the model's dtype for sampling (default: as stored)")
+    sp.add_argument("--max_rows", type=int, default=None, help="only the first N problems")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", default=None, help="also write the figures to this JSON file")
     st.add_argument("--on_bad_row", choices=("error", "skip"), default="error")
+    _add_sample(sub, fmt)
     return ap
 
 
@@ -100,11 +151,17 @@ def _stats(args) -> None:
             json.dump(result, fh, indent=2)
 
 
+def _sample(args) -> None:
+    from jsmaug.pairs.sample import sample_command
+
+    print(sample_command(args).line())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        (_make if args.command == "make" else _stats)(args)
-    except DataError as err:
+        {"make": _make, "stats": _stats, "sample": _sample}[args.command](args)
+    except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

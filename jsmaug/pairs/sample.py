@@ -1,0 +1,379 @@
+"""`jsmaug pairs sample`: the model makes its own pairs. k samples per problem, graded by a verifier
+(`jsmaug.pairs.verify`), a correct and a wrong one of the same problem become a pair.
+
+Sampling. Each problem's k samples are one `jsmaug.models.generate.generate` call (k rows of the same prompt,
+the KV cache, temperature / top-k / top-p), seeded with `problem_seed(seed, n)`, n the problem's row number.
+`generate` draws every row of a call from one key, so a call holds one problem only: a problem's samples then
+depend on the seed and its row number alone, never on `--batch_size`, a resume or the other problems (per-row
+keys in `generate` would let several problems share a call; see docs/making-pairs.md). `--batch_size` is the
+number of problems per step: graded, paired and appended to the resume file together. A sample's text is the
+new tokens up to EOS, decoded with special tokens skipped and cut before the first stop sequence (`--until`;
+the gsm8k verifiers default to lm-eval's gsm8k stops).
+
+Log-probs. A sample's log-prob is that of the trainer's tokenisation of the pair the text ends up in (TRL's
+rule, `jsmaug.data.formats.row_ids`: prompt + completion + EOS tokenised together, the completion starting where
+the prompt's ids end), summed over the completion, under the sampling model (`jsmaug.eval.completion_logps`, the
+trainer's own policy-logps function). These are what the trainer's reference would compute for the pair before
+truncation, and they are written as `ref_chosen_logps` / `ref_rejected_logps` (TRL's column names).
+
+Pair rules (at most `--pairs_per_problem` pairs, duplicates of a text counted once, blank texts never paired):
+  likely  rejected: the wrong samples by log-prob, highest first; chosen: the correct samples by log-prob,
+          highest first, in turn
+  edit    rejected: the wrong samples by their token edit distance to the nearest correct sample, smallest
+          first (ties: higher log-prob); chosen: that nearest correct sample (ties: higher log-prob)
+A problem with no correct or no wrong sample gives no pair and is counted.
+
+Resume. Finished problems are appended, one step at a time, to `OUT.partial` (its first line holds the run's
+settings); a restart with the same settings skips them, and a torn last line is dropped. At the end OUT is
+written atomically, problems in input order, and `OUT.partial` is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jsmaug import paths
+from jsmaug.data import formats
+from jsmaug.data.tokenizer import Tokenizer, joined_ids, split_at_prompt
+from jsmaug.errors import DataError
+from jsmaug.eval import generation, gsm8k as gsm8k_lib
+from jsmaug.eval.logprobs import completion_logps
+from jsmaug.models import generate as gen
+from jsmaug.pairs.stats import edit_distances
+from jsmaug.pairs.verify import Problem, Verifier
+
+RULES = ("likely", "edit")
+PARTIAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    k: int = 8
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    pairs_per_problem: int = 1
+    rule: str = "likely"
+    batch_size: int = 8  # problems per step (see the module docstring)
+    until: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.k < 2:
+            raise DataError(f"--k must be at least 2 (a pair needs a correct and a wrong sample), got {self.k}")
+        if self.rule not in RULES:
+            raise DataError(f"--rule must be one of {list(RULES)}, got {self.rule!r}")
+        for name in ("pairs_per_problem", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        gen.SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                           top_p=self.top_p)  # raises ValueError on a bad setting
+
+
+@dataclass
+class Sample:
+    text: str
+    score: float
+    correct: bool
+    prompt_ids: list[int]  # the trainer's ids of prompt and completion (+ EOS) for this text
+    completion_ids: list[int]
+    logp: float = float("nan")
+
+
+@dataclass
+class Summary:
+    problems: int = 0
+    samples: int = 0
+    correct: int = 0
+    pairs: int = 0
+    no_correct: int = 0
+    no_wrong: int = 0
+    out: str = ""
+
+    def add(self, record: dict) -> None:
+        self.problems += 1
+        self.samples += record["samples"]
+        self.correct += record["correct"]
+        self.pairs += len(record["pairs"])
+        self.no_correct += record["skipped"] == "no correct sample"
+        self.no_wrong += record["skipped"] == "no wrong sample"
+
+    def line(self) -> str:
+        share = self.correct / max(self.samples, 1)
+        return (f"{self.problems} problems, {self.samples} samples ({share:.1%} correct), {self.pairs} pairs "
+                f"written to {self.out}; problems skipped: no correct sample {self.no_correct}, no wrong sample "
+                f"{self.no_wrong}")
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), share_correct=self.correct / max(self.samples, 1))
+
+
+def problem_seed(seed: int, index: int) -> int:
+    """The generation seed of problem `index` (31 bits of a hash of both)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+
+def training_prompt(problem: Problem, template) -> str | list:
+    """The prompt as the pairs' file holds it: chat messages when a template is used, else the string."""
+    if template is None:
+        if not isinstance(problem.prompt, str):
+            raise DataError(f"{problem.where}: the prompt is a list of messages, which needs --chat_template")
+        return problem.prompt
+    return problem.prompt if isinstance(problem.prompt, list) else [{"role": "user", "content": problem.prompt}]
+
+
+def training_completion(text: str, template) -> str | list:
+    return text if template is None else [{"role": "assistant", "content": text}]
+
+
+def prompt_ids(tok: Tokenizer, template, prompt: str | list) -> list[int]:
+    """The ids the model is prompted with: the trainer's prompt ids (`formats.row_ids`)."""
+    if template is None:
+        return tok.encode_with_special_tokens(prompt)
+    return tok.encode(template.render(list(prompt), add_generation_prompt=True))
+
+
+def completion_split(tok: Tokenizer, template, prompt: str | list, text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one completion as the trainer tokenises a pair holding it."""
+    if template is None:
+        p, full, _ = joined_ids(tok, prompt, text, text)
+    else:
+        p = prompt_ids(tok, template, prompt)
+        full = tok.encode(template.render(list(prompt) + training_completion(text, template),
+                                          add_generation_prompt=False))
+    pp, cc, _ = split_at_prompt(p, full, full)
+    return pp, cc
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def draw(config, params, tok: Tokenizer, ids: list[int], opts: Options, seed: int, until: Sequence[str]
+         ) -> list[str]:
+    """k completions of one prompt (module docstring), as text."""
+    sampling = gen.SamplingConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                  top_k=opts.top_k, top_p=opts.top_p, eos_id=tok.eos_id)
+    kwargs: dict[str, Any] = {}
+    if until and "stop_check" in inspect.signature(gen.generate).parameters:
+        # Generation stops early once every row's text holds a stop sequence; the text before it is the same.
+        kwargs["stop_check"] = lambda row, new: any(s in generation.decode_generated(tok, new) for s in until)
+    rows = gen.generate(config, params, [ids] * opts.k, sampling, seed=seed, **kwargs)
+    texts = []
+    for new in rows:
+        if tok.eos_id is not None and tok.eos_id in new:
+            new = new[:new.index(tok.eos_id)]
+        texts.append(generation.cut_at_stops(generation.decode_generated(tok, new), until))
+    return texts
+
+
+def grade(config, params, tok: Tokenizer, template, verifier: Verifier, problem: Problem, texts: list[str]
+          ) -> list[Sample]:
+    """Each text graded, tokenised as the trainer will, and its log-prob under the sampling model."""
+    prompt = training_prompt(problem, template)
+    samples = []
+    for text in texts:
+        score = verifier(problem, text)
+        samples.append(Sample(text, score, verifier.correct(score), *completion_split(tok, template, prompt, text)))
+    scored = [s for s in samples if s.text.strip()]
+    if scored:
+        # One call per problem, k rows: its shapes depend on the problem only, so the figures do not depend on
+        # the batch, and few shapes compile.
+        lp, _ = completion_logps(config, params, [(s.prompt_ids, s.completion_ids) for s in scored],
+                                 batch_size=len(texts))
+        for s, v in zip(scored, lp):
+            s.logp = float(v)
+    return samples
+
+
+def choose_pairs(samples: Sequence[Sample], rule: str, limit: int) -> list[tuple[int, int]] | str:
+    """(chosen index, rejected index) pairs by `rule` (module docstring), or why there is none."""
+    def unique(indices):
+        seen, out = set(), []
+        for i in indices:
+            if samples[i].text not in seen and samples[i].text.strip():
+                seen.add(samples[i].text)
+                out.append(i)
+        return out
+
+    good = unique(i for i, s in enumerate(samples) if s.correct)
+    bad = unique(i for i, s in enumerate(samples) if not s.correct)
+    if not good:
+        return "no correct sample"
+    if not bad:
+        return "no wrong sample"
+    by_logp = lambda i: (-samples[i].logp, i)  # noqa: E731
+    good.sort(key=by_logp)
+    if rule == "likely":
+        bad.sort(key=by_logp)
+        return [(good[j % len(good)], w) for j, w in enumerate(bad[:limit])]
+    dist, _, _ = edit_distances([samples[c].completion_ids for w in bad for c in good],
+                                [samples[w].completion_ids for w in bad for c in good])
+    dist = np.asarray(dist).reshape(len(bad), len(good))
+    nearest = {w: min(range(len(good)), key=lambda j: (dist[a, j], j)) for a, w in enumerate(bad)}
+    ranked = sorted(range(len(bad)), key=lambda a: (dist[a, nearest[bad[a]]], -samples[bad[a]].logp, bad[a]))
+    return [(good[nearest[bad[a]]], bad[a]) for a in ranked[:limit]]
+
+
+def pair_rows(config, params, tok: Tokenizer, template, problem: Problem, samples: Sequence[Sample],
+              chosen_rejected: Sequence[tuple[int, int]]) -> list[dict]:
+    """Training-format rows with the sampling model's log-probs as the precomputed reference. Each pair is
+    tokenised by the trainer's own function; when its split differs from the samples' (a token that merges
+    across the prompt's end), its log-probs are computed again on the pair's ids."""
+    prompt = training_prompt(problem, template)
+    fmt = formats.STANDARD if template is None else formats.CONVERSATIONAL
+    rows = []
+    for c, r in chosen_rejected:
+        row = {"prompt": prompt, "chosen": training_completion(samples[c].text, template),
+               "rejected": training_completion(samples[r].text, template)}
+        p, ch, rj = formats.row_ids(problem.where, row, fmt, ("prompt", "chosen", "rejected"), tok, template)
+        logps = (samples[c].logp, samples[r].logp)
+        if (p, ch, rj) != (samples[c].prompt_ids, samples[c].completion_ids, samples[r].completion_ids) \
+                or samples[r].prompt_ids != p:
+            logps = tuple(float(x) for x in completion_logps(config, params, [(p, ch), (p, rj)], batch_size=2)[0])
+        rows.append(dict(row, ref_chosen_logps=logps[0], ref_rejected_logps=logps[1], problem=problem.index,
+                         chosen_score=samples[c].score, rejected_score=samples[r].score))
+    return rows
+
+
+def sample_problem(config, params, tok, template, verifier, problem: Problem, opts: Options,
+                   until: Sequence[str]) -> dict:
+    """One problem's record for the resume file: counts, and its pairs (or why it has none)."""
+    texts = draw(config, params, tok, prompt_ids(tok, template, training_prompt(problem, template)), opts,
+                 problem_seed(opts.seed, problem.index), until)
+    samples = grade(config, params, tok, template, verifier, problem, texts)
+    chosen = choose_pairs(samples, opts.rule, opts.pairs_per_problem)
+    pairs = [] if isinstance(chosen, str) else pair_rows(config, params, tok, template, problem, samples, chosen)
+    return {"problem": problem.index, "samples": len(samples), "correct": sum(s.correct for s in samples),
+            "skipped": chosen if isinstance(chosen, str) else None, "pairs": pairs}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def partial_path(out: str | os.PathLike) -> Path:
+    return Path(str(out) + ".partial")
+
+
+def read_partial(path: Path, settings: dict) -> dict[int, dict]:
+    """The finished problems of an earlier run with the same settings; a torn last line is cut off."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    good = raw[:raw.rfind(b"\n") + 1]  # everything up to the last complete line
+    lines = good.decode("utf-8").splitlines()
+    header = json.loads(lines[0]) if lines else None
+    if header is not None and header.get("settings") != settings:
+        before = header.get("settings") or {}
+        differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        raise DataError(f"{path}: a resume file written with other settings (they differ in {differ}); delete it "
+                        "to start again, or run with the same settings")
+    if len(good) != len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(len(good))
+    records = [json.loads(x) for x in lines[1:]]
+    return {r["problem"]: r for r in records}
+
+
+def append_records(path: Path, settings: dict, records: Sequence[dict]) -> None:
+    """One write of whole lines, flushed to disk (a kill leaves at most a torn last line)."""
+    new = not path.exists() or path.stat().st_size == 0
+    text = (json.dumps({"version": PARTIAL_VERSION, "settings": settings}) + "\n") if new else ""
+    text += "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def default_until(tok: Tokenizer, verifier: Verifier, until: Sequence[str] | None) -> list[str]:
+    if until is None:
+        until = gsm8k_lib.UNTIL if verifier.kind in ("gsm8k", "gsm8k_strict") else ()
+    return [s for s in generation.stop_sequences(tok, until) if s]
+
+
+def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: Verifier, out: str | os.PathLike,
+        opts: Options, *, template=None, settings: dict | None = None, progress: bool = True) -> Summary:
+    """Sample, grade and pair every problem, resuming from OUT.partial; writes OUT (module docstring).
+    `settings` identify the run (model, input, ...) so that a resume with others is refused."""
+    opts.check()
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise DataError(f"{out}: the output must be a .jsonl file")
+    if not out.parent.is_dir():
+        raise DataError(f"{out}: folder {out.parent} does not exist")
+    until = default_until(tok, verifier, opts.until or None)
+    settings = json.loads(json.dumps(dict(settings or {}, options=dataclasses.asdict(opts), until=until,
+                                          verifier=verifier.spec, threshold=verifier.threshold)))
+    partial = partial_path(out)
+    done = read_partial(partial, settings)
+    todo = [p for p in problems if p.index not in done]
+    summary = Summary(out=str(out))
+    for r in done.values():
+        summary.add(r)
+    if progress and done:
+        print(f"pairs sample: resuming, {len(done)} problems done in {partial}", file=sys.stderr, flush=True)
+    t0, sampled = time.time(), 0
+    for start in range(0, len(todo), opts.batch_size):
+        records = [sample_problem(config, params, tok, template, verifier, p, opts, until)
+                   for p in todo[start:start + opts.batch_size]]
+        append_records(partial, settings, records)
+        for r in records:
+            done[r["problem"]] = r
+            summary.add(r)
+            sampled += r["samples"]
+        if progress:
+            rate = sampled / max(time.time() - t0, 1e-9)
+            print(f"pairs sample: {summary.problems}/{len(problems)} problems, {rate:.3g} samples/s, "
+                  f"{summary.correct / max(summary.samples, 1):.1%} correct, {summary.pairs} pairs",
+                  file=sys.stderr, flush=True)
+    rows = [row for p in problems for row in done[p.index]["pairs"]]
+    paths.atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    partial.unlink(missing_ok=True)
+    return summary
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def sample_command(args) -> Summary:
+    """`jsmaug pairs sample` (jsmaug/pairs/cli.py's arguments): inputs checked before the model is loaded."""
+    from jsmaug import eval as ev
+    from jsmaug.pairs.verify import read_problems
+    from jsmaug.train.reference_cache import tree_digest
+
+    opts = Options(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   max_new_tokens=args.max_new_tokens, seed=args.seed, pairs_per_problem=args.pairs_per_problem,
+                   rule=args.rule, batch_size=args.batch_size, until=tuple(args.until or ()))
+    try:
+        opts.check()
+    except ValueError as err:
+        raise DataError(f"sampling settings: {err}") from None
+    verifier = Verifier(args.verifier, args.threshold)
+    problems = read_problems(args.input, verifier.kind, args.max_rows)
+    tok = Tokenizer(args.tokenizer or ev.model_tokenizer_path(args.model))
+    template = formats.load_chat_template(args.chat_template, tok)
+    for p in problems:
+        training_prompt(p, template)  # a conversation without --chat_template fails here, before the model loads
+    config, params = ev.load_model(args.model, args.dtype)
+    settings = {"model": str(args.model), "model_digest": tree_digest(params), "input": str(args.input),
+                "input_digest": file_digest(args.input), "max_rows": args.max_rows, "tokenizer": tok.fingerprint(),
+                "chat_template": template.source if template is not None else None, "dtype": args.dtype}
+    return run(config, params, tok, problems, verifier, args.out, opts, template=template, settings=settings,
+               progress=not args.quiet)
