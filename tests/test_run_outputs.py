@@ -70,3 +70,8 @@ def test_run_card_inputs_read_the_run_and_follow_init_from(tmp_path):
     (second / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "tokens"}) + "\n"
                                                   for r in recs))
     assert run_card_inputs(second)["training"]["tokens seen"] == "not recorded in metrics.jsonl"
+    # `train.learning_rate=1e-5` on a command line: YAML 1.1 reads it as a string, config.json keeps the string,
+    # and the card reads it as the run did (a number).
+    raw["train"]["learning_rate"] = "1e-5"
+    (second / "config.json").write_text(json.dumps(raw))
+    assert run_card_inputs(second)["training"]["learning rate"].startswith("1e-05, cosine")

@@ -248,6 +248,21 @@ def _build(cls, d: dict[str, Any], prefix: str):
     return cls(**kw)
 
 
+def section_values(cls, given: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """One section of a run's config.json (what the run was given) as the run read it, for reports: each field
+    typed as the run types it (`1e-5`, which YAML 1.1 reads as a string, is the number again), the defaults
+    filled in; a value that does not type (a config.json of another version) is left as it was."""
+    given, hints = dict(given or {}), typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = given.get(f.name, getattr(cls(), f.name))
+        try:
+            out[f.name] = _check_type(f"{name}.{f.name}", value, hints[f.name])
+        except ConfigError:
+            out[f.name] = value
+    return out
+
+
 def _model(d: dict[str, Any], prefix: str) -> MixtralConfig:
     if d is not None and not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {d!r}")

@@ -22,7 +22,6 @@ may be a bucket (`gs://bucket/run`): every path is an `etils.epath.Path`, as in 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -115,8 +114,7 @@ class RunOutputs:
 
 def _section(raw: dict, name: str, cls) -> dict[str, Any]:
     """A config.json section with the defaults filled in (config.json holds what the run was given only)."""
-    given = raw.get(name) or {}
-    return {f.name: given.get(f.name, getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
+    return run_config.section_values(cls, raw.get(name), name)
 
 
 def _loss_summary(loss: dict) -> tuple[str, str]:
