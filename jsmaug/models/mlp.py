@@ -1,11 +1,13 @@
 """The feed-forward half of a decoder layer: a dense SwiGLU MLP (Llama, Mistral, Qwen2/3, Qwen3-MoE's dense
-layers) or the sparse MoE block (Mixtral, Qwen3-MoE, OLMoE): router, top-k, SwiGLU experts.
+layers; GeGLU for Gemma 3) or the sparse MoE block (Mixtral, Qwen3-MoE, OLMoE): router, top-k, SwiGLU experts.
 
 Array names carry their shapes: B batch, S sequence, T = B * S tokens, D hidden, F mlp width, E experts,
 K experts per token.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,8 +19,16 @@ from jsmaug.models.weights import normal, param, weight
 from jsmaug.parallel import expert_parallel
 
 
+def activation(name: str):
+    """The gate activation by HF's name: SwiGLU's silu, or GeGLU's tanh-approximated GELU (Gemma)."""
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.silu
+
+
 class DenseMLP(nn.Module):
-    """HF's `LlamaMLP`: down_proj(silu(gate_proj x) * up_proj x), no biases."""
+    """HF's `LlamaMLP`: down_proj(act(gate_proj x) * up_proj x), no biases; act = silu (SwiGLU) or, for Gemma,
+    gelu_pytorch_tanh (GeGLU)."""
     config: MixtralConfig
 
     @nn.compact
@@ -30,7 +40,7 @@ class DenseMLP(nn.Module):
         up_DxF = weight(self, "up_proj", (d, f), ("embed", "mlp"), c)
         down_FxD = weight(self, "down_proj", (f, d), ("mlp", "embed"), c)
         x = x_BxSxD.astype(dtype)
-        h_BxSxF = jax.nn.silu(x @ gate_DxF) * (x @ up_DxF)
+        h_BxSxF = activation(c.hidden_act)(x @ gate_DxF) * (x @ up_DxF)
         return h_BxSxF @ down_FxD
 
 

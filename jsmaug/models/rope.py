@@ -5,8 +5,10 @@
 - "llama3" (Llama 3.1): wavelengths `2 pi / inv_freq` above `original_max_position_embeddings / low_freq_factor`
   are divided by `factor`, those below `... / high_freq_factor` kept, and the band between interpolated with
   `s = (orig / wavelen - low) / (high - low)`: `(1 - s) * inv_freq / factor + s * inv_freq`.
-Both keep HF's attention scaling of 1. transformers' `_compute_linear_scaling_rope_parameters` and
-`_compute_llama3_parameters` (modeling_rope_utils.py) are the reference; tests/test_families.py compares logits.
+Both keep HF's attention scaling of 1. Gemma 3's local (sliding-window) layers use the default RoPE with their
+own base, `rope_local_base_freq` (`cos_sin(..., sliding=True)`); its global layers use the rope_* fields.
+transformers' `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` (modeling_rope_utils.py)
+are the reference; tests/test_families.py compares logits.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ import jax.numpy as jnp
 from jsmaug.models.config import MixtralConfig
 
 
-def inv_frequencies(config: MixtralConfig):
-    """(head_dim // 2,) float32 inverse frequencies of the config's RoPE."""
+def local_rope(config: MixtralConfig) -> bool:
+    """Whether sliding-window layers have a RoPE of their own (Gemma 3's rope_local_base_freq)."""
+    return config.rope_local_base_freq is not None
+
+
+def inv_frequencies(config: MixtralConfig, sliding: bool = False):
+    """(head_dim // 2,) float32 inverse frequencies of the config's RoPE (of its local layers' if `sliding`)."""
     d = config.resolved_head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    if sliding and local_rope(config):
+        return 1.0 / (config.rope_local_base_freq ** exponents)
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     if config.rope_type == "linear":
         return inv_freq / config.rope_factor
     if config.rope_type == "llama3":
@@ -36,9 +46,9 @@ def inv_frequencies(config: MixtralConfig):
     return inv_freq
 
 
-def cos_sin(positions_BxS, config: MixtralConfig):
-    """rotate_half RoPE tables in float32: (B, S, head_dim) each."""
-    freqs_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * inv_frequencies(config)
+def cos_sin(positions_BxS, config: MixtralConfig, sliding: bool = False):
+    """rotate_half RoPE tables in float32: (B, S, head_dim) each (of the local layers' RoPE if `sliding`)."""
+    freqs_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * inv_frequencies(config, sliding)
     emb = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -37,11 +37,14 @@ def bias(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
     return param(module, name, shape, axes, nn.initializers.zeros, config).astype(jnp.dtype(config.dtype))
 
 
-def rms_norm(x, weight_, eps: float, num_axes: int = 1):
-    """RMSNorm over the last `num_axes` axes, in float32 and cast back before the weight, as HF does."""
+def rms_norm(x, weight_, eps: float, num_axes: int = 1, offset: float = 0.0):
+    """RMSNorm over the last `num_axes` axes in float32. Llama's form (offset 0): cast back to x's dtype, then
+    times the weight. Gemma's (offset 1): times (1 + weight) still in float32, then cast, as HF's Gemma3RMSNorm."""
     xf = x.astype(jnp.float32)
     axes = tuple(range(-num_axes, 0))
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes, keepdims=True) + eps)
+    if offset:
+        return (y * (offset + weight_.astype(jnp.float32))).astype(x.dtype)
     return y.astype(x.dtype) * weight_.astype(x.dtype)
 
 
@@ -54,5 +57,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         shape = self.shape or (x.shape[-1],)
-        w = param(self, "weight", shape, self.axes, nn.initializers.ones, self.config)
-        return rms_norm(x, w, self.config.rms_norm_eps, len(shape))
+        offset = self.config.norm_offset  # Gemma stores w around 0 and applies (1 + w): identity at init
+        init = nn.initializers.zeros if offset else nn.initializers.ones
+        w = param(self, "weight", shape, self.axes, init, self.config)
+        return rms_norm(x, w, self.config.rms_norm_eps, len(shape), offset)
