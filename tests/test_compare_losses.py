@@ -1,4 +1,5 @@
-"""tools/compare_losses.py end to end on a tiny config: SFT warm-up, DPO and DPOP on identical batches."""
+"""tools/compare_losses.py end to end on a tiny config: SFT warm-up, DPO, DPOP and SFT on identical batches, scored
+on held-out pairs, by generation on GSM8K-layout problems (--generate) and on multiple choice (--mc)."""
 
 import json
 import subprocess
@@ -20,10 +21,21 @@ def _tool(args, out):
                           capture_output=True, text=True, timeout=900)
 
 
+GEN = ["--max_new_tokens", "6", "--gen_batch_size", "4", "--mc", "data/sample/mc.jsonl", "--no_trainer_eval"]
+
+
+def _gsm8k_like(path, n=5, seed=7):
+    subprocess.run([sys.executable, "tools/make_gsm8k_like.py", "--n", str(n), "--seed", str(seed), "--out", str(path)],
+                   cwd=ROOT, check=True, capture_output=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    r = _tool(["--sft_steps", "2", "--steps", "3", "--losses", "dpo", "dpop", *SMALL], out)
+    test = _gsm8k_like(out / "gsm_test.jsonl")
+    r = _tool(["--sft_steps", "2", "--steps", "3", "--losses", "dpo", "dpop", "sft", "--generate", str(test), *GEN,
+               *SMALL], out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, json.loads((out / "summary.json").read_text()), r.stdout
 
@@ -37,11 +49,13 @@ def test_runs_share_start_and_batches(compared):
     assert dpo["train_last"]["step"] == dpop["train_last"]["step"] == 3
     recs = {n: [json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()] for n in ("dpo", "dpop")}
     assert [r["step"] for r in recs["dpo"] if "loss" in r] == [1, 2, 3]
+    # --no_trainer_eval: the loss runs leave the eval split to compare-losses (the SFT warm-up still evaluates).
+    assert not any("eval/loss" in r for n in ("dpo", "dpop") for r in recs[n])
 
 
 def test_start_scores_match_the_trainers_eval(compared):
     """Two code paths score the SFT start on the eval split: the trainer's final eval (chunked logps, batches of
-    pairs, padding pairs dropped) and jsmaug.train.eval (rows sorted by length). They must agree."""
+    pairs, padding pairs dropped) and jsmaug.eval (rows sorted by length). They must agree."""
     out, summary, _ = compared
     sft_final = [json.loads(x) for x in (out / "start_sft" / "metrics.jsonl").read_text().splitlines()][-1]
     np.testing.assert_allclose(summary["start_eval"]["logps/chosen"], sft_final["eval/logps/chosen"], rtol=1e-4)
@@ -54,7 +68,8 @@ def test_writes_figure_and_table(compared):
     png = (out / "compare_losses.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "chosen start" in stdout and "dpop" in stdout
-    for name in ("dpo", "dpop"):
+    assert "exact_match_strict" in stdout and "CPU" in stdout and summary["cpu_seconds"] > 0
+    for name in ("dpo", "dpop", "sft"):
         s = summary["losses"][name]
         assert s["chosen_logps_change"] == pytest.approx(s["end_chosen_logps"] - s["start_chosen_logps"])
 
@@ -75,3 +90,109 @@ def test_unknown_loss_is_an_error(tmp_path):
     assert r.returncode == 2 and "unknown loss type 'kto'" in r.stderr
     r = _tool(["--losses", "simpo@beta"], tmp_path)
     assert r.returncode == 2 and "after '@' give key=value, got 'beta'" in r.stderr
+
+
+def _lm_eval_scores(completions, answers):
+    """lm-evaluation-harness 0.4.13's own gsm8k filters and metric (lm_eval/tasks/gsm8k/gsm8k.yaml) on the
+    completions: strict-match, flexible-extract, exact_match with its regexes_to_ignore, per row."""
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    ignore = [",", "\\$", "(?s).*#### ", "\\.$"]
+    out = {}
+    for name, filt in (("strict-match", RegexFilter(r"#### (\-?[0-9\.\,]+)", 0)),
+                       ("flexible-extract", RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1))):
+        preds = [r[0] for r in filt.apply([[c] for c in completions], [{}] * len(completions))]
+        out[name] = [exact_match_hf_evaluate([p], [a], regexes_to_ignore=ignore, ignore_case=True)["exact_match"]
+                     for p, a in zip(preds, answers)]
+    return out
+
+
+def test_downstream_columns_are_the_written_rows(compared):
+    """Every model's exact match is lm-eval's filters and metric applied to its written completions, the prompts
+    are lm-eval's 0-shot gsm8k text, and the summary's start/end columns are those files' figures."""
+    out, summary, _ = compared
+    test = [json.loads(x) for x in (out / "gsm_test.jsonl").read_text().splitlines()]
+    assert summary["generate"]["n"] == len(test) == 5 and summary["mc"]["n"] == 20
+    for name in ("start", "dpo", "dpop", "sft"):
+        scores = json.loads((out / "scores" / f"{name}.json").read_text())["scores"]
+        rows = scores["generate"]["rows"]
+        assert [r["prompt"] for r in rows] == [f"Question: {t['question']}\nAnswer:" for t in test]
+        want = _lm_eval_scores([r["completion"] for r in rows], [t["answer"] for t in test])
+        for key in ("strict-match", "flexible-extract"):
+            assert [r[f"exact_match,{key}"] for r in rows] == want[key]
+            assert scores["generate"][f"exact_match,{key}"] == pytest.approx(np.mean(want[key]))
+        mc = scores["mc"]
+        assert mc["acc"] == pytest.approx(np.mean([r["acc"] for r in mc["per_row"]]))
+        cols = summary["start_downstream"] if name == "start" else {
+            k[4:]: v for k, v in summary["losses"][name].items() if k.startswith("end_")}
+        assert cols["exact_match_strict"] == scores["generate"]["exact_match,strict-match"]
+        assert cols["exact_match_flexible"] == scores["generate"]["exact_match,flexible-extract"]
+        assert (cols["mc_acc"], cols["mc_acc_norm"]) == (mc["acc"], mc["acc_norm"])
+    for name in ("dpo", "dpop", "sft"):
+        assert summary["losses"][name]["start_mc_acc"] == summary["start_downstream"]["mc_acc"]
+
+
+def test_end_scores_equal_jsmaug_evaluate_on_the_final_policy(compared, tmp_path):
+    """`jsmaug evaluate` loads the DPOP workdir by itself: its completions, exact match and multiple-choice
+    accuracy equal the ones compare-losses wrote for that policy (so the end policy, not the start, was scored)."""
+    out, summary, _ = compared
+    res = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "jsmaug.cli.main", "evaluate", "--model", str(out / "dpop"),
+                        "--generate", str(out / "gsm_test.jsonl"), "--mc", "data/sample/mc.jsonl", "--max_new_tokens",
+                        "6", "--batch_size", "4", "--no_progress", "--out", str(res)],
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads(res.read_text())["results"]
+    gen = next(v for k, v in results.items() if k.startswith("generate:"))
+    mc = next(v for k, v in results.items() if k.startswith("mc:"))
+    ours = json.loads((out / "scores" / "dpop.json").read_text())["scores"]
+    assert [x["completion"] for x in gen["rows"]] == [x["completion"] for x in ours["generate"]["rows"]]
+    start = json.loads((out / "scores" / "start.json").read_text())["scores"]
+    assert ([x["completion"] for x in start["generate"]["rows"]] != [x["completion"] for x in gen["rows"]]
+            or start["mc"]["per_row"] != ours["mc"]["per_row"]), "the DPOP policy scored like the start"
+    end = summary["losses"]["dpop"]
+    assert end["end_exact_match_flexible"] == gen["exact_match,flexible-extract"]
+    assert end["end_exact_match_strict"] == gen["exact_match,strict-match"]
+    assert (end["end_mc_acc"], end["end_mc_acc_norm"]) == pytest.approx((mc["acc"], mc["acc_norm"]))
+
+
+def test_a_held_out_question_seen_in_training_is_an_error(tmp_path):
+    """Checked before any training: a --generate problem whose question is in a training pair."""
+    test = _gsm8k_like(tmp_path / "test.jsonl", n=3, seed=3)
+    leaked = json.loads(test.read_text().splitlines()[1])
+    train = tmp_path / "train.jsonl"
+    train.write_text(Path(ROOT / "data/sample/train.jsonl").read_text() + json.dumps(
+        {"prompt": f"Question: {leaked['question']}\nAnswer:", "chosen": " 1", "rejected": " 2"}) + "\n")
+    r = _tool(["--generate", str(test), f"data.train_path={train}"], tmp_path / "out")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--generate: {test}:line 2: its question is in the training data ({train}:line 337)" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = _tool(["--generate", str(test), "--num_fewshot", "2"], tmp_path / "out")
+    assert r.returncode == 2 and "--num_fewshot > 0 needs --fewshot_file" in r.stderr
+
+
+def test_reference_computed_once_equals_preference_eval_with_reference(compared):
+    """compare-losses scores the start once and derives every policy's rewards from it (`with_reference`): the same
+    figures as `preference_eval` with the start as the reference, and the summary holds them."""
+    from jsmaug.cli import compare_losses
+    from jsmaug.data import batches as data_lib, tokenizer_folder
+    from jsmaug import eval as eval_lib
+    from jsmaug.train import checkpoint
+
+    out, summary, _ = compared
+    tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(None, str(out / "start_sft")))
+    examples, _ = data_lib.prepare("data/sample/test.jsonl", data_lib.DataConfig(max_length=64, max_prompt_length=32),
+                                   tok)
+    mconf, start = checkpoint.load_params(out / "start_sft")
+    _, policy = checkpoint.load_params(out / "dpop")
+    want = eval_lib.preference_eval(mconf, policy, examples, start, beta=0.3)
+    got = compare_losses.with_reference(eval_lib.preference_eval(mconf, policy, examples),
+                                        eval_lib.preference_eval(mconf, start, examples), 0.3)
+    for key, value in want.items():
+        if key != "per_pair":
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    s = summary["losses"]["dpop"]
+    assert s["eval_reward_accuracy"] == pytest.approx(want["rewards/accuracies"])
+    assert s["eval_fraction_chosen_decreased"] == pytest.approx(want["chosen_logps_decreased"])
+    assert s["end_chosen_logps"] == pytest.approx(want["logps/chosen"], rel=1e-5)

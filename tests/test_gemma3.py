@@ -15,7 +15,7 @@ import pytest
 from jsmaug import hf
 from jsmaug.data import batches as data
 from jsmaug.models import config as cfg_lib, decoder as model, families
-from jsmaug.train import eval as eval_lib
+from jsmaug import eval as eval_lib
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 BASE = dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=96, hidden_size=32,

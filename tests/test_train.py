@@ -195,7 +195,8 @@ def test_lora_cli_trains_resumes_exactly_and_exports_merged_weights(tmp_path):
 
     from jsmaug.models import decoder as model
 
-    from jsmaug.train import checkpoint, eval as eval_lib
+    from jsmaug import eval as eval_lib
+    from jsmaug.train import checkpoint
 
     data = _pairs(tmp_path / "pairs.jsonl")
     common = ["configs/tiny_dpop.yaml", *SMALL, f"data.train_path={data}", "data.eval_path=null", "train.steps=6",

@@ -18,7 +18,7 @@ from jsmaug.data import batches as data
 
 from jsmaug.models import config as cfg_lib, decoder as model
 
-from jsmaug.train import eval as eval_lib
+from jsmaug import eval as eval_lib
 
 trl = pytest.importorskip("trl", reason="trl is in the test extra (pip install -e '.[test]')")
 

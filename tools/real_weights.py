@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     from jsmaug.data import batches as data, formats as pair_formats
     from jsmaug.hf.trl_reference import trl_reference_logps
     from jsmaug.models import generate as gen
-    from jsmaug.train import checkpoint, eval as eval_lib, run as train_run
+    from jsmaug import eval as eval_lib
+    from jsmaug.train import checkpoint, run as train_run
 
     torch.set_num_threads(2)
     gemma = args.model == "gemma3"

@@ -1,7 +1,9 @@
 """The Smaug paper's experiment: DPO vs DPOP (and any other loss) from one start, on identical batches.
 
-    jsmaug compare-losses [--config configs/tiny_dpop.yaml] [--losses dpo dpop ...] \
-        [--init_from CKPT | --sft_steps 150] [--steps 120] [--out runs/compare] [key=value ...]
+    jsmaug compare-losses [--config configs/tiny_dpop.yaml] [--losses dpo dpop sft ...] \
+        [--init_from CKPT | --sft_steps 150] [--steps 120] [--out runs/compare] \
+        [--generate TEST.jsonl [--num_fewshot K --fewshot_file F] [--chat_template tokenizer] \
+         [--max_new_tokens 256]] [--mc MC.jsonl] [key=value ...]
 
 A loss is a name of `jsmaug.losses` (TRL's, `dpo`, `dpop`, `simpo`, `cpo`, `orpo`), optionally with its own
 hyper-parameters after `@`: `simpo@beta=2.0@simpo_gamma=0.5`, `exo_pair@label_smoothing=0.01` (each becomes a
@@ -12,27 +14,35 @@ hyper-parameters after `@`: `simpo@beta=2.0@simpo_gamma=0.5`, `exo_pair@label_sm
    model, so the start already gives the chosen answers a reasonable likelihood, as the paper's models did.
 2. One training run per loss from that start, with the same seed, so step i sees the same batch in every run
    (a batch is a pure function of data, seed and step). Everything else comes from --config and the overrides.
-3. The start and every final policy are scored on the eval split (`jsmaug.train.eval.preference_eval`, the start as
-   the reference).
+3. The start and every final policy are scored on the eval split (`jsmaug.eval.preference_eval`, the start as
+   the reference); with --generate, by greedy generation on GSM8K-layout problems (`jsmaug.eval.gsm8k_eval`:
+   exact match, strict and flexible, as lm-evaluation-harness scores gsm8k), and with --mc by multiple-choice
+   accuracy (acc, acc_norm). A --generate question that appears in a training pair is an error (checked before
+   any training): the held-out problems must be unseen.
 
 Writes OUT/compare_losses.png (train logps of chosen and rejected completions and preference accuracy over
 steps, eval points as markers) and OUT/summary.json (per loss: start and end chosen / rejected logps on the
-eval split, eval reward accuracy, the fraction of eval pairs whose chosen logp fell). Runs live in OUT/<loss>;
-rerunning with the same OUT resumes or reuses finished runs.
+eval split, eval reward accuracy, the fraction of eval pairs whose chosen logp fell; with --generate / --mc the
+start and end exact match and accuracy, and a fourth panel of them in the figure; the CPU seconds). The
+per-row completions of every model are in OUT/scores/<name>.json (reused when rerun with the same settings).
+Runs live in OUT/<loss>; rerunning with the same OUT resumes or reuses finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from jsmaug import losses  # noqa: E402
+from jsmaug import eval as eval_lib, losses  # noqa: E402
 from jsmaug.data import batches as data_lib, tokenizer_folder
+from jsmaug.data.files import read_rows
 from jsmaug.models.config import ConfigError  # noqa: E402
-from jsmaug.train import checkpoint, eval as eval_lib, metrics_log, run as train
+from jsmaug.train import checkpoint, metrics_log, run as train
 from jsmaug.train.config import load_run_config  # noqa: E402
 
 # The SFT warm-up's folder: not a loss name, so `--losses sft` (the `sft` loss) gets its own run.
@@ -69,7 +79,35 @@ def _run(config: str, overrides: list[str], extra: list[str]) -> None:
     train.run(cfg, raw)
 
 
-def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str, float]) -> None:
+DOWNSTREAM = [("exact_match_strict", "GSM8K EM\nstrict"), ("exact_match_flexible", "GSM8K EM\nflexible"),
+              ("mc_acc", "MC acc"), ("mc_acc_norm", "MC acc_norm")]
+
+
+def plot_downstream(ax, summary: dict) -> None:
+    """Grouped bars: the start and every final policy on each downstream metric, with the standard error of the
+    exact match as error bars."""
+    keys = [(k, label) for k, label in DOWNSTREAM if k in summary["start_downstream"]]
+    models = [("start", summary["start_downstream"], "black")] + [
+        (name, {k[len("end_"):]: v for k, v in s.items() if k.startswith("end_")}, _color(name.split("@")[0], i))
+        for i, (name, s) in enumerate(summary["losses"].items())]
+    width = 0.8 / len(models)
+    for j, (name, vals, color) in enumerate(models):
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [vals[k] for k, _ in keys], width, color=color, alpha=0.75, label=name,
+               yerr=[vals.get(k + "_stderr", 0.0) for k, _ in keys], capsize=2)
+    ax.set_xticks(range(len(keys)), [label for _, label in keys], fontsize=8)
+    ax.set_ylim(0, 1)
+    n = []
+    if "generate" in summary:
+        n.append(f"{summary['generate']['n']} problems")
+    if "mc" in summary:
+        n.append(f"{summary['mc']['n']} MC questions")
+    ax.set_title(f"downstream, start vs end ({', '.join(n)})", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str, float],
+         summary: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +115,11 @@ def plot(runs: dict[str, Path], out_png: Path, title: str, start_eval: dict[str,
 
     panels = [("logps/chosen", "log p(chosen)"), ("logps/rejected", "log p(rejected)"),
               ("rewards/accuracies", "preference accuracy")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    extra = summary is not None and "start_downstream" in summary
+    fig, axes = plt.subplots(1, 4 if extra else 3, figsize=(20 if extra else 15, 4))
+    if extra:
+        plot_downstream(axes[3], summary)
+        axes = axes[:3]
     for i, (name, workdir) in enumerate(runs.items()):
         recs = metrics_log.read_metrics(workdir / "metrics.jsonl")
         tr = [r for r in recs if "loss" in r]
@@ -117,25 +159,142 @@ def train_runs(args, specs: dict, out: Path) -> tuple[str, dict[str, Path]]:
         _run(args.config, args.overrides, common + sft)
         start = str(out / START)
     runs = {}
+    # compare-losses scores every final policy on the eval split itself; the trainer's own final eval repeats it.
+    no_eval = ["data.eval_path=null"] if args.no_trainer_eval else []
     for spec, (name, extra) in specs.items():
         print(f"== {spec}: {args.steps} steps from {start} -> {out / spec}", flush=True)
         _run(args.config, args.overrides,
-             common + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / spec}",
-                       f"init_from={start}", *extra])
+             common + no_eval + [f"loss.type={name}", f"train.steps={args.steps}", f"workdir={out / spec}",
+                                 f"init_from={start}", *extra])
         runs[spec] = out / spec
     return start, runs
 
 
-def score(base, start: str, runs: dict[str, Path]) -> dict[str, dict]:
-    """The start and every final policy on the eval split, the start as the reference."""
+def _strings(x):
+    """Every string inside a row (prompt, chosen, rejected, message contents)."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+def check_held_out(rows: list[dict], path: str, train_paths) -> None:
+    """A --generate question found in a training row (or a few-shot file) would be scored as held out while seen."""
+    texts = []
+    for tp in [train_paths] if isinstance(train_paths, str) else list(train_paths or []):
+        texts += [(where, "\n".join(_strings(row))) for where, row in read_rows(tp) if not isinstance(row, Exception)]
+    for i, row in enumerate(rows):
+        question = row["question"].strip()
+        seen = next((where for where, text in texts if question in text), None)
+        if seen is not None:
+            raise ConfigError(f"--generate: {row.get('where', f'{path} row {i + 1}')}: its question is in the "
+                              f"training data ({seen}); the held-out problems must not appear in any training pair")
+
+
+def downstream_inputs(args, base) -> dict:
+    """The --generate / --mc rows, read and checked before any training starts."""
+    inputs: dict = {}
+    if args.generate:
+        inputs["generate"] = eval_lib.read_gsm8k(args.generate)
+        if args.num_fewshot and not args.fewshot_file:
+            raise ConfigError("--num_fewshot > 0 needs --fewshot_file (solved GSM8K-layout rows)")
+        if args.fewshot_file:
+            inputs["fewshot"] = eval_lib.read_gsm8k(args.fewshot_file)
+        check_held_out(inputs["generate"], args.generate, [base.data.train_path] + (
+            [args.fewshot_file] if args.fewshot_file else []))
+    if args.mc:
+        inputs["mc"] = eval_lib.read_multiple_choice(args.mc)
+    return inputs
+
+
+def _sha1(path: str | None) -> str | None:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def downstream(args, config, params, tok, inputs: dict, cache: Path, model_key: dict) -> dict:
+    """Exact match by generation (--generate) and multiple-choice accuracy (--mc) of one model. The scores and
+    every row's completion go to `cache`; a rerun with the same model and settings reads them back."""
+    key = {"model": model_key, "generate": args.generate, "generate_sha1": _sha1(args.generate),
+           "num_fewshot": args.num_fewshot, "fewshot_sha1": _sha1(args.fewshot_file),
+           "chat_template": args.chat_template, "max_new_tokens": args.max_new_tokens,
+           "mc": args.mc, "mc_sha1": _sha1(args.mc)}
+    if cache.is_file():
+        old = json.loads(cache.read_text())
+        if old.get("key") == key:
+            print(f"   reusing {cache}", flush=True)
+            return old["scores"]
+    scores: dict = {}
+    if "generate" in inputs:
+        t0 = time.time()
+        scores["generate"] = eval_lib.gsm8k_eval(
+            config, params, tok, inputs["generate"], num_fewshot=args.num_fewshot,
+            fewshot_rows=inputs.get("fewshot"), chat_template=args.chat_template,
+            max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size)
+        scores["generate"]["seconds"] = round(time.time() - t0, 1)
+    if "mc" in inputs:
+        mc = eval_lib.multiple_choice_eval(config, params, tok, inputs["mc"])
+        scores["mc"] = {k: mc[k] for k in ("acc", "acc_norm")} | {"n": len(inputs["mc"]),
+                                                                   "per_row": mc.get("per_row")}
+    eval_lib.write_json(cache, {"key": key, "scores": scores})
+    return scores
+
+
+def _last_step(workdir: Path) -> int | None:
+    recs = [r for r in metrics_log.read_metrics(workdir / "metrics.jsonl") if "step" in r] \
+        if (workdir / "metrics.jsonl").is_file() else []
+    return recs[-1]["step"] if recs else None
+
+
+def with_reference(policy: dict, ref: dict, beta: float) -> dict:
+    """`preference_eval`'s reference figures from two reference-free evaluations of the same examples (the
+    policy's and the start's), so the start's log-probs are computed once instead of once per model."""
+    import numpy as np
+
+    pc, pr = (np.asarray(policy["per_pair"][k]) for k in ("policy_chosen", "policy_rejected"))
+    rc, rr = (np.asarray(ref["per_pair"][k]) for k in ("policy_chosen", "policy_rejected"))
+    reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+    return {**policy, "rewards/chosen": float(reward_c.mean()), "rewards/rejected": float(reward_r.mean()),
+            "rewards/accuracies": float((reward_c > reward_r).mean()),
+            "rewards/margins": float((reward_c - reward_r).mean()),
+            "reference/logps/chosen": float(rc.mean()), "reference/logps/rejected": float(rr.mean()),
+            "chosen_logps_decreased": float((pc < rc).mean())}
+
+
+def score(args, base, start: str, runs: dict[str, Path], inputs: dict, out: Path) -> dict[str, dict]:
+    """The start and every final policy on the eval split (the start as the reference), and downstream."""
     tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(base.data.tokenizer_path, str(start)))
     examples, _ = data_lib.prepare(base.data.eval_path, base.data, tok)
     mconf, start_params = checkpoint.load_params(start)
-    scored = {"start": eval_lib.preference_eval(mconf, start_params, examples, start_params, beta=base.loss.beta)}
-    for name, workdir in runs.items():
-        _, params = checkpoint.load_params(workdir)
-        scored[name] = eval_lib.preference_eval(mconf, params, examples, start_params, beta=base.loss.beta)
+    scored, ref = {}, None
+    for name, path in [("start", Path(start)), *runs.items()]:
+        params = start_params if name == "start" else checkpoint.load_params(path)[1]
+        print(f"== scoring {name}", flush=True)
+        plain = eval_lib.preference_eval(mconf, params, examples)
+        ref = ref or plain
+        scored[name] = with_reference(plain, ref, base.loss.beta)
+        if inputs:
+            scored[name]["downstream"] = downstream(
+                args, mconf, params, tok, inputs, out / "scores" / f"{name}.json",
+                {"path": str(path.resolve()), "step": _last_step(path)})
+        del params
     return scored
+
+
+def downstream_columns(s0: dict, s: dict) -> dict:
+    """start_/end_ exact match (strict, flexible) and multiple-choice accuracy (acc, acc_norm), where scored."""
+    cols = {}
+    for tag, sc in (("start", s0.get("downstream", {})), ("end", s.get("downstream", {}))):
+        if "generate" in sc:
+            for short, name in (("strict", "strict-match"), ("flexible", "flexible-extract")):
+                cols[f"{tag}_exact_match_{short}"] = sc["generate"][f"exact_match,{name}"]
+                cols[f"{tag}_exact_match_{short}_stderr"] = sc["generate"][f"exact_match_stderr,{name}"]
+        if "mc" in sc:
+            cols[f"{tag}_mc_acc"], cols[f"{tag}_mc_acc_norm"] = sc["mc"]["acc"], sc["mc"]["acc_norm"]
+    return cols
 
 
 def summarize(args, base, start: str, runs: dict[str, Path], scored: dict[str, dict]) -> dict:
@@ -158,7 +317,18 @@ def summarize(args, base, start: str, runs: dict[str, Path], scored: dict[str, d
             "train_first": {k: train_recs[0][k] for k in ("step", "logps/chosen", "logps/rejected")},
             "train_last": {k: train_recs[-1][k] for k in ("step", "logps/chosen", "logps/rejected",
                                                           "rewards/accuracies")},
+            **downstream_columns(s0, s),
         }
+    if args.generate:
+        g = s0["downstream"]["generate"]
+        summary["generate"] = {"path": args.generate, "n": g["n"], "num_fewshot": args.num_fewshot,
+                               "fewshot_file": args.fewshot_file, "chat_template": args.chat_template,
+                               "max_new_tokens": args.max_new_tokens, "greedy": True}
+    if args.mc:
+        summary["mc"] = {"path": args.mc, "n": s0["downstream"]["mc"]["n"]}
+    if args.generate or args.mc:
+        summary["start_downstream"] = {k[len("start_"):]: v for k, v in downstream_columns(s0, s0).items()
+                                       if k.startswith("start_")}
     return summary
 
 
@@ -173,6 +343,25 @@ def print_table(summary: dict) -> None:
         print(f"{name:<{w}}{s['start_chosen_logps']:>14.2f}{s['end_chosen_logps']:>12.2f}"
               f"{s['end_rejected_logps']:>14.2f}{s['eval_reward_accuracy']:>12.2f}"
               f"{s['eval_fraction_chosen_decreased']:>13.2f}")
+    if "start_downstream" not in summary:
+        return
+    keys = [k for k, _ in DOWNSTREAM if k in summary["start_downstream"]]
+    what = []
+    if "generate" in summary:
+        g = summary["generate"]
+        what.append(f"{g['path']} ({g['n']} problems, {g['num_fewshot']}-shot, chat template "
+                    f"{g['chat_template']}, greedy, max_new_tokens {g['max_new_tokens']})")
+    if "mc" in summary:
+        what.append(f"{summary['mc']['path']} ({summary['mc']['n']} questions)")
+    print("\ndownstream: " + "; ".join(what))
+    print(f"{'model':<{w}}" + "".join(f"{k:>22}" for k in keys))
+    rows = [("start", summary["start_downstream"])] + [
+        (name, {k[len("end_"):]: v for k, v in s.items() if k.startswith("end_")})
+        for name, s in summary["losses"].items()]
+    for name, vals in rows:
+        print(f"{name:<{w}}" + "".join(
+            f"{vals[k]:>14.3f} +- {vals[k + '_stderr']:.3f}" if k + "_stderr" in vals else f"{vals[k]:>22.3f}"
+            for k in keys))
 
 
 def main(argv=None) -> int:
@@ -184,11 +373,25 @@ def main(argv=None) -> int:
     ap.add_argument("--sft_learning_rate", type=float, default=None, help="default: the config's")
     ap.add_argument("--steps", type=int, default=120, help="steps of every preference run")
     ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--no_trainer_eval", action="store_true",
+                    help="the loss runs skip the trainer's eval of the eval split (scored here anyway): two "
+                         "forwards of the split fewer per run, and no eval markers in the figure")
+    ap.add_argument("--generate", default=None, metavar="TEST.jsonl",
+                    help="GSM8K-layout problems (question, answer ending '#### N') scored by greedy generation, "
+                         "start and end; none of their questions may be in the training data")
+    ap.add_argument("--num_fewshot", type=int, default=0, help="solved examples before each --generate prompt")
+    ap.add_argument("--fewshot_file", default=None, help="GSM8K-layout rows the few-shot examples come from")
+    ap.add_argument("--chat_template", default=None,
+                    help="'tokenizer' (the model's own) or a Jinja file: --generate prompts as chat turns, "
+                         "as lm-eval's --apply_chat_template does; default: plain 'Question: ...\\nAnswer:' text")
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--gen_batch_size", type=int, default=8)
+    ap.add_argument("--mc", default=None, metavar="MC.jsonl", help="multiple-choice rows scored start and end")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config, for every run")
     args = ap.parse_args(argv)
     args.losses, args.overrides = split_overrides(args.losses, args.overrides)
     out = Path(args.out)
-    t_all = time.time()
+    t_all, cpu_all = time.time(), time.process_time()
     try:
         try:
             specs = {spec: parse_loss(spec) for spec in args.losses}
@@ -197,19 +400,24 @@ def main(argv=None) -> int:
         base, _ = load_run_config(args.config, args.overrides)
         if not base.data.eval_path:
             raise ConfigError("data.eval_path: the comparison scores every run on the eval split; set one")
+        inputs = downstream_inputs(args, base) if (args.generate or args.mc) else {}
         start, runs = train_runs(args, specs, out)
-        scored = score(base, start, runs)
+        scored = score(args, base, start, runs, inputs, out)
     except (ConfigError, data_lib.DataError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = summarize(args, base, start, runs, scored)
+    # CPU time of this process, every thread (XLA's and the tokenizers') included; runs reused from an earlier
+    # invocation cost nothing here.
     summary["seconds"] = round(time.time() - t_all, 1)
+    summary["cpu_seconds"] = round(time.process_time() - cpu_all, 1)
     plot(runs, out / "compare_losses.png",
          f"{args.config}: {', '.join(args.losses)} from {start}, {args.steps} steps, identical batches",
-         summary["start_eval"])
+         summary["start_eval"], summary)
     eval_lib.write_json(out / "summary.json", summary)
     print_table(summary)
-    print(f"wrote {out / 'compare_losses.png'} and {out / 'summary.json'} ({summary['seconds']}s)")
+    print(f"wrote {out / 'compare_losses.png'} and {out / 'summary.json'} (wall {summary['seconds']} s, "
+          f"CPU {summary['cpu_seconds']} s)")
     return 0
 
 
