@@ -15,6 +15,10 @@ base forward (`rank 0`): no second copy of the weights exists, online or precomp
 
 The adapters live in the params tree beside their weights as `<name>_lora_a` / `<name>_lora_b`; `split` and
 `combine` separate and rejoin them, and `merge` folds them into the base (the export).
+
+QLoRA (arXiv 2305.14314): `quantize_base` stores every projection of a frozen base (all the names of `TARGETS`,
+targeted or not; embeddings, norms, biases and routers stay as they are) as a `quant.QuantizedArray`, grouped
+along its contracted axis (the last input axis); `weights.weight` dequantizes it inside the layer, then adds A @ B.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jsmaug.models import quant
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 # weight name -> (leading batch axes, input axes) of its per-layer shape; the remaining axes are outputs.
 # gate_proj/up_proj/down_proj are the dense MLP's (D, F) / (F, D); w1/w3/w2 the experts' (E, D, F) / (E, F, D).
 _SPLIT = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2), "gate_proj": (0, 1),
           "up_proj": (0, 1), "down_proj": (0, 1), "w1": (1, 1), "w3": (1, 1), "w2": (1, 1)}
+# The number of output axes of each per-layer weight (q/k/v: heads and head_dim), beside _SPLIT's batch and inputs.
+_OUTS = {"q_proj": 2, "k_proj": 2, "v_proj": 2}
 # The experts' leaves keep Mixtral's names; a target of either name covers both the dense and the expert weight.
 ALIASES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "gate_proj", "w3": "up_proj",
            "w2": "down_proj"}
@@ -95,17 +103,41 @@ def combine(base, adapters):
     return out
 
 
-def merge(base, adapters, alpha: float, rank: int):
+def merge(base, adapters, alpha: float, rank: int, quantized_dtype=jnp.float32):
     """The base with every adapter folded in (W + alpha / rank * A @ B, in the base's dtype): the tree of a
-    model without adapters, for the export."""
+    model without adapters, for the export. A quantized base weight is dequantized, into `quantized_dtype`."""
     scale = alpha / rank
     out = {}
     for k, v in base.items():
         if isinstance(v, dict):
-            out[k] = merge(v, adapters.get(k, {}), alpha, rank)
-        elif k + "_lora_a" in adapters:
+            out[k] = merge(v, adapters.get(k, {}), alpha, rank, quantized_dtype)
+            continue
+        if quant.is_quantized(v):
+            v = v.dequantize(quantized_dtype)
+        if k + "_lora_a" in adapters:
             d = delta(k, adapters[k + "_lora_a"].astype(jnp.float32), adapters[k + "_lora_b"].astype(jnp.float32))
             out[k] = (v.astype(jnp.float32) + scale * d).astype(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def quantize_base(base, fmt: str, group: int = quant.DEFAULT_GROUP, _path: tuple[str, ...] = ()):
+    """The base with every projection weight (a name of `_SPLIT`) in `fmt` storage, grouped along its contracted
+    axis (its last input axis: o_proj's head_dim, the experts' hidden axis), described per layer (`quant.unstack`)
+    so that the scan over the stacked layers sees one layer's weight. Raises quant.QuantError naming the weight's
+    path when `group` does not divide its contracted axis; traceable, so `jax.eval_shape` checks a whole model's
+    shapes before anything is built."""
+    out = {}
+    for k, v in base.items():
+        path = (*_path, k)
+        if isinstance(v, dict):
+            out[k] = quantize_base(v, fmt, group, path)
+        elif k in _SPLIT and not quant.is_quantized(v):
+            nb, ni = _SPLIT[k]
+            lead = v.ndim - (nb + ni + _OUTS.get(k, 1))  # the stacked layers' axis
+            q = quant.quantize(v, fmt, lead + nb + ni - 1, group, name="/".join(path))
+            out[k] = quant.unstack(q, lead)
         else:
             out[k] = v
     return out

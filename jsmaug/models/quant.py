@@ -127,16 +127,50 @@ def quantize(w, fmt: str, axis: int, group: int = DEFAULT_GROUP, scale_dtype=jnp
 
 
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
-    """The weight back in `dtype`: look-up (nf4) or offset (int4), times the scale, in float32."""
+    """The weight back in `dtype`: look-up (nf4) or offset (int4), times the scale, in float32.
+
+    The leaves may carry leading axes that the static `shape` does not list (a stack of layers, `unstack`): a
+    `lax.scan` over the stack then hands each layer an ordinary QuantizedArray of the per-layer shape."""
+    lead = q.packed.ndim - len(q.shape)
+    axis, shape = q.axis + lead, (*q.packed.shape[:lead], *q.shape)
     scales = q.scales.astype(jnp.float32)
     if q.fmt == "int8":
         return (q.packed.astype(jnp.float32) * scales).astype(dtype)
-    idx = _unpack(q.packed, q.axis)
+    idx = _unpack(q.packed, axis)
     vals = jnp.asarray(NF4_LEVELS)[idx] if q.fmt == "nf4" else idx.astype(jnp.float32) - 8.0
     if q.fmt == "int4":
         vals = vals / 7.0
-    g = _grouped(vals, q.axis, q.group) * jnp.expand_dims(scales, q.axis + 1)
-    return g.reshape(q.shape).astype(dtype)
+    g = _grouped(vals, axis, q.group) * jnp.expand_dims(scales, axis + 1)
+    return g.reshape(shape).astype(dtype)
+
+
+def unstack(q: QuantizedArray, lead: int) -> QuantizedArray:
+    """`q` of a stack of weights (its first `lead` axes index layers) described per weight: the static shape and
+    axis of one layer's weight, as a scan over the stack sees it."""
+    return dataclasses.replace(q, shape=q.shape[lead:], axis=q.axis - lead)
+
+
+def fit_sharding(q_abstract: QuantizedArray, sharding) -> QuantizedArray:
+    """Shardings for the leaves of a quantized weight whose unquantized form shards as `sharding` (a
+    NamedSharding): the packed values and the scales keep the weight's spec, axis by axis, except where their
+    (halved, or divided by the group) length no longer divides the mesh axes: that axis is left whole."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh, spec = sharding.mesh, tuple(sharding.spec)
+
+    def fit(sds):
+        out = []
+        for i, n in enumerate(sds.shape):
+            ax = spec[i] if i < len(spec) else None
+            names = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+            out.append(ax if n % math.prod(mesh.shape[a] for a in names) == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*out))
+
+    return dataclasses.replace(q_abstract, packed=fit(q_abstract.packed), scales=fit(q_abstract.scales))
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
 
 
 def bits_per_weight(q: QuantizedArray) -> float:

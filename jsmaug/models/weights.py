@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import lora
+from jsmaug.models import lora, quant
 from jsmaug.models.config import MixtralConfig
 
 
@@ -20,9 +20,18 @@ def normal(config: MixtralConfig):
 
 
 def weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
-    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py)."""
+    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py). A base
+    stored quantized (QLoRA, `lora.quantize_base`) is dequantized here, one layer at a time under the layer scan,
+    so attention and every MoE path see an ordinary weight."""
     dtype = jnp.dtype(config.dtype)
-    w = param(module, name, shape, axes, normal(config), config).astype(dtype)
+    stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+    if quant.is_quantized(stored):  # read directly: flax's `param` would compare the packed leaves to `shape`
+        if stored.shape != tuple(shape):
+            raise ValueError(f"{module.path}/{name}: quantized weight of shape {stored.shape}, the layer wants "
+                             f"{tuple(shape)}")
+        w = stored.dequantize(dtype)
+    else:
+        w = param(module, name, shape, axes, normal(config), config).astype(dtype)
     if not config.lora_rank or not lora.is_target(name, config.lora_targets):
         return w
     a_shape, a_axes, b_shape, b_axes = lora.factor_shapes(name, shape, axes, config.lora_rank)

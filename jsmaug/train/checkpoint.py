@@ -321,9 +321,12 @@ def _load_lora_merged(path: epath.Path, config: MixtralConfig, step: int | None)
     else:
         # jitted, as the trainer made it: eager and jitted random inits differ in the last bit
         base = jax.jit(lambda k: model.init_params(base_config, k))(jax.random.key(base_info["seed"]))
-    base = jax.tree.map(lambda x: x.astype(jnp.dtype(base_info["dtype"])), base)
+    dtype = jnp.dtype(base_info["dtype"])
+    base = jax.tree.map(lambda x: x.astype(dtype), base)
+    if base_info.get("quant", "none") != "none":  # QLoRA: the adapters were trained on the quantized base
+        base = jax.jit(lambda b: lora.quantize_base(b, base_info["quant"], base_info["quant_group"]))(base)
     return base_config.replace(param_dtype=base_info["dtype"]), lora.merge(base, adapters, config.lora_alpha,
-                                                                             config.lora_rank)
+                                                                             config.lora_rank, quantized_dtype=dtype)
 
 
 def _training_manager(path: epath.Path, step: int | None):

@@ -78,6 +78,8 @@ class LoraSection:
     alpha: float = 16.0  # the adapters' product is scaled by alpha / rank
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
     base_dtype: str = "float32"  # dtype the frozen base is kept in (bfloat16 halves it)
+    base_quant: str = "none"  # QLoRA: none | int8 | nf4 | int4, the frozen base's projections (docs/training.md)
+    base_quant_group: int = 64  # nf4 / int4: values per scale along each weight's contracted axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,14 @@ class RunConfig:
         need(len(self.lora.targets) > 0 and set(self.lora.targets) <= set(LORA_TARGETS), "lora.targets",
              f"must be a non-empty list from {list(LORA_TARGETS)}, got {list(self.lora.targets)}")
         need(self.lora.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "must be float32 or bfloat16")
+        from jsmaug.models.quant import FORMATS
+        need(self.lora.base_quant in ("none", *FORMATS), "lora.base_quant",
+             f"unknown format {self.lora.base_quant!r}; must be one of none, {', '.join(FORMATS)}")
+        need(self.lora.base_quant == "none" or self.lora.rank > 0, "lora.base_quant",
+             f"{self.lora.base_quant} quantizes the frozen base of LoRA, but lora.rank is 0 (full fine-tuning "
+             "trains the base, which cannot be stored quantized): set lora.rank > 0 or lora.base_quant: none")
+        need(self.lora.base_quant_group >= 2 and self.lora.base_quant_group % 2 == 0, "lora.base_quant_group",
+             f"must be an even number >= 2, got {self.lora.base_quant_group}")
         need(self.log.every > 0, "log.every", "must be > 0")
         self.distributed.validate()
         return self

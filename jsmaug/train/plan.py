@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jsmaug.data import batches as data_lib, packing
 from jsmaug.losses import config as loss_config
-from jsmaug.models import attention, decoder as model, lora
+from jsmaug.models import attention, decoder as model, lora, quant
 from jsmaug.models.config import ConfigError, MixtralConfig
 from jsmaug.parallel import expert_parallel, sharding as shd
 from jsmaug.train import step as step_lib
@@ -194,6 +194,20 @@ def resolved_paths(mconf: MixtralConfig, mesh, row_len: int | None = None) -> di
             "dispatch": expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh, mconf.moe_impl)}
 
 
+def quantized_base(cfg: RunConfig, base, base_sh):
+    """(shardings, abstract tree) of the frozen base in `lora.base_quant` storage (QLoRA): each quantized
+    weight's packed values and scales shard like the weight they replace. Checks every weight's shape first: a
+    group that does not divide a contracted axis is refused here, naming the weight, before anything is built."""
+    try:
+        shapes = jax.eval_shape(lambda b: lora.quantize_base(b, cfg.lora.base_quant, cfg.lora.base_quant_group),
+                                base)
+    except quant.QuantError as e:
+        raise ConfigError(f"lora.base_quant_group: {e}") from None
+    sh = jax.tree.map(lambda s, w: quant.fit_sharding(s, w) if quant.is_quantized(s) else w, shapes, base_sh,
+                      is_leaf=quant.is_quantized)
+    return sh, jax.tree.map(lambda s, w: _sds(s.shape, s.dtype, w), shapes, sh)
+
+
 def plan(cfg: RunConfig, devices=None, mconf: MixtralConfig | None = None) -> RunPlan:
     """The run's program on `devices` (default: all of this process's view). `mconf` defaults to
     `model_config(cfg)` without init_from's stored architecture (training passes the one it read)."""
@@ -210,6 +224,8 @@ def plan(cfg: RunConfig, devices=None, mconf: MixtralConfig | None = None) -> Ru
     if mconf.lora_rank:  # trained: the adapters; the frozen base (the policy's base and the reference) is an input
         (base_shapes, shapes), (ref_sh, param_sh) = lora.split(shapes), lora.split(all_sh)
         reference = jax.tree.map(lambda s, sh: _sds(s.shape, cfg.lora.base_dtype, sh), base_shapes, ref_sh)
+        if cfg.lora.base_quant != "none":
+            ref_sh, reference = quantized_base(cfg, reference, ref_sh)
     else:
         param_sh = ref_sh = all_sh
         needs_weights = objective.needs_reference and cfg.reference.mode != "precomputed"

@@ -228,7 +228,8 @@ def finish(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: R
 
         mconf, params = setup.mconf, state.params
         if mconf.lora_rank:  # the merged weights: base + alpha / rank * A @ B, in the base's dtype
-            params = lora.merge(setup.ref_params, state.params, mconf.lora_alpha, mconf.lora_rank)
+            params = lora.merge(setup.ref_params, state.params, mconf.lora_alpha, mconf.lora_rank,
+                                quantized_dtype=cfg.lora.base_dtype)
             mconf = mconf.replace(lora_rank=0, param_dtype=cfg.lora.base_dtype)
         summary = outputs.export_hf(mconf, params, run_data.tok.path, run_data.chat_template)
         log(f"exported the final policy to {outputs.workdir / 'hf'} ({summary['tensors']} tensors, "

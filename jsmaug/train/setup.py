@@ -17,7 +17,7 @@ from etils import epath
 
 from jsmaug.models import families
 from jsmaug.losses import config as loss_config
-from jsmaug.models import decoder as model, lora
+from jsmaug.models import decoder as model, lora, quant
 from jsmaug.models.config import ConfigError, MixtralConfig
 from jsmaug.paths import absolute
 from jsmaug.train import checkpoint as ckpt, plan as plan_lib, step as step_lib
@@ -59,7 +59,8 @@ def lora_meta(cfg: RunConfig, mconf: MixtralConfig) -> dict:
     if not mconf.lora_rank:
         return {}
     return {"lora_base": {"init_from": str(absolute(cfg.init_from)) if cfg.init_from else None, "seed": cfg.seed,
-                          "dtype": cfg.lora.base_dtype}}
+                          "dtype": cfg.lora.base_dtype, "quant": cfg.lora.base_quant,
+                          "quant_group": cfg.lora.base_quant_group}}
 
 
 def initial_params(cfg: RunConfig, mconf: MixtralConfig, shardings):
@@ -70,18 +71,28 @@ def initial_params(cfg: RunConfig, mconf: MixtralConfig, shardings):
 
 
 def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
-    """(adapters, frozen base). The base comes from `init_from` (or the seed) in `lora.base_dtype`; the adapters
-    start with B = 0, so the policy starts exactly at the base."""
+    """(adapters, frozen base). The base comes from `init_from` (or the seed) in `lora.base_dtype`, its
+    projections then quantized when `lora.base_quant` says so (QLoRA); the adapters start with B = 0, so the
+    policy starts exactly at the base."""
     mconf, base_sh, adapter_sh = plan.mconf, plan.ref_sh, plan.param_sh
-    base = initial_params(cfg, mconf.replace(lora_rank=0), base_sh)
-    base = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p), out_shardings=base_sh,
-                   donate_argnums=0)(base)
+    fmt = cfg.lora.base_quant
+    # Unquantized, a quantized weight is built on its packed values' sharding (the weight's, or less sharded).
+    full_sh = jax.tree.map(lambda s: s.packed if quant.is_quantized(s) else s, base_sh, is_leaf=quant.is_quantized)
+    base = initial_params(cfg, mconf.replace(lora_rank=0), full_sh)
+
+    def prepare(p):
+        p = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p)
+        return p if fmt == "none" else lora.quantize_base(p, fmt, cfg.lora.base_quant_group)
+
+    base = jax.jit(prepare, out_shardings=base_sh, donate_argnums=0)(base)
     adapter_shapes = lora.split(model.param_shapes(mconf))[1]
     adapters = jax.jit(lambda k: lora.init_adapters(adapter_shapes, k), out_shardings=adapter_sh)(
         jax.random.fold_in(jax.random.key(cfg.seed), 1))
     n = sum(x.size for x in jax.tree.leaves(adapters))
     log(f"LoRA rank {mconf.lora_rank} (alpha {mconf.lora_alpha}) on {list(mconf.lora_targets)}: "
-        f"{n / 1e6:.3f}M trained parameters; frozen base in {cfg.lora.base_dtype} (also the reference)")
+        f"{n / 1e6:.3f}M trained parameters; frozen base in {cfg.lora.base_dtype}"
+        + (f", projections in {fmt} (group {cfg.lora.base_quant_group})" if fmt != "none" else "")
+        + f", {sum(x.nbytes for x in jax.tree.leaves(base)) / 1e6:.1f} MB (also the reference)")
     return adapters, base
 
 
