@@ -8,6 +8,8 @@ fields left at None take the family's HF default.
 `jsmaug/models/families.py` reads and writes each family's `config.json` (`families.from_hf_dict` /
 `families.to_hf_dict`). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
 never written to `config.json`. The class keeps its historical name: it is the public API.
+The presets of released models (`preset`, `tiny`, `llama3_8b`, ...) live in `jsmaug/models/presets.py` and
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -361,76 +363,15 @@ def layer_segments(config: MixtralConfig) -> list[tuple[str, bool, int, int, int
     return [tuple(s) for s in out]
 
 
-def mixtral_8x7b(**overrides) -> MixtralConfig:
-    """The released Mixtral-8x7B-v0.1 shapes (the base of Smaug-Mixtral-v0.1)."""
-    kw = dict(param_dtype="bfloat16", dtype="bfloat16")
-    kw.update(overrides)
-    return MixtralConfig(**kw)
+# The presets live in jsmaug/models/presets.py (which imports this module); their names stay importable from here,
+# resolved on first use so that neither module imports the other at import time.
+PRESET_NAMES = ("PRESETS", "preset", "tiny", "mixtral_8x7b", "mixtral_8x22b", "qwen3_30b_a3b", "qwen3_235b_a22b",
+                "olmoe_1b_7b", "llama3_8b", "llama3_1_8b", "qwen3_8b")
 
 
-def _released(kw: dict, overrides: dict) -> MixtralConfig:
-    kw = dict(kw, param_dtype="bfloat16", dtype="bfloat16")
-    kw.update(overrides)
-    return MixtralConfig(**kw)
+def __getattr__(name: str):
+    if name in PRESET_NAMES:
+        from jsmaug.models import presets
 
-
-def mixtral_8x22b(**overrides) -> MixtralConfig:
-    """Mixtral-8x22B-v0.1's shapes (its HF config.json): 56 layers, 8 experts of 16384 at hidden 6144, top-2."""
-    return _released(dict(
-        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
-        max_position_embeddings=65536, rms_norm_eps=1e-5, router_aux_loss_coef=0.001), overrides)
-
-
-_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=151936, head_dim=128, num_key_value_heads=4,
-                  num_local_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=40960, router_aux_loss_coef=0.001,
-                  tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
-
-
-def qwen3_30b_a3b(**overrides) -> MixtralConfig:
-    """Qwen3-30B-A3B's shapes: 48 layers, 128 experts of 768 at hidden 2048, top-8 renormalised, q/k norms."""
-    return _released(dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                          num_hidden_layers=48, num_attention_heads=32), overrides)
-
-
-def qwen3_235b_a22b(**overrides) -> MixtralConfig:
-    """Qwen3-235B-A22B's shapes: 94 layers, 128 experts of 1536 at hidden 4096, top-8 renormalised."""
-    return _released(dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
-                          num_hidden_layers=94, num_attention_heads=64), overrides)
-
-
-def olmoe_1b_7b(**overrides) -> MixtralConfig:
-    """OLMoE-1B-7B-0924's shapes: 16 layers, 64 experts of 1024 at hidden 2048, top-8 not renormalised, q/k
-    norms over the whole projection."""
-    return _released(dict(
-        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-        num_attention_heads=16, num_key_value_heads=16, num_local_experts=64, num_experts_per_tok=8,
-        norm_topk_prob=False, rope_theta=1e4, rms_norm_eps=1e-5, max_position_embeddings=4096,
-        router_aux_loss_coef=0.01, tie_word_embeddings=False, bos_token_id=None, eos_token_id=50279,
-        pad_token_id=1), overrides)
-
-
-def tiny(**overrides) -> MixtralConfig:
-    """A model small enough for CPU unit tests (all code paths, no cost): Mixtral-shaped, or of the family
-    `model_type=` names."""
-    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-              rope_theta=1e6, moe_block_size=8)
-    model_type = overrides.get("model_type", "mixtral")
-    if model_type in DENSE_TYPES:  # no experts: the family's own defaults (0)
-        del kw["num_local_experts"], kw["num_experts_per_tok"]
-    if model_type == "qwen3_moe":
-        kw["moe_intermediate_size"] = 24
-    kw.update(overrides)
-    return MixtralConfig(**kw)
-
-
-PRESETS = {"mixtral_8x7b": mixtral_8x7b, "mixtral_8x22b": mixtral_8x22b, "qwen3_30b_a3b": qwen3_30b_a3b,
-           "qwen3_235b_a22b": qwen3_235b_a22b, "olmoe_1b_7b": olmoe_1b_7b, "tiny": tiny}
-
-
-def preset(name: str, **overrides) -> MixtralConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
