@@ -7,7 +7,7 @@ independently of XLA's cost analysis (which counts a while loop's body once: the
 
 Every `dot`, `convolution` (TPU rewrites many dots as convolutions) and `ragged-dot` is counted once per
 execution: a while loop's body counts its trip count times (XLA's `known_trip_count`, else the constant N of its
-condition `i < N`; a loop with neither, such as a fori_loop with run-time bounds, counts once and is reported),
+condition `i < N` over the step its body adds to `i`; a loop with neither, such as a fori_loop with run-time bounds, counts once and is reported),
 fusions, calls and async wrappers count as often as their caller, each branch of a conditional counts once (an upper bound). FLOPs are 2 x multiply-adds:
 - dot:         2 x output elements x contracted size;
 - convolution: 2 x output batch x output features x input features x the window taps that land on real input
@@ -73,19 +73,43 @@ def _parse(hlo: str):
     return comps, shapes, entry
 
 
+def _constants(instrs) -> dict[str, int]:
+    return {name: int(c.group(1)) for op, _, _, a, name in instrs if op == "constant"
+            for c in [re.match(r"\s*(-?\d+)\s*$", a)] if c}
+
+
+def _loop_step(index: int | None, body) -> int:
+    """How much a loop's body adds to its counter (tuple element `index`): the constant of the `add` the body's
+    root tuple holds there; 1 when that cannot be read. XLA on TPU writes some loops as `i += 2`."""
+    if index is None or not body:
+        return 1
+    instrs = {name: (op, operands) for op, _, operands, _, name in body}
+    roots = [operands for op, _, operands, _, _ in body if op == "tuple"]
+    src = roots[-1][index] if roots and index < len(roots[-1]) else None
+    if src in instrs and instrs[src][0] == "add":
+        steps = [v for o, v in _constants(body).items() if o in instrs[src][1]]
+        if steps and steps[0] > 0:
+            return steps[0]
+    return 1
+
+
 def _trip_count(attrs: str, comps) -> int | None:
     """A while loop's trip count: XLA's `known_trip_count`, else its condition `i < N` with N a constant (the
-    form of every scan and static fori_loop; TPU programs do not record known_trip_count). None if neither."""
+    form of every scan and static fori_loop; TPU programs do not record known_trip_count), divided by the step
+    its body adds to `i` (counted from 0). None if neither."""
     trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if trip:
         return int(trip.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", attrs)
-    body = comps.get(cond.group(1), []) if cond else []
-    constants = {name: int(c.group(1)) for op, _, _, a, name in body if op == "constant"
-                 for c in [re.match(r"\s*(-?\d+)\s*$", a)] if c}
-    for op, _, operands, a, _ in body:
+    cond_body = comps.get(cond.group(1), []) if cond else []
+    constants = _constants(cond_body)
+    elements = {name: int(m.group(1)) for op, _, _, a, name in cond_body if op == "get-tuple-element"
+                for m in [re.search(r"index=(\d+)", a)] if m}
+    body = re.search(r"body=%?([\w.\-]+)", attrs)
+    for op, _, operands, a, _ in cond_body:
         if op == "compare" and "direction=LT" in a and len(operands) == 2 and operands[1] in constants:
-            return constants[operands[1]]
+            step = _loop_step(elements.get(operands[0]), comps.get(body.group(1), []) if body else [])
+            return -(-constants[operands[1]] // step)
     return None
 
 
