@@ -96,8 +96,9 @@ def planned_run(cfg, topology: str, dispatch: str, packed_fill: float):
     mconf = rp.mconf
     print(f"\n{topology}: {len(devices)} devices ({devices[0].device_kind}), mesh {dict(rp.mesh.shape)}, "
           f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
-    print(f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {rp.paths['dispatch']}; attention: "
-          f"{rp.paths['attention']} ({rp.paths['attention_why']})")
+    moe = (f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {rp.paths['dispatch']}; " if mconf.is_moe
+           else "dense MLP (no MoE, nothing routed); ")
+    print(f"{moe}attention: {rp.paths['attention']} ({rp.paths['attention_why']})")
     print(rp.host_view(devices))
     if mconf.lora_rank:
         print(f"LoRA rank {mconf.lora_rank} on {list(mconf.lora_targets)}: "
