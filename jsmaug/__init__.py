@@ -8,10 +8,10 @@ command). `from jsmaug import model` is the decoder (`jsmaug.models.decoder`), a
 
 import importlib
 
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, MixtralConfig, ModelConfig  # MixtralConfig: ModelConfig's former name
 
 __version__ = "0.1.0"
-__all__ = ["MixtralConfig", "ConfigError", "__version__"]
+__all__ = ["ModelConfig", "MixtralConfig", "ConfigError", "__version__"]
 
 _ALIASES = {"model": "jsmaug.models.decoder"}
 

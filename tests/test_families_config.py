@@ -16,7 +16,7 @@ from jsmaug.data import batches as data
 from jsmaug.models import config as cfg_lib
 from jsmaug.models import decoder as model
 from jsmaug.models import families, lora
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.parallel import sharding as shd
 from jsmaug.train import plan as plan_lib
 from jsmaug.train import step
@@ -81,7 +81,7 @@ def test_moe_family_fields_and_defaults():
     (dict(architectures=["MistralForCausalLM"]), r"architectures=\['MistralForCausalLM'\] do not match model_type"),
     (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
     (dict(rope_scaling={"rope_type": "linear"}), r"rope_type 'linear' needs factor"),
-    (dict(num_key_value_heads=3), r"config.json: MixtralConfig.num_key_value_heads: must divide"),
+    (dict(num_key_value_heads=3), r"config.json: ModelConfig.num_key_value_heads: must divide"),
 ])
 def test_bad_config_json_names_the_file_and_field(tmp_path, mutate, pattern):
     (tmp_path / "config.json").write_text(__import__("json").dumps(dict(LLAMA3, **mutate)))
@@ -92,7 +92,7 @@ def test_bad_config_json_names_the_file_and_field(tmp_path, mutate, pattern):
 
 def test_constructed_configs_refuse_fields_of_two_families():
     with pytest.raises(ConfigError, match="num_local_experts: model_type 'llama' is a dense family"):
-        MixtralConfig(model_type="llama", num_local_experts=8)
+        ModelConfig(model_type="llama", num_local_experts=8)
     with pytest.raises(ConfigError, match="moe_intermediate_size: is a qwen3_moe field, not 'mixtral'"):
         cfg_lib.tiny(moe_intermediate_size=16)
     with pytest.raises(ConfigError, match="clip_qkv: is an olmoe field"):
@@ -106,6 +106,20 @@ def test_constructed_configs_refuse_fields_of_two_families():
     with pytest.raises(ConfigError, match="use_sliding_window with layers of both kinds"):
         families.from_hf_dict(qwen2)
 
+
+def test_the_former_name_mixtral_config_is_the_same_class():
+    """Users' code written against `MixtralConfig` keeps working: the alias is ModelConfig itself (not a copy or a
+    subclass), at both import paths, and its errors name ModelConfig."""
+    import jsmaug
+
+    assert cfg_lib.MixtralConfig is ModelConfig and jsmaug.MixtralConfig is ModelConfig
+    assert jsmaug.ModelConfig is ModelConfig and "MixtralConfig" in jsmaug.__all__
+    old = jsmaug.MixtralConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    assert isinstance(cfg_lib.tiny(), jsmaug.MixtralConfig) and type(old) is ModelConfig
+    assert old == ModelConfig.from_dict(old.to_dict()) and old.is_moe is False
+    with pytest.raises(ConfigError, match=r"^ModelConfig\.num_key_value_heads: must divide"):
+        jsmaug.MixtralConfig(num_attention_heads=4, num_key_value_heads=3)
 
 def test_expert_axis_must_divide_experts_and_dense_models_have_none():
     devices = jax.devices()[:8]

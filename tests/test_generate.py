@@ -185,7 +185,7 @@ def test_fast_step_equals_decoder_decode(kw):
 
 
 def test_fast_step_only_for_what_it_computes(monkeypatch):
-    """LoRA, Gemma, and any config field the fast step does not know (one added to MixtralConfig later) set away
+    """LoRA, Gemma, and any config field the fast step does not know (one added to ModelConfig later) set away
     from its default: the decoder's own `decode` runs."""
     from jsmaug.models import config as config_lib
 

@@ -75,7 +75,7 @@ def test_presets_stay_importable_from_the_config_module():
 
     assert preset is presets.preset and tiny is presets.tiny and PRESETS is presets.PRESETS
     assert set(cfg_lib.PRESET_NAMES) - {"PRESETS", "preset"} == set(presets.PRESETS)
-    assert cfg_lib.mixtral_8x7b() == cfg_lib.MixtralConfig(param_dtype="bfloat16", dtype="bfloat16")
+    assert cfg_lib.mixtral_8x7b() == cfg_lib.ModelConfig(param_dtype="bfloat16", dtype="bfloat16")
     with pytest.raises(cfg_lib.ConfigError, match="unknown model preset 'llama3_70b'"):
         preset("llama3_70b")
     with pytest.raises(AttributeError, match="no attribute 'qwen3_9b'"):

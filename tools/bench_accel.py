@@ -42,7 +42,7 @@ def preset_2p45b(quick: bool):
         return cfg_lib.tiny(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                             max_position_embeddings=4096, dtype="bfloat16", attention_block_size=64)
-    return cfg_lib.MixtralConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+    return cfg_lib.ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                                  num_attention_heads=16, num_key_value_heads=8, num_local_experts=8,
                                  num_experts_per_tok=2, max_position_embeddings=4096, dtype="bfloat16",
                                  param_dtype="float32")

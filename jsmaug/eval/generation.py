@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from jsmaug.data.tokenizer import Tokenizer
 from jsmaug.models import generate as gen
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 LM_EVAL_MAX_GEN_TOKS = 256
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048
@@ -57,7 +57,7 @@ def stop_sequences(tok: Tokenizer, task_until: Sequence[str]) -> list[str]:
     return until
 
 
-def context_budget(config: MixtralConfig, max_new_tokens: int) -> int:
+def context_budget(config: ModelConfig, max_new_tokens: int) -> int:
     max_length = config.max_position_embeddings or LM_EVAL_DEFAULT_MAX_LENGTH
     budget = max_length - max_new_tokens
     if budget <= 0:
@@ -66,7 +66,7 @@ def context_budget(config: MixtralConfig, max_new_tokens: int) -> int:
     return budget
 
 
-def generate_until(config: MixtralConfig, params, tok: Tokenizer, contexts: Sequence[str], until: Sequence[str], *,
+def generate_until(config: ModelConfig, params, tok: Tokenizer, contexts: Sequence[str], until: Sequence[str], *,
                    max_new_tokens: int = LM_EVAL_MAX_GEN_TOKS, batch_size: int = 8, pad_multiple: int = 32,
                    on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
     """The completion of every context (module docstring). `on_batch(indices, texts)` is called after each

@@ -22,7 +22,7 @@ from jsmaug.data.tokenizer import Tokenizer
 from jsmaug.errors import DataError
 from jsmaug.eval import fewshot as fewshot_lib, generation
 from jsmaug.eval.results import mean_stderr
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 DOC_TO_TEXT = "Question: {question}\nAnswer:"
 UNTIL = ("Question:", "</s>", "<|im_end|>")
@@ -120,7 +120,7 @@ def score_completions(rows: Sequence[dict], prompts: Sequence[str], completions:
     return out
 
 
-def gsm8k_eval(config: MixtralConfig, params, tok: Tokenizer, rows: Sequence[dict], *, num_fewshot: int = 0,
+def gsm8k_eval(config: ModelConfig, params, tok: Tokenizer, rows: Sequence[dict], *, num_fewshot: int = 0,
                fewshot_rows: Sequence[dict] | None = None, chat_template=None, fewshot_as_multiturn: bool = True,
                max_new_tokens: int = generation.LM_EVAL_MAX_GEN_TOKS, batch_size: int = 8,
                progress: bool = True) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from typing import Any
 
 import jax
 
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> tuple[MixtralConfig, Any]:
+def load_model(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Any]:
     """(config, params) from a Hugging Face folder (config.json + safetensors), a converter checkpoint
     (model_config.json + params/) or a training workdir (its latest checkpoint)."""
     from jsmaug import hf

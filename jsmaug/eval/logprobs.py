@@ -14,19 +14,19 @@ import jax
 import numpy as np
 
 from jsmaug.data import batches as data_lib
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 from jsmaug.train import step as step_lib
 
 
 @functools.lru_cache(maxsize=None)
-def _logps_fn(config: MixtralConfig, chunk_size: int):
+def _logps_fn(config: ModelConfig, chunk_size: int):
     def fn(params, batch):
         seq, _, _ = step_lib.policy_logps(config, params, batch, chunk_size)
         return seq.logps, seq.num_tokens
     return jax.jit(fn)
 
 
-def completion_logps(config: MixtralConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
+def completion_logps(config: ModelConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
                      batch_size: int = 16, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) and the continuation's token count for every (context_ids,
     continuation_ids) pair, as float64 / int arrays of shape (N,)."""

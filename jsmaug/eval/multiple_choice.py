@@ -21,7 +21,7 @@ from jsmaug.data.tokenizer import Tokenizer
 from jsmaug.errors import DataError
 from jsmaug.eval import fewshot as fewshot_lib
 from jsmaug.eval.logprobs import completion_logps
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 CONTEXT_KEYS = ("query", "question", "context", "prompt")
 GOLD_KEYS = ("gold", "label", "answer")
@@ -75,7 +75,7 @@ def fewshot_contexts(rows: Sequence[dict], num_fewshot: int = 0, fewshot_rows: S
         for row, pick in zip(rows, picks)]
 
 
-def multiple_choice_eval(config: MixtralConfig, params, tok: Tokenizer, rows: Sequence[dict], *,
+def multiple_choice_eval(config: ModelConfig, params, tok: Tokenizer, rows: Sequence[dict], *,
                          delimiter: str = " ", batch_size: int = 16, chunk_size: int = 64, num_fewshot: int = 0,
                          fewshot_rows: Sequence[dict] | None = None) -> dict[str, Any]:
     """acc and acc_norm over `read_multiple_choice` rows, plus every row's log-likelihoods."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from jsmaug.eval.logprobs import completion_logps
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 
-def preference_eval(config: MixtralConfig, params, examples: Sequence[dict], ref_params=None, *, beta: float = 0.3,
+def preference_eval(config: ModelConfig, params, examples: Sequence[dict], ref_params=None, *, beta: float = 0.3,
                     batch_size: int = 16, chunk_size: int = 64) -> dict[str, Any]:
     """Metrics on tokenised pairs (`data.prepare` output). Always: mean chosen / rejected logps and
     `logps/accuracy` (chosen more likely than rejected). With a reference model: the implicit rewards

@@ -20,7 +20,7 @@ import time
 from typing import Iterator, NamedTuple
 
 from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (jsmaug.hf.CheckpointError)
-from jsmaug.models.config import MixtralConfig, layer_groups
+from jsmaug.models.config import ModelConfig, layer_groups
 
 
 class Entry(NamedTuple):
@@ -36,7 +36,7 @@ _EXPERT_NAMES = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": 
 _HF_EXPERT_NAMES = ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})
 
 
-def top_entries(config: MixtralConfig) -> list[Entry]:
+def top_entries(config: ModelConfig) -> list[Entry]:
     d, v = config.hidden_size, config.vocab_size
     out = [Entry("embed_tokens", ("model.embed_tokens.weight",), (v, d), False),
            Entry("norm/weight", ("model.norm.weight",), (d,), False)]
@@ -45,7 +45,7 @@ def top_entries(config: MixtralConfig) -> list[Entry]:
     return out
 
 
-def layer_entries(config: MixtralConfig, n: int, sparse: bool, fused: bool = False) -> list[Entry]:
+def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False) -> list[Entry]:
     """The entries of HF layer n (a sparse MoE layer or a dense one), in the hub's order."""
     c = config
     d, hq, hkv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
@@ -86,12 +86,12 @@ def layer_entries(config: MixtralConfig, n: int, sparse: bool, fused: bool = Fal
     return out
 
 
-def layer_positions(config: MixtralConfig) -> dict[int, tuple[str, bool, int]]:
+def layer_positions(config: ModelConfig) -> dict[int, tuple[str, bool, int]]:
     """HF layer n -> (its stack under params["layers"], sparse?, its index in that stack)."""
     return {n: (group, sparse, j) for group, sparse, idx in layer_groups(config) for j, n in enumerate(idx)}
 
 
-def hub_order(config: MixtralConfig, fused: bool = False) -> Iterator[tuple[Entry, int | None]]:
+def hub_order(config: ModelConfig, fused: bool = False) -> Iterator[tuple[Entry, int | None]]:
     """Every entry with its HF layer (None at the top level), in the hub's file order."""
     top = top_entries(config)
     yield top[0], None
@@ -102,7 +102,7 @@ def hub_order(config: MixtralConfig, fused: bool = False) -> Iterator[tuple[Entr
         yield entry, None
 
 
-def hf_shapes(config: MixtralConfig, fused: bool = False) -> dict[str, tuple[int, ...]]:
+def hf_shapes(config: ModelConfig, fused: bool = False) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of the layout -> its shape, in file order."""
     return {name: entry.hf_shape for entry, _ in hub_order(config, fused) for name in entry.names}
 

@@ -39,7 +39,7 @@ from jsmaug.hf.layout import CheckpointError
 from jsmaug.hf.read import read_config
 from jsmaug.hf.write import commit_dir, gather, prepare_out_dir, write_safetensors
 from jsmaug.models import decoder, lora
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.paths import absolute, is_remote
 from jsmaug.train import checkpoint
 
@@ -64,7 +64,7 @@ def _node(tree, path: str):
     return tree
 
 
-def _check_layout(config: MixtralConfig, adapters) -> None:
+def _check_layout(config: ModelConfig, adapters) -> None:
     """Refuses dense-MLP adapters in a model that also has experts (see the module docstring)."""
     positions = layout.layer_positions(config)
     sparse_any = any(sparse for _, sparse, _ in positions.values())
@@ -78,7 +78,7 @@ def _check_layout(config: MixtralConfig, adapters) -> None:
             "Use the merged export, or train with lora.targets limited to q_proj/k_proj/v_proj/o_proj")
 
 
-def adapter_tensors(config: MixtralConfig, adapters) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+def adapter_tensors(config: ModelConfig, adapters) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(PEFT key, shape, thunk giving the numpy tensor) of every adapter factor, in hub order. `adapters` is the
     adapter half of a LoRA params tree (`lora.split(params)[1]`); each thunk gathers one layer's (or one
     expert's) factor only."""
@@ -114,12 +114,12 @@ def adapter_tensors(config: MixtralConfig, adapters) -> Iterator[tuple[str, tupl
                    lambda b=b_leaf, idx=idx: gather(b, *idx).reshape(r, -1).T)
 
 
-def target_modules(config: MixtralConfig, adapters) -> list[str]:
+def target_modules(config: ModelConfig, adapters) -> list[str]:
     """The HF module names (the last part of each adapted module's name) that PEFT's config lists."""
     return sorted({key[len(_PREFIX):].rsplit(".", 3)[-3] for key, _, _ in adapter_tensors(config, adapters)})
 
 
-def adapter_config(config: MixtralConfig, adapters, base_model_name_or_path: str | None) -> dict[str, Any]:
+def adapter_config(config: ModelConfig, adapters, base_model_name_or_path: str | None) -> dict[str, Any]:
     """PEFT's `adapter_config.json` for these adapters: its LoraConfig fields, PEFT's defaults for the rest."""
     alpha = config.lora_alpha
     return {
@@ -132,7 +132,7 @@ def adapter_config(config: MixtralConfig, adapters, base_model_name_or_path: str
     }
 
 
-def check_base(config: MixtralConfig, base_hf_dir) -> None:
+def check_base(config: ModelConfig, base_hf_dir) -> None:
     """Fails unless the HF folder `base_hf_dir` holds a model of the run's architecture."""
     try:
         base = read_config(base_hf_dir)
@@ -144,7 +144,7 @@ def check_base(config: MixtralConfig, base_hf_dir) -> None:
         raise CheckpointError(f"{base_hf_dir}: not the base of this LoRA run (" + "; ".join(diff) + ")")
 
 
-def save(out_dir: str | os.PathLike, config: MixtralConfig, adapters, base_model_name_or_path: str | None = None,
+def save(out_dir: str | os.PathLike, config: ModelConfig, adapters, base_model_name_or_path: str | None = None,
          overwrite: bool = False) -> dict[str, Any]:
     """Writes `adapter_config.json` + `adapter_model.safetensors` into `out_dir` (a temporary folder renamed at
     the end: a failure leaves nothing). The adapters keep their dtype. Returns a summary."""
@@ -171,7 +171,7 @@ def save(out_dir: str | os.PathLike, config: MixtralConfig, adapters, base_model
     return {"tensors": len(entries), "bytes": nbytes, "target_modules": cfg_json["target_modules"]}
 
 
-def _lora_config(path: epath.Path, step: int | None) -> MixtralConfig:
+def _lora_config(path: epath.Path, step: int | None) -> ModelConfig:
     config = checkpoint.read_model_config(path, step)  # names a missing folder or a non-checkpoint
     if not config.lora_rank:
         raise CheckpointError(f"{path}: not a LoRA checkpoint (its model has lora_rank 0), so it has no adapters "
@@ -179,7 +179,7 @@ def _lora_config(path: epath.Path, step: int | None) -> MixtralConfig:
     return config
 
 
-def load_adapters(ckpt_dir, step: int | None = None) -> tuple[MixtralConfig, Any, int, dict]:
+def load_adapters(ckpt_dir, step: int | None = None) -> tuple[ModelConfig, Any, int, dict]:
     """(model config, adapters, step, metadata) of a LoRA training workdir's checkpoint (the latest unless
     `step`)."""
     path = absolute(ckpt_dir)

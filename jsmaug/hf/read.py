@@ -23,7 +23,7 @@ from jsmaug import paths
 from jsmaug.models import families
 from jsmaug.hf import layout
 from jsmaug.hf.layout import CheckpointError, Entry
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------ reading
 
@@ -140,7 +140,7 @@ def _ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")
 
 
-def check_keys_and_shapes(reader: Reader, config: MixtralConfig, fused: bool) -> None:
+def check_keys_and_shapes(reader: Reader, config: ModelConfig, fused: bool) -> None:
     expected = layout.hf_shapes(config, fused)
     keys = {k for k in reader.keys() if not _ignored(k)}
     # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
@@ -217,7 +217,7 @@ def _device_put(arr: np.ndarray, dtype, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
-def read_config(hf_dir: str | os.PathLike, **overrides) -> MixtralConfig:
+def read_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: not found (an HF model folder has a config.json)")
@@ -229,8 +229,8 @@ def _read_config_json(path: Path) -> dict:
 
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
-         progress: bool = False, **config_overrides) -> tuple[MixtralConfig, Any]:
-    """Reads an HF folder of a supported family -> (MixtralConfig, params).
+         progress: bool = False, **config_overrides) -> tuple[ModelConfig, Any]:
+    """Reads an HF folder of a supported family -> (ModelConfig, params).
 
     dtype: the parameter dtype to store (default: the checkpoint's config `torch_dtype`/`dtype`, else float32).
     mesh: a `jax.sharding.Mesh` with jsmaug's axes (`jsmaug.parallel.sharding.make_mesh`): params are placed with the

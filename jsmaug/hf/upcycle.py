@@ -36,17 +36,17 @@ from jsmaug.errors import CheckpointError
 from jsmaug.hf import layout
 from jsmaug.hf.read import Reader, check_keys_and_shapes, read_config
 from jsmaug.hf.write import commit_dir, parse_size, prepare_out_dir, split_shards, write_shards
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
-MIXTRAL_AUX_LOSS_COEF = 0.02  # MixtralConfig's default router_aux_loss_coef
+MIXTRAL_AUX_LOSS_COEF = 0.02  # the mixtral family's default router_aux_loss_coef (HF's MixtralConfig's too)
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.\d+\.(w1|w2|w3)\.weight")
 _ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
 _DENSE_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _OUT_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "F64": np.dtype(np.float32)}
 
 
-def moe_config(dense: MixtralConfig, num_experts: int, top_k: int, source: str = "config.json",
-               untie: bool = False) -> MixtralConfig:
+def moe_config(dense: ModelConfig, num_experts: int, top_k: int, source: str = "config.json",
+               untie: bool = False) -> ModelConfig:
     """The Mixtral config of the upcycled model: the dense model's fields, `num_experts` experts of the dense
     MLP's width, top-`top_k` routing renormalised. Raises CheckpointError for what Mixtral cannot express."""
     mt = dense.model_type

@@ -28,7 +28,7 @@ from jsmaug.data.files import DataError
 from jsmaug.data.tokenizer_files import check_tokenizer, export_tokenizer_files
 from jsmaug.hf import layout
 from jsmaug.hf.layout import CheckpointError
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 from jsmaug.paths import is_remote
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -58,7 +58,7 @@ def _to_hf(a: np.ndarray, entry: layout.Entry) -> np.ndarray:
     return a.reshape(entry.hf_shape[::-1]).T if entry.transposed else a.reshape(entry.hf_shape)
 
 
-def _hub_tensors(config: MixtralConfig, params) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+def _hub_tensors(config: ModelConfig, params) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(hub name, shape, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor (one layer's
     slice, or one expert's) only. jsmaug/hf/layout.py names the tensors of each family."""
     positions = layout.layer_positions(config)
@@ -173,7 +173,7 @@ def write_shards(folder, shards: list[list], progress_label: str | None = None, 
     return total
 
 
-def save(out_dir: str | os.PathLike, config: MixtralConfig, params, dtype: str | None = None,
+def save(out_dir: str | os.PathLike, config: ModelConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
          overwrite: bool = False, progress: bool = False, chat_template: str | None = None,
          write: bool = True) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Model configuration: `MixtralConfig`, one decoder for eight Hugging Face families, with HF's field names.
+"""Model configuration: `ModelConfig`, one decoder for every supported Hugging Face family
+(`MODEL_TYPES`), with HF's field names.
 
 `model_type` picks the family (llama, mistral, qwen2, qwen3, gemma3_text: dense; mixtral, qwen3_moe, olmoe:
 sparse MoE) and every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`,
@@ -7,7 +8,8 @@ from the family (`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`, `is_gemma`, `
 fields left at None take the family's HF default.
 `jsmaug/models/families.py` reads and writes each family's `config.json` (`families.from_hf_dict` /
 `families.to_hf_dict`). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
-never written to `config.json`. The class keeps its historical name: it is the public API.
+never written to `config.json`. `MixtralConfig` is the class's former name, kept as an alias of `ModelConfig` so
+users' code keeps working (it is not transformers' `MixtralConfig`).
 The presets of released models (`preset`, `tiny`, `llama3_8b`, ...) live in `jsmaug/models/presets.py` and
 are importable from here too.
 """
@@ -50,7 +52,7 @@ def layer_types_from_pattern(num_layers: int, pattern: int) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MixtralConfig:
+class ModelConfig:
     """A decoder of one HF family (HF names) plus jsmaug's numerics and dispatch settings."""
 
     model_type: str = "mixtral"
@@ -200,7 +202,7 @@ class MixtralConfig:
     def validate(self) -> None:
         def need(cond: bool, field: str, msg: str):
             if not cond:
-                raise ConfigError(f"MixtralConfig.{field}: {msg} (got {getattr(self, field)!r})")
+                raise ConfigError(f"ModelConfig.{field}: {msg} (got {getattr(self, field)!r})")
 
         need(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -307,14 +309,14 @@ class MixtralConfig:
         need(self.rope_local_base_freq > 0, "rope_local_base_freq", "must be > 0")
         need(self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", "must be > 0")
 
-    def replace(self, **kw) -> "MixtralConfig":
+    def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MixtralConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -336,7 +338,11 @@ class MixtralConfig:
                 + mlps + d)
 
 
-def layer_groups(config: MixtralConfig) -> list[tuple[str, bool, tuple[int, ...]]]:
+# The class's former name, from when Mixtral was its only family: kept so users' code
+# (`jsmaug.MixtralConfig(...)`, pickles, isinstance checks) keeps working. The same class, not a subclass.
+MixtralConfig = ModelConfig
+
+def layer_groups(config: ModelConfig) -> list[tuple[str, bool, tuple[int, ...]]]:
     """The stacks of layers in the params: (name under params["layers"], sparse?, HF layer indices). One stack
     `layer` when every layer is of one kind, else `dense_layer` and `sparse_layer`."""
     kinds = config.sparse_layers
@@ -346,7 +352,7 @@ def layer_groups(config: MixtralConfig) -> list[tuple[str, bool, tuple[int, ...]
             for name, sparse in (("dense_layer", False), ("sparse_layer", True))]
 
 
-def layer_segments(config: MixtralConfig) -> list[tuple[str, bool, int, int, int]]:
+def layer_segments(config: ModelConfig) -> list[tuple[str, bool, int, int, int]]:
     """Runs of consecutive layers of one kind, in order: (group, sparse?, start, stop within the group's stack,
     first HF layer). Each run is one scan over a slice of its group's stack."""
     where = {}

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsmaug.models import attention, moe, rope
-from jsmaug.models.config import MixtralConfig, layer_groups, layer_segments
+from jsmaug.models.config import ModelConfig, layer_groups, layer_segments
 from jsmaug.models.mlp import DenseMLP, SparseMoE
 from jsmaug.models.weights import RMSNorm, bias, normal, rms_norm, weight
 
@@ -43,7 +43,7 @@ Params = Any
 
 
 class Attention(nn.Module):
-    config: MixtralConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxSxD, cos, sin, mask, cache=None, cache_index=None, sliding=None):
@@ -108,7 +108,7 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     """One pre-norm layer; `sparse` picks the MoE block (`block_sparse_moe`) over the dense MLP (`mlp`)."""
-    config: MixtralConfig
+    config: ModelConfig
     sparse: bool
 
     @nn.compact
@@ -137,7 +137,7 @@ class DecoderLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- the stack
 
-def _layer_fn(config: MixtralConfig, sparse: bool):
+def _layer_fn(config: ModelConfig, sparse: bool):
     """One layer as a function of its params, rematerialised per `config.remat`."""
     layer = DecoderLayer(config, sparse)
 
@@ -159,7 +159,7 @@ def _concat(parts):
     return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
-def run_layers(config: MixtralConfig, layers: Params, x, cos, sin, mask, token_mask, cache_index=None, cache=None):
+def run_layers(config: ModelConfig, layers: Params, x, cos, sin, mask, token_mask, cache_index=None, cache=None):
     """All layers in HF order: per run of one kind, a `lax.scan` over its slice of the kind's stack (and of the
     (L, ...) KV cache). A stack of local and global layers scans each layer's `sliding` flag with its params.
     Returns (x, MoE statistics stacked over the sparse layers, updated cache or None)."""
@@ -189,14 +189,14 @@ def run_layers(config: MixtralConfig, layers: Params, x, cos, sin, mask, token_m
 
 # ---------------------------------------------------------------------------------------------- functional API
 
-def _dummy_layer_inputs(config: MixtralConfig):
+def _dummy_layer_inputs(config: ModelConfig):
     dh = config.resolved_head_dim
     table = jnp.zeros((1, 1, dh), jnp.float32)
     return (jnp.zeros((1, 1, config.hidden_size), jnp.dtype(config.dtype)), table, table,
             jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), bool))
 
 
-def _scan(module_cls, config: MixtralConfig, sparse: bool, length: int, name: str):
+def _scan(module_cls, config: ModelConfig, sparse: bool, length: int, name: str):
     """`length` stacked layers (a key each, leading axis named `layers`), as nn.scan initialises them."""
     return nn.scan(module_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast,) * 5 + (0,), length=length,
@@ -204,7 +204,7 @@ def _scan(module_cls, config: MixtralConfig, sparse: bool, length: int, name: st
 
 
 class _ScanBody(nn.Module):
-    config: MixtralConfig
+    config: ModelConfig
     sparse: bool
 
     @nn.compact
@@ -214,7 +214,7 @@ class _ScanBody(nn.Module):
 
 class _Stacks(nn.Module):
     """A model of both kinds of layers: one stack per kind (`dense_layer`, `sparse_layer`)."""
-    config: MixtralConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x, *args):
@@ -227,7 +227,7 @@ class _Params(nn.Module):
     """Declares the params (names, logical axes, random init): used by `init_params` and `logical_axes` only, the
     forward is `run_layers`. A model of one kind of layer gets exactly the tree (and, key for key, the random
     init) of jsmaug's Mixtral before the families."""
-    config: MixtralConfig
+    config: ModelConfig
 
     def setup(self):
         c = self.config
@@ -249,27 +249,27 @@ class _Params(nn.Module):
         return h @ (self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head)
 
 
-def _boxed_init(config: MixtralConfig, rng: jax.Array):
+def _boxed_init(config: ModelConfig, rng: jax.Array):
     """The params as flax boxes that carry each leaf's logical axis names."""
     return _Params(config).init(rng, *_dummy_layer_inputs(config))["params"]
 
 
-def init_params(config: MixtralConfig, rng: jax.Array) -> Params:
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (a plain pytree of arrays, dtype `config.param_dtype`)."""
     return nn.meta.unbox(_boxed_init(config, rng))
 
 
-def param_shapes(config: MixtralConfig) -> Params:
+def param_shapes(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of the params, without allocating anything."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
-def logical_axes(config: MixtralConfig) -> Params:
+def logical_axes(config: ModelConfig) -> Params:
     """A pytree like the params whose leaves are PartitionSpecs of *logical* axis names."""
     return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
 
 
-def _rope_tables(config: MixtralConfig, positions_BxS):
+def _rope_tables(config: ModelConfig, positions_BxS):
     """(cos, sin) for the layers: one table each when all layers are alike, else pairs (global, local)."""
     if not config.mixed_attention:
         return rope.cos_sin(positions_BxS, config, sliding=config.layer_sliding[0])
@@ -277,7 +277,7 @@ def _rope_tables(config: MixtralConfig, positions_BxS):
     return (cos_g, cos_l), (sin_g, sin_l)
 
 
-def _embed(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS):
+def _embed(config: ModelConfig, params: Params, input_ids_BxS, positions_BxS):
     """Token embeddings in the compute dtype and the RoPE tables for their positions."""
     x = jnp.take(params["embed_tokens"], input_ids_BxS, axis=0)
     if config.is_gemma:  # times sqrt(hidden_size) rounded to the embedding's dtype first, as HF does
@@ -285,7 +285,7 @@ def _embed(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS):
     return (x.astype(jnp.dtype(config.dtype)), *_rope_tables(config, positions_BxS))
 
 
-def final_norm(config: MixtralConfig, params: Params, x_BxSxD):
+def final_norm(config: ModelConfig, params: Params, x_BxSxD):
     """The norm before the unembedding."""
     return rms_norm(x_BxSxD, params["norm"]["weight"], config.rms_norm_eps, offset=config.norm_offset)
 
@@ -300,7 +300,7 @@ def _inputs(input_ids, attention_mask, segment_ids, positions):
     return jnp.asarray(input_ids, jnp.int32), jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32)
 
 
-def aux_loss_from_stats(config: MixtralConfig, stats, segment_ids_BxS) -> jax.Array:
+def aux_loss_from_stats(config: ModelConfig, stats, segment_ids_BxS) -> jax.Array:
     """HF's load-balancing loss (unscaled) over the sparse layers' statistics; 0 for a dense model."""
     if not config.is_moe:
         return jnp.zeros((), jnp.float32)
@@ -309,7 +309,7 @@ def aux_loss_from_stats(config: MixtralConfig, stats, segment_ids_BxS) -> jax.Ar
                                    config.num_local_experts)
 
 
-def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
+def forward_hidden(config: ModelConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
                    positions=None):
     """Final hidden states (B, S, D) before the lm_head, the aux loss and the MoE statistics."""
     ids, seg, pos = _inputs(input_ids, attention_mask, segment_ids, positions)
@@ -320,20 +320,20 @@ def forward_hidden(config: MixtralConfig, params: Params, input_ids, attention_m
     return h, aux_loss_from_stats(config, stats, seg), stats
 
 
-def unembed_weight(config: MixtralConfig, params: Params):
+def unembed_weight(config: ModelConfig, params: Params):
     """The (D, V) unembedding matrix in the compute dtype. A tied model uses the embedding matrix: one leaf, so
     its gradient is the sum of both uses."""
     w = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
     return w.astype(jnp.dtype(config.dtype))
 
 
-def unembed(config: MixtralConfig, params: Params, h_BxSxD):
+def unembed(config: ModelConfig, params: Params, h_BxSxD):
     """Float32 logits from hidden states (exposed so losses can chunk over the sequence)."""
     w = unembed_weight(config, params)
     return jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
+def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None, *, segment_ids=None,
             positions=None, return_stats: bool = False):
     """Logits (B, S, V) in float32 and HF's load-balancing aux loss (unscaled, padding excluded; 0 if dense).
 
@@ -346,13 +346,13 @@ def forward(config: MixtralConfig, params: Params, input_ids, attention_mask=Non
     return (logits, aux, stats) if return_stats else (logits, aux)
 
 
-def init_cache(config: MixtralConfig, batch: int, length: int):
+def init_cache(config: ModelConfig, batch: int, length: int):
     """An empty KV cache (k, v), each (layers, batch, length, kv_heads, head_dim) in the compute dtype."""
     shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.resolved_head_dim)
     return jnp.zeros(shape, jnp.dtype(config.dtype)), jnp.zeros(shape, jnp.dtype(config.dtype))
 
 
-def decode(config: MixtralConfig, params: Params, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
+def decode(config: ModelConfig, params: Params, input_ids_BxS, positions_BxS, kv_valid_BxT, cache, cache_index):
     """S new tokens at cache slots cache_index .. cache_index + S - 1 (prefill: S = prompt length;
     decoding: S = 1). kv_valid_BxT marks the slots that hold real tokens, these included.
     cache = (k, v), each (L, B, T, K, Dh). Returns float32 logits (B, S, V) and the updated cache."""

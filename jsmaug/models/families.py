@@ -1,4 +1,4 @@
-"""Each Hugging Face family's `config.json`, read into a `MixtralConfig` and written back.
+"""Each Hugging Face family's `config.json`, read into a `ModelConfig` and written back.
 
 One table per family says which HF fields it has; `from_hf_dict` reads them (the hub's older form with a
 top-level `rope_theta` + `rope_scaling`, and transformers-5's `rope_parameters`), fills what a file leaves out
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ConfigError, MixtralConfig, layer_types_from_pattern,
+from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ConfigError, ModelConfig, layer_types_from_pattern,
                                   GEMMA3_SLIDING_WINDOW_PATTERN)
 
 ARCHITECTURES = {
@@ -194,8 +194,8 @@ def _gemma3(d: dict, source: str) -> dict[str, Any]:
                 query_pre_attn_scalar=d.get("query_pre_attn_scalar") or defaults["query_pre_attn_scalar"])
 
 
-def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> MixtralConfig:
-    """A `MixtralConfig` from an HF `config.json` dict of any supported family. `overrides` set jsmaug fields
+def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+    """A `ModelConfig` from an HF `config.json` dict of any supported family. `overrides` set jsmaug fields
     (dtypes, dispatch, LoRA) or replace HF ones."""
     mt = _model_type(d, source)
     if mt == "gemma3_text":  # Gemma3TextConfig's field; it has no hidden_act
@@ -235,14 +235,14 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) ->
             kw[key] = float(kw[key])
     kw.update(overrides)
     try:
-        return MixtralConfig(**kw)
+        return ModelConfig(**kw)
     except TypeError as err:
         raise ConfigError(f"{source}: {err}") from err
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
 
 
-def to_hf_dict(config: MixtralConfig, torch_dtype: str | None = None) -> dict[str, Any]:
+def to_hf_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
     """The family's config.json: its own fields, the RoPE as `rope_theta` (+ `rope_scaling` when scaled) for the
     hub's readers and as `rope_parameters` for transformers 5."""
     c, mt = config, config.model_type
@@ -276,7 +276,7 @@ def to_hf_dict(config: MixtralConfig, torch_dtype: str | None = None) -> dict[st
 
 
 
-def _gemma3_hf_dict(c: MixtralConfig, d: dict[str, Any], torch_dtype: str | None) -> dict[str, Any]:
+def _gemma3_hf_dict(c: ModelConfig, d: dict[str, Any], torch_dtype: str | None) -> dict[str, Any]:
     """Gemma3TextConfig's fields: the RoPE per layer type (transformers 5) and as rope_theta /
     rope_local_base_freq / rope_scaling (older readers), with the same values."""
     scaling = {hf: getattr(c, ours) for hf, ours in _ROPE_KEYS.items() if getattr(c, ours) is not None}

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsmaug.models import attention, decoder as model, rope
-from jsmaug.models.config import MixtralConfig, layer_groups
+from jsmaug.models.config import ModelConfig, layer_groups
 from jsmaug.models.mlp import SparseMoE, activation
 from jsmaug.models.weights import rms_norm
 
@@ -90,7 +90,7 @@ def _program_key(sc: SamplingConfig) -> SamplingConfig:
 
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe")
 # The config fields the fast step handles (or that cannot change one decoding step's result). A field added to
-# MixtralConfig later is unknown here: the fast step is used only while it keeps its default.
+# ModelConfig later is unknown here: the fast step is used only while it keeps its default.
 _KNOWN_FIELDS = frozenset((
     "model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
     "head_dim attention_bias clip_qkv num_local_experts num_experts_per_tok moe_intermediate_size norm_topk_prob "
@@ -102,7 +102,7 @@ _KNOWN_FIELDS = frozenset((
 _NEEDS_DEFAULT = ("lora_rank", "layer_types", "rope_local_base_freq", "query_pre_attn_scalar")
 
 
-def fast_step_applies(config: MixtralConfig) -> bool:
+def fast_step_applies(config: ModelConfig) -> bool:
     """Whether `_fast_step` computes this config's decoding step (else the decoder's own `decode` does)."""
     if config.model_type not in FAST_FAMILIES:
         return False
@@ -115,7 +115,7 @@ def fast_step_applies(config: MixtralConfig) -> bool:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def decode_weights(config: MixtralConfig, params):
+def decode_weights(config: ModelConfig, params):
     """The weights in the layout one decoding step wants: a tuple of per-layer dicts in HF order (no per-step
     slicing of the (L, ...) stacks), q/k/v fused into one (D, (H + 2K) Dh) matrix and gate/up into one (D, 2F)."""
     d, h, kv, dh = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
@@ -149,7 +149,7 @@ def decode_weights(config: MixtralConfig, params):
     return {"layers": tuple(layers), "norm": params["norm"]["weight"], **head}
 
 
-def _attend(config: MixtralConfig, q_BxHxDh, k_BxKxTxDh, v_BxKxTxDh, mask_BxT):
+def _attend(config: ModelConfig, q_BxHxDh, k_BxKxTxDh, v_BxKxTxDh, mask_BxT):
     """One query per row over the cache, head-major (no transposes): float32 scores and softmax as
     attention.xla_attention computes them."""
     b, h, dh = q_BxHxDh.shape
@@ -161,7 +161,7 @@ def _attend(config: MixtralConfig, q_BxHxDh, k_BxKxTxDh, v_BxKxTxDh, mask_BxT):
     return jnp.einsum("bkgt,bktd->bkgd", probs, v_BxKxTxDh).reshape(b, h * dh)
 
 
-def _fast_step(config: MixtralConfig, w, token_B, pos_B, kv_valid_BxT, caches, slot):
+def _fast_step(config: ModelConfig, w, token_B, pos_B, kv_valid_BxT, caches, slot):
     """One token per row through every layer (unrolled: per-layer weights and caches, no slicing of stacks), its
     keys and values written in place at cache slot `slot`; each layer's cache is ((B, K, T, Dh), (B, K, T, Dh)).
     The same computation as decoder.decode with S = 1. Returns float32 logits (B, V) and the caches."""
@@ -214,7 +214,7 @@ def _fast_step(config: MixtralConfig, w, token_B, pos_B, kv_valid_BxT, caches, s
 # ---------------------------------------------------------------------------------------------- prefill, chunks
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _prefill(config: MixtralConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, total: int, fast: bool, rng):
+def _prefill(config: ModelConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, total: int, fast: bool, rng):
     """The prompt through the model into a cache of `total` slots, and the first new token. Returns the decoding
     state (next token, its position, the valid slots, the cache, the key); with `fast`, the cache is per layer in
     `_fast_step`'s layout."""
@@ -230,7 +230,7 @@ def _prefill(config: MixtralConfig, params, ids_BxP, mask_BxP, sc: SamplingConfi
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4), donate_argnums=(5,))
-def _decode_chunk(config: MixtralConfig, weights, sc: SamplingConfig, length: int, fast: bool, state, slot):
+def _decode_chunk(config: ModelConfig, weights, sc: SamplingConfig, length: int, fast: bool, state, slot):
     """`length` decoding steps from the state (donated: the cache is updated in place across chunks). Step i
     writes the current token at cache slot `slot + i` and picks the next. `weights` are `decode_weights(...)`
     with `fast`, else the params. Returns the new state and the (length, B) tokens picked."""
@@ -269,7 +269,7 @@ def chunk_length(max_new_tokens: int) -> int:
     return min(CHUNK, -(-max_new_tokens // 8) * 8)
 
 
-def generate(config: MixtralConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
              seed: int = 0, pad_multiple: int = 16,
              stop_check: Callable[[int, list[int]], bool] | None = None, fast: bool | None = None) -> list[list[int]]:
     """New token ids for every prompt (a list of token id lists, BOS included if wanted). A row is finished at

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug.models import moe
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 from jsmaug.models.weights import normal, param, weight
 from jsmaug.parallel import expert_parallel
 
@@ -29,7 +29,7 @@ def activation(name: str):
 class DenseMLP(nn.Module):
     """HF's `LlamaMLP`: down_proj(act(gate_proj x) * up_proj x), no biases; act = silu (SwiGLU) or, for Gemma,
     gelu_pytorch_tanh (GeGLU)."""
-    config: MixtralConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxSxD):
@@ -47,7 +47,7 @@ class DenseMLP(nn.Module):
 class SparseMoE(nn.Module):
     """The router `gate` (D, E) and the stacked experts w1 (gate), w3 (up), w2 (down). Returns the output and
     the load-balancing statistics of the unpadded tokens."""
-    config: MixtralConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxSxD, token_mask_BxS):

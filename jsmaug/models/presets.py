@@ -1,27 +1,27 @@
-"""Model presets: the hub's shapes of released models as `MixtralConfig`s (`model.preset:` in a run config).
+"""Model presets: the hub's shapes of released models as `ModelConfig`s (`model.preset:` in a run config).
 
-Each preset takes keyword overrides (any `MixtralConfig` field) and stores and computes in bfloat16 unless told
+Each preset takes keyword overrides (any `ModelConfig` field) and stores and computes in bfloat16 unless told
 otherwise; `tiny` is the CPU test model. `jsmaug.models.config` re-exports every name here, so
 `from jsmaug.models.config import preset, tiny` keeps working.
 """
 
 from __future__ import annotations
 
-from jsmaug.models.config import DENSE_TYPES, ConfigError, MixtralConfig
+from jsmaug.models.config import DENSE_TYPES, ConfigError, ModelConfig
 
 
-def _released(kw: dict, overrides: dict) -> MixtralConfig:
+def _released(kw: dict, overrides: dict) -> ModelConfig:
     kw = dict(kw, param_dtype="bfloat16", dtype="bfloat16")
     kw.update(overrides)
-    return MixtralConfig(**kw)
+    return ModelConfig(**kw)
 
 
-def mixtral_8x7b(**overrides) -> MixtralConfig:
-    """The released Mixtral-8x7B-v0.1 shapes (the base of Smaug-Mixtral-v0.1): MixtralConfig's defaults."""
+def mixtral_8x7b(**overrides) -> ModelConfig:
+    """The released Mixtral-8x7B-v0.1 shapes (the base of Smaug-Mixtral-v0.1): ModelConfig's defaults."""
     return _released({}, overrides)
 
 
-def mixtral_8x22b(**overrides) -> MixtralConfig:
+def mixtral_8x22b(**overrides) -> ModelConfig:
     """Mixtral-8x22B-v0.1's shapes (its HF config.json): 56 layers, 8 experts of 16384 at hidden 6144, top-2."""
     return _released(dict(
         vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
@@ -36,13 +36,13 @@ _LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, inter
                   bos_token_id=128000, eos_token_id=128001)
 
 
-def llama3_8b(**overrides) -> MixtralConfig:
+def llama3_8b(**overrides) -> ModelConfig:
     """Meta-Llama-3-8B's shapes (8.03B): 32 layers at hidden 4096, 32 heads / 8 KV heads, MLP 14336, vocab
     128256, RoPE theta 500000, 8192 positions. For the Instruct model set eos_token_id=128009 (<|eot_id|>)."""
     return _released(_LLAMA3_8B, overrides)
 
 
-def llama3_1_8b(**overrides) -> MixtralConfig:
+def llama3_1_8b(**overrides) -> ModelConfig:
     """Llama-3.1-8B's shapes: Llama-3-8B's, with llama3 RoPE scaling (factor 8 over 8192 original positions,
     low / high frequency factors 1 and 4) to 131072 positions."""
     return _released(dict(_LLAMA3_8B, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
@@ -50,7 +50,7 @@ def llama3_1_8b(**overrides) -> MixtralConfig:
                           max_position_embeddings=131072), overrides)
 
 
-def qwen3_8b(**overrides) -> MixtralConfig:
+def qwen3_8b(**overrides) -> ModelConfig:
     """Qwen3-8B's shapes (8.19B): 36 layers at hidden 4096, 32 heads / 8 KV heads of 128 with per-head q/k
     norms, MLP 12288, untied vocab 151936, RoPE theta 1e6, RMSNorm eps 1e-6, 40960 positions."""
     return _released(dict(
@@ -66,19 +66,19 @@ _QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=151936, head_dim=128, num_k
                   tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
 
 
-def qwen3_30b_a3b(**overrides) -> MixtralConfig:
+def qwen3_30b_a3b(**overrides) -> ModelConfig:
     """Qwen3-30B-A3B's shapes: 48 layers, 128 experts of 768 at hidden 2048, top-8 renormalised, q/k norms."""
     return _released(dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                           num_hidden_layers=48, num_attention_heads=32), overrides)
 
 
-def qwen3_235b_a22b(**overrides) -> MixtralConfig:
+def qwen3_235b_a22b(**overrides) -> ModelConfig:
     """Qwen3-235B-A22B's shapes: 94 layers, 128 experts of 1536 at hidden 4096, top-8 renormalised."""
     return _released(dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
                           num_hidden_layers=94, num_attention_heads=64), overrides)
 
 
-def olmoe_1b_7b(**overrides) -> MixtralConfig:
+def olmoe_1b_7b(**overrides) -> ModelConfig:
     """OLMoE-1B-7B-0924's shapes: 16 layers, 64 experts of 1024 at hidden 2048, top-8 not renormalised, q/k
     norms over the whole projection."""
     return _released(dict(
@@ -89,7 +89,7 @@ def olmoe_1b_7b(**overrides) -> MixtralConfig:
         pad_token_id=1), overrides)
 
 
-def tiny(**overrides) -> MixtralConfig:
+def tiny(**overrides) -> ModelConfig:
     """A model small enough for CPU unit tests (all code paths, no cost): Mixtral-shaped, or of the family
     `model_type=` names."""
     kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -101,7 +101,7 @@ def tiny(**overrides) -> MixtralConfig:
     if model_type == "qwen3_moe":
         kw["moe_intermediate_size"] = 24
     kw.update(overrides)
-    return MixtralConfig(**kw)
+    return ModelConfig(**kw)
 
 
 PRESETS = {"mixtral_8x7b": mixtral_8x7b, "mixtral_8x22b": mixtral_8x22b, "qwen3_30b_a3b": qwen3_30b_a3b,
@@ -109,7 +109,7 @@ PRESETS = {"mixtral_8x7b": mixtral_8x7b, "mixtral_8x22b": mixtral_8x22b, "qwen3_
            "llama3_1_8b": llama3_1_8b, "qwen3_8b": qwen3_8b, "tiny": tiny}
 
 
-def preset(name: str, **overrides) -> MixtralConfig:
+def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name](**overrides)

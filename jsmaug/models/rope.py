@@ -17,15 +17,15 @@ import math
 
 import jax.numpy as jnp
 
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 
-def local_rope(config: MixtralConfig) -> bool:
+def local_rope(config: ModelConfig) -> bool:
     """Whether sliding-window layers have a RoPE of their own (Gemma 3's rope_local_base_freq)."""
     return config.rope_local_base_freq is not None
 
 
-def inv_frequencies(config: MixtralConfig, sliding: bool = False):
+def inv_frequencies(config: ModelConfig, sliding: bool = False):
     """(head_dim // 2,) float32 inverse frequencies of the config's RoPE (of its local layers' if `sliding`)."""
     d = config.resolved_head_dim
     exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
@@ -46,7 +46,7 @@ def inv_frequencies(config: MixtralConfig, sliding: bool = False):
     return inv_freq
 
 
-def cos_sin(positions_BxS, config: MixtralConfig, sliding: bool = False):
+def cos_sin(positions_BxS, config: ModelConfig, sliding: bool = False):
     """rotate_half RoPE tables in float32: (B, S, head_dim) each (of the local layers' RoPE if `sliding`)."""
     freqs_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * inv_frequencies(config, sliding)
     emb = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)

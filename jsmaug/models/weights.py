@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug.models import lora, quant
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 
 
-def param(module: nn.Module, name: str, shape, axes, init, config: MixtralConfig):
+def param(module: nn.Module, name: str, shape, axes, init, config: ModelConfig):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(config.param_dtype))
 
 
-def normal(config: MixtralConfig):
+def normal(config: ModelConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
 
 
-def weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
+def weight(module: nn.Module, name: str, shape, axes, config: ModelConfig):
     """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py). A base
     stored quantized (QLoRA, `lora.quantize_base`) is dequantized here, one layer at a time under the layer scan,
     so attention and every MoE path see an ordinary weight."""
@@ -41,7 +41,7 @@ def weight(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
     return w + (scale * lora.delta(name, a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
 
 
-def bias(module: nn.Module, name: str, shape, axes, config: MixtralConfig):
+def bias(module: nn.Module, name: str, shape, axes, config: ModelConfig):
     """A bias (zeros at init, as HF's Linear biases after its init), in the compute dtype."""
     return param(module, name, shape, axes, nn.initializers.zeros, config).astype(jnp.dtype(config.dtype))
 
@@ -59,7 +59,7 @@ def rms_norm(x, weight_, eps: float, num_axes: int = 1, offset: float = 0.0):
 
 class RMSNorm(nn.Module):
     """RMSNorm with a weight of `shape` (default: the last axis of x) over as many trailing axes of x."""
-    config: MixtralConfig
+    config: ModelConfig
     shape: tuple[int, ...] | None = None
     axes: tuple[str, ...] = ("embed",)
 

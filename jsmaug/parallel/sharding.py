@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -90,7 +90,7 @@ def _as_tuple(v) -> tuple[str, ...]:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-def make_mesh(mesh_cfg: MeshConfig, model_config: MixtralConfig | None = None,
+def make_mesh(mesh_cfg: MeshConfig, model_config: ModelConfig | None = None,
               devices: Sequence | None = None) -> Mesh:
     """Builds the mesh, checking it before anything compiles."""
     devices = list(jax.devices() if devices is None else devices)
@@ -119,7 +119,7 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, ta
     return P(*out)
 
 
-def param_shardings(config: MixtralConfig, mesh: Mesh, mesh_cfg: MeshConfig):
+def param_shardings(config: ModelConfig, mesh: Mesh, mesh_cfg: MeshConfig):
     from jsmaug.models import decoder as model
 
     table = mesh_cfg.rule_table()

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jsmaug.parallel import distributed
-from jsmaug.models.config import MixtralConfig
+from jsmaug.models.config import ModelConfig
 from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (ckpt.CheckpointError)
 from jsmaug.paths import absolute
 
@@ -223,7 +223,7 @@ logging.getLogger("absl").addFilter(_NoTracebacks())
 
 # ------------------------------------------------------------------------------------------------ params only
 
-def save_params(out_dir, config: MixtralConfig, params) -> None:
+def save_params(out_dir, config: ModelConfig, params) -> None:
     """The converter's output: `out_dir/params` (Orbax PyTree) and `out_dir/model_config.json`."""
     out_dir = absolute(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,14 +232,14 @@ def save_params(out_dir, config: MixtralConfig, params) -> None:
     (out_dir / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
-def _model_config_of(path: epath.Path) -> MixtralConfig:
+def _model_config_of(path: epath.Path) -> ModelConfig:
     try:
-        return MixtralConfig.from_dict(json.loads(path.read_text()))
+        return ModelConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not a model config ({err})") from err
 
 
-def _target(config: MixtralConfig, shardings):
+def _target(config: ModelConfig, shardings):
     from jsmaug.models import decoder as model
 
     shapes = model.param_shapes(config)
@@ -248,7 +248,7 @@ def _target(config: MixtralConfig, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def read_model_config(path, step: int | None = None) -> MixtralConfig:
+def read_model_config(path, step: int | None = None) -> ModelConfig:
     """The model config stored with a converter checkpoint or a training workdir's checkpoint."""
     path = absolute(path)
     if (path / "model_config.json").exists():
@@ -257,10 +257,10 @@ def read_model_config(path, step: int | None = None) -> MixtralConfig:
     meta = _read_meta(mngr, step)
     if "model_config" not in meta:
         raise CheckpointError(f"{mngr.directory}/{step}: checkpoint metadata has no model_config")
-    return MixtralConfig.from_dict(meta["model_config"])
+    return ModelConfig.from_dict(meta["model_config"])
 
 
-def load_params(path, step: int | None = None, shardings=None) -> tuple[MixtralConfig, Any]:
+def load_params(path, step: int | None = None, shardings=None) -> tuple[ModelConfig, Any]:
     """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
     (`checkpoints/<step>/`, the latest unless `step`). With `shardings` (a pytree of NamedSharding) each
     array is restored straight onto its devices, resharding if it was saved on another mesh."""
@@ -300,7 +300,7 @@ def stored_model_config(checkpoint_dir) -> tuple[int, dict] | None:
     return None
 
 
-def _load_lora_merged(path: epath.Path, config: MixtralConfig, step: int | None):
+def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     """A LoRA workdir's policy: its adapters folded into the base they were trained on (which the checkpoint
     names but does not store: `init_from`, or the seed of a random init). Returns the config without adapters."""
     import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """The training run's configuration: typed sections read from YAML plus `key=value` overrides.
 
 Unknown keys and values of the wrong type are errors that name the key (`train.stepz`, `loss.beta`).
-The `model` section is a preset name plus any `MixtralConfig` field.
+The `model` section is a preset name plus any `ModelConfig` field.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from jsmaug.data.batches import DataConfig
-from jsmaug.models.config import ConfigError, MixtralConfig, preset
+from jsmaug.models.config import ConfigError, ModelConfig, preset
 from jsmaug.parallel.distributed import DistributedConfig
 from jsmaug.parallel.sharding import MeshConfig
 
@@ -110,7 +110,7 @@ class RunConfig:
     seed: int = 0
     init_from: str | None = None
     export_hf: bool = True
-    model: MixtralConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
+    model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     loss: LossSection = dataclasses.field(default_factory=LossSection)
@@ -249,9 +249,9 @@ def _build(cls, d: dict[str, Any], prefix: str):
     for name, value in d.items():
         key = prefix + name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp) and tp is not MixtralConfig:
+        if dataclasses.is_dataclass(tp) and tp is not ModelConfig:
             kw[name] = _build(tp, value, key + ".")
-        elif tp is MixtralConfig:
+        elif tp is ModelConfig:
             kw[name] = _model(value, key + ".")
         else:
             kw[name] = _check_type(key, value, tp)
@@ -273,15 +273,15 @@ def section_values(cls, given: dict[str, Any] | None, name: str) -> dict[str, An
     return out
 
 
-def _model(d: dict[str, Any], prefix: str) -> MixtralConfig:
+def _model(d: dict[str, Any], prefix: str) -> ModelConfig:
     if d is not None and not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {d!r}")
     d = dict(d or {})
     name = d.pop("preset", "tiny")
-    hints = typing.get_type_hints(MixtralConfig)
+    hints = typing.get_type_hints(ModelConfig)
     for k, v in d.items():
         if k not in hints:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (a MixtralConfig field or 'preset')")
+            raise ConfigError(f"unknown config key '{prefix}{k}' (a ModelConfig field or 'preset')")
         d[k] = _check_type(prefix + k, v, hints[k])
     try:
         return preset(name, **d)

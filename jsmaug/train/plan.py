@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jsmaug.data import batches as data_lib, packing
 from jsmaug.losses import config as loss_config
 from jsmaug.models import attention, decoder as model, lora, quant
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.parallel import expert_parallel, sharding as shd
 from jsmaug.train import step as step_lib
 from jsmaug.train.config import RunConfig
@@ -79,7 +79,7 @@ def place(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets, run_l
 class RunPlan:
     """One run's program, abstract. `state` and `reference` are ShapeDtypeStructs carrying their shardings."""
     cfg: RunConfig
-    mconf: MixtralConfig
+    mconf: ModelConfig
     mesh: Any
     paths: dict[str, str]  # attention, moe, dispatch: the paths `auto` resolves to on this mesh, with reasons
     param_sh: Any  # the trained params' shardings (the adapters with LoRA)
@@ -166,7 +166,7 @@ class RunPlan:
                 f"mesh {dict(self.mesh.shape)}")
 
 
-def model_config(cfg: RunConfig, stored: MixtralConfig | None = None) -> MixtralConfig:
+def model_config(cfg: RunConfig, stored: ModelConfig | None = None) -> ModelConfig:
     """The model config: `stored` (init_from's architecture, read by the caller) with this run's numerics
     settings, or `model`; with the `lora` section's adapters."""
     lora_fields = dict(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_targets=tuple(cfg.lora.targets))
@@ -183,7 +183,7 @@ def longest_row(data: data_lib.DataConfig) -> int:
     return data.packing_length or 2 * data.max_length
 
 
-def resolved_paths(mconf: MixtralConfig, mesh, row_len: int | None = None) -> dict[str, str]:
+def resolved_paths(mconf: ModelConfig, mesh, row_len: int | None = None) -> dict[str, str]:
     """What `auto` becomes on this mesh's platform (a TPU topology compiled from a CPU host is TPU) for rows of
     up to `row_len` tokens (None: not known)."""
     platform = next(iter(mesh.devices.flat)).platform
@@ -208,7 +208,7 @@ def quantized_base(cfg: RunConfig, base, base_sh):
     return sh, jax.tree.map(lambda s, w: _sds(s.shape, s.dtype, w), shapes, sh)
 
 
-def plan(cfg: RunConfig, devices=None, mconf: MixtralConfig | None = None) -> RunPlan:
+def plan(cfg: RunConfig, devices=None, mconf: ModelConfig | None = None) -> RunPlan:
     """The run's program on `devices` (default: all of this process's view). `mconf` defaults to
     `model_config(cfg)` without init_from's stored architecture (training passes the one it read)."""
     mconf = model_config(cfg) if mconf is None else mconf

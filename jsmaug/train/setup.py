@@ -18,7 +18,7 @@ from etils import epath
 from jsmaug.models import families
 from jsmaug.losses import config as loss_config
 from jsmaug.models import decoder as model, lora, quant
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.paths import absolute
 from jsmaug.train import checkpoint as ckpt, plan as plan_lib, step as step_lib
 from jsmaug.train.config import RunConfig
@@ -26,7 +26,7 @@ from jsmaug.train.metrics_log import log
 
 
 
-def model_config(cfg: RunConfig) -> MixtralConfig:
+def model_config(cfg: RunConfig) -> ModelConfig:
     """The model config: `init_from`'s architecture (with this run's numerics settings), or `model`; with the
     `lora` section's adapters."""
     if not cfg.init_from:
@@ -39,13 +39,13 @@ def model_config(cfg: RunConfig) -> MixtralConfig:
     return plan_lib.model_config(cfg, stored)
 
 
-def check_resume(checkpoints: epath.Path, workdir, mconf: MixtralConfig) -> None:
+def check_resume(checkpoints: epath.Path, workdir, mconf: ModelConfig) -> None:
     """Refuses, before anything is written, to resume a workdir whose checkpoints hold another model."""
     found = ckpt.stored_model_config(checkpoints)
     if found is None:
         return
     step, stored = found
-    stored = MixtralConfig.from_dict(stored).to_dict()  # JSON lists back to tuples, defaults for newer fields
+    stored = ModelConfig.from_dict(stored).to_dict()  # JSON lists back to tuples, defaults for newer fields
     want = mconf.to_dict()
     diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
             if k not in plan_lib.RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
@@ -54,7 +54,7 @@ def check_resume(checkpoints: epath.Path, workdir, mconf: MixtralConfig) -> None
                           + ". Use another workdir, or the stored values to resume")
 
 
-def lora_meta(cfg: RunConfig, mconf: MixtralConfig) -> dict:
+def lora_meta(cfg: RunConfig, mconf: ModelConfig) -> dict:
     """What a LoRA checkpoint says about its base: where the base came from (it is not stored again)."""
     if not mconf.lora_rank:
         return {}
@@ -63,7 +63,7 @@ def lora_meta(cfg: RunConfig, mconf: MixtralConfig) -> dict:
                           "quant_group": cfg.lora.base_quant_group}}
 
 
-def initial_params(cfg: RunConfig, mconf: MixtralConfig, shardings):
+def initial_params(cfg: RunConfig, mconf: ModelConfig, shardings):
     """The starting policy (and so the reference), created or restored directly onto its shardings."""
     if cfg.init_from:
         return ckpt.load_params(cfg.init_from, shardings=shardings)[1]

@@ -30,7 +30,7 @@ from jsmaug.losses import config as loss_config
 from jsmaug.models import logps as logps_lib, lora, decoder as model
 
 from jsmaug.parallel import mesh_context
-from jsmaug.models.config import ConfigError, MixtralConfig
+from jsmaug.models.config import ConfigError, ModelConfig
 
 
 class TrainState(NamedTuple):
@@ -124,7 +124,7 @@ def make_optimizer(train) -> tuple[optax.GradientTransformation, optax.Schedule]
     return optax.chain(*parts), schedule
 
 
-def policy_logps(config: MixtralConfig, params, batch, chunk_size: int = 0, token_weights=None,
+def policy_logps(config: ModelConfig, params, batch, chunk_size: int = 0, token_weights=None,
                  with_aligned: bool = False):
     """Completion log-probs of every sequence (`logps.SequenceLogps`: one per row, or per packed sequence), plus
     the aux loss and MoE stats."""
@@ -152,7 +152,7 @@ def token_weights(batch, ld_alpha: float | None):
                                 batch["positions"] if packed else None, packed.get("num_sequences"))
 
 
-def reference_logps(config: MixtralConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
+def reference_logps(config: ModelConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
     """The frozen reference: stop_gradient on its weights, no aux loss. With LoRA it is the base alone."""
     batch = unpair(batch)
     config = config.replace(lora_rank=0) if config.lora_rank else config
@@ -184,7 +184,7 @@ def _packed_micro_batches(batch, k: int):
     return {name: split(name, x) for name, x in batch.items()}
 
 
-def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+def pair_losses(params, ref_params, batch, *, config: ModelConfig, loss_cfg, chunk_size: int = 0):
     """Per-pair loss inputs and losses: (LossInputs, per-pair loss (B,), each term's mean, aux loss, MoE stats).
 
     With LoRA (`config.lora_rank > 0`), `params` are the adapters and `ref_params` the frozen base: the policy is
@@ -210,7 +210,7 @@ def pair_losses(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, c
     return inputs, per_pair, terms, aux, stats
 
 
-def loss_and_metrics(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+def loss_and_metrics(params, ref_params, batch, *, config: ModelConfig, loss_cfg, chunk_size: int = 0):
     batch = unpair(batch)
     inputs, per_pair, terms, aux, stats = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
                                                       chunk_size=chunk_size)
@@ -241,7 +241,7 @@ def _micro_batches(batch, k: int):
 
 
 def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Array = False, *,
-               config: MixtralConfig, loss_cfg, optimizer, micro_batches: int = 1, chunk_size: int = 0):
+               config: ModelConfig, loss_cfg, optimizer, micro_batches: int = 1, chunk_size: int = 0):
     """One optimizer step. A step whose loss or gradient norm is not finite is not applied (and counted)."""
     grad_fn = jax.value_and_grad(
         functools.partial(loss_and_metrics, config=config, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
@@ -278,7 +278,7 @@ def train_step(state: TrainState, batch, ref_params, inject_nan: bool | jax.Arra
 PAIR_LOGPS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")  # eval_step's keys
 
 
-def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chunk_size: int = 0):
+def eval_step(params, ref_params, batch, *, config: ModelConfig, loss_cfg, chunk_size: int = 0):
     """Per-pair values (not batch means, so a caller can drop padding pairs): the four logps, the preference
     loss of each pair, and the batch's aux loss. (A batch-level loss, `aot` or `sft`, is per eval batch.)"""
     inputs, per_pair, _, aux, _ = pair_losses(params, ref_params, batch, config=config, loss_cfg=loss_cfg,
@@ -288,7 +288,7 @@ def eval_step(params, ref_params, batch, *, config: MixtralConfig, loss_cfg, chu
             "loss": per_pair, "aux": aux}
 
 
-def eval_metrics(per_pair, aux_mean: float, *, config: MixtralConfig, loss_cfg) -> dict[str, float]:
+def eval_metrics(per_pair, aux_mean: float, *, config: ModelConfig, loss_cfg) -> dict[str, float]:
     """Metrics (the trainer's names) from `eval_step` outputs concatenated over the real pairs of a split."""
     m = losses.preference_metrics(*(jnp.asarray(per_pair[k]) for k in PAIR_LOGPS), beta=loss_cfg.beta)
     pref = float(np.mean(per_pair["loss"]))
@@ -318,7 +318,7 @@ def init_state(optimizer, params, state_sh: TrainState, seed: int) -> TrainState
                       rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
 
 
-def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: MixtralConfig, loss_cfg, optimizer,
+def jit_train_step(state_sh: TrainState, batch_sh, ref_sh, *, config: ModelConfig, loss_cfg, optimizer,
                    micro_batches: int = 1, chunk_size: int = 0):
     """`train_step` jitted with explicit in/out shardings; the state is donated. It is traced inside
     `mesh_context.mesh_scope` (the mesh of the shardings), so the MoE layers can move tokens."""
