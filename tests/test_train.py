@@ -121,7 +121,12 @@ def test_sigkill_between_saves_resumes_bit_exact_and_learns(tmp_path):
         for k, v in x.items():
             if k == "rewards/accuracies" and x["step"] == 1:
                 continue  # policy == reference: every reward is 0 up to round-off, which decides reward_c > reward_r
-            np.testing.assert_allclose(np.asarray(y[k], float), np.asarray(v, float), rtol=2e-4, atol=2e-4,
+            # Rewards are beta x differences of ~-100-nat float32 sums, taken after Adam steps that turn another
+            # mesh's reduction order into small update differences: 4.5e-4 on rewards/chosen at step 3 on this
+            # session's CPU (2026-12-06; the same at 7b966c5, whose CI machine stayed under 2e-4), i.e. 1.5e-3 nats
+            # on the log-probs. The log-prob and reward keys get 1e-3; every other metric keeps 2e-4.
+            atol = 1e-3 if k.startswith(("rewards/", "logps/")) else 2e-4
+            np.testing.assert_allclose(np.asarray(y[k], float), np.asarray(v, float), rtol=2e-4, atol=atol,
                                        err_msg=f"step {x['step']} {k}")
 
 
@@ -203,7 +208,7 @@ def test_lora_cli_trains_resumes_exactly_and_exports_merged_weights(tmp_path):
               "lora.rank=8", "lora.alpha=16", "lora.targets=[q_proj, v_proj, w1, w2]"]
     full = tmp_path / "full"
     r = _run([*common, f"workdir={full}", "export_hf=true"])
-    assert "LoRA rank 8" in r.stdout and "frozen base in float32 (also the reference)" in r.stdout
+    assert "LoRA rank 8" in r.stdout and "frozen base in float32" in r.stdout and "(also the reference)" in r.stdout
     killed = tmp_path / "killed"
     assert _run([*common, f"workdir={killed}", "debug.kill_at_step=3"], check=False).returncode == -9
     r = _run([*common, f"workdir={killed}"])
