@@ -41,6 +41,17 @@ def sample_fewshot(pool_size: int, k: int, n_rows: int, *, seed: int = LM_EVAL_F
     return [rnd.sample(pool, k) for _ in range(n_rows)]
 
 
+def pick_examples(n_rows: int, num_fewshot: int, fewshot_rows: Sequence[dict] | None, *,
+                  seed: int = LM_EVAL_FEWSHOT_SEED) -> tuple[list[dict], list[list[int]]]:
+    """(the pool of few-shot rows, each evaluated row's indices into it): `sample_fewshot` over `fewshot_rows`,
+    whose errors name the few-shot file (the rows' `where`); k examples with no pool is an error."""
+    if num_fewshot and not fewshot_rows:
+        raise DataError(f"num_fewshot={num_fewshot} needs few-shot rows (--fewshot_file)")
+    pool = list(fewshot_rows or [])
+    source = pool[0]["where"].rsplit(":", 1)[0] if pool and "where" in pool[0] else "the few-shot file"
+    return pool, sample_fewshot(len(pool), num_fewshot, n_rows, seed=seed, source=source)
+
+
 def turns(shots: Sequence[tuple[str, str]], text: str) -> list[tuple[str, str, str]]:
     """(role, content, plain-text delimiter) of every turn: the examples' (text, answer) pairs, then `text`."""
     out = []

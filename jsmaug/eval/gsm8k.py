@@ -63,11 +63,7 @@ def build_prompts(rows: Sequence[dict], *, num_fewshot: int = 0, fewshot_rows: S
                   chat_template=None, fewshot_as_multiturn: bool = True,
                   seed: int = fewshot_lib.LM_EVAL_FEWSHOT_SEED) -> list[str]:
     """Every row's context string, character for character lm-eval's (module docstring)."""
-    if num_fewshot and not fewshot_rows:
-        raise DataError(f"num_fewshot={num_fewshot} needs few-shot rows (--fewshot_file)")
-    pool = list(fewshot_rows or [])
-    source = pool[0]["where"].rsplit(":", 1)[0] if pool and "where" in pool[0] else "the few-shot file"
-    picks = fewshot_lib.sample_fewshot(len(pool), num_fewshot, len(rows), seed=seed, source=source)
+    pool, picks = fewshot_lib.pick_examples(len(rows), num_fewshot, fewshot_rows, seed=seed)
     prompts = []
     for row, pick in zip(rows, picks):
         shots = [(doc_to_text(pool[i]), pool[i]["answer"]) for i in pick]

@@ -65,11 +65,7 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 def fewshot_contexts(rows: Sequence[dict], num_fewshot: int = 0, fewshot_rows: Sequence[dict] | None = None,
                      seed: int = fewshot_lib.LM_EVAL_FEWSHOT_SEED) -> list[str]:
     """Every row's context with its k examples before it, as lm-eval's plain-text few-shot context."""
-    if num_fewshot and not fewshot_rows:
-        raise DataError(f"num_fewshot={num_fewshot} needs few-shot rows (--fewshot_file)")
-    pool = list(fewshot_rows or [])
-    source = pool[0]["where"].rsplit(":", 1)[0] if pool and "where" in pool[0] else "the few-shot file"
-    picks = fewshot_lib.sample_fewshot(len(pool), num_fewshot, len(rows), seed=seed, source=source)
+    pool, picks = fewshot_lib.pick_examples(len(rows), num_fewshot, fewshot_rows, seed=seed)
     return [fewshot_lib.render(fewshot_lib.turns(
         [(pool[i]["context"], pool[i]["choices"][pool[i]["gold"]]) for i in pick], row["context"]))
         for row, pick in zip(rows, picks)]
