@@ -24,7 +24,17 @@ from jsmaug.errors import ConfigError  # noqa: F401 - re-exported (jsmaug.Config
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe")
 MODEL_TYPES = DENSE_TYPES + MOE_TYPES
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The rope_* fields each rope_type reads (required, optional); every other rope_* field must stay None.
+ROPE_FIELDS = {
+    "default": ((), ()),
+    "linear": (("rope_factor",), ()),
+    "llama3": (("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_position_embeddings"), ()),
+    "yarn": (("rope_factor", "rope_original_max_position_embeddings"),
+             ("rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_attention_factor", "rope_mscale",
+              "rope_mscale_all_dim")),
+}
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's layer_types values jsmaug implements
 MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "megablox", "capacity")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
@@ -73,11 +83,20 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
-    rope_type: str = "default"  # default | linear | llama3 (HF rope_parameters.rope_type)
-    rope_factor: float | None = None  # rope_parameters.factor (linear, llama3)
+    rope_type: str = "default"  # default | linear | llama3 | yarn (HF rope_parameters.rope_type)
+    rope_factor: float | None = None  # rope_parameters.factor (linear, llama3, yarn)
     rope_low_freq_factor: float | None = None  # llama3
     rope_high_freq_factor: float | None = None  # llama3
-    rope_original_max_position_embeddings: int | None = None  # llama3
+    rope_original_max_position_embeddings: int | None = None  # llama3, yarn
+    # yarn's optional rope_parameters (None: HF's default, noted): beta_fast (32) and beta_slow (1) bound the
+    # interpolated band, truncate (True) rounds it to whole dimensions, attention_factor (None: from factor, and
+    # mscale / mscale_all_dim when both are set) scales cos and sin.
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_truncate: bool | None = None
+    rope_attention_factor: float | None = None
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
     sliding_window: int | None = None
     # gemma3_text: per layer "sliding_attention" (local: the window, RoPE base rope_local_base_freq) or
     # "full_attention" (global: no window, the rope_* fields above). None: every layer alike (the window, if any).
@@ -240,16 +259,17 @@ class ModelConfig:
     def _check_rope(self, need) -> None:
         need(self.rope_type in ROPE_TYPES, "rope_type",
              f"rope_type {self.rope_type!r} is not supported; jsmaug implements {ROPE_TYPES}")
-        wanted = {"default": (), "linear": ("rope_factor",),
-                  "llama3": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                             "rope_original_max_position_embeddings")}.get(self.rope_type, ())
-        for f in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_original_max_position_embeddings"):
-            if f in wanted:
-                need(getattr(self, f) is not None and getattr(self, f) > 0, f,
-                     f"rope_type {self.rope_type!r} needs a positive {f}")
-            else:
-                need(getattr(self, f) is None, f, f"is not a parameter of rope_type {self.rope_type!r}")
+        required, optional = ROPE_FIELDS.get(self.rope_type, ((), ()))
+        for f in sorted({f for r, o in ROPE_FIELDS.values() for f in r + o}):
+            value = getattr(self, f)
+            if f in required:
+                need(value is not None and value > 0, f, f"rope_type {self.rope_type!r} needs a positive {f}")
+            elif f not in optional:
+                need(value is None, f, f"is not a parameter of rope_type {self.rope_type!r}")
+            elif f == "rope_truncate":
+                need(value in (None, True, False), f, "must be null, true or false")
+            elif f in ("rope_beta_fast", "rope_beta_slow", "rope_attention_factor"):
+                need(value is None or value > 0, f, "must be null or > 0")
         if self.rope_type == "llama3":
             need(self.rope_high_freq_factor != self.rope_low_freq_factor, "rope_high_freq_factor",
                  "must differ from rope_low_freq_factor (llama3 interpolates between them)")

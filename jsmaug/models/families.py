@@ -3,7 +3,8 @@
 One table per family says which HF fields it has; `from_hf_dict` reads them (the hub's older form with a
 top-level `rope_theta` + `rope_scaling`, and transformers-5's `rope_parameters`), fills what a file leaves out
 with transformers' own defaults for that class, and refuses what jsmaug does not implement with an error that
-names the file and the field: an unknown `model_type`, a `rope_type` other than default/linear/llama3, fields of
+names the file and the field: an unknown `model_type`, a `rope_type` other than default/linear/llama3/yarn (and a
+yarn key HF's yarn does not list), fields of
 two families in one file, an activation other than the family's, per-layer sliding windows outside Gemma 3, an
 unknown `layer_types` value, logit softcapping. `to_hf_dict` writes the class's own
 fields (its architecture, `model_type`, the RoPE in both forms) so transformers 4.x and 5 both load it.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ConfigError, ModelConfig, layer_types_from_pattern,
-                                  GEMMA3_SLIDING_WINDOW_PATTERN)
+from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ROPE_FIELDS, ROPE_TYPES, ConfigError, ModelConfig,
+                                  layer_types_from_pattern, GEMMA3_SLIDING_WINDOW_PATTERN)
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -57,11 +58,18 @@ _HF_DEFAULTS = {
     "gemma3_text": dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072, sliding_window=4096,
                         rope_local_base_freq=1e4, query_pre_attn_scalar=256, head_dim=256),
 }
+# HF's rope_parameters keys -> ModelConfig fields (config.ROPE_FIELDS says which rope_type reads which).
 _ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
               "high_freq_factor": "rope_high_freq_factor",
-              "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+              "original_max_position_embeddings": "rope_original_max_position_embeddings",
+              "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "truncate": "rope_truncate",
+              "attention_factor": "rope_attention_factor", "mscale": "rope_mscale",
+              "mscale_all_dim": "rope_mscale_all_dim"}
+_HF_ROPE_KEY = {ours: hf for hf, ours in _ROPE_KEYS.items()}
+_ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 _FLOATS = ("rms_norm_eps", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "clip_qkv",
-           "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+           "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast",
+           "rope_beta_slow", "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim")
 
 
 def _model_type(d: dict, source: str) -> str:
@@ -96,9 +104,9 @@ def _rope(d: dict, mt: str, source: str) -> dict[str, Any]:
     if any(isinstance(v, dict) for v in params.values()):
         raise ConfigError(f"{source}: rope_parameters per layer type ({sorted(params)}) are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported; jsmaug implements default, linear "
-                          "and llama3")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported; jsmaug implements "
+                          f"{', '.join(ROPE_TYPES)}")
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"{source}: partial_rotary_factor={partial!r} is not supported (jsmaug rotates all of "
@@ -106,14 +114,22 @@ def _rope(d: dict, mt: str, source: str) -> dict[str, Any]:
     theta = params.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta")))
     out: dict[str, Any] = {"rope_type": rope_type,
                            "rope_theta": _HF_DEFAULTS[mt]["rope_theta"] if theta is None else theta}
-    wanted = {"linear": ("factor",), "llama3": tuple(_ROPE_KEYS)}.get(rope_type, ())
-    for key in wanted:
+    required, optional = ROPE_FIELDS[rope_type]
+    if rope_type == "yarn":  # HF's yarn keys, checked as its validator lists them: another key names itself
+        known = set(_ROPE_COMMON_KEYS) | {_HF_ROPE_KEY[f] for f in required + optional}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"{source}: rope_parameters key(s) {unknown} are not parameters of rope_type 'yarn' "
+                              f"(jsmaug reads {', '.join(sorted(known))})")
+    for field in required + optional:
+        key = _HF_ROPE_KEY[field]
         value = params.get(key)
         if key == "original_max_position_embeddings" and value is None:
             value = d.get("original_max_position_embeddings", d.get("max_position_embeddings"))
-        if value is None:
+        if value is None and field in required:
             raise ConfigError(f"{source}: rope_type {rope_type!r} needs {key} in rope_scaling / rope_parameters")
-        out[_ROPE_KEYS[key]] = value
+        if value is not None:
+            out[field] = value
     return out
 
 
@@ -185,6 +201,9 @@ def _gemma3(d: dict, source: str) -> dict[str, Any]:
     if local_type != "default" or local.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
         raise ConfigError(f"{source}: rope_parameters.sliding_attention {local!r} is not supported; jsmaug's local "
                           "layers take rope_type default over all of head_dim")
+    if full.get("rope_type", full.get("type")) == "yarn":  # not compared with Gemma3ForCausalLM's yet
+        raise ConfigError(f"{source}: rope_type 'yarn' is not supported for gemma3_text's global layers (jsmaug "
+                          "implements yarn for the other families; its Gemma 3 form is untested)")
     out = _rope({"rope_parameters": full, "max_position_embeddings": d.get("max_position_embeddings")},
                 "gemma3_text", f"{source} (rope_parameters.full_attention)")
     window = d.get("sliding_window")
