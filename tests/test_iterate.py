@@ -111,8 +111,17 @@ def test_bad_inputs_are_refused_before_work(common, tmp_path, capsys):
 def test_table_and_figure(tmp_path):
     rows = [{"round": 0, "heldout_strict": 0.1, "heldout_flexible": 0.25},
             {"round": 1, "share_correct": 0.375, "pairs": 12, "no_correct": 3, "no_wrong": 1, "logps/chosen": -41.25,
-             "logps/rejected": -52.5, "heldout_strict": 0.2, "heldout_flexible": 0.3}]
-    assert iterate.table(rows).splitlines()[2:] == ["0 | - | - | - | - | - | - | 0.100 | 0.250",
-                                                    "1 | 0.375 | 12 | 3 | 1 | -41.25 | -52.50 | 0.200 | 0.300"]
+             "logps/rejected": -52.5, "heldout_strict": 0.2, "heldout_flexible": 0.3, "cpu_s": 812.4}]
+    assert iterate.table(rows).splitlines()[2:] == ["0 | - | - | - | - | - | - | 0.100 | 0.250 | -",
+                                                    "1 | 0.375 | 12 | 3 | 1 | -41.25 | -52.50 | 0.200 | 0.300 | 812"]
     iterate.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rounds_cost_is_the_sum_of_its_stages():
+    row = {"cpu_heldout": 30.5}
+    iterate._round_cost(row, sample={"cpu_s": 100.25, "wall_s": 300.0}, train={"cpu_s": 50.0})
+    assert (row["cpu_sample"], row["cpu_train"], row["cpu_s"]) == (100.25, 50.0, 180.75)
+    row = {}
+    iterate._round_cost(row, sample=None)
+    assert row["cpu_s"] is None

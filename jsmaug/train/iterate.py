@@ -14,11 +14,17 @@ The key=value overrides go to every round's training run (`loss.type=dpo`, `trai
 OUT/round_0/heldout.json       the start's held-out scores
 OUT/round_R/pairs.jsonl        round R's pairs (sampled with seed 1000 * --seed + R)
 OUT/round_R/train/             its training run (workdir: checkpoints, metrics, hf/ export); its reference is the
-                               round's start
+                               round's start, whose log-probs the pairs keep: the run reads them
+                               (`reference.mode=precomputed`, unless an override sets reference.mode)
 OUT/round_R/heldout.json       the trained policy's held-out scores
 OUT/summary.json, the table    per round: share of correct samples, pairs, problems skipped, the last training
-                               window's chosen / rejected log-probs, held-out exact match (strict, flexible)
+                               window's chosen / rejected log-probs, held-out exact match (strict, flexible, with
+                               lm-eval's standard errors), and the round's CPU and wall seconds
 OUT/iterate.png                those figures over rounds
+
+Cost: each stage keeps its own wall and CPU seconds (`time.process_time`: every thread of this process, model
+loading and compiles included) in its output file (`cost` in heldout.json, pairs_summary.json, train/done.json),
+so a resumed run reports what the stages took when they ran.
 
 Resume: run the same command again. A stage whose output exists is skipped (the pairs' file and the held-out
 scores are written atomically; a round's training is done once `train/done.json` exists); an interrupted
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +88,20 @@ def _tokenizer(cfg, start: str) -> tuple[Tokenizer, Any]:
     return tok, formats.load_chat_template(cfg.data.chat_template, tok)
 
 
+class Cost:
+    """A stage's wall and CPU seconds (CPU: `time.process_time`, every thread of the process)."""
+
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s, self.cpu_s = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(self.wall_s, 2), "cpu_s": round(self.cpu_s, 2)}
+
+
 def heldout_scores(args, cfg, model: str, out: Path) -> dict | None:
     """`model`'s gsm8k_eval on --heldout, written to `out` (reused when it exists)."""
     from jsmaug import eval as ev
@@ -89,13 +110,16 @@ def heldout_scores(args, cfg, model: str, out: Path) -> dict | None:
         return None
     if out.exists():
         return json.loads(out.read_text())
+    cost = Cost().__enter__()
     tok, template = _tokenizer(cfg, model)
     config, params = ev.load_model(model)
     fewshot = ev.read_gsm8k(args.fewshot_file) if args.fewshot_file else None
     res = ev.gsm8k_eval(config, params, tok, ev.read_gsm8k(args.heldout), num_fewshot=args.num_fewshot,
                         fewshot_rows=fewshot, chat_template=template, max_new_tokens=args.heldout_max_new_tokens,
                         batch_size=args.heldout_batch_size, progress=not args.quiet)
-    ev.write_json(out, dict(res, model=str(model)))
+    cost.__exit__()
+    res = dict(res, model=str(model), cost=cost.as_dict())
+    ev.write_json(out, res)
     return res
 
 
@@ -106,6 +130,7 @@ def sample_round(args, cfg, start: str, r: int, folder: Path) -> dict:
     out, summary_path = folder / "pairs.jsonl", folder / "pairs_summary.json"
     if out.exists() and summary_path.exists():
         return json.loads(summary_path.read_text())
+    cost = Cost().__enter__()
     tok, template = _tokenizer(cfg, start)
     verifier = verify.Verifier(args.verifier, args.threshold)
     problems = verify.read_problems(args.problems, verifier.kind)
@@ -118,6 +143,8 @@ def sample_round(args, cfg, start: str, r: int, folder: Path) -> dict:
                 "chat_template": template.source if template is not None else None}
     summary = sample_lib.run(config, params, tok, problems, verifier, out, opts, template=template,
                              settings=settings, progress=not args.quiet).as_dict()
+    cost.__exit__()
+    summary["cost"] = cost.as_dict()
     paths.atomic_write(summary_path, json.dumps(summary, indent=1))
     return summary
 
@@ -127,20 +154,26 @@ def train_round(args, start: str, folder: Path, pairs: Path) -> dict:
     workdir, done = folder / "train", folder / "train" / "done.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg, raw = load_run_config(args.config, list(args.overrides) + [
+    cost = Cost().__enter__()
+    # The pairs keep the sampling model's log-probs, and the round's reference is that model: the trainer reads
+    # them (reference_cache.pairs_reference) instead of running the reference, unless the overrides say otherwise.
+    mode = [] if any(o.startswith("reference.mode=") for o in args.overrides) else ["reference.mode=precomputed"]
+    cfg, raw = load_run_config(args.config, mode + list(args.overrides) + [
         f"workdir={workdir}", f"init_from={start}", f"data.train_path={pairs}", "data.eval_path=null"])
     result = train.run(cfg, raw)
     records = [r for r in metrics_log.read_metrics(workdir / "metrics.jsonl", drop_torn_last=True)
                if "logps/chosen" in r]
     if records:
         result.update({k: records[-1][k] for k in ("logps/chosen", "logps/rejected") if k in records[-1]})
+    cost.__exit__()
+    result["cost"] = cost.as_dict()  # this invocation's: a resumed run's earlier part is not counted
     paths.atomic_write(done, json.dumps(result, indent=1, default=float))
     return result
 
 
 def table(rows: list[dict]) -> str:
     head = ["round", "correct", "pairs", "no correct", "no wrong", "logps/chosen", "logps/rejected",
-            "heldout strict", "heldout flexible"]
+            "heldout strict", "heldout flexible", "CPU s"]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -150,7 +183,8 @@ def table(rows: list[dict]) -> str:
         lines.append(" | ".join([str(r["round"]), fmt(r.get("share_correct"), ".3f"), fmt(r.get("pairs"), "d"),
                                  fmt(r.get("no_correct"), "d"), fmt(r.get("no_wrong"), "d"),
                                  fmt(r.get("logps/chosen"), ".2f"), fmt(r.get("logps/rejected"), ".2f"),
-                                 fmt(r.get("heldout_strict"), ".3f"), fmt(r.get("heldout_flexible"), ".3f")]))
+                                 fmt(r.get("heldout_strict"), ".3f"), fmt(r.get("heldout_flexible"), ".3f"),
+                                 fmt(r.get("cpu_s"), ".0f")]))
     return "\n".join(lines)
 
 
@@ -186,7 +220,18 @@ def plot(rows: list[dict], out_png: Path) -> None:
 def _heldout_row(res: dict | None) -> dict:
     if res is None:
         return {}
-    return {"heldout_strict": res["exact_match,strict-match"], "heldout_flexible": res["exact_match,flexible-extract"]}
+    return {"heldout_strict": res["exact_match,strict-match"], "heldout_flexible": res["exact_match,flexible-extract"],
+            "heldout_strict_stderr": res["exact_match_stderr,strict-match"],
+            "heldout_flexible_stderr": res["exact_match_stderr,flexible-extract"],
+            "heldout_n": res["n"], "cpu_heldout": (res.get("cost") or {}).get("cpu_s")}
+
+
+def _round_cost(row: dict, **costs) -> None:
+    """The row's per-stage CPU seconds (`cpu_sample`, `cpu_train`, `cpu_heldout`) and their sum `cpu_s`."""
+    for stage, cost in costs.items():
+        row[f"cpu_{stage}"] = (cost or {}).get("cpu_s")
+    parts = [row.get(f"cpu_{s}") for s in ("sample", "train", "heldout")]
+    row["cpu_s"] = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
 
 
 def iterate(args) -> list[dict]:
@@ -206,12 +251,14 @@ def iterate(args) -> list[dict]:
     (out / "round_0").mkdir(exist_ok=True)
     rows = [{"round": 0, "model": str(start), **_heldout_row(heldout_scores(args, cfg, start,
                                                                              out / "round_0" / "heldout.json"))}]
+    _round_cost(rows[0])
     for r in range(1, args.rounds + 1):
         folder = out / f"round_{r}"
         folder.mkdir(exist_ok=True)
         counts = sample_round(args, cfg, start, r, folder)
         row: dict[str, Any] = {"round": r, "start": str(start), **{k: counts[k] for k in (
             "share_correct", "pairs", "no_correct", "no_wrong", "samples")}}
+        result = None
         if counts["pairs"]:
             result = train_round(args, start, folder, folder / "pairs.jsonl")
             row.update({k: result.get(k) for k in ("logps/chosen", "logps/rejected", "seconds")})
@@ -220,6 +267,7 @@ def iterate(args) -> list[dict]:
             print(f"iterate: round {r} made no pairs; the policy stays {start}", file=sys.stderr)
         row["model"] = str(start)
         row.update(_heldout_row(heldout_scores(args, cfg, start, folder / "heldout.json")))
+        _round_cost(row, sample=counts.get("cost"), train=(result or {}).get("cost"))
         rows.append(row)
         paths.atomic_write(out / "summary.json", json.dumps(rows, indent=1, default=float))
         plot(rows, out / "iterate.png")
