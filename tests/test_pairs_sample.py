@@ -229,9 +229,9 @@ def test_a_token_merging_across_the_prompt_end_is_scored_on_the_pairs_ids(tiny, 
     monkeypatch.setattr(sample, "draw", lambda *a: ["=1", "abc", "=1", "x y"])
     real, pair_calls = sample.completion_logps, []
 
-    def counting(config, params, items, batch_size):
+    def counting(config, params, items, batch_size, **kw):
         pair_calls.append(batch_size == 2)
-        return real(config, params, items, batch_size=batch_size)
+        return real(config, params, items, batch_size=batch_size, **kw)
 
     monkeypatch.setattr(sample, "completion_logps", counting)
     out = tmp_path / "merge.jsonl"

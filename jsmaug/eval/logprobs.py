@@ -2,7 +2,10 @@
 preference and multiple-choice scoring share.
 
 Rows are padded to a few bucket lengths (powers of two) and the last batch is padded with copies, so a handful
-of shapes compile; the jitted function is the trainer's own policy-logps function.
+of shapes compile; the jitted function is the trainer's own policy-logps function. The largest bucket is the
+longest item's own length, which is right for one call over a whole set; a caller that makes many small calls
+(`jsmaug pairs sample`, one per problem) passes `length_multiple` instead, so its lengths fall on a few
+multiples and do not compile once per distinct length.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ def _logps_fn(config: ModelConfig, chunk_size: int):
 
 
 def completion_logps(config: ModelConfig, params, items: Sequence[tuple[np.ndarray, np.ndarray]],
-                     batch_size: int = 16, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 16, chunk_size: int = 64, length_multiple: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) and the continuation's token count for every (context_ids,
-    continuation_ids) pair, as float64 / int arrays of shape (N,)."""
+    continuation_ids) pair, as float64 / int arrays of shape (N,). `length_multiple` > 0: each batch is padded
+    to the next multiple of it (at most max_position_embeddings) instead of the power-of-two buckets."""
     if not items:
         return np.zeros(0), np.zeros(0, np.int64)
     for i, (ctx, cont) in enumerate(items):
@@ -47,7 +52,11 @@ def completion_logps(config: ModelConfig, params, items: Sequence[tuple[np.ndarr
     for start in range(0, len(items), batch_size):
         idx = order[start:start + batch_size]
         chunk = [items[i] for i in idx]
-        length = next(b for b in buckets if b >= max(len(c) + len(x) for c, x in chunk))
+        need = max(len(c) + len(x) for c, x in chunk)
+        if length_multiple > 0:
+            length = min(-(-need // length_multiple) * length_multiple, config.max_position_embeddings)
+        else:
+            length = next(b for b in buckets if b >= need)
         rows = [data_lib.completion_row(np.asarray(c, np.int32), np.asarray(x, np.int32), length) for c, x in chunk]
         batch = data_lib.stack_rows(rows + [rows[0]] * (batch_size - len(rows)))
         lp, nt = jax.device_get(fn(params, batch))

@@ -54,6 +54,7 @@ from jsmaug.pairs.stats import edit_distances
 from jsmaug.pairs.verify import Problem, Verifier
 
 RULES = ("likely", "edit")
+SCORE_MULTIPLE = 32  # scoring pads each problem's rows to a multiple of this many tokens (few compiled shapes)
 PARTIAL_VERSION = 1
 
 
@@ -190,9 +191,9 @@ def grade(config, params, tok: Tokenizer, template, verifier: Verifier, problem:
     scored = [s for s in samples if s.text.strip()]
     if scored:
         # One call per problem, k rows: its shapes depend on the problem only, so the figures do not depend on
-        # the batch, and few shapes compile.
+        # the batch; lengths rounded to SCORE_MULTIPLE, so few shapes compile (not one per distinct length).
         lp, _ = completion_logps(config, params, [(s.prompt_ids, s.completion_ids) for s in scored],
-                                 batch_size=len(texts))
+                                 batch_size=len(texts), length_multiple=SCORE_MULTIPLE)
         for s, v in zip(scored, lp):
             s.logp = float(v)
     return samples
@@ -242,7 +243,8 @@ def pair_rows(config, params, tok: Tokenizer, template, problem: Problem, sample
         logps = (samples[c].logp, samples[r].logp)
         if (p, ch, rj) != (samples[c].prompt_ids, samples[c].completion_ids, samples[r].completion_ids) \
                 or samples[r].prompt_ids != p:
-            logps = tuple(float(x) for x in completion_logps(config, params, [(p, ch), (p, rj)], batch_size=2)[0])
+            logps = tuple(float(x) for x in completion_logps(config, params, [(p, ch), (p, rj)], batch_size=2,
+                                                             length_multiple=SCORE_MULTIPLE)[0])
         rows.append(dict(row, ref_chosen_logps=logps[0], ref_rejected_logps=logps[1], problem=problem.index,
                          chosen_score=samples[c].score, rejected_score=samples[r].score))
     return rows
