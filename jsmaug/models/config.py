@@ -1,11 +1,12 @@
 """Model configuration: `ModelConfig`, one decoder for every supported Hugging Face family
 (`MODEL_TYPES`), with HF's field names.
 
-`model_type` picks the family (llama, mistral, qwen2, qwen3, gemma3_text: dense; mixtral, qwen3_moe, olmoe:
-sparse MoE) and every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`,
-`tie_word_embeddings`, `sliding_window`, `layer_types`, `num_local_experts`, `norm_topk_prob`, ...) or follows
-from the family (`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`, `is_gemma`, `layer_sliding`). MoE and Gemma
-fields left at None take the family's HF default.
+`model_type` picks the family (llama, mistral, qwen2, qwen3, gemma3_text: dense; mixtral, qwen3_moe, olmoe,
+gpt_oss: sparse MoE) and every switch the decoder reads is either an HF field (`attention_bias`, `head_dim`,
+`tie_word_embeddings`, `sliding_window`, `layer_types`, `num_local_experts`, `norm_topk_prob`, `swiglu_limit`, ...)
+or follows from the family (`qk_norm`, `qkv_bias`, `o_bias`, `sparse_layers`, `is_gemma`, `layer_sliding`,
+`attention_sinks`, `router_bias`, `expert_bias`). MoE, Gemma and gpt-oss fields left at None take the family's HF
+default.
 `jsmaug/models/families.py` reads and writes each family's `config.json` (`families.from_hf_dict` /
 `families.to_hf_dict`). Fields that only jsmaug knows about (dtypes, remat, MoE dispatch, LoRA) live beside them and are
 never written to `config.json`. `MixtralConfig` is the class's former name, kept as an alias of `ModelConfig` so
@@ -22,7 +23,7 @@ from typing import Any
 from jsmaug.errors import ConfigError  # noqa: F401 - re-exported (jsmaug.ConfigError)
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe")
+MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 MODEL_TYPES = DENSE_TYPES + MOE_TYPES
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # The rope_* fields each rope_type reads (required, optional); every other rope_* field must stay None.
@@ -49,11 +50,16 @@ _MOE_DEFAULTS = {
     "qwen3_moe": dict(num_local_experts=128, num_experts_per_tok=8, router_aux_loss_coef=0.001,
                       norm_topk_prob=False, moe_intermediate_size=768),
     "olmoe": dict(num_local_experts=64, num_experts_per_tok=8, router_aux_loss_coef=0.01, norm_topk_prob=False),
+    # gpt_oss: a softmax over the k chosen logits, i.e. the top-k softmax probabilities renormalised.
+    "gpt_oss": dict(num_local_experts=128, num_experts_per_tok=4, router_aux_loss_coef=0.001, norm_topk_prob=True),
 }
 _DENSE_DEFAULTS = dict(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0, norm_topk_prob=False)
 # Gemma3TextConfig's defaults for its own fields (transformers 5): every 6th layer global, the others local.
 _GEMMA3_DEFAULTS = dict(query_pre_attn_scalar=256, rope_local_base_freq=10000.0, sliding_window=4096)
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
+# GptOssConfig's defaults for its own fields (transformers 5): layers alternate sliding (even) and full (odd).
+_GPT_OSS_DEFAULTS = dict(swiglu_limit=7.0, swiglu_alpha=1.702, sliding_window=128)
+GPT_OSS_SLIDING_WINDOW_PATTERN = 2
 
 
 def layer_types_from_pattern(num_layers: int, pattern: int) -> tuple[str, ...]:
@@ -98,11 +104,14 @@ class ModelConfig:
     rope_mscale: float | None = None
     rope_mscale_all_dim: float | None = None
     sliding_window: int | None = None
-    # gemma3_text: per layer "sliding_attention" (local: the window, RoPE base rope_local_base_freq) or
-    # "full_attention" (global: no window, the rope_* fields above). None: every layer alike (the window, if any).
+    # gemma3_text, gpt_oss: per layer "sliding_attention" (local: the window; Gemma: RoPE base rope_local_base_freq)
+    # or "full_attention" (global: no window, the rope_* fields above). None: every layer alike (the window, if any).
     layer_types: tuple[str, ...] | None = None
     rope_local_base_freq: float | None = None  # gemma3_text: the local layers' RoPE theta (rope_type default)
     query_pre_attn_scalar: float | None = None  # gemma3_text: attention scores scaled by this ** -0.5
+    # gpt_oss's experts: gate = min(gate, limit), up = clip(up, -limit, limit), (up + 1) * gate * sigmoid(alpha gate)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     max_position_embeddings: int = 32768
     router_aux_loss_coef: float | None = None
     router_jitter_noise: float = 0.0
@@ -139,6 +148,13 @@ class ModelConfig:
             if self.layer_types is None:
                 object.__setattr__(self, "layer_types", layer_types_from_pattern(
                     self.num_hidden_layers, GEMMA3_SLIDING_WINDOW_PATTERN))
+        if self.model_type == "gpt_oss":
+            for name, value in _GPT_OSS_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+            if self.layer_types is None:
+                object.__setattr__(self, "layer_types", layer_types_from_pattern(
+                    self.num_hidden_layers, GPT_OSS_SLIDING_WINDOW_PATTERN))
         if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.mlp_only_layers, list):
@@ -200,6 +216,21 @@ class ModelConfig:
     def attention_window(self) -> int | None:
         """The window of every layer when all layers are alike (None: no window or mixed layers)."""
         return self.sliding_window if all(self.layer_sliding) else None
+
+    @property
+    def attention_sinks(self) -> bool:
+        """One learned logit per query head (`self_attn/sinks`) in each softmax's denominator (gpt_oss)."""
+        return self.model_type == "gpt_oss"
+
+    @property
+    def router_bias(self) -> bool:
+        """A bias `gate_bias` (E,) on the router's logits (gpt_oss)."""
+        return self.model_type == "gpt_oss"
+
+    @property
+    def expert_bias(self) -> bool:
+        """Biases on the experts' projections: `w1_bias`, `w3_bias` (E, F) and `w2_bias` (E, D) (gpt_oss)."""
+        return self.model_type == "gpt_oss"
 
     @property
     def qkv_bias(self) -> bool:
@@ -302,6 +333,14 @@ class ModelConfig:
             need(self.norm_topk_prob is True, "norm_topk_prob", "Mixtral always renormalises its top-k weights")
         else:
             need(self.router_jitter_noise == 0, "router_jitter_noise", f"is a mixtral field, not {mt!r}'s")
+        if mt == "gpt_oss":
+            need(self.norm_topk_prob is True, "norm_topk_prob",
+                 "gpt_oss's softmax over the chosen experts' logits is the renormalised top-k")
+            for f in ("swiglu_limit", "swiglu_alpha"):
+                need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f, "must be > 0")
+        else:
+            for f in ("swiglu_limit", "swiglu_alpha"):
+                need(getattr(self, f) is None, f, f"is a gpt_oss field, not {mt!r}'s")
         need(not (self.attention_bias and mt in ("mistral", "mixtral", "qwen2")), "attention_bias",
              f"{mt!r} has no attention_bias switch (qwen2: q/k/v biases always, no o bias; mistral/mixtral: none)")
         if mt == "olmoe":
@@ -315,9 +354,13 @@ class ModelConfig:
                  "olmoe's q/k norms assume head_dim = hidden_size // num_attention_heads")
 
     def _check_gemma(self, need) -> None:
+        """Gemma 3's fields, and the layer types it shares with gpt_oss."""
         if not self.is_gemma:
-            for f in ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar"):
+            for f in ("rope_local_base_freq", "query_pre_attn_scalar"):
                 need(getattr(self, f) is None, f, f"is a gemma3_text field, not {self.model_type!r}'s")
+        if self.model_type not in ("gemma3_text", "gpt_oss"):
+            need(self.layer_types is None, "layer_types",
+                 f"is a gemma3_text field, not {self.model_type!r}'s (gpt_oss has it too)")
             return
         need(isinstance(self.layer_types, tuple) and len(self.layer_types) == self.num_hidden_layers, "layer_types",
              f"must list one type per layer ({self.num_hidden_layers})")
@@ -326,6 +369,8 @@ class ModelConfig:
         if any(self.layer_sliding):
             need(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
                  "sliding_attention layers need a positive window")
+        if not self.is_gemma:
+            return
         need(self.rope_local_base_freq > 0, "rope_local_base_freq", "must be > 0")
         need(self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", "must be > 0")
 
@@ -350,7 +395,9 @@ class ModelConfig:
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
         attn += hd * (hq + 2 * hkv) * self.qkv_bias + d * self.o_bias
         attn += {"head": 2 * hd, "projection": hd * (hq + hkv)}.get(self.qk_norm, 0)
-        sparse = d * e + e * 3 * d * self.expert_intermediate_size if self.is_moe else 0
+        attn += hq * self.attention_sinks
+        f = self.expert_intermediate_size
+        sparse = d * e + e * 3 * d * f + e * self.router_bias + e * (2 * f + d) * self.expert_bias if self.is_moe else 0
         dense = 3 * d * self.intermediate_size
         mlps = sum(sparse if s else dense for s in self.sparse_layers)
         norms = 4 if self.is_gemma else 2
@@ -392,7 +439,7 @@ def layer_segments(config: ModelConfig) -> list[tuple[str, bool, int, int, int]]
 # The presets live in jsmaug/models/presets.py (which imports this module); their names stay importable from here,
 # resolved on first use so that neither module imports the other at import time.
 PRESET_NAMES = ("PRESETS", "preset", "tiny", "mixtral_8x7b", "mixtral_8x22b", "qwen3_30b_a3b", "qwen3_235b_a22b",
-                "olmoe_1b_7b", "llama3_8b", "llama3_1_8b", "qwen3_8b")
+                "olmoe_1b_7b", "llama3_8b", "llama3_1_8b", "qwen3_8b", "gpt_oss_20b", "gpt_oss_120b")
 
 
 def __getattr__(name: str):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsmaug.models.config import (LAYER_TYPES, MOE_TYPES, ROPE_FIELDS, ROPE_TYPES, ConfigError, ModelConfig,
-                                  layer_types_from_pattern, GEMMA3_SLIDING_WINDOW_PATTERN)
+from jsmaug.models.config import (GEMMA3_SLIDING_WINDOW_PATTERN, GPT_OSS_SLIDING_WINDOW_PATTERN, LAYER_TYPES,
+                                  MOE_TYPES, ROPE_FIELDS, ROPE_TYPES, ConfigError, ModelConfig,
+                                  layer_types_from_pattern)
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
 }
 
 _COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -38,10 +39,12 @@ _FIELDS = {
                   "mlp_only_layers") + _MOE,
     "olmoe": ("attention_bias", "clip_qkv", "norm_topk_prob") + _MOE,
     "gemma3_text": ("attention_bias", "query_pre_attn_scalar"),  # + layer_types, windows, RoPE: _gemma3
+    "gpt_oss": ("attention_bias", "num_local_experts", "swiglu_limit", "swiglu_alpha") + _MOE,  # + _gpt_oss
 }
 # Fields that only some families have: one of them in another family's file means the file mixes two.
 _OWNERS = {
-    "num_local_experts": MOE_TYPES, "num_experts": ("qwen3_moe", "olmoe"), "num_experts_per_tok": MOE_TYPES,
+    "num_local_experts": MOE_TYPES, "num_experts": ("qwen3_moe", "olmoe", "gpt_oss"), "num_experts_per_tok": MOE_TYPES,
+    "experts_per_token": ("gpt_oss",), "swiglu_limit": ("gpt_oss",), "swiglu_alpha": ("gpt_oss",),
     "moe_intermediate_size": ("qwen3_moe",), "norm_topk_prob": ("qwen3_moe", "olmoe"),
     "decoder_sparse_step": ("qwen3_moe",), "mlp_only_layers": ("qwen3_moe",), "router_jitter_noise": ("mixtral",),
     "clip_qkv": ("olmoe",), "query_pre_attn_scalar": ("gemma3_text",), "rope_local_base_freq": ("gemma3_text",),
@@ -57,7 +60,12 @@ _HF_DEFAULTS = {
     "olmoe": dict(rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096),
     "gemma3_text": dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072, sliding_window=4096,
                         rope_local_base_freq=1e4, query_pre_attn_scalar=256, head_dim=256),
+    "gpt_oss": dict(rms_norm_eps=1e-5, rope_theta=150000.0, max_position_embeddings=131072, sliding_window=128,
+                    head_dim=64, attention_bias=True, num_hidden_layers=36),
 }
+# GptOssConfig's RoPE when a file has none (transformers 5): yarn, 32x over 4096 positions, not truncated.
+_GPT_OSS_ROPE = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                     original_max_position_embeddings=4096)
 # HF's rope_parameters keys -> ModelConfig fields (config.ROPE_FIELDS says which rope_type reads which).
 _ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
               "high_freq_factor": "rope_high_freq_factor",
@@ -69,7 +77,8 @@ _HF_ROPE_KEY = {ours: hf for hf, ours in _ROPE_KEYS.items()}
 _ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 _FLOATS = ("rms_norm_eps", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "clip_qkv",
            "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast",
-           "rope_beta_slow", "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim")
+           "rope_beta_slow", "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim", "swiglu_limit",
+           "swiglu_alpha")
 
 
 def _model_type(d: dict, source: str) -> str:
@@ -162,13 +171,7 @@ def _gemma3_layer_types(d: dict, source: str) -> tuple[str, ...]:
         if not isinstance(pattern, int) or pattern < 1:
             raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
         return layer_types_from_pattern(n, pattern)
-    if not isinstance(types, list) or len(types) != n:
-        raise ConfigError(f"{source}: layer_types must list one type per layer ({n}), got {types!r}")
-    unknown = sorted(set(types) - set(LAYER_TYPES))
-    if unknown:
-        raise ConfigError(f"{source}: layer_types value(s) {unknown} are not supported; jsmaug implements "
-                          f"{', '.join(LAYER_TYPES)}")
-    return tuple(types)
+    return _layer_types(d, source, n, ())
 
 
 def _gemma3(d: dict, source: str) -> dict[str, Any]:
@@ -213,6 +216,53 @@ def _gemma3(d: dict, source: str) -> dict[str, Any]:
                 query_pre_attn_scalar=d.get("query_pre_attn_scalar") or defaults["query_pre_attn_scalar"])
 
 
+def _layer_types(d: dict, source: str, n: int, default: tuple[str, ...]) -> tuple[str, ...]:
+    types = d.get("layer_types")
+    if types is None:
+        return default
+    if not isinstance(types, list) or len(types) != n:
+        raise ConfigError(f"{source}: layer_types must list one type per layer ({n}), got {types!r}")
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"{source}: layer_types value(s) {unknown} are not supported; jsmaug implements "
+                          f"{', '.join(LAYER_TYPES)}")
+    return tuple(types)
+
+
+def _gpt_oss(d: dict, source: str) -> dict[str, Any]:
+    """GptOssConfig's fields and defaults: alternating sliding / full layer types, the window, head_dim 64,
+    attention biases on, yarn RoPE, the number of experts as `num_local_experts` or `num_experts` and of chosen
+    ones as `num_experts_per_tok` or the hub's `experts_per_token`. A `quantization_config` may only be the hub's
+    MXFP4 (the importer dequantizes it; jsmaug/hf/mxfp4.py)."""
+    defaults = _HF_DEFAULTS["gpt_oss"]
+    quant = d.get("quantization_config")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4"):
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(f"{source}: quantization_config with quant_method {method!r} is not supported; jsmaug "
+                          "reads gpt_oss checkpoints in bf16/float32 or the hub's mxfp4 experts")
+    n = d.get("num_hidden_layers", defaults["num_hidden_layers"])
+    out: dict[str, Any] = {"num_hidden_layers": n, "layer_types": _layer_types(d, source, n, layer_types_from_pattern(
+        n, GPT_OSS_SLIDING_WINDOW_PATTERN))}
+    window = d.get("sliding_window", defaults["sliding_window"])
+    if window is None and "sliding_attention" in out["layer_types"]:
+        raise ConfigError(f"{source}: sliding_attention layers with sliding_window null are not supported")
+    out["sliding_window"] = window
+    out["bos_token_id"] = d.get("bos_token_id")  # GptOssConfig has none by default (the hub's file neither)
+    for key in ("head_dim", "attention_bias"):
+        out[key] = defaults[key] if d.get(key) is None else d[key]
+    experts = d.get("num_local_experts", d.get("num_experts"))
+    if experts is not None:
+        out["num_local_experts"] = experts
+    top_k = {k: d[k] for k in ("num_experts_per_tok", "experts_per_token") if d.get(k) is not None}
+    if len(set(top_k.values())) > 1:
+        raise ConfigError(f"{source}: num_experts_per_tok and experts_per_token disagree ({top_k})")
+    if top_k:
+        out["num_experts_per_tok"] = next(iter(top_k.values()))
+    if not (d.get("rope_scaling") or d.get("rope_parameters")):
+        d = dict(d, rope_parameters=dict(_GPT_OSS_ROPE, rope_theta=d.get("rope_theta", defaults["rope_theta"])))
+    return dict(out, **_rope(d, "gpt_oss", source))
+
+
 def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
     """A `ModelConfig` from an HF `config.json` dict of any supported family. `overrides` set jsmaug fields
     (dtypes, dispatch, LoRA) or replace HF ones."""
@@ -242,6 +292,8 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) ->
         del kw["head_dim"]
     if mt == "gemma3_text":
         kw.update(_gemma3(d, source))
+    elif mt == "gpt_oss":
+        kw.update(_gpt_oss(d, source))
     else:
         kw.update(_rope(d, mt, source))
         kw["sliding_window"] = _sliding_window(d, mt, source)
@@ -282,6 +334,9 @@ def to_hf_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict[str,
         d["mlp_bias"] = False
     if mt == "gemma3_text":
         return _gemma3_hf_dict(c, d, torch_dtype)
+    if mt == "gpt_oss":  # the hub's file also names the top-k experts_per_token; no quantization_config (bf16)
+        d.update(layer_types=list(c.layer_types), sliding_window=c.sliding_window,
+                 experts_per_token=c.num_experts_per_tok)
     d["hidden_act"] = "silu"
     d["attention_dropout"] = 0.0
     d["use_cache"] = True

@@ -89,6 +89,29 @@ def olmoe_1b_7b(**overrides) -> ModelConfig:
         pad_token_id=1), overrides)
 
 
+# openai/gpt-oss-20b's config.json (GptOssForCausalLM): 64 heads of 64 / 8 KV heads with biases and sinks, layers
+# alternating a 128-token window and full attention, yarn RoPE (32x over 4096 positions, theta 150000), experts of
+# 2880 with biases, the clamped SwiGLU (limit 7, alpha 1.702), untied 201088 vocab.
+_GPT_OSS = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=64, attention_bias=True, num_experts_per_tok=4,
+                rms_norm_eps=1e-5, rope_theta=150000.0, rope_type="yarn", rope_factor=32.0, rope_beta_fast=32.0,
+                rope_beta_slow=1.0, rope_truncate=False, rope_original_max_position_embeddings=4096,
+                sliding_window=128, max_position_embeddings=131072, swiglu_limit=7.0, swiglu_alpha=1.702,
+                router_aux_loss_coef=0.9, tie_word_embeddings=False, bos_token_id=None, eos_token_id=200002,
+                pad_token_id=199999)
+
+
+def gpt_oss_20b(**overrides) -> ModelConfig:
+    """openai/gpt-oss-20b's shapes (20.91B; 3.6B active): 24 layers at hidden 2880, 32 experts of 2880, top-4.
+    The hub stores its experts in MXFP4; the importer dequantizes them (docs/conversion.md)."""
+    return _released(dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32), overrides)
+
+
+def gpt_oss_120b(**overrides) -> ModelConfig:
+    """openai/gpt-oss-120b's shapes (116.83B; 5.1B active): 36 layers at hidden 2880, 128 experts of 2880, top-4."""
+    return _released(dict(_GPT_OSS, num_hidden_layers=36, num_local_experts=128), overrides)
+
+
 def tiny(**overrides) -> ModelConfig:
     """A model small enough for CPU unit tests (all code paths, no cost): Mixtral-shaped, or of the family
     `model_type=` names."""
@@ -100,13 +123,16 @@ def tiny(**overrides) -> ModelConfig:
         del kw["num_local_experts"], kw["num_experts_per_tok"]
     if model_type == "qwen3_moe":
         kw["moe_intermediate_size"] = 24
+    if model_type == "gpt_oss":  # its layers alternate a window of 4 and full attention (HF's default pattern)
+        kw.update(head_dim=8, sliding_window=4, attention_bias=True)
     kw.update(overrides)
     return ModelConfig(**kw)
 
 
 PRESETS = {"mixtral_8x7b": mixtral_8x7b, "mixtral_8x22b": mixtral_8x22b, "qwen3_30b_a3b": qwen3_30b_a3b,
            "qwen3_235b_a22b": qwen3_235b_a22b, "olmoe_1b_7b": olmoe_1b_7b, "llama3_8b": llama3_8b,
-           "llama3_1_8b": llama3_1_8b, "qwen3_8b": qwen3_8b, "tiny": tiny}
+           "llama3_1_8b": llama3_1_8b, "qwen3_8b": qwen3_8b, "gpt_oss_20b": gpt_oss_20b,
+           "gpt_oss_120b": gpt_oss_120b, "tiny": tiny}
 
 
 def preset(name: str, **overrides) -> ModelConfig:
