@@ -19,6 +19,12 @@ One meaning, several paths (`implementation=`), each tested against `xla`:
 The mask, in every path: query i sees key j when j <= i, both carry the same segment id, the key's segment id is
 not 0 (padding), and, with a sliding window w, i - j < w (HF's convention).
 
+Attention sinks (gpt-oss, `sinks_H`: one learned logit per query head): the sink joins each row's softmax
+denominator and nothing else, `p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h))` (HF's gpt_oss
+`eager_attention_forward`), as a key whose value is 0 would. `xla`, `chunked` (its online softmax starts from the
+sink: m = sink, l = 1; the VJP adds d sink = -sum_rows exp(sink - lse) * rowsum(dO * O)) and `splash` (the kernel's
+own `sinks`) take them; `cudnn` has none and refuses them, and `auto` never picks it for a model with sinks.
+
 Array names carry their shapes: B batch, S queries, T keys, H query heads, K kv heads, G = H / K, Dh head dim.
 """
 
@@ -29,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jsmaug.errors import ConfigError
 from jsmaug.models import splash
 
 from jsmaug.parallel import mesh_context
@@ -51,8 +58,9 @@ def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=N
     return mask
 
 
-def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask):
+def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, sinks_H=None):
     """The reference: float32 scores and softmax, probabilities cast to the compute dtype for the PV matmul.
+    `sinks_H` (float32, one logit per query head) joins the softmax's denominator only.
 
     Head-major, with the G query heads of each kv head folded into the query axis, so each product is one plain
     (G*S, Dh) x (Dh, T) matmul per (batch row, kv head) with no transposes inside the dot: on the 2-core CPU
@@ -65,7 +73,14 @@ def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask):
     k_BxKxTxDh, v_BxKxTxDh = k_BxTxKxDh.transpose(0, 2, 1, 3), v_BxTxKxDh.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkqd,bktd->bkqt", q_BxKxQxDh, k_BxKxTxDh, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv, g, s, t) * (dh ** -0.5), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxSxHxDh.dtype).reshape(b, kv, g * s, t)
+    if sinks_H is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink_1xKxGx1x1 = sinks_H.astype(jnp.float32).reshape(1, kv, g, 1, 1)
+        top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink_1xKxGx1x1))
+        e = jnp.exp(scores - top)
+        probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink_1xKxGx1x1 - top))
+    probs = probs.astype(q_BxSxHxDh.dtype).reshape(b, kv, g * s, t)
     out = jnp.einsum("bkqt,bktd->bkqd", probs, v_BxKxTxDh)
     return out.reshape(b, kv, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h, dh)
 
@@ -125,9 +140,10 @@ def _scores(q_blk, k_blk, scale):
     return jnp.einsum("bqkgd,btkd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
-    """q (B, S, K, G, Dh), k/v (B, S, K, Dh), seg (B, S); S a multiple of bq and bk.
-    Returns out (B, S, K, G, Dh) in q's dtype and lse (B, K, G, S) float32 (0 for rows that see nothing)."""
+def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk):
+    """q (B, S, K, G, Dh), k/v (B, S, K, Dh), seg (B, S), sinks (K, G) float32 or None; S a multiple of bq and bk.
+    Returns out (B, S, K, G, Dh) in q's dtype and lse (B, K, G, S) float32 (0 for rows that see nothing; with
+    sinks, the sink's logit for them)."""
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
@@ -153,8 +169,11 @@ def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
 
         lo, hi = _key_block_range(i, bq, bk, nk, window)
         lo = jnp.maximum(lo, first_key_block[i])
-        init = (jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
-                jnp.zeros((b, kv, g, bq, dh), jnp.float32))
+        if sinks is None:
+            m0, l0 = jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32)
+        else:  # the sink is a key of value 0 seen first: m = sink, l = exp(sink - m) = 1, nothing added to acc
+            m0, l0 = jnp.broadcast_to(sinks[None, :, :, None], (b, kv, g, bq)), jnp.ones((b, kv, g, bq), jnp.float32)
+        init = (m0, l0, jnp.zeros((b, kv, g, bq, dh), jnp.float32))
         m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
@@ -167,7 +186,7 @@ def _chunked_fwd_impl(q, k, v, seg, window, bq, bk):
     return out, lse
 
 
-def _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk):
+def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk):
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
@@ -210,30 +229,33 @@ def _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk):
     dq, (dk_N, dv_N) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
     dk = jnp.moveaxis(dk_N, 0, 1).reshape(b, s, kv, dh)
     dv = jnp.moveaxis(dv_N, 0, 1).reshape(b, s, kv, dh)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    d_sinks = None
+    if sinks is not None:  # the sink's value is 0: d sink = p_sink * (0 - D) summed over the rows
+        d_sinks = -jnp.sum(jnp.exp(sinks[None, :, :, None] - lse) * delta, axis=(0, 3))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_sinks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_core(q, k, v, seg, window, bq, bk):
-    return _chunked_fwd_impl(q, k, v, seg, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked_core(q, k, v, seg, sinks, window, bq, bk):
+    return _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk)[0]
 
 
-def _chunked_core_fwd(q, k, v, seg, window, bq, bk):
-    out, lse = _chunked_fwd_impl(q, k, v, seg, window, bq, bk)
-    return out, (q, k, v, seg, out, lse)
+def _chunked_core_fwd(q, k, v, seg, sinks, window, bq, bk):
+    out, lse = _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk)
+    return out, (q, k, v, seg, sinks, out, lse)
 
 
 def _chunked_core_bwd(window, bq, bk, res, d_out):
-    q, k, v, seg, out, lse = res
-    dq, dk, dv = _chunked_bwd_impl(q, k, v, seg, out, lse, d_out, window, bq, bk)
-    return dq, dk, dv, None
+    q, k, v, seg, sinks, out, lse = res
+    dq, dk, dv, d_sinks = _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk)
+    return dq, dk, dv, None, d_sinks
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
-                      block_size: int = 512):
+                      block_size: int = 512, sinks_H=None):
     """Memory-efficient causal self-attention (see the module docstring). Any length: the sequence is padded to
     a multiple of the block (padding is segment 0, masked) and cut back."""
     b, s, h, dh = q_BxSxHxDh.shape
@@ -243,7 +265,8 @@ def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, slidi
     pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     q = pad_seq(q_BxSxHxDh).reshape(b, s + pad, kv, h // kv, dh)
     seg = pad_seq(jnp.asarray(segment_ids_BxS, jnp.int32))
-    out = _chunked_core(q, pad_seq(k_BxSxKxDh), pad_seq(v_BxSxKxDh), seg, sliding_window, blk, blk)
+    sinks = None if sinks_H is None else sinks_H.astype(jnp.float32).reshape(kv, h // kv)
+    out = _chunked_core(q, pad_seq(k_BxSxKxDh), pad_seq(v_BxSxKxDh), seg, sinks, sliding_window, blk, blk)
     return out.reshape(b, s + pad, h, dh)[:, :s]
 
 
@@ -275,14 +298,19 @@ def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding
 # ------------------------------------------------------------------------------------------------ choice
 
 def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = None, seq_len: int | None = None,
-                 block_size: int = 512) -> tuple[str, str]:
+                 block_size: int = 512, sinks: bool = False) -> tuple[str, str]:
     """(path, why). `auto`: splash on TPU, cuDNN on GPU where its limits allow; on CPU `xla` for rows of at most
     one attention block (`seq_len <= block_size`), else `chunked`. With one block, `chunked` computes the same
     S x T scores and skips nothing, and on the 2-core CPU machine `xla` ran attention's fwd+bwd 1.7x to 2.3x faster
     at 128 to 512 tokens (docs/performance.md); beyond one block `chunked` skips the causally masked blocks and
     keeps memory linear. Elsewhere `xla` is never chosen automatically, since its S^2 scores do not fit long
-    sequences (4k-token pairs ran out of memory on an H200). `seq_len` None (not known): `chunked`."""
+    sequences (4k-token pairs ran out of memory on an H200). `seq_len` None (not known): `chunked`. With
+    `sinks` (a model with attention sinks) `cudnn`, which has none, is refused when named and passed over by
+    `auto` (chunked instead)."""
     backend = backend or mesh_context.target_platform()  # plan_pod compiles for TPU from a CPU host
+    if sinks and impl == "cudnn":
+        raise ConfigError("model.attention_impl=cudnn: cuDNN's fused attention (jax.nn.dot_product_attention) has "
+                          "no attention sinks, and this model has them (gpt_oss); use auto, chunked, xla or splash")
     if impl != "auto":
         if impl == "cudnn" and backend != "gpu":
             return "chunked", f"cudnn needs a GPU (backend is {backend}); using chunked"
@@ -295,6 +323,8 @@ def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = Non
         return impl, "set in the config"
     if backend == "tpu":
         return "splash", "the Pallas TPU kernel (block-sparse causal/window mask, segment ids)"
+    if backend == "gpu" and sinks:
+        return "chunked", "GPU, attention sinks: cuDNN's fused attention has none, the memory-efficient JAX path does"
     if backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 256 and head_dim % 8 == 0:
         return "cudnn", "GPU with bf16/fp16 and head_dim <= 256 (packed rows fall back to chunked at run time)"
     if backend == "cpu" and seq_len is not None and seq_len <= block_size:
@@ -306,14 +336,16 @@ def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = Non
 
 
 def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, sliding_window: int | None = None,
-                   implementation: str = "auto", block_size: int = 512, dtype: str = "float32"):
-    """Causal self-attention over a whole sequence (training and scoring; decoding with a cache uses `xla`)."""
+                   implementation: str = "auto", block_size: int = 512, dtype: str = "float32", sinks_H=None):
+    """Causal self-attention over a whole sequence (training and scoring; decoding with a cache uses `xla`).
+    `sinks_H`: the attention sinks (one logit per query head), or None."""
     impl, _ = resolve_impl(implementation, dtype, q_BxSxHxDh.shape[-1], seq_len=q_BxSxHxDh.shape[1],
-                           block_size=block_size)
+                           block_size=block_size, sinks=sinks_H is not None)
+    qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
     if impl == "xla":
-        return xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxSxT(segment_ids_BxS, sliding_window))
+        return xla_attention(*qkv, mask_BxSxT(segment_ids_BxS, sliding_window), sinks_H)
     if impl == "splash":
-        return splash.splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
-    if impl == "cudnn":
-        return cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
-    return chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window, block_size)
+        return splash.splash_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H=sinks_H)
+    if impl == "cudnn":  # (resolve_impl never gives cudnn with sinks)
+        return cudnn_attention(*qkv, segment_ids_BxS, sliding_window, block_size)
+    return chunked_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H)

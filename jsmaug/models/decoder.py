@@ -1,5 +1,5 @@
-"""One decoder for eight HF families (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Mixtral, Qwen3-MoE, OLMoE), in Flax
-linen.
+"""One decoder for nine HF families (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Mixtral, Qwen3-MoE, OLMoE, gpt-oss), in
+Flax linen.
 
 Every family is the same pre-norm stack, `h = x + Attn(RMSNorm(x))`, `out = h + MLP(RMSNorm(h))`, with switches
 read from the config (jsmaug/models/config.py): q/k/v(/o) biases, q/k RMSNorm per head or over the whole
@@ -7,8 +7,11 @@ projection, q/k/v clipping, the RoPE variant (jsmaug/models/rope.py), a sliding 
 layer a dense SwiGLU MLP or the sparse MoE block (jsmaug/models/mlp.py). Gemma 3 (`config.is_gemma`) adds
 "sandwich" norms, `h = x + RMSNorm(Attn(RMSNorm(x)))`, `out = h + RMSNorm(MLP(RMSNorm(h)))`, with (1 + w) norm
 weights, GeGLU, the embedding times sqrt(hidden_size), attention scaled by query_pre_attn_scalar ** -0.5, and
-local (sliding-window, own RoPE base) and global layers in one stack. The tests hold each family's logits to
-transformers' on the same weights (tests/test_families*.py).
+local (sliding-window, own RoPE base) and global layers in one stack. gpt-oss (`config.attention_sinks`) adds
+one learned logit per query head to each softmax's denominator (`self_attn/sinks`, every attention path of
+jsmaug/models/attention.py), q/k/v/o biases, sliding-window and full layers sharing one (yarn) RoPE, and its
+experts' extras (router and expert biases, the clamped SwiGLU) in the MoE block. The tests hold each family's
+logits to transformers' on the same weights (tests/test_families*.py, test_gemma3.py, test_gpt_oss.py).
 
 A layer is a linen module (`nn.with_logical_partitioning` names every weight's axes for the sharding rules);
 the stack is plain JAX: the layers of one kind are stacked on a leading `layers` axis (`params["layers"]["layer"]`
@@ -37,7 +40,7 @@ import numpy as np
 from jsmaug.models import attention, moe, rope
 from jsmaug.models.config import ModelConfig, layer_groups, layer_segments
 from jsmaug.models.mlp import DenseMLP, SparseMoE
-from jsmaug.models.weights import RMSNorm, bias, normal, rms_norm, weight
+from jsmaug.models.weights import RMSNorm, bias, normal, param, rms_norm, weight
 
 Params = Any
 
@@ -79,6 +82,9 @@ class Attention(nn.Module):
                                                   for t in (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh))
         q_BxSxHxDh = rope.apply_rope(q_BxSxHxDh, cos, sin)
         k_BxSxKxDh = rope.apply_rope(k_BxSxKxDh, cos, sin)
+        # gpt-oss's attention sinks: one learned logit per query head in each row's softmax denominator.
+        sinks_H = (param(self, "sinks", (h,), ("heads",), normal(c), c).astype(jnp.float32) if c.attention_sinks
+                   else None)
         if c.is_gemma and c.query_pre_attn_scalar != dh:
             # Every kernel scales scores by head_dim ** -0.5; Gemma by query_pre_attn_scalar ** -0.5.
             factor = (c.query_pre_attn_scalar / dh) ** -0.5
@@ -88,12 +94,12 @@ class Attention(nn.Module):
             k_BxSxKxDh = jax.lax.dynamic_update_slice(cache[0], k_BxSxKxDh.astype(cache[0].dtype), start)
             v_BxSxKxDh = jax.lax.dynamic_update_slice(cache[1], v_BxSxKxDh.astype(cache[1].dtype), start)
             cache = (k_BxSxKxDh, v_BxSxKxDh)
-            out_BxSxHxDh = attention.xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
+            out_BxSxHxDh = attention.xla_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, sinks_H)
         else:
             def attend(window):
                 return lambda q, k, v: attention.self_attention(
                     q, k, v, mask, sliding_window=window, implementation=c.attention_impl,
-                    block_size=c.attention_block_size, dtype=c.dtype)
+                    block_size=c.attention_block_size, dtype=c.dtype, sinks_H=sinks_H)
 
             qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
             if sliding is None:
@@ -113,13 +119,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxSxD, cos, sin, mask_BxSxT, token_mask_BxS, cache_index=None, cache=None, sliding=None):
-        """With `sliding` (a stack of local and global layers), cos, sin and a decoding mask come as pairs
-        (global, local) and the layer takes its own."""
+        """With `sliding` (a stack of local and global layers), a decoding mask and (Gemma 3) cos and sin come as
+        pairs (global, local) and the layer takes its own."""
         c = self.config
-        if sliding is not None:
+        if sliding is not None and isinstance(cos, tuple):  # Gemma 3: local layers have a RoPE of their own
             cos, sin = (jnp.where(sliding, t[1], t[0]) for t in (cos, sin))
-            if isinstance(mask_BxSxT, tuple):
-                mask_BxSxT = jnp.where(sliding, mask_BxSxT[1], mask_BxSxT[0])
+        if sliding is not None and isinstance(mask_BxSxT, tuple):
+            mask_BxSxT = jnp.where(sliding, mask_BxSxT[1], mask_BxSxT[0])
         h, cache = Attention(c, name="self_attn")(
             RMSNorm(c, name="input_layernorm")(x_BxSxD), cos, sin, mask_BxSxT, cache, cache_index, sliding)
         if c.is_gemma:  # Gemma normalises the attention's output before the residual add
@@ -270,8 +276,9 @@ def logical_axes(config: ModelConfig) -> Params:
 
 
 def _rope_tables(config: ModelConfig, positions_BxS):
-    """(cos, sin) for the layers: one table each when all layers are alike, else pairs (global, local)."""
-    if not config.mixed_attention:
+    """(cos, sin) for the layers: one table each when all layers share a RoPE (gpt-oss's local and global layers
+    do), else pairs (global, local)."""
+    if not (config.mixed_attention and rope.local_rope(config)):
         return rope.cos_sin(positions_BxS, config, sliding=config.layer_sliding[0])
     (cos_g, sin_g), (cos_l, sin_l) = (rope.cos_sin(positions_BxS, config, sliding=s) for s in (False, True))
     return (cos_g, cos_l), (sin_g, sin_l)

@@ -10,6 +10,8 @@
   multiple of 128 (zero columns: the dot products are unchanged and the extra output columns are cut off).
 - On a mesh (the trainer's `mesh_context.mesh_scope`), the kernel runs under `shard_map`: batch rows over
   the batch axes, heads over `tensor` (the kernel is a custom call that XLA's sharding propagation cannot split).
+- Attention sinks (gpt-oss, one logit per query head) go to the kernel's own `sinks` argument, which starts each
+  row's online softmax from the sink and returns its gradient; under shard_map they split over heads like q.
 - Off TPU the kernel runs in Pallas interpret mode: exact, slow, for tests on CPU only.
 """
 
@@ -67,7 +69,7 @@ def _kernel(heads: int, length: int, window: int | None, block: int, interpret: 
         return pool.submit(build).result()
 
 
-def _local(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, seg_BxS, *, window, block_size, interpret):
+def _local(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, seg_BxS, sinks_H=None, *, window, block_size, interpret):
     """Splash over a batch on one device (or one shard): pads, transposes to heads-major and vmaps the kernel."""
     b, s, h, dh = q_BxSxHxDh.shape
     block = min(_round_up(block_size, LANES), _round_up(s, LANES))
@@ -82,22 +84,24 @@ def _local(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, seg_BxS, *, window, block_size, i
 
     segment_ids = _splash_modules()[0].SegmentIds
 
-    def one(q, k, v, ids):
-        return kernel(q, k, v, segment_ids=segment_ids(q=ids, kv=ids))
+    def one(q, k, v, ids, sinks):
+        return kernel(q, k, v, segment_ids=segment_ids(q=ids, kv=ids), sinks=sinks)
 
-    out = jax.vmap(one)(prep(q_BxSxHxDh, dh ** -0.5), prep(k_BxSxKxDh), prep(v_BxSxKxDh), seg)
+    sinks = None if sinks_H is None else sinks_H.astype(jnp.float32)  # logits of the scaled scores' kind
+    out = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(prep(q_BxSxHxDh, dh ** -0.5), prep(k_BxSxKxDh),
+                                                    prep(v_BxSxKxDh), seg, sinks)
     return out.transpose(0, 2, 1, 3)[:, :s, :, :dh].astype(q_BxSxHxDh.dtype)
 
 
 def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
-                     block_size: int = 512, interpret: bool | None = None):
-    """Causal self-attention with the splash kernel (see the module docstring)."""
+                     block_size: int = 512, interpret: bool | None = None, sinks_H=None):
+    """Causal self-attention with the splash kernel (see the module docstring); `sinks_H`: attention sinks."""
     ctx = mesh_context.active_mesh()
     if interpret is None:
         interpret = mesh_context.target_platform() != "tpu"
     local = functools.partial(_local, window=sliding_window, block_size=block_size, interpret=interpret)
     if ctx is None:
-        return local(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS)
+        return local(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sinks_H)
     mesh, batch_axes = ctx
     b, h, kv = q_BxSxHxDh.shape[0], q_BxSxHxDh.shape[2], k_BxSxKxDh.shape[2]
     rows = tuple(batch_axes)
@@ -109,6 +113,10 @@ def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, slidin
         k_BxSxKxDh = jnp.repeat(k_BxSxKxDh, h // kv, axis=2)
         v_BxSxKxDh = jnp.repeat(v_BxSxKxDh, h // kv, axis=2)
     act = P(rows or None, None, heads, None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, P(rows or None, None)), out_specs=act,
+    if sinks_H is None:
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, P(rows or None, None)), out_specs=act,
+                           check_vma=False)
+        return fn(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, P(rows or None, None), P(heads)), out_specs=act,
                        check_vma=False)
-    return fn(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS)
+    return fn(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sinks_H)
