@@ -11,6 +11,14 @@ olmoe: the whole projection), and the MLP: dense `mlp.{gate,up,down}_proj.weight
 (`mlp.experts.gate_up_proj` (E, 2F, D) = [gate; up], `mlp.experts.down_proj` (E, D, F)) and writes them so with
 `save_pretrained(save_original_format=False)`: the importer reads that layout too, the exporter writes the hub's.
 A tied model has no `lm_head.weight`. PyTorch Linear weights are (out, in): jsmaug's (in, out) transposed.
+
+gpt-oss (`gpt_oss`) has `self_attn.sinks` (H,) besides its q/k/v/o weights and biases, the router
+`mlp.router.weight` (E, D) + `mlp.router.bias` (E,), and its experts as parameters already in (in, out) order:
+`mlp.experts.gate_up_proj` (E, D, 2F) with gate and up INTERLEAVED on the last axis (gate = [..., 0::2],
+up = [..., 1::2]), `gate_up_proj_bias` (E, 2F) alike, `down_proj` (E, F, D) and `down_proj_bias` (E, D). The hub's
+release stores the two expert weights in MXFP4 instead (`*_blocks` (E, out, in / 32, 16) and `*_scales`
+(E, out, in / 32) uint8, in HF's (out, in) order: jsmaug/hf/mxfp4.py); the importer reads either, the exporter
+writes the bf16/float32 form.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import time
 from typing import Iterator, NamedTuple
 
 from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (jsmaug.hf.CheckpointError)
+from jsmaug.hf import mxfp4
 from jsmaug.models.config import ModelConfig, layer_groups
 
 
@@ -29,7 +38,11 @@ class Entry(NamedTuple):
     names: tuple[str, ...]  # one HF tensor, or one per expert (stacked on the leaf's expert axis)
     hf_shape: tuple[int, ...]  # the shape of each HF tensor
     transposed: bool  # a Linear weight: HF (out, in) = jsmaug's (in, ..., out) transposed
-    fused: str | None = None  # the fused expert layout: "gate" / "up" (halves of gate_up_proj) or "down"
+    # How the leaf comes out of the tensor(s): None (whole); transformers-5's fused experts: "gate" / "up" (halves
+    # of gate_up_proj) or "down"; gpt-oss: "even" / "odd" (gate / up interleaved on the last axis), and MXFP4
+    # ("mxfp4", "mxfp4_even", "mxfp4_odd"; names = (blocks, scales), hf_shape = the dequantized (E, in, out)).
+    fused: str | None = None
+    pair: str | None = None  # "even": the leaf holding the odd half of the same tensor (the exporter interleaves)
 
 
 _EXPERT_NAMES = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})}
@@ -45,8 +58,9 @@ def top_entries(config: ModelConfig) -> list[Entry]:
     return out
 
 
-def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False) -> list[Entry]:
-    """The entries of HF layer n (a sparse MoE layer or a dense one), in the hub's order."""
+def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False, mxfp4: bool = False) -> list[Entry]:
+    """The entries of HF layer n (a sparse MoE layer or a dense one), in the hub's order. `mxfp4`: gpt-oss's
+    experts as the hub's MXFP4 blocks and scales."""
     c = config
     d, hq, hkv, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
     p = f"model.layers.{n}."
@@ -58,6 +72,8 @@ def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False
     out.append(Entry("self_attn/o_proj", (p + "self_attn.o_proj.weight",), (d, hq * dh), True))
     if c.o_bias:
         out.append(Entry("self_attn/o_proj_bias", (p + "self_attn.o_proj.bias",), (d,), False))
+    if c.attention_sinks:
+        out.append(Entry("self_attn/sinks", (p + "self_attn.sinks",), (hq,), False))
     if c.qk_norm != "none":
         q_size, k_size = (dh, dh) if c.qk_norm == "head" else (hq * dh, hkv * dh)
         out += [Entry("self_attn/q_norm/weight", (p + "self_attn.q_norm.weight",), (q_size,), False),
@@ -74,6 +90,8 @@ def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False
         return out
     e, f = c.num_local_experts, c.expert_intermediate_size
     m = "block_sparse_moe/"
+    if c.model_type == "gpt_oss":
+        return out + _gpt_oss_moe_entries(p, e, d, f, mxfp4)
     if fused:
         return out + [Entry(m + "gate", (p + "mlp.gate.weight",), (e, d), True),
                       Entry(m + "w1", (p + "mlp.experts.gate_up_proj",), (e, 2 * f, d), False, "gate"),
@@ -86,25 +104,58 @@ def layer_entries(config: ModelConfig, n: int, sparse: bool, fused: bool = False
     return out
 
 
+def _gpt_oss_moe_entries(p: str, e: int, d: int, f: int, mxfp4: bool) -> list[Entry]:
+    m, x = "block_sparse_moe/", p + "mlp.experts."
+    out = [Entry(m + "gate", (p + "mlp.router.weight",), (e, d), True),
+           Entry(m + "gate_bias", (p + "mlp.router.bias",), (e,), False)]
+    if mxfp4:
+        packed = lambda w: (x + w + "_blocks", x + w + "_scales")  # noqa: E731
+        out += [Entry(m + "w1", packed("gate_up_proj"), (e, d, 2 * f), False, "mxfp4_even"),
+                Entry(m + "w3", packed("gate_up_proj"), (e, d, 2 * f), False, "mxfp4_odd"),
+                Entry(m + "w2", packed("down_proj"), (e, f, d), False, "mxfp4")]
+    else:
+        out += [Entry(m + "w1", (x + "gate_up_proj",), (e, d, 2 * f), False, "even", m + "w3"),
+                Entry(m + "w3", (x + "gate_up_proj",), (e, d, 2 * f), False, "odd"),
+                Entry(m + "w2", (x + "down_proj",), (e, f, d), False)]
+    return out + [Entry(m + "w1_bias", (x + "gate_up_proj_bias",), (e, 2 * f), False, "even", m + "w3_bias"),
+                  Entry(m + "w3_bias", (x + "gate_up_proj_bias",), (e, 2 * f), False, "odd"),
+                  Entry(m + "w2_bias", (x + "down_proj_bias",), (e, d), False)]
+
+
+def tensor_shapes(entry: Entry) -> dict[str, tuple[int, ...]]:
+    """The HF tensor(s) an entry reads, with their shapes: MXFP4 blocks and scales in HF's (E, out, in / 32, ...)
+    order from the dequantized (E, in, out) shape, else `hf_shape` for each name."""
+    if entry.fused is not None and entry.fused.startswith("mxfp4"):
+        e, n_in, n_out = entry.hf_shape
+        blocks, scales = mxfp4.packed_shapes(n_out, n_in)
+        return {entry.names[0]: (e, *blocks), entry.names[1]: (e, *scales)}
+    return {name: entry.hf_shape for name in entry.names}
+
+
+def is_packed(name: str) -> bool:
+    """An MXFP4 tensor (uint8 blocks or scales), not a float one."""
+    return name.endswith(("_blocks", "_scales"))
+
+
 def layer_positions(config: ModelConfig) -> dict[int, tuple[str, bool, int]]:
     """HF layer n -> (its stack under params["layers"], sparse?, its index in that stack)."""
     return {n: (group, sparse, j) for group, sparse, idx in layer_groups(config) for j, n in enumerate(idx)}
 
 
-def hub_order(config: ModelConfig, fused: bool = False) -> Iterator[tuple[Entry, int | None]]:
+def hub_order(config: ModelConfig, fused: bool = False, mxfp4: bool = False) -> Iterator[tuple[Entry, int | None]]:
     """Every entry with its HF layer (None at the top level), in the hub's file order."""
     top = top_entries(config)
     yield top[0], None
     for n, (_, sparse, _) in sorted(layer_positions(config).items()):
-        for entry in layer_entries(config, n, sparse, fused):
+        for entry in layer_entries(config, n, sparse, fused, mxfp4):
             yield entry, n
     for entry in top[1:]:
         yield entry, None
 
 
-def hf_shapes(config: ModelConfig, fused: bool = False) -> dict[str, tuple[int, ...]]:
+def hf_shapes(config: ModelConfig, fused: bool = False, mxfp4: bool = False) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of the layout -> its shape, in file order."""
-    return {name: entry.hf_shape for entry, _ in hub_order(config, fused) for name in entry.names}
+    return {name: shape for entry, _ in hub_order(config, fused, mxfp4) for name, shape in tensor_shapes(entry).items()}
 
 
 def progress(what: str, done: int, total: int, nbytes: int, t0: float) -> None:

@@ -2,7 +2,9 @@
 tensor (plain reads, no mmap) and builds each stacked parameter one layer at a time into a preallocated device
 array (donated update), so host memory stays near one layer's expert stack, never the model. Accepts the hub
 layout (per-expert tensors) and transformers-5's fused layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`,
-`mlp.gate.weight`); jsmaug/hf/layout.py names the tensors."""
+`mlp.gate.weight`); gpt-oss's experts in bf16/float32 or as the hub's MXFP4 blocks and scales, dequantized one
+expert at a time (jsmaug/hf/mxfp4.py) straight into the layer's array in the parameter dtype; jsmaug/hf/layout.py
+names the tensors."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from jsmaug import paths
 from jsmaug.models import families
-from jsmaug.hf import layout
+from jsmaug.hf import layout, mxfp4
 from jsmaug.hf.layout import CheckpointError, Entry
 from jsmaug.models.config import ModelConfig
 
@@ -29,7 +31,8 @@ from jsmaug.models.config import ModelConfig
 
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _NP_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
-              "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+              "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+              "U8": np.dtype(np.uint8)}
 
 
 class _SafetensorsFile:
@@ -63,17 +66,24 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor, or with `index` only its slice [index] along the first axis (read alone)."""
         e = self.entries[name]
         if e["dtype"] not in _NP_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
         dtype = _NP_DTYPES[e["dtype"]]
         start, end = e["data_offsets"]
+        shape = list(e["shape"])
+        if index is not None:
+            rows = shape.pop(0)
+            if not 0 <= index < rows:
+                raise IndexError(f"{self.path}: tensor {name} has {rows} rows, not {index + 1}")
+            start, end = start + (end - start) // rows * index, start + (end - start) // rows * (index + 1)
         count = (end - start) // dtype.itemsize
         arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self.base + start)
         if arr.size != count:
             raise CheckpointError(f"{self.path}: tensor {name} is truncated (file shorter than its header says)")
-        return arr.reshape(e["shape"])
+        return arr.reshape(shape)
 
 
 class Reader:
@@ -121,10 +131,10 @@ class Reader:
     def dtype_name(self, name: str) -> str:
         return self._handles[self.location[name]].entries[name]["dtype"]
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
         if name not in self.location:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing")
-        arr = self._handles[self.location[name]].get(name)
+        arr = self._handles[self.location[name]].get(name, index)
         self.read_bytes += arr.nbytes
         self.read_count += 1
         return arr
@@ -135,13 +145,18 @@ def _detect_layout(keys: set[str]) -> bool:
     return any(".mlp.experts.gate_up_proj" in k for k in keys)
 
 
+def _detect_mxfp4(keys: set[str]) -> bool:
+    """True for gpt-oss's experts in MXFP4 (the hub's release)."""
+    return any(layout.is_packed(k) for k in keys)
+
+
 def _ignored(name: str) -> bool:
     # Old checkpoints saved RoPE buffers; transformers ignores them on load, and so do we.
     return name.endswith("rotary_emb.inv_freq")
 
 
-def check_keys_and_shapes(reader: Reader, config: ModelConfig, fused: bool) -> None:
-    expected = layout.hf_shapes(config, fused)
+def check_keys_and_shapes(reader: Reader, config: ModelConfig, fused: bool, mxfp4_experts: bool = False) -> None:
+    expected = layout.hf_shapes(config, fused, mxfp4_experts)
     keys = {k for k in reader.keys() if not _ignored(k)}
     # Tied checkpoints may still carry lm_head; HF ignores it, so do we.
     unexpected = sorted(keys - set(expected) - {"lm_head.weight"})
@@ -155,7 +170,11 @@ def check_keys_and_shapes(reader: Reader, config: ModelConfig, fused: bool) -> N
                               f"config.json), first: {unexpected[0]} in {reader.location[unexpected[0]]}")
     for name, want in expected.items():
         dtype = reader.dtype_name(name)
-        if dtype not in _FLOAT_DTYPES:
+        if layout.is_packed(name):
+            if dtype != "U8":
+                raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; "
+                                      "MXFP4 blocks and scales are U8")
+        elif dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{reader.dir / reader.location[name]}: tensor {name} has dtype {dtype}; model "
                                   f"weights are floating point ({', '.join(_FLOAT_DTYPES)})")
         got = reader.shape(name)
@@ -164,8 +183,27 @@ def check_keys_and_shapes(reader: Reader, config: ModelConfig, fused: bool) -> N
                                   f"config.json implies {want}")
 
 
-def _entry_tensor(reader: Reader, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
+_HALF = {"even": np.s_[..., 0::2], "odd": np.s_[..., 1::2], "mxfp4_even": np.s_[..., 0::2],
+         "mxfp4_odd": np.s_[..., 1::2], "mxfp4": np.s_[...]}
+
+
+def _mxfp4_tensor(reader: Reader, entry: Entry, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """gpt-oss's expert stack from MXFP4: one expert's blocks and scales read and dequantized at a time, in HF's
+    (out, in) order, transposed to (in, out) and (gate_up) halved, into an array of `dtype`."""
+    blocks, scales = entry.names
+    out = np.empty(shape, dtype)
+    for e in range(shape[0]):
+        w = mxfp4.dequantize(reader.get(blocks, e), reader.get(scales, e), np.float32, name=f"{blocks} expert {e}")
+        out[e] = w.T[_HALF[entry.fused]]
+    return out
+
+
+def _entry_tensor(reader: Reader, entry: Entry, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """One jsmaug leaf (or one layer's slice of a stacked leaf) of `shape`, in jsmaug's (in, out) orientation."""
+    if entry.fused in _HALF and entry.fused.startswith("mxfp4"):
+        return _mxfp4_tensor(reader, entry, shape, dtype)
+    if entry.fused in _HALF:  # gpt-oss: gate and up interleaved on the last axis, already (in, out)
+        return reader.get(entry.names[0])[_HALF[entry.fused]].reshape(shape)
     if entry.fused is not None:  # (E, 2F, D) = [gate; up] or (E, D, F): per expert (out, in)
         arr = reader.get(entry.names[0])
         if entry.fused != "down":
@@ -217,6 +255,16 @@ def _device_put(arr: np.ndarray, dtype, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def _check_every_tensor_has_a_leaf(hf_dir, config: ModelConfig, leaf_paths: set[str], top, by_group) -> None:
+    """A tensor of the layout with no parameter in jsmaug's model would be dropped silently: refused instead."""
+    wanted = set(top) | {f"layers/{group}/{leaf}" for group, layers in by_group.items() for _, entries in layers
+                         for leaf in entries}
+    missing = sorted(wanted - leaf_paths)
+    if missing:
+        raise CheckpointError(f"{hf_dir}: jsmaug's {config.model_type} model has no parameter for {missing[0]} "
+                              f"({len(missing)} such); its HF tensors would be dropped")
+
+
 def read_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
@@ -246,8 +294,8 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     overrides.setdefault("param_dtype", dtype)
     config = read_config(hf_dir, **overrides)
     reader = Reader(hf_dir)
-    fused = _detect_layout(reader.keys())
-    check_keys_and_shapes(reader, config, fused)
+    fused, packed = _detect_layout(reader.keys()), _detect_mxfp4(reader.keys())
+    check_keys_and_shapes(reader, config, fused, packed)
 
     from jsmaug.models import (
         decoder as model,  # local import: model imports flax, which hf users may not need for reading names
@@ -265,17 +313,18 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     by_group: dict[str, list[tuple[int, dict[str, Entry]]]] = {}
     for n, (group, sparse, _) in sorted(positions.items()):
         by_group.setdefault(group, []).append(
-            (n, {e.leaf: e for e in layout.layer_entries(config, n, sparse, fused)}))
+            (n, {e.leaf: e for e in layout.layer_entries(config, n, sparse, fused, packed)}))
     params: dict = {}
     t0 = time.time()
     leaves = _leaf_paths(shapes)
+    _check_every_tensor_has_a_leaf(hf_dir, config, {path for path, _ in leaves}, top, by_group)
     for i, (path, sds) in enumerate(leaves):
         sharding = shard_map.get(path)
         if path in top:
             arr = _device_put(_entry_tensor(reader, top[path], sds.shape), np_dtype, sharding)
         elif path.startswith("layers/"):
             group, leaf = path.split("/", 2)[1:]
-            gen = (_entry_tensor(reader, entries[leaf], sds.shape[1:]) for _, entries in by_group[group])
+            gen = (_entry_tensor(reader, entries[leaf], sds.shape[1:], np_dtype) for _, entries in by_group[group])
             arr = _stack_into_device_array(gen, sds.shape, np_dtype, sharding)
         else:  # pragma: no cover - the param tree and this mapping are written together
             raise KeyError(path)

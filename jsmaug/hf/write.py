@@ -2,6 +2,9 @@
 `config.json`, `generation_config.json` and the tokenizer files), gathering one tensor at a time into a
 temporary folder that is renamed at the end, so a failure leaves nothing behind.
 
+gpt-oss's experts are written unquantized (`gate_up_proj` with gate and up interleaved again, `down_proj`) in the
+export's dtype, never in the hub's MXFP4 (docs/conversion.md).
+
 In a multi-process run every process calls `save` (each tensor is gathered by a collective the processes take
 part in alike) and only the one with `write=True` writes: host memory holds one tensor, never the model."""
 
@@ -58,6 +61,11 @@ def _to_hf(a: np.ndarray, entry: layout.Entry) -> np.ndarray:
     return a.reshape(entry.hf_shape[::-1]).T if entry.transposed else a.reshape(entry.hf_shape)
 
 
+def _interleave(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
+    """(..., F) and (..., F) -> (..., 2F) with even[..., i] at 2i and odd[..., i] at 2i + 1."""
+    return np.stack([even, odd], axis=-1).reshape(*even.shape[:-1], 2 * even.shape[-1])
+
+
 def _hub_tensors(config: ModelConfig, params) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(hub name, shape, thunk giving the numpy tensor) in hub order; each thunk gathers one tensor (one layer's
     slice, or one expert's) only. jsmaug/hf/layout.py names the tensors of each family."""
@@ -69,6 +77,12 @@ def _hub_tensors(config: ModelConfig, params) -> Iterator[tuple[str, tuple[int, 
             continue
         group, _, j = positions[n]
         arr = _leaf(params["layers"][group], entry.leaf)
+        if entry.fused == "odd":  # written with its even half
+            continue
+        if entry.fused == "even":  # gpt-oss's gate_up_proj (and its bias): the two leaves interleaved
+            odd = _leaf(params["layers"][group], entry.pair)
+            yield entry.names[0], entry.hf_shape, lambda a=arr, b=odd, j=j: _interleave(gather(a, j), gather(b, j))
+            continue
         if len(entry.names) == 1:
             yield entry.names[0], entry.hf_shape, lambda arr=arr, j=j, entry=entry: _to_hf(gather(arr, j), entry)
         else:  # one tensor per expert
