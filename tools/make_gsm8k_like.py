@@ -6,6 +6,12 @@ calculator calls `<<a*b=c>>c` and ending in `#### N`, as openai/gsm8k ships them
 
 One template has a single step (its only result is the final answer), so `jsmaug pairs make --format gsm8k` skips
 those rows and counts them ("no corruptible step").
+
+`--level easy` writes one- and two-step problems with numbers from 2 to 20 instead (five templates: more, fewer,
+groups of, more then fewer, three colours), for models too small to solve the default ones (SmolLM2-135M-Instruct
+solved 0 of 24 samples of those; tools/iterate_experiment.py uses these):
+
+    python tools/make_gsm8k_like.py --level easy --n 120 --seed 0 --out /tmp/easy.jsonl
 """
 
 from __future__ import annotations
@@ -159,15 +165,62 @@ def pencils(r: random.Random):
              f"Each student gets {s3} pencils."], each)
 
 
+def easy_more(r: random.Random):
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 20), r.randint(2, 20)
+    total, s1 = step(a, "+", b)
+    return (f"{n} has {a} {item}. {n} gets {b} more {item}. How many {item} does {n} have now?",
+            [f"{n} has {s1} {item} now."], total)
+
+
+def easy_fewer(r: random.Random):
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a = r.randint(5, 20)
+    b = r.randint(2, a - 2)
+    left, s1 = step(a, "-", b)
+    return (f"{n} has {a} {item} and gives {b} {item} to a friend. How many {item} does {n} have left?",
+            [f"{n} has {s1} {item} left."], left)
+
+
+def easy_groups(r: random.Random):
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 6), r.randint(2, 6)
+    total, s1 = step(a, "*", b)
+    return (f"{n} has {a} bags with {b} {item} in each bag. How many {item} does {n} have?",
+            [f"{n} has {s1} {item}."], total)
+
+
+def easy_more_then_fewer(r: random.Random):
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 12), r.randint(2, 8)
+    c = r.randint(1, a + b - 1)
+    mid, s1 = step(a, "+", b)
+    left, s2 = step(mid, "-", c)
+    return (f"{n} has {a} {item}, buys {b} more, and then gives away {c}. How many {item} does {n} have now?",
+            [f"After buying, {n} has {s1} {item}.", f"After giving some away, {n} has {s2} {item}."], left)
+
+
+def easy_colours(r: random.Random):
+    n, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b, c = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9)
+    ab, s1 = step(a, "+", b)
+    total, s2 = step(ab, "+", c)
+    return (f"{n} has {a} red {item}, {b} blue {item} and {c} green {item}. How many {item} does {n} have in all?",
+            [f"Red and blue make {s1} {item}.", f"With the green ones {n} has {s2} {item}."], total)
+
+
+EASY_TEMPLATES = [easy_more, easy_fewer, easy_groups, easy_more_then_fewer, easy_colours]
+
 TEMPLATES = [half_as_many, earnings, packs_left, coupon, ages, reading, garden, drive, cookies, savings, more_items,
              pencils]
 
 
-def problems(n: int, seed: int) -> list[dict]:
+def problems(n: int, seed: int, level: str = "default") -> list[dict]:
     r = random.Random(seed)
+    templates = EASY_TEMPLATES if level == "easy" else TEMPLATES
     out = []
     for _ in range(n):
-        question, lines, final = r.choice(TEMPLATES)(r)
+        question, lines, final = r.choice(templates)(r)
         out.append({"question": question, "answer": "\n".join(lines) + f"\n#### {final}"})
     return out
 
@@ -177,11 +230,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=400, help="how many problems (default 400)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="the JSONL file to write")
+    ap.add_argument("--level", choices=("default", "easy"), default="default",
+                    help="easy: one- and two-step problems with numbers from 2 to 20")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
-        for row in problems(args.n, args.seed):
+        for row in problems(args.n, args.seed, args.level):
             fh.write(json.dumps(row) + "\n")
     print(f"{args.n} problems written to {out}")
     return 0
