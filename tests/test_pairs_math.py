@@ -154,6 +154,22 @@ def test_generator_rows_are_gsm8k_and_their_pairs_keep_every_property(tmp_path):
         check_pair("gsm8k", by_prompt[p["prompt"]]["question"], p)
 
 
+def test_easy_generator_rows_are_small_and_right():
+    """--level easy: one or two annotated steps whose results are right, numbers in the question from 1 to 20 (a
+    'gives away' count may be 1), a non-negative final answer, every template used; the same seed, the same rows."""
+    gen = _generator()
+    rows = gen.problems(200, 0, "easy")
+    assert rows == gen.problems(200, 0, "easy") and rows != gen.problems(200, 0)
+    for r in rows:
+        anns = re.findall(r"<<([^=<>]+)=([^<>]+)>>(\d+)", r["answer"])
+        assert 1 <= len(anns) <= 2 and all(eval(e) == int(c) == int(p) for e, c, p in anns)  # noqa: S307
+        assert r["answer"].endswith(f"\n#### {anns[-1][1]}") and int(anns[-1][1]) >= 0
+        assert all(1 <= int(x) <= 20 for x in re.findall(r"\d+", r["question"])), r["question"]
+    for word in (" more ", " gives ", " bags ", " buys ", " red "):  # the five templates
+        assert any(word in r["question"] for r in rows), word
+    assert len({r["question"] for r in rows}) > 150
+
+
 def test_metamathqa_json_array_reads_like_jsonl(tmp_path):
     rows = _read(FIX / "metamath.jsonl")
     src = tmp_path / "MetaMathQA-395K.json"
