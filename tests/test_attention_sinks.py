@@ -95,6 +95,25 @@ def test_kernels_with_sinks_equal_xla_in_values_and_gradients(path, name):
     assert float(jnp.min(jnp.abs(gr[3]))) > 1e-3  # every head's sink gets a gradient
 
 
+def test_splash_with_sinks_under_a_mesh_equals_xla():
+    """The kernel under shard_map: rows over data, heads (and their sinks) over tensor=4, the 2 kv heads repeated."""
+    from jsmaug.parallel import mesh_context, sharding as shd
+
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, tensor=4), devices=jax.devices())
+    b, s, h, kv, dh = 4, 24, 4, 2, 8
+    q, k, v, _, sinks = _inputs(b, s, h, kv, dh, seed=5)
+    seg = jnp.concatenate([_segments(2, s), _segments(2, s)[::-1]])
+    real = (seg > 0)[:, :, None, None]
+
+    def f(q, k, v, sinks):
+        with mesh_context.mesh_scope(mesh, ("data", "fsdp", "expert")):
+            return jnp.where(real, splash.splash_attention(q, k, v, seg, None, 128, sinks_H=sinks), 0.0)
+
+    got = jax.jit(f)(q, k, v, sinks)
+    ref = jnp.where(real, attention.xla_attention(q, k, v, attention.mask_BxSxT(seg, None), sinks), 0.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sinks_gradient_equals_finite_differences_of_transformers_function():
     """d loss / d sinks of `xla` and `chunked` (float32, autodiff / the hand-written VJP) against central
     differences of transformers' eager function in float64."""
