@@ -5,7 +5,6 @@ no layout for, or a checkpoint without adapters, is refused with one error and n
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -27,13 +26,21 @@ IDS = np.array([[1, 5, 17, 42, 8, 77, 3, 60, 11, 2]], np.int64)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _lora_workdir(root, hf_dir, targets, rank=4, alpha=8.0):
-    """A training workdir as a LoRA run leaves it (step 3), its base the converter checkpoint of `hf_dir`, with
-    random A and B (B non-zero, as after training), made without running the trainer."""
+def converted(root, hf_dir):
+    """The converter checkpoint of `hf_dir` in root/conv, with the source record `jsmaug convert` writes."""
     config, params = hf.load(hf_dir)
     conv = root / "conv"
     checkpoint.save_params(conv, config, params)
-    (conv / card.SOURCE_FILE).write_text(json.dumps(card.source_metadata(hf_dir)))  # as `jsmaug convert` records
+    (conv / card.SOURCE_FILE).write_text(json.dumps(card.source_metadata(hf_dir)))
+    return conv
+
+
+def _lora_workdir(root, hf_dir, targets, rank=4, alpha=8.0, conv=None):
+    """A training workdir as a LoRA run leaves it (step 3), its base the converter checkpoint of `hf_dir` (`conv`
+    when given, else made), with random A and B (B non-zero, as after training), made without running the
+    trainer."""
+    conv = conv or converted(root, hf_dir)
+    config = checkpoint.read_model_config(conv)
     lconf = config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
     shapes = lora.split(decoder.param_shapes(lconf))[1]
     adapters = lora.init_adapters(shapes, jax.random.key(1))

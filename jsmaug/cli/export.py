@@ -18,8 +18,8 @@ model (what the run started from, or --base_model), the license (the base's, els
 files (or --dataset names), the run's training settings and every result recorded for it (a workdir's
 hf/README.md results go with an export of its final step).
 
---peft: a LoRA run's adapters alone, in PEFT's format, the experts' included (`jsmaug.hf.peft`;
-docs/conversion.md, "PEFT adapters").
+--peft: a LoRA run's adapters alone, in PEFT's format, the experts' included (gpt-oss's fused 3-D expert
+parameters as PEFT's `target_parameters`; `jsmaug.hf.peft`; docs/conversion.md, "PEFT adapters").
 """
 
 from __future__ import annotations

@@ -18,8 +18,24 @@ up_proj / down_proj to the experts in every layer, so the dense MLP layers of an
 `mlp_only_layers`) have no PEFT layout: such adapters are refused with one error (`PeftLayoutError`; checked:
 PEFT loads them without complaint and leaves those layers plain `nn.Linear`, dropping the adapters).
 
+gpt-oss keeps its experts as 3-D parameters in every transformers version (`mlp.experts.gate_up_proj` (E, D, 2F),
+gate and up interleaved on the last axis, and `down_proj` (E, F, D), both (in, out)), with no per-expert modules
+to name: PEFT adapts them as parameters (`target_parameters`, `lora.ParamWrapper`; GptOssExperts is marked
+`is_transposed`, so PEFT takes the axes as (E, in, out)). One wrapper holds every expert's factors at once:
+`lora_A.weight` (E * R, in), expert-major rows (expert e's A^T is rows e*R .. e*R+R-1), and `lora_B.weight`
+(out, R * E), rank-major columns (expert e's B^T is columns k*E + e); PEFT's delta is scaling * A_e^T B_e^T per
+expert. jsmaug adapts gate and up separately (w1, w3: A (E, D, r), B (E, r, F)), so their one PEFT adapter on
+gate_up_proj has rank R = 2r (A = [A1, A3] on the rank, B block-diagonal with w1's rows in the even columns and
+w3's in the odd ones) and lora_alpha 2 alpha in `rank_pattern` / `alpha_pattern`, keeping the scaling alpha / r;
+with only one of them adapted, R = r and the other's columns are zero. (PEFT 0.21.2 warns on load that the
+pattern key "did not match any targeted module and [was] ignored": that check looks at modules only; the rank and
+alpha are applied to the parameter, as the test checks.) Both parameters of one module adapted nest
+two wrappers: gate_up_proj's (the first PEFT wraps) is the inner one, keyed `mlp.experts.base_layer.lora_*`,
+down_proj's the outer `mlp.experts.lora_*` (PEFT's own keys for that config; tested).
+
 Checked against PEFT 0.21.2 on transformers 5.25: tests/test_peft_export.py (llama, mixtral: logits and every
-merged weight equal to the merged export's); by hand the same way for mistral, qwen2, qwen3, qwen3_moe, olmoe.
+merged weight equal to the merged export's), tests/test_peft_gpt_oss.py (gpt_oss, the same checks); by hand the
+same way for mistral, qwen2, qwen3, qwen3_moe, olmoe.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ from jsmaug.hf.layout import CheckpointError
 from jsmaug.hf.read import read_config
 from jsmaug.hf.write import commit_dir, gather, prepare_out_dir, write_safetensors
 from jsmaug.models import decoder, lora
-from jsmaug.models.config import ConfigError, ModelConfig
+from jsmaug.models.config import ConfigError, ModelConfig, layer_groups
 from jsmaug.paths import absolute, is_remote
 from jsmaug.train import checkpoint
 
@@ -78,6 +94,50 @@ def _check_layout(config: ModelConfig, adapters) -> None:
             "Use the merged export, or train with lora.targets limited to q_proj/k_proj/v_proj/o_proj")
 
 
+def _param_targets(node) -> dict[str, tuple[str, ...]]:
+    """gpt-oss: each PEFT target parameter of the experts that carries adapters -> the jsmaug weights it holds, in
+    PEFT's wrapping order (gate_up_proj first: the inner wrapper when both are adapted)."""
+    out = {"gate_up_proj": tuple(w for w in _FUSED_PAIR if w + "_lora_a" in node),
+           "down_proj": ("w2",) if "w2_lora_a" in node else ()}
+    return {k: v for k, v in out.items() if v}
+
+
+def _gate_up_a(node, weights, j) -> np.ndarray:
+    """PEFT's lora_A (E * R, D) of gate_up_proj: each expert's [A1, A3] (D, R) transposed, expert-major rows."""
+    a_ExDxR = np.concatenate([gather(node[w + "_lora_a"], j) for w in weights], axis=-1)
+    return a_ExDxR.transpose(0, 2, 1).reshape(-1, a_ExDxR.shape[1])
+
+
+def _gate_up_b(node, weights, j) -> np.ndarray:
+    """PEFT's lora_B (2F, R * E) of gate_up_proj: per expert B^T block-diagonal over (w1, w3), w1's outputs in the
+    even columns of gate_up_proj and w3's in the odd ones, rank-major columns."""
+    bs = [gather(node[w + "_lora_b"], j) for w in weights]  # each (E, r, F)
+    e, r, f = bs[0].shape
+    b_Ex2FxR = np.zeros((e, 2 * f, r * len(bs)), bs[0].dtype)
+    for i, (w, b_ExRxF) in enumerate(zip(weights, bs)):
+        b_Ex2FxR[:, _FUSED_PAIR.index(w)::2, i * r:(i + 1) * r] = b_ExRxF.transpose(0, 2, 1)
+    return b_Ex2FxR.transpose(1, 2, 0).reshape(2 * f, -1)
+
+
+def _expert_param_tensors(config: ModelConfig, node, n: int, j: int):
+    """gpt-oss layer n's expert adapters as PEFT's `target_parameters` factors (see the module docstring)."""
+    r, e = config.lora_rank, config.num_local_experts
+    d, f = config.hidden_size, config.expert_intermediate_size
+    targets = _param_targets(node)
+    for param, weights in targets.items():
+        key = f"{_PREFIX}model.layers.{n}.mlp.experts."
+        key += "base_layer." if param == "gate_up_proj" and len(targets) == 2 else ""
+        if param == "gate_up_proj":
+            big_r = r * len(weights)
+            yield key + "lora_A.weight", (e * big_r, d), lambda w=weights: _gate_up_a(node, w, j)
+            yield key + "lora_B.weight", (2 * f, big_r * e), lambda w=weights: _gate_up_b(node, w, j)
+        else:  # down_proj (E, F, D): A (E, F, r) -> (E * r, F) expert-major; B (E, r, D) -> (D, r * E) rank-major
+            yield (key + "lora_A.weight", (e * r, f),
+                   lambda: gather(node["w2_lora_a"], j).transpose(0, 2, 1).reshape(e * r, f))
+            yield (key + "lora_B.weight", (d, r * e),
+                   lambda: gather(node["w2_lora_b"], j).transpose(2, 1, 0).reshape(d, r * e))
+
+
 def adapter_tensors(config: ModelConfig, adapters) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(PEFT key, shape, thunk giving the numpy tensor) of every adapter factor, in hub order. `adapters` is the
     adapter half of a LoRA params tree (`lora.split(params)[1]`); each thunk gathers one layer's (or one
@@ -92,6 +152,10 @@ def adapter_tensors(config: ModelConfig, adapters) -> Iterator[tuple[str, tuple[
         group, sparse, j = positions[n]
         folder, _, _ = entry.leaf.rpartition("/")
         node = _node(adapters, f"layers/{group}/{folder}")
+        if config.model_type == "gpt_oss" and folder == "block_sparse_moe":  # 3-D expert parameters, at w1's entry
+            if weight == "w1":
+                yield from _expert_param_tensors(config, node, n, j)
+            continue
         a_leaf, b_leaf = node.get(weight + "_lora_a"), node.get(weight + "_lora_b")
         if a_leaf is None:
             partner = dict(zip(_FUSED_PAIR, _FUSED_PAIR[::-1])).get(weight) if sparse else None
@@ -114,21 +178,45 @@ def adapter_tensors(config: ModelConfig, adapters) -> Iterator[tuple[str, tuple[
                    lambda b=b_leaf, idx=idx: gather(b, *idx).reshape(r, -1).T)
 
 
+def _expert_params(config: ModelConfig, adapters) -> dict[str, tuple[str, ...]]:
+    """gpt-oss's adapted expert parameters (`_param_targets` of its sparse stack; every layer has the same)."""
+    if config.model_type != "gpt_oss":
+        return {}
+    return {k: v for group, sparse, _ in layer_groups(config) if sparse
+            for k, v in _param_targets(_node(adapters, f"layers/{group}/block_sparse_moe")).items()}
+
+
 def target_modules(config: ModelConfig, adapters) -> list[str]:
-    """The HF module names (the last part of each adapted module's name) that PEFT's config lists."""
-    return sorted({key[len(_PREFIX):].rsplit(".", 3)[-3] for key, _, _ in adapter_tensors(config, adapters)})
+    """The HF module names (the last part of each adapted module's name) that PEFT's config lists; gpt-oss's
+    experts are `target_parameters` instead."""
+    return sorted({key[len(_PREFIX):].rsplit(".", 3)[-3] for key, _, _ in adapter_tensors(config, adapters)
+                   if ".mlp.experts.lora_" not in key and ".mlp.experts.base_layer.lora_" not in key})
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else x
 
 
 def adapter_config(config: ModelConfig, adapters, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """PEFT's `adapter_config.json` for these adapters: its LoraConfig fields, PEFT's defaults for the rest."""
+    """PEFT's `adapter_config.json` for these adapters: its LoraConfig fields, PEFT's defaults for the rest.
+    gpt-oss's experts: `target_parameters`, gate_up_proj of rank 2r and alpha 2 alpha when gate and up are both
+    adapted (the same scaling)."""
     alpha = config.lora_alpha
+    params = _expert_params(config, adapters)
+    modules = target_modules(config, adapters)
+    rank_pattern, alpha_pattern = {}, {}
+    if len(params.get("gate_up_proj", ())) == 2:
+        rank_pattern["mlp.experts.gate_up_proj"] = 2 * config.lora_rank
+        alpha_pattern["mlp.experts.gate_up_proj"] = _number(2 * alpha)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": config.lora_rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "target_modules": target_modules(config, adapters), "target_parameters": None,
+        "r": config.lora_rank, "lora_alpha": _number(alpha),
+        "target_modules": modules or None,
+        "target_parameters": [f"mlp.experts.{p}" for p in params] or None,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "layers_to_transform": None,
+        "layers_pattern": None,
     }
 
 
