@@ -72,9 +72,9 @@ def test_moe_family_fields_and_defaults():
 
 
 @pytest.mark.parametrize("mutate, pattern", [
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"config.json: rope_type 'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), r"config.json: rope_type 'dynamic' is not supported"),
     (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
-     r"model_type 'gpt2' .*not supported; jsmaug reads gemma3_text, llama, mistral, mixtral, olmoe, qwen2, qwen3, "
+     r"model_type 'gpt2' .*not supported; jsmaug reads gemma3_text, gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen3, "
      r"qwen3_moe"),
     (dict(num_local_experts=8, num_experts_per_tok=2),
      r"model_type 'llama' \(LlamaForCausalLM\) but the file has fields of another family: num_experts_per_tok"),

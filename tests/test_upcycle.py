@@ -198,8 +198,8 @@ def test_bad_arguments_and_folders_are_named(made, tmp_path):
     with pytest.raises(hf.CheckpointError, match="exists and is not empty"):
         up.upcycle(dense_dir, tmp_path / "full")
     # An unsupported rope_type is named by the config reader, before any tensor is read.
-    _config_only(tmp_path / "yarn", "LlamaConfig", rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0))
-    with pytest.raises(ConfigError, match=r"config.json: rope_type 'yarn' is not supported"):
+    _config_only(tmp_path / "yarn", "LlamaConfig", rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0))
+    with pytest.raises(ConfigError, match=r"config.json: rope_type 'dynamic' is not supported"):
         up.upcycle(tmp_path / "yarn", tmp_path / "b")
     # A dense folder with a missing tensor: named, nothing written.
     broken = tmp_path / "broken"

@@ -16,7 +16,7 @@ sized for the busiest expert; a prototype of this layout with 64 experts top-8 (
 the mean was no faster anywhere. The overflow block is mean/4 rows, between 8 and 128: 128 beat 64 at a mean of
 512 rows, 64 beat 32 at 256.
 
-The expert part has a hand-written VJP (`_grouped_swiglu`): autodiff through `lax.switch` would make every branch
+The expert part has a hand-written VJP (`_grouped_glu`): autodiff through `lax.switch` would make every branch
 emit the union of all branches' residuals (zero-filled buffers of the largest one). The residuals are per
 assignment instead, the same shape in every branch.
 
@@ -31,6 +31,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jsmaug.models import factored
+from jsmaug.models.glu import SWIGLU
 
 # Overflow-block rungs up to 4, then about x1.5 apart (the last rung is the bound, see `overflow_ladder`).
 _RUNGS = (0, 1, 2, 3, 4, 6, 8)
@@ -99,81 +102,89 @@ def _from_blocks(v_MxBxN, dest_A):
     return v_MxBxN.reshape(-1, v_MxBxN.shape[-1]).at[dest_A].get(mode="fill", fill_value=0)
 
 
-def expert_matmuls(spec, xb, w1, w3, w2):
-    """SwiGLU on a buffer with per-buffer-row weights: (output, pre-activations p1, p3). `spec` is "e" for the
-    (E, C, .) base buffer with the (E, ...) weights, "m" for the (M, B, .) blocks with weights gathered per block."""
-    p1 = jnp.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w1)
-    p3 = jnp.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w3)
-    return jnp.einsum(f"{spec}cf,{spec}fd->{spec}cd", jax.nn.silu(p1) * p3, w2), p1, p3
+def expert_matmuls(spec, xb, w1, w3, w2, glu=SWIGLU, b1=None, b3=None):
+    """The gated experts on a buffer with per-buffer-row weights: (output, pre-activations p1, p3). `spec` is "e"
+    for the (E, C, .) base buffer with the (E, ...) weights, "m" for the (M, B, .) blocks with weights gathered
+    per block; b1/b3 (gpt-oss) the pre-activations' biases, (E, F) or (M, F) likewise."""
+    p1 = factored.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w1)
+    p3 = factored.einsum(f"{spec}cd,{spec}df->{spec}cf", xb, w3)
+    if b1 is not None:
+        p1, p3 = p1 + b1[:, None, :].astype(p1.dtype), p3 + b3[:, None, :].astype(p3.dtype)
+    return factored.einsum(f"{spec}cf,{spec}fd->{spec}cd", glu(p1, p3), w2), p1, p3
 
 
-def _swiglu_backward(spec, xb, w1, w3, w2, p1, p3, dout):
-    """(dxb, dw1, dw3, dw2) of `expert_matmuls` from its inputs, pre-activations and output gradient."""
-    sig = jax.nn.sigmoid(p1)
-    s1 = p1 * sig
-    dh = jnp.einsum(f"{spec}cd,{spec}fd->{spec}cf", dout, w2)
-    dp1 = dh * p3 * (sig * (1 + p1 * (1 - sig)))  # d silu(z) / dz = sig(z) (1 + z (1 - sig(z)))
-    dp3 = dh * s1
-    back, grad_w = f"{spec}cf,{spec}df->{spec}cd", f"{spec}cd,{spec}cf->{spec}df"
-    dxb = jnp.einsum(back, dp1, w1) + jnp.einsum(back, dp3, w3)
-    return (dxb, jnp.einsum(grad_w, xb, dp1), jnp.einsum(grad_w, xb, dp3),
-            jnp.einsum(f"{spec}cf,{spec}cd->{spec}fd", s1 * p3, dout))
+def _glu_backward(spec, glu, xb, w1, w3, w2, p1, p3, dout):
+    """(dxb, dw1, dw3, dw2, dp1, dp3) of `expert_matmuls` from its inputs, pre-activations and output gradient (a
+    Factored weight's cotangent is its adapters', jsmaug/models/factored.py; dp1/dp3 give the biases')."""
+    dh = factored.einsum(f"{spec}cd,{spec}fd->{spec}cf", dout, w2)
+    dp1, dp3 = glu.grads(p1, p3, dh)
+    back = f"{spec}cf,{spec}df->{spec}cd"
+    dxb = factored.einsum(back, dp1, w1) + factored.einsum(back, dp3, w3)
+    return (dxb, factored.weight_grad(spec, xb, dp1, w1), factored.weight_grad(spec, xb, dp3, w3),
+            factored.weight_grad(spec, glu(p1, p3), dout, w2), dp1, dp3)
 
 
-def _forward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E):
+def _forward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E):
     """y per assignment and the two pre-activations per assignment (the backward's residuals)."""
     capacity, bs = layout
     num_experts = w1.shape[0]
     x_AxD = x_TxD[token_A]
-    outs = expert_matmuls("e", to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2)
+    outs = expert_matmuls("e", to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2, glu,
+                          *(b13 or ()))
     outs = [from_buffer(v, expert_A, slot_A) for v in outs]
     if num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
-        over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M])
+        over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M], glu,
+                              *(b[be_M] for b in b13 or ()))
         outs = [a + _from_blocks(v, dest_A) for a, v in zip(outs, over)]
     return tuple(outs)
 
 
-def _backward(layout, num_blocks, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, p1_AxF, p3_AxF,
-              g_AxD):
+def _backward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E, p1_AxF,
+              p3_AxF, g_AxD):
     capacity, bs = layout
     num_experts = w1.shape[0]
     rows = (x_TxD[token_A], p1_AxF, p3_AxF, g_AxD)
     xb, p1, p3, dout = (to_buffer(v, expert_A, slot_A, num_experts, capacity) for v in rows)
-    dxb, dw1, dw3, dw2 = _swiglu_backward("e", xb, w1, w3, w2, p1, p3, dout)
+    dxb, dw1, dw3, dw2, dp1, dp3 = _glu_backward("e", glu, xb, w1, w3, w2, p1, p3, dout)
+    db1, db3 = jnp.sum(dp1, axis=1), jnp.sum(dp3, axis=1)  # empty buffer rows have dout = 0, so dp = 0
     dx_AxD = from_buffer(dxb, expert_A, slot_A)
     if num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
         xb, p1, p3, dout = (_to_blocks(v, dest_A, num_blocks, bs) for v in rows)
-        dxb, *dws = _swiglu_backward("m", xb, w1[be_M], w3[be_M], w2[be_M], p1, p3, dout)
+        dxb, *dws, dp1, dp3 = _glu_backward("m", glu, xb, w1[be_M], w3[be_M], w2[be_M], p1, p3, dout)
         dx_AxD = dx_AxD + _from_blocks(dxb, dest_A)
-        dw1, dw3, dw2 = (a + jax.ops.segment_sum(d, be_M, num_experts, indices_are_sorted=True)
-                         for a, d in zip((dw1, dw3, dw2), dws))
-    return jnp.zeros_like(x_TxD).at[token_A].add(dx_AxD), dw1, dw3, dw2
+        per_expert = lambda a, d: a + jax.ops.segment_sum(d, be_M, num_experts, indices_are_sorted=True)  # noqa: E731
+        dw1, dw3, dw2 = (jax.tree.map(per_expert, a, d) for a, d in zip((dw1, dw3, dw2), dws))
+        db1, db3 = per_expert(db1, jnp.sum(dp1, axis=1)), per_expert(db3, jnp.sum(dp3, axis=1))
+    dws = (factored.with_frozen_base(d, w) for d, w in zip((dw1, dw3, dw2), (w1, w3, w2)))
+    db13 = None if b13 is None else (db1.astype(b13[0].dtype), db3.astype(b13[1].dtype))
+    return (jnp.zeros_like(x_TxD).at[token_A].add(dx_AxD), *dws, db13)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch):
-    """SwiGLU experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks."""
-    return _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E,
-                               branch)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _grouped_glu(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E, branch):
+    """The gated experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks."""
+    return _grouped_glu_fwd(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
+                            branch)[0]
 
 
-def _grouped_swiglu_fwd(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch):
-    branches = [functools.partial(_forward, layout, m) for m in ladder]
+def _grouped_glu_fwd(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
+                     branch):
+    branches = [functools.partial(_forward, layout, m, glu) for m in ladder]
     routing = (token_A, expert_A, slot_A, group_sizes_E)
-    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, *routing)
-    return y, (x_TxD, w1, w3, w2, routing, branch, p1, p3)
+    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, b13, *routing)
+    return y, (x_TxD, w1, w3, w2, b13, routing, branch, p1, p3)
 
 
-def _grouped_swiglu_bwd(layout, ladder, res, g_AxD):
-    x_TxD, w1, w3, w2, routing, branch, p1, p3 = res
-    branches = [functools.partial(_backward, layout, m) for m in ladder]
-    dx, dw1, dw3, dw2 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, *routing, p1, p3, g_AxD)
-    return dx, dw1, dw3, dw2, None, None, None, None, None
+def _grouped_glu_bwd(layout, ladder, glu, res, g_AxD):
+    x_TxD, w1, w3, w2, b13, routing, branch, p1, p3 = res
+    branches = [functools.partial(_backward, layout, m, glu) for m in ladder]
+    grads = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, b13, *routing, p1, p3, g_AxD)
+    return (*grads, None, None, None, None, None)
 
 
-_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+_grouped_glu.defvjp(_grouped_glu_fwd, _grouped_glu_bwd)
 
 
 def plan(num_tokens: int, k: int, num_experts: int, mean_load: float | None = None):
@@ -183,10 +194,12 @@ def plan(num_tokens: int, k: int, num_experts: int, mean_load: float | None = No
     return (capacity, bs), overflow_ladder(num_tokens * k, num_experts, bs)
 
 
-def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mean_load=None):
-    """y per sorted assignment (A, D): the base buffer and as many overflow blocks as the routing needs."""
+def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mean_load=None, glu=SWIGLU, b13=None):
+    """y per sorted assignment (A, D): the base buffer and as many overflow blocks as the routing needs. `glu` the
+    gated activation (jsmaug/models/glu.py), `b13` None or the (E, F) biases of the gate and up pre-activations."""
     num_tokens, num_experts = x_TxD.shape[0], w1.shape[0]
     layout, ladder = plan(num_tokens, token_A.shape[0] // num_tokens, num_experts, mean_load)
     need = needed_blocks(group_sizes_E, *layout)
     branch = jnp.searchsorted(jnp.asarray(ladder), need, side="left").astype(jnp.int32)
-    return _grouped_swiglu(layout, ladder, x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, branch)
+    return _grouped_glu(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
+                        branch)

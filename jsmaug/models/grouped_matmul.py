@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jsmaug.models import factored
 from jsmaug.parallel import mesh_context
 
 IMPLS = ("ragged", "megablox")
@@ -64,7 +65,12 @@ def _megablox(lhs_MxK, rhs_GxKxN, group_sizes_G, interpret: bool):
 def grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl: str = "ragged", interpret: bool | None = None,
                    all_rows_grouped: bool = False):
     """See the module docstring. `interpret` (megablox): default True off TPU. `all_rows_grouped`: the caller
-    knows sum(group_sizes) == M (the one-device MoE path), so the masks of rows past the groups are skipped."""
+    knows sum(group_sizes) == M (the one-device MoE path), so the masks of rows past the groups are skipped.
+    A `factored.Factored` rhs (LoRA) runs as three grouped matmuls: lhs @ W + s (lhs @ A) @ B."""
+    if factored.is_factored(rhs_GxKxN):
+        kw = dict(group_sizes_G=group_sizes_G, impl=impl, interpret=interpret, all_rows_grouped=all_rows_grouped)
+        mid_MxR = grouped_matmul(lhs_MxK, rhs_GxKxN.a, **kw) * jnp.asarray(rhs_GxKxN.scale, lhs_MxK.dtype)
+        return grouped_matmul(lhs_MxK, rhs_GxKxN.w, **kw) + grouped_matmul(mid_MxR, rhs_GxKxN.b, **kw)
     group_sizes_G = group_sizes_G.astype(jnp.int32)
     rhs = rhs_GxKxN.astype(lhs_MxK.dtype)
     rows = None if all_rows_grouped else (jnp.arange(lhs_MxK.shape[0]) < jnp.sum(group_sizes_G))[:, None]

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from jsmaug.models import moe
 from jsmaug.models.config import ModelConfig
-from jsmaug.models.weights import normal, param, weight
+from jsmaug.models.glu import SWIGLU, Glu
+from jsmaug.models.weights import bias, normal, param, weight
 from jsmaug.parallel import expert_parallel
 
 
@@ -36,17 +37,19 @@ class DenseMLP(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         d, f = c.hidden_size, c.intermediate_size
-        gate_DxF = weight(self, "gate_proj", (d, f), ("embed", "mlp"), c)
-        up_DxF = weight(self, "up_proj", (d, f), ("embed", "mlp"), c)
-        down_FxD = weight(self, "down_proj", (f, d), ("mlp", "embed"), c)
+        # LoRA factored (jsmaug/models/factored.py): `x @ w` is x @ W + s (x @ A) @ B.
+        gate_DxF = weight(self, "gate_proj", (d, f), ("embed", "mlp"), c, factor=True)
+        up_DxF = weight(self, "up_proj", (d, f), ("embed", "mlp"), c, factor=True)
+        down_FxD = weight(self, "down_proj", (f, d), ("mlp", "embed"), c, factor=True)
         x = x_BxSxD.astype(dtype)
         h_BxSxF = activation(c.hidden_act)(x @ gate_DxF) * (x @ up_DxF)
         return h_BxSxF @ down_FxD
 
 
 class SparseMoE(nn.Module):
-    """The router `gate` (D, E) and the stacked experts w1 (gate), w3 (up), w2 (down). Returns the output and
-    the load-balancing statistics of the unpadded tokens."""
+    """The router `gate` (D, E) and the stacked experts w1 (gate), w3 (up), w2 (down); gpt-oss adds the router's
+    bias `gate_bias`, the experts' biases `w1_bias`, `w3_bias` (E, F) and `w2_bias` (E, D) and its clamped SwiGLU
+    (jsmaug/models/glu.py). Returns the output and the load-balancing statistics of the unpadded tokens."""
     config: ModelConfig
 
     @nn.compact
@@ -55,20 +58,32 @@ class SparseMoE(nn.Module):
         dtype = jnp.dtype(c.dtype)
         d, f, e = c.hidden_size, c.expert_intermediate_size, c.num_local_experts
         gate = param(self, "gate", (d, e), ("embed", "exp"), normal(c), c)
-        w1 = weight(self, "w1", (e, d, f), ("exp", "embed", "mlp"), c)
-        w3 = weight(self, "w3", (e, d, f), ("exp", "embed", "mlp"), c)
-        w2 = weight(self, "w2", (e, f, d), ("exp", "mlp", "embed"), c)
+        # With LoRA, `factored.Factored` weights: every dispatch path applies the adapters factored.
+        w1 = weight(self, "w1", (e, d, f), ("exp", "embed", "mlp"), c, factor=True)
+        w3 = weight(self, "w3", (e, d, f), ("exp", "embed", "mlp"), c, factor=True)
+        w2 = weight(self, "w2", (e, f, d), ("exp", "mlp", "embed"), c, factor=True)
         b, s, _ = x_BxSxD.shape
         x_TxD = x_BxSxD.reshape(b * s, d).astype(dtype)
         # Router in float32 (its softmax decides which experts run: keep it exact).
         logits_TxE = x_TxD.astype(jnp.float32) @ gate.astype(jnp.float32)
+        if c.router_bias:  # gpt-oss: softmax over the top-k biased logits == top-k of the softmax, renormalised
+            logits_TxE = logits_TxE + param(self, "gate_bias", (e,), ("exp",), nn.initializers.zeros, c).astype(
+                jnp.float32)
         probs_TxE, idx_TxK, w_TxK = moe.route(logits_TxE, c.num_experts_per_tok, renormalize=c.norm_topk_prob)
+        b13 = None
+        if c.expert_bias:
+            b13 = tuple(bias(self, n, (e, f), ("exp", "mlp"), c) for n in ("w1_bias", "w3_bias"))
+        glu = Glu(c.swiglu_limit, c.swiglu_alpha) if c.swiglu_limit is not None else SWIGLU
         # The experts in the compute dtype before any dispatch: a gathered (or all_to_all-side) copy of bf16
         # weights is half the bytes of the float32 master weights.
         y_TxD, dropped = expert_parallel.expert_ffn(
             x_TxD, idx_TxK, w_TxK.astype(dtype), w1.astype(dtype), w3.astype(dtype), w2.astype(dtype),
             dispatch=c.moe_dispatch, impl=c.moe_impl, block_size=c.moe_block_size,
-            capacity_factor=c.moe_capacity_factor)
+            capacity_factor=c.moe_capacity_factor, glu=glu, b13=b13)
+        if c.expert_bias:  # sum_k g_k (h_k w2[e_k] + b2[e_k]): the bias part here, outside any dispatch (whose
+            # tensor-split partial sums would add it once per shard)
+            b2_ExD = bias(self, "w2_bias", (e, d), ("exp", "embed"), c)
+            y_TxD = y_TxD + jnp.einsum("tk,tkd->td", w_TxK.astype(dtype), b2_ExD[idx_TxK])
         # Load-balancing statistics over unpadded tokens (HF's load_balancing_loss_func with an attention mask).
         valid_T = token_mask_BxS.reshape(-1).astype(jnp.float32)
         counts_E = jnp.sum(jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * valid_T[:, None, None], axis=(0, 1))

@@ -3,7 +3,8 @@ Qwen3-MoE and OLMoE share them: SwiGLU experts, top-k softmax routing).
 
 All paths compute, for every token t with chosen experts e_1..e_k and weights g_1..g_k,
     y_t = sum_j g_j * w2[e_j]( silu(w1[e_j] x_t) * w3[e_j] x_t )
-and differ only in how tokens reach their experts:
+(gpt-oss: biases on both pre-activations and its clamped SwiGLU, jsmaug/models/glu.py; LoRA: weights that are
+`factored.Factored`) and differ only in how tokens reach their experts:
 
 - "dense":    every expert on every token, masked by the combine weights. E/k times the useful FLOPs;
               the reference the others are tested against.
@@ -34,7 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import bucketed, grouped_matmul
+from jsmaug.models import bucketed, factored, grouped_matmul
+from jsmaug.models.glu import SWIGLU
 from jsmaug.parallel import mesh_context
 
 
@@ -51,19 +53,28 @@ def route(router_logits_TxE: jax.Array, k: int, renormalize: bool = True):
     return probs_TxE, topk_idx_TxK.astype(jnp.int32), topk_w_TxK
 
 
-def _swiglu(x, w1, w3, w2, dtype):
-    h = jax.nn.silu(x @ w1.astype(dtype)) * (x @ w3.astype(dtype))
-    return h @ w2.astype(dtype)
+def glu_ffn(x, w1, w3, w2, dtype, glu=SWIGLU, b13=None):
+    """One expert's gated feed-forward on rows x (b13: its gate/up biases, gpt-oss)."""
+    p1, p3 = x @ w1.astype(dtype), x @ w3.astype(dtype)
+    if b13 is not None:
+        p1, p3 = p1 + b13[0].astype(dtype), p3 + b13[1].astype(dtype)
+    return glu(p1, p3) @ w2.astype(dtype)
 
 
-def dense_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD):
+_swiglu = glu_ffn  # the name tools/bench.py still uses
+
+
+def dense_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, glu=SWIGLU, b13=None):
     """Every expert on every token (reference path)."""
     dtype = x_TxD.dtype
     num_experts = w1_ExDxF.shape[0]
     combine_TxE = jnp.sum(jax.nn.one_hot(idx_TxK, num_experts, dtype=jnp.float32) * w_TxK[..., None], axis=1)
-    h_TxExF = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w1_ExDxF.astype(dtype))) * jnp.einsum(
-        "td,edf->tef", x_TxD, w3_ExDxF.astype(dtype))
-    y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, w2_ExFxD.astype(dtype))
+    p1_TxExF = factored.einsum("td,edf->tef", x_TxD, w1_ExDxF.astype(dtype))
+    p3_TxExF = factored.einsum("td,edf->tef", x_TxD, w3_ExDxF.astype(dtype))
+    if b13 is not None:
+        p1_TxExF, p3_TxExF = p1_TxExF + b13[0].astype(dtype), p3_TxExF + b13[1].astype(dtype)
+    h_TxExF = glu(p1_TxExF, p3_TxExF)
+    y_TxExD = factored.einsum("tef,efd->ted", h_TxExF, w2_ExFxD.astype(dtype))
     return jnp.einsum("ted,te->td", y_TxExD, combine_TxE.astype(dtype)), jnp.zeros((), jnp.int32)
 
 
@@ -89,23 +100,28 @@ def _combine(y_AxD, order_A, token_A, w_TxK, num_tokens):
     return out.at[token_A].add(y_AxD * weight_A[:, None])
 
 
-def grouped_swiglu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: str = "ragged",
-                   all_rows_grouped: bool = False):
+def grouped_glu(xs_AxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl: str = "ragged",
+                all_rows_grouped: bool = False, glu=SWIGLU, b13=None):
     """The expert feed-forward on rows sorted by expert (jsmaug/models/grouped_matmul.py); rows past the groups give 0."""
     gmm = functools.partial(grouped_matmul.grouped_matmul, group_sizes_G=group_sizes_E, impl=impl,
                             all_rows_grouped=all_rows_grouped)
-    h_AxF = jax.nn.silu(gmm(xs_AxD, w1_ExDxF)) * gmm(xs_AxD, w3_ExDxF)
-    return gmm(h_AxF, w2_ExFxD)
+    p1_AxF, p3_AxF = gmm(xs_AxD, w1_ExDxF), gmm(xs_AxD, w3_ExDxF)
+    if b13 is not None:  # each row's expert from the group sizes; rows past the groups take the last (masked)
+        ends_E = jnp.cumsum(group_sizes_E)
+        e_A = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(xs_AxD.shape[0]), side="right"), ends_E.shape[0] - 1)
+        p1_AxF, p3_AxF = p1_AxF + b13[0][e_A].astype(p1_AxF.dtype), p3_AxF + b13[1][e_A].astype(p3_AxF.dtype)
+    return gmm(glu(p1_AxF, p3_AxF), w2_ExFxD)
 
 
-def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, impl: str = "ragged"):
+def ragged_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, impl: str = "ragged", glu=SWIGLU, b13=None):
     """Sorted grouped matmul (dropless): `jax.lax.ragged_dot` or the megablox kernels."""
     order_A, token_A, _, group_sizes_E, _ = _sort_assignments(idx_TxK, w1_ExDxF.shape[0])
-    y_AxD = grouped_swiglu(x_TxD[token_A], w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl, all_rows_grouped=True)
+    y_AxD = grouped_glu(x_TxD[token_A], w1_ExDxF, w3_ExDxF, w2_ExFxD, group_sizes_E, impl, all_rows_grouped=True,
+                        glu=glu, b13=b13)
     return _combine(y_AxD, order_A, token_A, w_TxK, x_TxD.shape[0]), jnp.zeros((), jnp.int32)
 
 
-def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size: int = 128):
+def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size: int = 128, glu=SWIGLU, b13=None):
     """Sorted, block-padded grouped matmul (dropless): one expert per block of `block_size` rows."""
     dtype = x_TxD.dtype
     num_tokens, k = idx_TxK.shape
@@ -133,7 +149,7 @@ def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size:
         m, e, xb_BxD = inp
 
         def compute(xb):
-            return _swiglu(xb, w1c[e], w3c[e], w2c[e], dtype)
+            return glu_ffn(xb, w1c[e], w3c[e], w2c[e], dtype, glu, None if b13 is None else (b13[0][e], b13[1][e]))
 
         # Blocks past the last used one hold only padding: skip their matmuls.
         yb = jax.lax.cond(m < used_blocks, compute, jnp.zeros_like, xb_BxD)
@@ -145,7 +161,8 @@ def blocked_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, block_size:
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
 
 
-def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_factor: float = 1.25):
+def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_factor: float = 1.25, glu=SWIGLU,
+                 b13=None):
     """Capacity-factor dispatch: at most C rows per expert; overflowing assignments are dropped and counted.
 
     Earlier tokens win (assignments are kept in token order within each expert).
@@ -158,13 +175,14 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
     # Assignments ranked past the capacity fall outside the buffer: their scatter is dropped, their gather reads 0.
     buf_ExCxD = bucketed.to_buffer(x_TxD[token_A], expert_A, rank_A, num_experts, capacity)
     weights = (w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
-    out_ExCxD, _, _ = bucketed.expert_matmuls("e", buf_ExCxD, *weights)
+    out_ExCxD, _, _ = bucketed.expert_matmuls("e", buf_ExCxD, *weights, glu, *(b13 or ()))
     y_AxD = bucketed.from_buffer(out_ExCxD, expert_A, rank_A)
     dropped = jnp.sum(rank_A >= capacity).astype(jnp.int32)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), dropped
 
 
-def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=None, mean_load: float | None = None):
+def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=None, mean_load: float | None = None,
+                 glu=SWIGLU, b13=None):
     """Dropless dispatch with fixed shapes (jsmaug/models/bucketed.py): each expert's first C rows (C the mean
     load) in one (E, C, D) buffer, the busier experts' rows beyond C in as many overflow blocks as they need.
 
@@ -179,7 +197,7 @@ def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=
         idx_TxK = jnp.where(valid_TxK, idx_TxK, num_experts)
     order_A, token_A, expert_A, group_sizes_E, slot_A = _sort_assignments(idx_TxK, num_experts)
     y_AxD = bucketed.expert_part(x_TxD, *(w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD)),
-                                 token_A, expert_A, slot_A, group_sizes_E, mean_load)
+                                 token_A, expert_A, slot_A, group_sizes_E, mean_load, glu, b13)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
 
 
@@ -197,20 +215,23 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 
 def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str = "auto",
-               block_size: int = 128, capacity_factor: float = 1.25):
-    """Dispatches to the chosen path. Returns (y_TxD, number of dropped assignments)."""
+               block_size: int = 128, capacity_factor: float = 1.25, glu=SWIGLU, b13=None):
+    """Dispatches to the chosen path. Returns (y_TxD, number of dropped assignments). `glu`: the gated activation
+    (jsmaug/models/glu.py); `b13`: None or the (E, F) biases of the gate and up pre-activations (gpt-oss; the
+    down projection's bias is the caller's, `SparseMoE`). Weights may be `factored.Factored` (LoRA)."""
     impl = resolve_impl(impl)
     args = (x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    act = dict(glu=glu, b13=b13)
     if impl == "dense":
-        return dense_ffn(*args)
+        return dense_ffn(*args, **act)
     if impl in grouped_matmul.IMPLS:
-        return ragged_ffn(*args, impl=impl)
+        return ragged_ffn(*args, impl=impl, **act)
     if impl == "blocked":
-        return blocked_ffn(*args, block_size=block_size)
+        return blocked_ffn(*args, block_size=block_size, **act)
     if impl == "capacity":
-        return capacity_ffn(*args, capacity_factor=capacity_factor)
+        return capacity_ffn(*args, capacity_factor=capacity_factor, **act)
     if impl == "bucketed":
-        return bucketed_ffn(*args)
+        return bucketed_ffn(*args, **act)
     raise ValueError(f"unknown moe_impl {impl!r}")
 
 

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import lora, quant
+from jsmaug.models import factored, lora, quant
 from jsmaug.models.config import ModelConfig
 
 
@@ -19,10 +19,12 @@ def normal(config: ModelConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
 
 
-def weight(module: nn.Module, name: str, shape, axes, config: ModelConfig):
-    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py). A base
-    stored quantized (QLoRA, `lora.quantize_base`) is dequantized here, one layer at a time under the layer scan,
-    so attention and every MoE path see an ordinary weight."""
+def weight(module: nn.Module, name: str, shape, axes, config: ModelConfig, factor: bool = False):
+    """A weight in the compute dtype; with LoRA on it, W + alpha / rank * A @ B (jsmaug/models/lora.py), or with
+    `factor` (the MLP and the experts, whose callers take one) a `factored.Factored` that applies the adapter as
+    x @ W + s (x @ A) @ B without forming the sum or its weight-sized gradient; its base is frozen (stop-gradient).
+    A base stored quantized (QLoRA, `lora.quantize_base`) is dequantized here, one layer at a time under the layer
+    scan."""
     dtype = jnp.dtype(config.dtype)
     stored = module.get_variable("params", name) if module.has_variable("params", name) else None
     if quant.is_quantized(stored):  # read directly: flax's `param` would compare the packed leaves to `shape`
@@ -38,6 +40,8 @@ def weight(module: nn.Module, name: str, shape, axes, config: ModelConfig):
     a = param(module, name + "_lora_a", a_shape, a_axes, lora.a_init(name), config)
     b = param(module, name + "_lora_b", b_shape, b_axes, nn.initializers.zeros, config)
     scale = config.lora_alpha / config.lora_rank
+    if factor:
+        return factored.Factored(jax.lax.stop_gradient(w), a.astype(dtype), b.astype(dtype), scale)
     return w + (scale * lora.delta(name, a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
 
 

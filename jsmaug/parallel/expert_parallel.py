@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jsmaug.models import moe
+from jsmaug.models import factored, moe
+from jsmaug.models.glu import SWIGLU
 
 from jsmaug.parallel import mesh_context
 
@@ -65,14 +66,16 @@ def resolve_local_impl(impl: str, dispatch: str, mesh=None) -> str:
     return local
 
 
-def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch: str = "auto", **local_kw):
-    """The MoE feed-forward with the configured token dispatch. Returns (y_TxD, dropped assignments)."""
+def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch: str = "auto", b13=None,
+               **local_kw):
+    """The MoE feed-forward with the configured token dispatch. Returns (y_TxD, dropped assignments). `b13`: None
+    or the experts' (E, F) gate/up biases (gpt-oss); `local_kw` (impl, glu, ...) go to `moe.expert_ffn`."""
     ctx = mesh_context.active_mesh()
     impl = local_kw.get("impl", "auto")
     dispatch = resolve_dispatch(dispatch, impl=impl)
     local_kw = dict(local_kw, impl=resolve_local_impl(impl, dispatch))
     if ctx is None or dispatch == "gspmd":
-        return moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, **local_kw)
+        return moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, b13=b13, **local_kw)
     mesh, batch_axes = ctx
     d, f = w1_ExDxF.shape[1], w1_ExDxF.shape[2]
     fsdp = "fsdp" if mesh.shape["fsdp"] > 1 and d % mesh.shape["fsdp"] == 0 else None
@@ -82,19 +85,29 @@ def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, dispatch:
         raise ValueError(f"all_to_all dispatch: {x_TxD.shape[0]} tokens do not split over {batch_axes}")
     body = functools.partial(_shard_body, ep=mesh.shape["expert"], fsdp=fsdp, tensor=tensor,
                              all_axes=tuple(mesh.axis_names), local_kw=local_kw)
+    up, down = ("expert", fsdp, tensor), ("expert", tensor, fsdp)
     fn = jax.shard_map(body, mesh=mesh, check_vma=False,
-                       in_specs=(tokens, tokens, tokens, P("expert", fsdp, tensor), P("expert", fsdp, tensor),
-                                 P("expert", tensor, fsdp)),
+                       in_specs=(tokens, tokens, tokens, _spec(w1_ExDxF, up), _spec(w3_ExDxF, up),
+                                 _spec(w2_ExFxD, down), None if b13 is None else (P("expert", tensor),) * 2),
                        out_specs=(tokens, P()))
-    return fn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    return fn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, b13)
 
 
-def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes, local_kw):
+def _spec(w, axes):
+    """The shard_map spec of an expert weight with mesh axes (expert, in, out); a Factored weight's A is split like
+    W's (expert, in) axes and B like its (expert, out) axes (their rank axis is never split)."""
+    e, i, o = axes
+    if factored.is_factored(w):
+        return factored.Factored(P(e, i, o), P(e, i, None), P(e, None, o), w.scale)
+    return P(e, i, o)
+
+
+def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, b13, *, ep, fsdp, tensor, all_axes, local_kw):
     """One shard: T local tokens, E_l local experts (of E), `ep` shards on the expert axis."""
-    if fsdp:  # ZeRO-3: this layer's (local) experts in full for the matmuls
-        w1 = jax.lax.all_gather(w1, fsdp, axis=1, tiled=True)
-        w3 = jax.lax.all_gather(w3, fsdp, axis=1, tiled=True)
-        w2 = jax.lax.all_gather(w2, fsdp, axis=2, tiled=True)
+    if fsdp:  # ZeRO-3: this layer's (local) experts in full for the matmuls (LoRA: A holds W's in axis, B its out)
+        gather = lambda axis: lambda v: jax.lax.all_gather(v, fsdp, axis=axis, tiled=True)  # noqa: E731
+        w1, w3 = (factored.map_parts(w, gather(1), gather(1)) for w in (w1, w3))
+        w2 = factored.map_parts(w2, gather(2), None, gather(2))
     num_local = w1.shape[0]
     t, k = idx_TxK.shape
     a = t * k  # assignments of this shard; the worst case sends all of them to one shard
@@ -110,7 +123,7 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
     send_e = jnp.full((ep, a), num_local, jnp.int32).at[dest_sorted, rank_A].set(expert_A[order_A] % num_local)
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)  # recv[src] = what shard `src` sent to this one
     recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
-    y_RxD, dropped = _local_experts(recv_x.reshape(ep * a, -1), recv_e.reshape(-1), w1, w3, w2, local_kw, a)
+    y_RxD, dropped = _local_experts(recv_x.reshape(ep * a, -1), recv_e.reshape(-1), w1, w3, w2, b13, local_kw, a)
     if tensor:  # the mlp axis was split: each shard holds a partial sum of w2's output
         y_RxD = jax.lax.psum(y_RxD, tensor)
     back = jax.lax.all_to_all(y_RxD.reshape(ep, a, -1), "expert", 0, 0)  # back[dest] = results from `dest`
@@ -121,7 +134,7 @@ def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, *, ep, fsdp, tensor, all_axes
     return out, jax.lax.psum(dropped, tuple(a for a in all_axes if a != tensor))
 
 
-def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
+def _local_experts(x_RxD, expert_R, w1, w3, w2, b13, local_kw, rows_per_source):
     """The received rows through this shard's experts; rows with expert id `num_local` are empty slots.
 
     `ragged` and `megablox` sort the empty slots last and leave them out of the groups (megablox: no work);
@@ -133,15 +146,17 @@ def _local_experts(x_RxD, expert_R, w1, w3, w2, local_kw, rows_per_source):
     num_local = w1.shape[0]
     valid_R = expert_R < num_local
     impl = moe.resolve_impl(local_kw.get("impl", "auto"))
+    glu = local_kw.get("glu", SWIGLU)
     if impl in ("ragged", "megablox"):
         order = jnp.argsort(expert_R, stable=True)
         sizes = jnp.bincount(expert_R, length=num_local).astype(jnp.int32)  # empty slots (id num_local) dropped
-        y = moe.grouped_swiglu(x_RxD[order], w1, w3, w2, sizes, impl)  # empty slots sort last and give 0
+        y = moe.grouped_glu(x_RxD[order], w1, w3, w2, sizes, impl, glu=glu, b13=b13)  # empty slots sort last: 0
         return jnp.zeros_like(x_RxD).at[order].set(y), jnp.zeros((), jnp.int32)
     weight_Rx1 = valid_R[:, None].astype(jnp.float32)
     if impl == "bucketed":  # empty slots take no buffer rows; capacities sized for the expected real load
         ep = x_RxD.shape[0] // rows_per_source
         return moe.bucketed_ffn(x_RxD, jnp.minimum(expert_R, num_local - 1)[:, None], weight_Rx1, w1, w3, w2,
-                                valid_TxK=valid_R[:, None], mean_load=x_RxD.shape[0] / (ep * num_local))
+                                valid_TxK=valid_R[:, None], mean_load=x_RxD.shape[0] / (ep * num_local), glu=glu,
+                                b13=b13)
     spread = jnp.where(valid_R, expert_R, jnp.arange(expert_R.shape[0]) % num_local)
-    return moe.expert_ffn(x_RxD, spread[:, None], weight_Rx1, w1, w3, w2, **local_kw)
+    return moe.expert_ffn(x_RxD, spread[:, None], weight_Rx1, w1, w3, w2, b13=b13, **local_kw)

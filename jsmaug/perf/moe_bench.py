@@ -53,7 +53,7 @@ def _dense_equiv(k):
     def loss(x, w1, w3, w2, logits):
         del logits
         xs = jnp.tile(x, (k, 1))  # T*k rows through one expert: the same useful FLOPs in plain matmuls
-        return jnp.sum(moe._swiglu(xs, w1[0], w3[0], w2[0], x.dtype) ** 2)
+        return jnp.sum(moe.glu_ffn(xs, w1[0], w3[0], w2[0], x.dtype) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 

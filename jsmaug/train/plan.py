@@ -188,7 +188,8 @@ def resolved_paths(mconf: ModelConfig, mesh, row_len: int | None = None) -> dict
     up to `row_len` tokens (None: not known)."""
     platform = next(iter(mesh.devices.flat)).platform
     attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim, platform,
-                                       seq_len=row_len, block_size=mconf.attention_block_size)
+                                       seq_len=row_len, block_size=mconf.attention_block_size,
+                                       sinks=mconf.attention_sinks)
     return {"attention": attn, "attention_why": why,
             "moe": expert_parallel.resolve_local_impl(mconf.moe_impl, mconf.moe_dispatch, mesh),
             "dispatch": expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh, mconf.moe_impl)}
