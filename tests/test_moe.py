@@ -103,3 +103,21 @@ def test_auto_never_picks_a_path_xla_computes_densely():
     assert moe.resolve_impl("auto", "gpu") == "bucketed"
     assert moe.resolve_impl("auto", "tpu") == "megablox"
     assert moe.resolve_impl("capacity", "gpu") == "capacity"
+
+
+@pytest.mark.parametrize("impl", ["bucketed", "ragged"])
+def test_token_chunks_equal_one_pass_in_values_and_gradients(impl):
+    """model.moe_token_chunks: the tokens in rematerialised chunks give the one-pass layer's outputs and gradients."""
+    x, logits, w1, w3, w2, k = _problem(num_tokens=36)
+
+    def loss(chunks):
+        def f(x, l, a, b, c):
+            return jnp.sum(jnp.sin(_layer(impl, token_chunks=chunks)(x, l, a, b, c, k)[0]))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(x, logits, w1, w3, w2)
+
+    (v1, g1), (v3, g3) = loss(1), loss(3)
+    np.testing.assert_allclose(v3, v1, rtol=1e-5)
+    for a, b in zip(g3, g1):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="moe_token_chunks=5 does not divide the 36 tokens"):
+        loss(5)

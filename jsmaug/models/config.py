@@ -129,6 +129,7 @@ class ModelConfig:
     moe_impl: str = "auto"  # see jsmaug/models/moe.py
     moe_block_size: int = 128  # rows per block of the CPU grouped matmul
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
+    moe_token_chunks: int = 1  # each MoE layer's tokens in this many chunks, one at a time, each rematerialised
     moe_dispatch: str = "auto"  # gspmd | all_to_all | auto, see jsmaug/parallel/expert_parallel.py
     lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (jsmaug/models/lora.py); part of the params' structure
     lora_alpha: float = 16.0
@@ -279,6 +280,7 @@ class ModelConfig:
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
         need(self.moe_block_size > 0, "moe_block_size", "must be > 0")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
+        need(self.moe_token_chunks > 0, "moe_token_chunks", "must be > 0")
         need(self.moe_dispatch in ("auto", "gspmd", "all_to_all"), "moe_dispatch", "must be auto, gspmd or all_to_all")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an integer >= 0")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")

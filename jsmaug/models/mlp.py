@@ -79,7 +79,7 @@ class SparseMoE(nn.Module):
         y_TxD, dropped = expert_parallel.expert_ffn(
             x_TxD, idx_TxK, w_TxK.astype(dtype), w1.astype(dtype), w3.astype(dtype), w2.astype(dtype),
             dispatch=c.moe_dispatch, impl=c.moe_impl, block_size=c.moe_block_size,
-            capacity_factor=c.moe_capacity_factor, glu=glu, b13=b13)
+            capacity_factor=c.moe_capacity_factor, token_chunks=c.moe_token_chunks, glu=glu, b13=b13)
         if c.expert_bias:  # sum_k g_k (h_k w2[e_k] + b2[e_k]): the bias part here, outside any dispatch (whose
             # tensor-split partial sums would add it once per shard)
             b2_ExD = bias(self, "w2_bias", (e, d), ("exp", "embed"), c)

@@ -215,10 +215,29 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 
 def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str = "auto",
-               block_size: int = 128, capacity_factor: float = 1.25, glu=SWIGLU, b13=None):
+               block_size: int = 128, capacity_factor: float = 1.25, glu=SWIGLU, b13=None, token_chunks: int = 1):
     """Dispatches to the chosen path. Returns (y_TxD, number of dropped assignments). `glu`: the gated activation
     (jsmaug/models/glu.py); `b13`: None or the (E, F) biases of the gate and up pre-activations (gpt-oss; the
-    down projection's bias is the caller's, `SparseMoE`). Weights may be `factored.Factored` (LoRA)."""
+    down projection's bias is the caller's, `SparseMoE`). Weights may be `factored.Factored` (LoRA).
+
+    `token_chunks` > 1 runs the tokens in that many equal chunks, one after another (`lax.map`), each chunk
+    rematerialised (`jax.checkpoint`): the backward holds one chunk's expert intermediates (the gate, up and
+    activation rows and their gradients, each assignments x F) instead of all of them, for a second forward of
+    the experts. The weights are shared by the chunks (gathered once). Capacity-path drops are per chunk."""
+    kw = dict(impl=impl, block_size=block_size, capacity_factor=capacity_factor, glu=glu)
+    if token_chunks > 1:
+        num_tokens = x_TxD.shape[0]
+        if num_tokens % token_chunks:
+            raise ValueError(f"model.moe_token_chunks={token_chunks} does not divide the {num_tokens} tokens of "
+                             "an MoE layer (per shard); pick a divisor")
+        chunk = lambda v: v.reshape(token_chunks, num_tokens // token_chunks, *v.shape[1:])  # noqa: E731
+
+        @jax.checkpoint
+        def one(args):
+            return expert_ffn(*args, w1_ExDxF, w3_ExDxF, w2_ExFxD, b13=b13, **kw)
+
+        y_CxTxD, dropped_C = jax.lax.map(one, (chunk(x_TxD), chunk(idx_TxK), chunk(w_TxK)))
+        return y_CxTxD.reshape(x_TxD.shape), jnp.sum(dropped_C)
     impl = resolve_impl(impl)
     args = (x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
     act = dict(glu=glu, b13=b13)

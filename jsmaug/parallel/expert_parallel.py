@@ -103,11 +103,21 @@ def _spec(w, axes):
 
 
 def _shard_body(x_TxD, idx_TxK, w_TxK, w1, w3, w2, b13, *, ep, fsdp, tensor, all_axes, local_kw):
-    """One shard: T local tokens, E_l local experts (of E), `ep` shards on the expert axis."""
+    """One shard: T local tokens, E_l local experts (of E), `ep` shards on the expert axis. With one expert shard
+    (megablox under fsdp alone) the tokens stay where they are: the exchange's buffers, each of the assignments'
+    size, would only copy them (about 1 GiB a layer at 8x7B's 2 x 4096 tokens a chip, docs/planning.md)."""
     if fsdp:  # ZeRO-3: this layer's (local) experts in full for the matmuls (LoRA: A holds W's in axis, B its out)
         gather = lambda axis: lambda v: jax.lax.all_gather(v, fsdp, axis=axis, tiled=True)  # noqa: E731
         w1, w3 = (factored.map_parts(w, gather(1), gather(1)) for w in (w1, w3))
         w2 = factored.map_parts(w2, gather(2), None, gather(2))
+    if local_kw.get("token_chunks", 1) > 1 and ep > 1:
+        raise ValueError("model.moe_token_chunks > 1 runs on one expert shard (gspmd, or all_to_all with "
+                         f"mesh.expert=1); this mesh has {ep} expert shards: set model.moe_token_chunks=1")
+    if ep == 1:  # every expert is local: no exchange, the local path on this shard's own tokens
+        y_TxD, dropped = moe.expert_ffn(x_TxD, idx_TxK, w_TxK, w1, w3, w2, b13=b13, **local_kw)
+        if tensor:
+            y_TxD = jax.lax.psum(y_TxD, tensor)
+        return y_TxD, jax.lax.psum(dropped, tuple(a for a in all_axes if a != tensor))
     num_local = w1.shape[0]
     t, k = idx_TxK.shape
     a = t * k  # assignments of this shard; the worst case sends all of them to one shard

@@ -10,6 +10,9 @@ Default rules:
     exp      -> expert                  expert weights are split over `expert`
     embed    -> fsdp                    ZeRO-3 style: weights split over fsdp, gathered per layer by XLA
     heads, kv_heads, mlp, vocab -> tensor
+    lora     -> fsdp                    a LoRA factor's rank axis, where its other axes leave fsdp free (B of an
+                                        expert's w1/w3: (exp, lora, mlp)), so no adapter or Adam moment is
+                                        replicated over fsdp
     layers, head_dim, length -> replicated
 A dimension that the mapped mesh axes do not divide is replicated instead (e.g. 2 kv heads on tensor=4).
 """
@@ -40,7 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("layers", None),
-    ("lora", None),
+    ("lora", "fsdp"),
 )
 
 
