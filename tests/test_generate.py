@@ -166,11 +166,13 @@ def test_eos_ends_generation_early(tiny, monkeypatch):
     assert calls == [32]
 
 
-@pytest.mark.parametrize("kw", [dict(model_type="qwen2"), dict(model_type="qwen3", tie_word_embeddings=True),
+@pytest.mark.parametrize("kw", [dict(model_type="qwen2"), dict(model_type="qwen3", tie_word_embeddings=True, rope_type="yarn",
+                                                                      rope_factor=4.0, rope_mscale=1.0,
+                                                                      rope_original_max_position_embeddings=32),
                                 dict(model_type="olmoe", clip_qkv=0.5, num_local_experts=4, num_experts_per_tok=2)])
 def test_fast_step_equals_decoder_decode(kw):
     """The switches the HF-compared fixtures above do not reach (q/k/v biases, per-head and whole-projection q/k
-    norms, clipping, tied embeddings): the fast step's tokens, greedy and sampled, equal the decoder's `decode`'s."""
+    norms, clipping, tied embeddings, yarn RoPE): the fast step's tokens, greedy and sampled, equal the decoder's `decode`'s."""
     import jax
     from jsmaug.models import config as config_lib
 

@@ -223,13 +223,13 @@ def expert_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, *, impl: str
     `token_chunks` > 1 runs the tokens in that many equal chunks, one after another (`lax.map`), each chunk
     rematerialised (`jax.checkpoint`): the backward holds one chunk's expert intermediates (the gate, up and
     activation rows and their gradients, each assignments x F) instead of all of them, for a second forward of
-    the experts. The weights are shared by the chunks (gathered once). Capacity-path drops are per chunk."""
+    the experts. The weights are shared by the chunks (gathered once). Capacity-path drops are per chunk. The
+    count used is the largest divisor of the layer's token count up to `token_chunks` (a decoding step's few
+    tokens run in one pass)."""
     kw = dict(impl=impl, block_size=block_size, capacity_factor=capacity_factor, glu=glu)
+    num_tokens = x_TxD.shape[0]
+    token_chunks = max(c for c in range(1, token_chunks + 1) if num_tokens % c == 0)
     if token_chunks > 1:
-        num_tokens = x_TxD.shape[0]
-        if num_tokens % token_chunks:
-            raise ValueError(f"model.moe_token_chunks={token_chunks} does not divide the {num_tokens} tokens of "
-                             "an MoE layer (per shard); pick a divisor")
         chunk = lambda v: v.reshape(token_chunks, num_tokens // token_chunks, *v.shape[1:])  # noqa: E731
 
         @jax.checkpoint
