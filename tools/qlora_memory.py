@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             (f"adapters r{args.rank} ({n_ad / 1e6:.1f}M) f32: weights, gradients, 2 Adam moments", 16 * n_ad),
             ("layer boundaries under remat: full (bfloat16)", layers * args.tokens * d * 2),
             ("one layer dequantized, forward recompute and backward", 2 * layer),
-            ("the gradient of one layer's effective weights (W + A @ B)", layer),
+            # (no weight-sized gradient: LoRA is applied factored, jsmaug/models/factored.py)
             ("one layer's MLP intermediates and their gradients", 2 * 3 * args.tokens * width * 2)]
     for name, b in rows:
         print(f"{name:70s} {b / GIB:8.2f} GiB")
