@@ -22,26 +22,12 @@ from typing import Any
 
 from jsmaug.errors import ConfigError  # noqa: F401 - re-exported (jsmaug.ConfigError)
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
-MODEL_TYPES = DENSE_TYPES + MOE_TYPES
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# The rope_* fields each rope_type reads (required, optional); every other rope_* field must stay None.
-ROPE_FIELDS = {
-    "default": ((), ()),
-    "linear": (("rope_factor",), ()),
-    "llama3": (("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                "rope_original_max_position_embeddings"), ()),
-    "yarn": (("rope_factor", "rope_original_max_position_embeddings"),
-             ("rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_attention_factor", "rope_mscale",
-              "rope_mscale_all_dim")),
-}
-LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's layer_types values jsmaug implements
-MOE_IMPLS = ("auto", "dense", "blocked", "bucketed", "ragged", "megablox", "capacity")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
-# HF projection names; w1/w3/w2 are Mixtral's names of the experts' gate/up/down (the same targets).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
-DTYPES = ("float32", "bfloat16", "float16")
+from jsmaug.models import config_rules
+# The accepted values, defined with their checks in jsmaug/models/config_rules.py; importable from here as before.
+DENSE_TYPES, MOE_TYPES, MODEL_TYPES = config_rules.DENSE_TYPES, config_rules.MOE_TYPES, config_rules.MODEL_TYPES
+ROPE_TYPES, ROPE_FIELDS, LAYER_TYPES = config_rules.ROPE_TYPES, config_rules.ROPE_FIELDS, config_rules.LAYER_TYPES
+MOE_IMPLS, ATTENTION_IMPLS = config_rules.MOE_IMPLS, config_rules.ATTENTION_IMPLS
+LORA_TARGETS, DTYPES = config_rules.LORA_TARGETS, config_rules.DTYPES
 
 # HF defaults per MoE family for the fields left at None (transformers 5's config classes; Mixtral keeps
 # jsmaug's released-8x7B values). Dense families have no experts.
@@ -249,132 +235,8 @@ class ModelConfig:
         return tuple(i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
                      for i in range(self.num_hidden_layers))
 
-    # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        def need(cond: bool, field: str, msg: str):
-            if not cond:
-                raise ConfigError(f"ModelConfig.{field}: {msg} (got {getattr(self, field)!r})")
-
-        need(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive integer")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"must divide num_attention_heads={self.num_attention_heads}")
-        if self.head_dim is None:
-            need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                 "must be divisible by num_attention_heads when head_dim is not given")
-        else:
-            need(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim",
-                 "must be a positive even integer (RoPE rotates halves)")
-        need(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
-             "sliding_window", "must be null or a positive integer")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        need(self.rope_theta > 0, "rope_theta", "must be > 0")
-        self._check_rope(need)
-        self._check_family(need)
-        self._check_gemma(need)
-        need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-        need(self.remat in ("none", "full", "minimal"), "remat", "must be none, full or minimal")
-        need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
-        need(self.moe_block_size > 0, "moe_block_size", "must be > 0")
-        need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
-        need(self.moe_token_chunks > 0, "moe_token_chunks", "must be > 0")
-        need(self.moe_dispatch in ("auto", "gspmd", "all_to_all"), "moe_dispatch", "must be auto, gspmd or all_to_all")
-        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an integer >= 0")
-        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
-        need(set(self.lora_targets) <= set(LORA_TARGETS) and len(self.lora_targets) > 0, "lora_targets",
-             f"must be a non-empty subset of {LORA_TARGETS}")
-        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
-        need(self.attention_block_size > 0, "attention_block_size", "must be > 0")
-
-    def _check_rope(self, need) -> None:
-        need(self.rope_type in ROPE_TYPES, "rope_type",
-             f"rope_type {self.rope_type!r} is not supported; jsmaug implements {ROPE_TYPES}")
-        required, optional = ROPE_FIELDS.get(self.rope_type, ((), ()))
-        for f in sorted({f for r, o in ROPE_FIELDS.values() for f in r + o}):
-            value = getattr(self, f)
-            if f in required:
-                need(value is not None and value > 0, f, f"rope_type {self.rope_type!r} needs a positive {f}")
-            elif f not in optional:
-                need(value is None, f, f"is not a parameter of rope_type {self.rope_type!r}")
-            elif f == "rope_truncate":
-                need(value in (None, True, False), f, "must be null, true or false")
-            elif f in ("rope_beta_fast", "rope_beta_slow", "rope_attention_factor"):
-                need(value is None or value > 0, f, "must be null or > 0")
-        if self.rope_type == "llama3":
-            need(self.rope_high_freq_factor != self.rope_low_freq_factor, "rope_high_freq_factor",
-                 "must differ from rope_low_freq_factor (llama3 interpolates between them)")
-
-    def _check_family(self, need) -> None:
-        """A field of another family is refused here, so a config always means one HF architecture."""
-        mt = self.model_type
-        if not self.is_moe:
-            for f in ("num_local_experts", "num_experts_per_tok"):
-                need(getattr(self, f) == 0, f, f"model_type {mt!r} is a dense family (no experts); set 0, or "
-                     f"pick an MoE model_type {MOE_TYPES}")
-            need(not self.norm_topk_prob, "norm_topk_prob", f"model_type {mt!r} has no router")
-            need(self.router_jitter_noise == 0, "router_jitter_noise", f"model_type {mt!r} has no router")
-        else:
-            need(isinstance(self.num_local_experts, int) and self.num_local_experts > 0, "num_local_experts",
-                 f"model_type {mt!r} needs a positive number of experts")
-            need(isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.num_local_experts,
-                 "num_experts_per_tok", f"must be in 1..num_local_experts={self.num_local_experts}")
-            need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
-        if mt == "qwen3_moe":
-            need(isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
-                 "moe_intermediate_size", "qwen3_moe needs the experts' width as a positive integer")
-            need(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
-                 "mlp_only_layers", f"must list layer indices in 0..{self.num_hidden_layers - 1}")
-        else:
-            need(self.moe_intermediate_size is None, "moe_intermediate_size", f"is a qwen3_moe field, not {mt!r}'s")
-            need(self.mlp_only_layers == (), "mlp_only_layers", f"is a qwen3_moe field, not {mt!r}'s")
-            need(self.decoder_sparse_step == 1, "decoder_sparse_step", f"is a qwen3_moe field, not {mt!r}'s")
-        if mt == "mixtral":
-            need(self.norm_topk_prob is True, "norm_topk_prob", "Mixtral always renormalises its top-k weights")
-        else:
-            need(self.router_jitter_noise == 0, "router_jitter_noise", f"is a mixtral field, not {mt!r}'s")
-        if mt == "gpt_oss":
-            need(self.norm_topk_prob is True, "norm_topk_prob",
-                 "gpt_oss's softmax over the chosen experts' logits is the renormalised top-k")
-            for f in ("swiglu_limit", "swiglu_alpha"):
-                need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f, "must be > 0")
-        else:
-            for f in ("swiglu_limit", "swiglu_alpha"):
-                need(getattr(self, f) is None, f, f"is a gpt_oss field, not {mt!r}'s")
-        need(not (self.attention_bias and mt in ("mistral", "mixtral", "qwen2")), "attention_bias",
-             f"{mt!r} has no attention_bias switch (qwen2: q/k/v biases always, no o bias; mistral/mixtral: none)")
-        if mt == "olmoe":
-            need(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", "must be null or > 0")
-        else:
-            need(self.clip_qkv is None, "clip_qkv", f"is an olmoe field, not {mt!r}'s")
-        need(self.sliding_window is None or mt not in ("llama", "olmoe"), "sliding_window",
-             f"{mt!r} has no sliding window in HF")
-        if mt == "olmoe":
-            need(self.head_dim is None or self.head_dim * self.num_attention_heads == self.hidden_size, "head_dim",
-                 "olmoe's q/k norms assume head_dim = hidden_size // num_attention_heads")
-
-    def _check_gemma(self, need) -> None:
-        """Gemma 3's fields, and the layer types it shares with gpt_oss."""
-        if not self.is_gemma:
-            for f in ("rope_local_base_freq", "query_pre_attn_scalar"):
-                need(getattr(self, f) is None, f, f"is a gemma3_text field, not {self.model_type!r}'s")
-        if self.model_type not in ("gemma3_text", "gpt_oss"):
-            need(self.layer_types is None, "layer_types",
-                 f"is a gemma3_text field, not {self.model_type!r}'s (gpt_oss has it too)")
-            return
-        need(isinstance(self.layer_types, tuple) and len(self.layer_types) == self.num_hidden_layers, "layer_types",
-             f"must list one type per layer ({self.num_hidden_layers})")
-        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        need(not unknown, "layer_types", f"layer type(s) {unknown} are not supported; jsmaug implements {LAYER_TYPES}")
-        if any(self.layer_sliding):
-            need(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
-                 "sliding_attention layers need a positive window")
-        if not self.is_gemma:
-            return
-        need(self.rope_local_base_freq > 0, "rope_local_base_freq", "must be > 0")
-        need(self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", "must be > 0")
+        config_rules.validate(self)  # the accepted values and their checks: jsmaug/models/config_rules.py
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
