@@ -35,6 +35,7 @@ from jsmaug.train.config import load_run_config  # noqa: E402
 # name -> (topology name, chip config, chips per host, devices, HBM GiB per device, bf16 peak TFLOP/s per device)
 TOPOLOGIES = {
     "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1), 4, 95, 459),
+    "v5p-16": ("v5:2x2x2", "megacore", (2, 2, 1), 8, 95, 459),
     "v5p-32": ("v5:2x2x4", "megacore", (2, 2, 1), 16, 95, 459),
     "v5p-64": ("v5:2x4x4", "megacore", (2, 2, 1), 32, 95, 459),
     "v5p-128": ("v5:4x4x4", "megacore", (2, 2, 1), 64, 95, 459),
