@@ -123,6 +123,36 @@ def run_arm(args, ckpt, train, heldout, arms: Path, loss: str) -> dict:
     return {"rows": rows, "process": cost, "stages_cpu_s": round(stages, 1)}
 
 
+def pair_logps_change(work: Path, ckpt: Path, loss: str, rounds: int) -> list[dict]:
+    """Per round: the trained policy's mean (policy - reference) log-prob of the round's chosen and rejected
+    completions over all its pairs (the reference: the round's start, whose log-probs the pairs keep), on the
+    trainer's tokenisation. DPO's failure mode in the paper is a negative chosen change."""
+    import numpy as np
+
+    from jsmaug import eval as ev
+    from jsmaug.data import batches as data_lib
+
+    tok = data_lib.Tokenizer(str(ckpt))
+    cfg = data_lib.DataConfig(max_length=4096, max_prompt_length=4096, chat_template="tokenizer")
+    out = []
+    for r in range(1, rounds + 1):
+        folder = work / "arms" / loss / f"round_{r}"
+        if not (folder / "train" / "done.json").exists():
+            continue
+        rows = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+        examples, _ = data_lib.prepare(folder / "pairs.jsonl", cfg, tok)
+        config, params = ev.load_model(folder / "train")
+        items = [(ex["prompt"], ex[side]) for side in ("chosen", "rejected") for ex in examples]
+        lp, _ = ev.completion_logps(config, params, items, batch_size=8)
+        n = len(examples)
+        ref_c = np.array([x["ref_chosen_logps"] for x in rows])
+        ref_r = np.array([x["ref_rejected_logps"] for x in rows])
+        out.append({"round": r, "pairs": n, "chosen_change": float(np.mean(lp[:n] - ref_c)),
+                    "rejected_change": float(np.mean(lp[n:] - ref_r)),
+                    "chosen_lowered_share": float(np.mean(lp[:n] < ref_c))})
+    return out
+
+
 def figure(result: dict, png: Path) -> None:
     import io
 
@@ -132,7 +162,7 @@ def figure(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("heldout_flexible", "held-out exact match (flexible)"), ("share_correct", "share of correct samples"),
-              ("pairs", "pairs made"), ("logps/chosen", "chosen log-prob, last step")]
+              ("pairs", "pairs made"), ("chosen_change", "chosen log-prob change on the round's pairs")]
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.0))
     for ax, (key, title) in zip(axes, panels):
         for loss, style in (("dpop", "o-"), ("dpo", "s--")):
@@ -143,6 +173,13 @@ def figure(result: dict, png: Path) -> None:
                             label=loss.upper())
             else:
                 ax.plot(xs, ys, style, label=loss.upper())
+            if key == "chosen_change":
+                rej = [r for r in result["arms"][loss]["rows"] if r.get("rejected_change") is not None]
+                ax.plot([r["round"] for r in rej], [r["rejected_change"] for r in rej], style, alpha=0.35,
+                        label=f"{loss.upper()} rejected")
+        if key == "chosen_change":
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.set_xticks(range(result["settings"]["rounds"] + 1))
@@ -156,6 +193,27 @@ def figure(result: dict, png: Path) -> None:
     tmp = png.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.rename(png)
+
+
+def markdown(result: dict) -> str:
+    """The docs' table: per arm and round, share correct, pairs, held-out exact match (flexible and strict, with
+    lm-eval's stderr), the last training step's chosen log-prob, and the round's CPU seconds by stage."""
+    def f(v, spec, none="-"):
+        return none if v is None else format(v, spec)
+
+    lines = ["| arm | round | share correct | pairs | held-out flexible | held-out strict | held-out answer chars | "
+             "chosen / rejected log-prob change (share lowered) | CPU s: sample + train + held-out |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for loss, arm in result["arms"].items():
+        for r in arm["rows"]:
+            cpu = " + ".join(f(r.get(f"cpu_{k}"), ".0f") for k in ("sample", "train", "heldout"))
+            lines.append(f"| {loss.upper()} | {r['round']} | {f(r.get('share_correct'), '.3f')} | "
+                         f"{f(r.get('pairs'), 'd')} | {f(r.get('heldout_flexible'), '.3f')} ± "
+                         f"{f(r.get('heldout_flexible_stderr'), '.3f')} | {f(r.get('heldout_strict'), '.3f')} | "
+                         f"{f(r.get('heldout_chars'), '.0f')} | "
+                         f"{f(r.get('chosen_change'), '+.2f')} / {f(r.get('rejected_change'), '+.2f')} "
+                         f"({f(r.get('chosen_lowered_share'), '.0%')}) | {cpu} = {f(r.get('cpu_s'), '.0f')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -202,10 +260,18 @@ def main(argv=None) -> int:
     else:
         for loss in args.losses:
             result["arms"][loss] = run_arm(args, ckpt, train, heldout, work / "arms", loss)
+    for loss, arm in result["arms"].items():
+        changes = {c["round"]: c for c in pair_logps_change(work, ckpt, loss, args.rounds)}
+        for row in arm["rows"]:
+            c = changes.get(row["round"], {})
+            row.update({k: c.get(k) for k in ("chosen_change", "rejected_change", "chosen_lowered_share")})
+            scored = json.loads((work / "arms" / loss / f"round_{row['round']}" / "heldout.json").read_text())
+            row["heldout_chars"] = sum(len(x["completion"]) for x in scored["rows"]) / len(scored["rows"])
     (work / "experiment.json").write_text(json.dumps(result, indent=1))
     keep = ("round", "share_correct", "samples", "pairs", "no_correct", "no_wrong", "logps/chosen", "logps/rejected",
             "heldout_strict", "heldout_strict_stderr", "heldout_flexible", "heldout_flexible_stderr", "heldout_n",
-            "cpu_sample", "cpu_train", "cpu_heldout", "cpu_s")
+            "chosen_change", "rejected_change", "chosen_lowered_share", "heldout_chars", "cpu_sample", "cpu_train", "cpu_heldout",
+            "cpu_s")
     small = dict(result, arms={loss: {"process": arm["process"], "stages_cpu_s": arm["stages_cpu_s"],
                                       "rows": [{k: r.get(k) for k in keep} for r in arm["rows"]]}
                                for loss, arm in result["arms"].items()})
@@ -213,6 +279,7 @@ def main(argv=None) -> int:
         Path(args.doc_json).write_text(json.dumps(small, indent=1) + "\n")
     if args.doc_png and {"dpop", "dpo"} <= set(result["arms"]):
         figure(small, Path(args.doc_png))
+    print(markdown(small))
     for loss, arm in result["arms"].items():
         from jsmaug.train import iterate
 
