@@ -82,8 +82,8 @@ def test_step_one_is_the_tie_and_the_files_numbers_are_used(made):
     """One step of DPOP from the sampling model on 8 pairs, the first 4 with ref_chosen_logps raised by 1 in the
     file. The others are the tie: the policy's log-probs are the file's, margin 0, no penalty, loss log 2. The
     raised ones have margin -1 and penalty 1: softplus(beta (1 + lambda)). A trainer that ignored the file (or
-    computed its own reference) would give log 2 and no penalty on all 8. About 15 s on a quiet 2-core CPU (one
-    training run's compile), 30 s on a loaded one."""
+    computed its own reference) would give log 2 and no penalty on all 8. About 8 s (one training run's compile)
+    on the shared 2-core CPU at load 5, 30 s at load 7; the whole file 16 s and 33 s."""
     d, _, _ = made
     rows = _rows(d / "pairs.jsonl")[:8]
     path = _write(d / "half_shifted.jsonl", [dict(r, ref_chosen_logps=r["ref_chosen_logps"] + (i < 4))
