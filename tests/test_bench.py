@@ -81,3 +81,37 @@ def test_generate_contenders_agree(tmp_path):
     assert c.jsmaug(greedy) == c.transformers(greedy)
     hot = SamplingConfig(max_new_tokens=6, eos_id=None, temperature=0.7, top_p=0.95)
     assert [len(r) for r in c.jsmaug(hot, 3)] == [len(r) for r in c.transformers(hot, 3)] == [6] * 6
+
+
+def test_goal_rows_are_the_median_block_with_its_spread(monkeypatch):
+    """time_blocks: one figure per block (the median of its timed calls, the first untimed), the contenders in
+    alternating blocks; record_blocks: the medians of a and b, the median of the per-block ratios and their
+    range."""
+    log = []
+    t = bench.time_blocks(_contenders(monkeypatch, log), blocks=3, calls=3)
+    assert log == (["a"] * 3 + ["b"] * 3) * 3
+    assert t == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+    monkeypatch.setattr(bench, "RESULTS", [])
+    rec = bench.record_blocks("x", [10.0, 30.0, 20.0], [10.0, 10.0, 40.0], "u", "c", "A", "B")
+    assert (rec["a"], rec["b"]) == (20.0, 10.0)
+    assert rec["ratio"] == 1.0 and (rec["ratio_min"], rec["ratio_max"]) == (0.5, 3.0)  # ratios 1, 3, 0.5
+    assert "median of 3 alternating blocks" in rec["config"]
+
+
+def test_a_runs_own_figures_count_its_compiles(tmp_path):
+    """packing_bench.run_figures: real tokens over the loop's seconds plus the seconds compiling ahead, the
+    median of steps 7-36's tokens/s, the mean padding share."""
+    import json
+
+    from jsmaug.perf import packing_bench
+
+    recs = [{"step": s, "tokens": 100.0, "tokens_per_sec": float(s), "padding_fraction": 0.1 * (s % 2)}
+            for s in range(1, 41)]
+    lines = [json.dumps(r) for r in recs] + ['{"step": 40, "eval/loss": 1}']  # an eval record has no tokens
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = ("step 40/40 ...\ndone: {'steps': 40, 'skipped_steps': 0, 'seconds': 30.0, 'compile_ahead_seconds': 10.0, "
+           "'compile_ahead_cpu_seconds': 5.0, 'loop_cpu_seconds': 15.0}\n")
+    f = packing_bench.run_figures(tmp_path, out)
+    assert f["whole"] == 4000.0 / 40.0 and f["steady"] == 21.5 and abs(f["padding"] - 0.05) < 1e-12
+    assert f["whole_cpu"] == 4000.0 / 20.0
+    assert (f["compile_ahead"], f["loop"]) == (10.0, 30.0)

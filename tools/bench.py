@@ -1,9 +1,12 @@
 """Side-by-side performance figures, all measured in one process and one run.
 
-    python tools/bench.py [--quick] [--skip_torch] [--goals] [--json_out FILE] [--cpu_mode]
+    python tools/bench.py [--quick] [--skip_torch] [--goals] [--packing_runs [--blocks N]] [--json_out FILE]
+                          [--cpu_mode]
 
 --goals runs only the rows the CPU goals read (the torch/* steps and mfu), between two peak measurements; the
-MFU row's denominator is then the better of the two, since this machine's speed drifts within a run.
+MFU row's denominator is then the better of the two, since this machine's speed drifts within a run. The goal
+rows (torch/*, mfu/*, packing_run/*) are the median of several alternating blocks, with the spread of the ratio
+over the blocks (min..max): report the lowest, not the best.
 
 On a GPU or TPU backend it runs the accelerator figures instead (tools/bench_accel.py) unless --cpu_mode.
 
@@ -20,6 +23,11 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
   packing/*   real (non-padding) tokens/s of packed vs padded steps, 8 pairs a step, on long-tailed and on
               mild synthetic pairs (jsmaug/perf/packing_bench.py): rows from the length ladder (the default) and
               rows of the bucket length, and the share of token slots spent on padding
+  packing_run/*  packed vs padded as a training run measures it: `python -m jsmaug.train configs/tiny_dpo.yaml`
+              with data.packing on and off, 40 steps, 8 pairs a step, fresh processes without a compilation
+              cache (compiles included), on issue 44's mild text pairs and the two distributions above as words;
+              real tokens/s over the run and the median of steps 7-36, median of --blocks alternating blocks
+              with the spread (--packing_runs: only these rows)
   mfu         a ~100M-parameter Mixtral-shaped model's DPOP step: model FLOPs / step time / measured peak
   mfu/step_model_dpop_step  the torch row's jsmaug step (the 29.8M step model): model FLOPs / its time / peak
   generate/*  jsmaug's batched KV-cache generation vs transformers' `generate` on the real SmolLM2-135M-Instruct
@@ -47,9 +55,11 @@ from jsmaug.perf.bench import (  # noqa: E402
     print_table,
     record,
     record_against_torch,
+    record_blocks,
     step_model_config,
     synthetic_batch,
     time_alternating,
+    time_blocks,
     timeit,
     torch_dpop_step,
 )
@@ -149,10 +159,6 @@ def bench_reference_free(conf, batch, ref, rounds=5):
            "SimPO step", "DPO sigmoid step (with the reference's weights)")
 
 
-def time_step(conf, loss_type, batch, ref, chunk=CHUNK, reps=3):
-    return time_alternating({"one": StepRunner(conf, loss_type, batch, ref, chunk)}, reps)["one"]
-
-
 def bench_steps(conf, pairs, length, label, rounds=5):
     rng = np.random.default_rng(0)
     batch = synthetic_batch(rng, pairs, length, conf.vocab_size)
@@ -184,11 +190,12 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, peak, roun
     one_step()
     tokens = 2 * pairs * length
     cfg = f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
-    sec = record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens, cfg,
-                               "HF transformers + PyTorch DPOP step", rounds)
+    secs = record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens, cfg,
+                                "HF transformers + PyTorch DPOP step", rounds)
     flops = analytic_flops_per_step(conf, tokens, length, with_reference=True)
-    record("mfu/step_model_dpop_step", flops / sec / 1e9, peak / 1e9, "GFLOP/s", cfg + ", blocks of 3",
-           "model FLOPs / the torch row's step time", "peak (measured before the rows)")
+    record_blocks("mfu/step_model_dpop_step", [flops / s / 1e9 for s in secs], [peak / 1e9] * len(secs),
+                  "GFLOP/s", cfg + ", the torch row's blocks", "model FLOPs / the torch row's step time",
+                  "peak (measured before the rows)")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -200,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--cpu_mode", action="store_true", help="the CPU comparisons even on a GPU/TPU backend")
     ap.add_argument("--goals", action="store_true", help="only the goals' rows (torch/*, mfu), between two peaks")
+    ap.add_argument("--packing_runs", action="store_true",
+                    help="only the packing_run/* rows: packed against padded training runs, compiles included")
+    ap.add_argument("--blocks", type=int, default=3, help="alternating blocks of the packing_run/* rows")
     args = ap.parse_args(argv)
 
     q = args.quick
@@ -217,6 +227,10 @@ def main(argv=None) -> int:
         peak = next((v for k, v in NOMINAL_BF16_PEAK["gpu"].items() if k in kind), measured_peak)
     record("peak/matmul", measured_peak / 1e9, peak / 1e9, "GFLOP/s", "f32 square matmul" if not q else "quick",
            "measured", "MFU denominator")
+    if args.packing_runs:
+        bench_packing_runs(q, args.blocks)
+        print_table(args.json_out)
+        return 0
     small = step_model_config(q)
     pairs, length = (2, 32) if q else (4, 256)
     if args.goals:
@@ -243,9 +257,19 @@ def main(argv=None) -> int:
         packing_bench.bench_packing(small, dist, *((4, 2, 2, 2) if q else (8, 6, 2, 20)))
 
     bench_mfu(q, small, peak)
+    bench_packing_runs(q, args.blocks)
 
     print_table(args.json_out)
     return 0
+
+
+def bench_packing_runs(q, blocks):
+    """packing_run/*: `python -m jsmaug.train` packed against padded, 40 steps, compiles included, on issue 44's
+    mild text pairs and on the bench's two distributions as words (jsmaug/perf/packing_bench.py)."""
+    if q:
+        packing_bench.bench_packing_runs(("mild_words",), steps=4, blocks=2, pairs=32)
+    else:
+        packing_bench.bench_packing_runs(blocks=blocks)
 
 
 def run_torch_rows(small, pairs, length, batch, ref, q, peak):
@@ -274,7 +298,7 @@ def bench_mfu(q, small, peak, peak_after=None):
     rng = np.random.default_rng(1)
     batch = synthetic_batch(rng, mpairs, mlen, mfu_conf.vocab_size)
     ref = model.init_params(mfu_conf, jax.random.key(1))
-    t = time_step(mfu_conf, "dpop", batch, ref)
+    secs = time_blocks({"one": StepRunner(mfu_conf, "dpop", batch, ref)}, blocks=5, calls=3)["one"]
     flops = analytic_flops_per_step(mfu_conf, 2 * mpairs * mlen, mlen, with_reference=True)
     denominator = "peak"
     if peak_after is not None:
@@ -282,9 +306,9 @@ def bench_mfu(q, small, peak, peak_after=None):
         record("peak/matmul_after", after / 1e9, peak / 1e9, "GFLOP/s", "f32 square matmul, after the rows",
                "measured after", "measured before")
         peak, denominator = max(peak, after), "peak (the better of before and after)"
-    record("mfu/dpop_step", flops / t / 1e9, peak / 1e9, "GFLOP/s",
-           f"{mfu_conf.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
-           "model FLOPs / step time", denominator)
+    record_blocks("mfu/dpop_step", [flops / t / 1e9 for t in secs], [peak / 1e9] * len(secs), "GFLOP/s",
+                  f"{mfu_conf.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
+                  "model FLOPs / step time", denominator)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ class DataConfig:
     chat_template: str | None = None  # conversational rows: a Jinja file, or "tokenizer" (the tokenizer folder's)
     bucket_lengths: tuple[int, ...] = ()  # () = powers of two from 32 up to max_length, and max_length
     packing: bool = False  # pack each step's sequences into rows (jsmaug.data.packing): no compute on padding
-    packing_length: int | None = None  # packed row length; None = the batch's bucket length
+    packing_length: int | None = None  # packed row length; None = the run's own (packing.run_layout)
+    # A compile of the step counted as the token slots of this many steps' real tokens: a packed run takes another
+    # row count only where it saves more (packing.run_layout; 35: the tiny config's step on the 2-core CPU, 22 s of
+    # CPU per compile against 0.29 ms per slot, docs/performance.md); 0 = the fewest slots, however many compiles
+    packing_compile_steps: float = 35.0
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag
     tfds_manual_dir: str | None = None  # where the raw files lie

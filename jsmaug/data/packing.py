@@ -8,10 +8,11 @@ ladder of multiples of `ROW_STEP` (64 tokens; 1/8 of the bucket length for short
 sequence up to twice the batch's bucket length: the length that needs the fewest token slots, each group's
 sequences laid into its rows first-fit, longest first. Rows of the bucket length alone (first-fit in pair
 order, the layout before the ladder) left 19-23% of the slots empty at 8 pairs per group, when sequences are
-about half a bucket long; the ladder leaves 4-8% (docs/performance.md). A training run takes one length for
-all its steps (`run_row_length`, chosen from the data before the first step), since every new row length is a
-new compile; `data.packing_length` fixes the row length instead. The rows per group are the smallest of a few counts (`row_counts`) that holds every group, so
-only a few programs compile. A packed batch:
+about half a bucket long; the ladder leaves 4-8% (docs/performance.md). The rows per group are the smallest of
+a few counts (`row_counts`) that holds every group. A training run takes one row length and a few row counts for
+all its steps (`run_layout` -> `RunLayout`, chosen from its first steps' lengths before the first step), since
+every new (rows, length) shape is a new compile of the whole step: the layout of least work, a compile counted
+as `data.packing_compile_steps` steps; `data.packing_length` fixes the row length instead. A packed batch:
 
     input_ids, segment_ids, positions, labels, loss_mask, sequence_ids   (M, D*R, L) int32
     pair_index                                                           (2, B) int32
@@ -111,7 +112,8 @@ def _layout(groups, row_length: int, fit, per: int):
 
 
 def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[int],
-         row_length: int | None = None, row_step: int = ROW_STEP, run_length: int | None = None) -> Plan:
+         row_length: int | None = None, row_step: int = ROW_STEP, run_length: "int | RunLayout | None" = None
+         ) -> Plan:
     """The packing of one step's pairs (from their lengths only: every process makes the same plan).
 
     `row_length` given (data.packing_length): rows of that length, first-fit in pair order. Else with
@@ -121,7 +123,8 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
     length; the shorter on a tie), each length's rows filled first-fit longest sequence first. `row_step=0`:
     rows of the bucket length, first-fit in pair order (the layout before the ladder). `run_length` (the run's
     one row length, `run_row_length`): rows of that length filled longest first, whenever the step's longest
-    sequence fits it (else this step takes the ladder's length)."""
+    sequence fits it (else this step takes the ladder's length); a `RunLayout` (`run_layout`): rows of its
+    length, as many as the smallest of its counts that holds every group."""
     b = len(pairs)
     groups = micro * shards
     if b % groups:
@@ -134,6 +137,13 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
         count, rows = _layout(seqs, row_length, first_fit, per)
         return Plan(micro, shards, row_length, count, rows)
     longest = max(max(lengths) for _, lengths in seqs)
+    if isinstance(run_length, RunLayout) and longest <= run_length.length:
+        rows = tuple(tuple(tuple(s[i] for i in row) for row in first_fit_decreasing(lengths, run_length.length))
+                     for s, lengths in seqs)
+        count = run_length.rows_for(max(len(r) for r in rows), 2 * per)
+        return Plan(micro, shards, run_length.length, count, rows)
+    if isinstance(run_length, RunLayout):
+        run_length = None  # a sequence longer than the run's rows: this step takes the ladder's length
     if run_length is not None and longest <= run_length:
         count, rows = _layout(seqs, run_length, first_fit_decreasing, per)
         return Plan(micro, shards, run_length, count, rows)
@@ -146,6 +156,79 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
             best = (count, length, rows)
     count, length, rows = best
     return Plan(micro, shards, length, count, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """A packed run's programs: rows of `length` tokens and, per step, the smallest of `counts` (ascending) rows
+    per group that holds the step's sequences (a count past them, if a later step needs one: `row_counts`)."""
+    length: int
+    counts: tuple[int, ...]
+
+    def rows_for(self, need: int, max_rows: int) -> int:
+        return next((c for c in self.counts if c >= need), None) or next(c for c in row_counts(max_rows) if c >= need)
+
+
+def _need(pairs, length: int, micro: int, shards: int) -> int:
+    """The most rows of `length` tokens any group of this step needs, filled longest first."""
+    per = len(pairs) // (micro * shards)
+    return max(len(first_fit_decreasing(_group_sequences(pairs, g, per)[1], length)) for g in range(micro * shards))
+
+
+def _fewest_counts(needs: dict[int, int], step_slots: float, compile_slots: float):
+    """(cost, counts): the row counts, each one of `needs` (count of rows -> steps needing it) and the largest
+    among them, that minimise sum over steps of (the smallest count >= its need) x `step_slots` + `compile_slots`
+    per count; on a tie, fewer counts. A dynamic programme over the sorted needs: best[j] covers needs[:j]."""
+    d = sorted(needs)
+    best = [(0.0, 0, ())]
+    for j in range(1, len(d) + 1):
+        options = []
+        for i in range(j):
+            steps = sum(needs[x] for x in d[i:j])
+            cost, n, counts = best[i]
+            options.append((cost + compile_slots + steps * d[j - 1] * step_slots, n + 1, counts + (d[j - 1],)))
+        best.append(min(options, key=lambda o: (o[0], o[1])))
+    return best[-1][0], best[-1][2]
+
+
+def run_layout(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int], longest: int,
+               row_step: int = ROW_STEP, max_length: int | None = None, compile_steps: float = 0.0,
+               steps: int | None = None) -> RunLayout:
+    """A packed run's row length and row counts, chosen before its first step from `batches` (its first steps,
+    lengths only) to minimise the run's work: token slots over the run's `steps` (default: len(batches)) plus
+    `compile_steps` steps' worth of real tokens for every (rows, length) shape, each a compile of the whole step.
+
+    Why the compiles count: on the 2-core CPU machine a compile of the tiny config's step took about 22 s of CPU,
+    and each token slot of a step 0.29 ms more (docs/performance.md, "Packing in a run"), so a compile costs the
+    slots of about 35 steps' real tokens, and a run of 40 steps whose rows came in 3 counts (5, 6 or 7 rows of
+    376 tokens, 9.3% padding) spent more on its two extra compiles than packing saved, and ran at 0.83x padded.
+    Counted this way a short run takes one shape, a long run the few counts that pay for their compiles
+    (`compile_steps=0`: every row count its steps need, the fewest slots). A step's work also has a part that
+    does not depend on the layout (the log-probs of the completion tokens), which this leaves out.
+
+    Lengths run from `longest` (the data's longest sequence) in steps of `row_step` up to twice the largest
+    padded length of `batches`, and no further than `max_length` (the longest row that keeps the padded rows'
+    attention path: on CPU, rows over attention_block_size take the chunked path, 1.6x the work per slot on the
+    tiny config) unless the longest sequence needs more. Ties: fewer counts, then the shorter length."""
+    steps = len(batches) if steps is None else steps
+    batches = list(batches)[:max(steps, 1)]
+    weight = steps / len(batches)  # each sampled batch stands for this many steps
+    groups = micro * shards
+    real = sum(sum(sum(sequence_lengths(p)) for p in pairs) for pairs in batches) / len(batches)
+    first = -(-longest // row_step) * row_step
+    cap = max(2 * max(batch_length(b, buckets) for b in batches), longest)
+    if max_length is not None:
+        cap = min(cap, max_length)
+    best = None
+    for length in range(first, max(cap, first) + 1, row_step):
+        needs: dict[int, int] = {}
+        for pairs in batches:
+            n = _need(pairs, length, micro, shards)
+            needs[n] = needs.get(n, 0) + 1
+        cost, counts = _fewest_counts(needs, weight * groups * length, compile_steps * real)
+        if best is None or (cost, len(counts)) < (best[0], len(best[1].counts)):
+            best = (cost, RunLayout(length, counts))
+    return best[1]
 
 
 def run_row_step(platform: str) -> int:

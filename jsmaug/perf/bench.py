@@ -70,31 +70,62 @@ def time_alternating(fns, rounds: int, block: int = 1) -> dict[str, float]:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, torch_label: str, rounds: int):
-    """The `torch/*` rows: `name`, timed in blocks of 3 back-to-back steps (3 rounds; the goal's row, a training
-    loop's steady state), and `name`_interleaved, the steps strictly in turn (`rounds`), in tokens/s. Returns
-    jsmaug's seconds per step in the first."""
-    seconds = []
-    for row, kw in ((name, {"rounds": 3, "block": 3}), (f"{name}_interleaved", {"rounds": rounds})):
-        t = time_alternating({"jax": jax_step, "torch": torch_step}, **kw)
-        record(row, tokens / t["jax"], tokens / t["torch"], "tokens/s", config, "jsmaug jitted DPOP step",
-               torch_label)
-        seconds.append(t["jax"])
-    return seconds[0]
+def time_blocks(fns, blocks: int, calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument, blocking function, one figure per block: `blocks` rounds, each
+    running every function for `calls` consecutive calls in turn (A A A B B B, then A A A B B B ...), the first
+    call of each block untimed (it pays for the other contender's threads and caches), the block's figure the
+    median of the rest. The goal rows report the median block with the spread of the blocks (`record_blocks`):
+    one median over every call hides how much the machine's speed moved during the run."""
+    out = {name: [] for name in fns}
+    for _ in range(blocks):
+        t = time_alternating(fns, rounds=1, block=calls)
+        for name in fns:
+            out[name].append(t[name])
+    return out
 
 
-def record(name, a, b, unit, config, a_label, b_label):
-    rec = {"name": name, "a": a, "b": b, "ratio": a / b if b else float("nan"), "unit": unit, "a_is": a_label,
-           "b_is": b_label, "machine": machine(), "config": config, "peak_rss_gb": round(rss_gb(), 2)}
+def record_blocks(name, a_blocks, b_blocks, unit, config, a_label, b_label):
+    """A goal row: a and b the medians of their per-block figures, the ratio the median of the per-block ratios
+    (a block of a beside the block of b next to it), with its spread over the blocks (ratio_min..ratio_max)."""
+    ratios = [a / b for a, b in zip(a_blocks, b_blocks)]
+    return record(name, float(np.median(a_blocks)), float(np.median(b_blocks)), unit,
+                  config + f"; median of {len(ratios)} alternating blocks", a_label, b_label,
+                  ratio=float(np.median(ratios)), spread=(min(ratios), max(ratios)))
+
+
+def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, torch_label: str, rounds: int,
+                         blocks: int = 5):
+    """The `torch/*` rows: `name`, the goal's row, in `blocks` alternating blocks of 4 back-to-back steps each
+    (3 timed: a training loop's steady state), reported as the median block with the blocks' spread; and
+    `name`_interleaved, the steps strictly in turn (`rounds`), in tokens/s. Returns jsmaug's seconds per step in
+    each block of the first."""
+    t = time_blocks({"jax": jax_step, "torch": torch_step}, blocks, calls=4)
+    record_blocks(name, [tokens / x for x in t["jax"]], [tokens / x for x in t["torch"]], "tokens/s", config,
+                  "jsmaug jitted DPOP step", torch_label)
+    ti = time_alternating({"jax": jax_step, "torch": torch_step}, rounds)
+    record(f"{name}_interleaved", tokens / ti["jax"], tokens / ti["torch"], "tokens/s", config,
+           "jsmaug jitted DPOP step", torch_label)
+    return t["jax"]
+
+
+def record(name, a, b, unit, config, a_label, b_label, ratio=None, spread=None):
+    """One comparison: a against b (ratio a / b unless given), with the spread of the ratio over blocks if any."""
+    rec = {"name": name, "a": a, "b": b, "ratio": (a / b if b else float("nan")) if ratio is None else ratio,
+           "unit": unit, "a_is": a_label, "b_is": b_label, "machine": machine(), "config": config,
+           "peak_rss_gb": round(rss_gb(), 2)}
+    if spread is not None:
+        rec["ratio_min"], rec["ratio_max"] = float(spread[0]), float(spread[1])
     RESULTS.append(rec)
     print(json.dumps(rec), flush=True)
+    return rec
 
 
 def print_table(json_out: str | None) -> None:
-    print("\n| comparison | a | b | a/b | unit |\n|---|---|---|---|---|")
+    print("\n| comparison | a | b | a/b | spread of a/b over blocks | unit |\n|---|---|---|---|---|---|")
     for r in RESULTS:
+        spread = f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}" if "ratio_min" in r else ""
         print(f"| {r['name']} ({r['a_is']} vs {r['b_is']}) | {r['a']:.4g} | {r['b']:.4g} | {r['ratio']:.3f} | "
-              f"{r['unit']} |")
+              f"{spread} | {r['unit']} |")
     print(f"\npeak RSS {rss_gb():.2f} GB")
     if json_out:
         Path(json_out).write_text("".join(json.dumps(r) + "\n" for r in RESULTS))

@@ -110,6 +110,9 @@ class RunConfig:
     seed: int = 0
     init_from: str | None = None
     export_hf: bool = True
+    # jax's persistent compilation cache (jsmaug.train.programs): "auto" = JAX_COMPILATION_CACHE_DIR if set, else
+    # $XDG_CACHE_HOME/jsmaug/jax (~/.cache/jsmaug/jax); a folder; null = off
+    compilation_cache: str | None = "auto"
     model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -167,6 +170,7 @@ class RunConfig:
              f"must be < data.max_length={self.data.max_length}")
         need(self.data.packing_length is None or self.data.max_length <= self.data.packing_length,
              "data.packing_length", f"must hold the longest sequence: >= data.max_length={self.data.max_length}")
+        need(self.data.packing_compile_steps >= 0, "data.packing_compile_steps", "must be >= 0")
         need(self.checkpoint.every > 0, "checkpoint.every", "must be > 0")
         need(self.lora.rank >= 0, "lora.rank", "must be >= 0")
         need(self.lora.alpha > 0, "lora.alpha", "must be > 0")

@@ -4,8 +4,9 @@
     jsmaug train my_run.yaml train.steps=200 workdir=runs/mine init_from=ckpt/model
 
 A run has four phases, each a function below: `load_data` (files -> tokenised pairs), `setup.build` (the
-plan of jsmaug.train.plan, then the model, reference, optimizer and restored state), `train_loop` (jitted steps
--> metrics and Orbax checkpoints) and `finish` (final eval, plot, HF export of the final policy in workdir/hf).
+plan of jsmaug.train.plan, then the model, reference, optimizer and restored state), `train_loop` (the step
+compiled ahead for every batch shape its first steps need, jsmaug.train.programs; jitted steps -> metrics and
+Orbax checkpoints) and `finish` (final eval, plot, HF export of the final policy in workdir/hf).
 What each process writes is decided in one place, `jsmaug.train.outputs`; in a multi-process run (one process per
 host, `jsmaug.parallel.distributed`) process 0 writes.
 
@@ -32,7 +33,7 @@ import numpy as np
 from jsmaug.data import batches as data_lib, formats as pair_formats, packing, tokenizer_folder
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import distributed, sharding as shd
-from jsmaug.train import checkpoint as ckpt, setup as run_setup, step as step_lib
+from jsmaug.train import checkpoint as ckpt, programs, setup as run_setup, step as step_lib
 from jsmaug.train.config import RunConfig, load_run_config
 from jsmaug.train import metrics_log
 from jsmaug.train.metrics_log import log, speak
@@ -124,23 +125,27 @@ def _reference_mixer(cfg: RunConfig, setup: run_setup.Setup):
     return jax.jit(mix, out_shardings=setup.ref_sh, donate_argnums=1)
 
 
-def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds, num_pairs: int) -> None:
-    """The share of token slots spent on padding, without and with packing, over the first epoch's batches (up
-    to 200 of them): the data summary's line about packing."""
-    n = min(max(num_pairs // cfg.train.batch_size, 1), 200)
+def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds) -> None:
+    """The share of token slots spent on padding, without and with packing, over the run's first steps (up to
+    200 of them; the steps the packed layout was chosen from): the data summary's line about packing."""
+    n = min(cfg.train.steps, programs.SAMPLE_STEPS)
     shards = shd.batch_rows_divisor(setup.mesh, cfg.mesh)
     padded, packed = packing.padding_fractions([ds[i] for i in range(n)], micro=cfg.train.micro_batches,
                                                shards=shards, buckets=data_lib.bucket_lengths(cfg.data),
                                                row_length=cfg.data.packing_length, run_length=setup.run_length)
     use = "on" if cfg.data.packing else "off (data.packing=true to pack)"
-    log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} batches; packing {use}")
+    log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} steps; packing {use}")
 
 
-def _log_window(setup, writer, state, done: int, steps: int, window, steps_since: int, seconds: float,
-                eta: float) -> None:
-    """The metrics of the steps since the last line (summed on device), as means: one JSON line, one console line."""
+def _log_window(setup, writer, state, done: int, steps: int, window, steps_since: int, t_last: float,
+                t_start: float, start: int) -> float:
+    """The metrics of the steps since the last line (summed on device), as means: one JSON line, one console line.
+    The window's time ends once its metrics are on the host, so it holds its own steps' work (a clock read before
+    the wait would give the last step's work to the next window). Returns that time."""
     m = jax.device_get(window)
-    tok_s = float(m["tokens"]) / max(seconds, 1e-9)
+    now = time.time()
+    tok_s = float(m["tokens"]) / max(now - t_last, 1e-9)
+    eta = (steps - done) * (now - t_start) / max(done - start, 1)
     rec = {k: np.asarray(v) / steps_since for k, v in m.items() if k not in ("applied", "tokens")}
     rec.update(learning_rate=float(setup.schedule(done - 1)), tokens_per_sec=tok_s, tokens=float(m["tokens"]),
                skipped_steps=int(state.skipped))
@@ -151,6 +156,7 @@ def _log_window(setup, writer, state, done: int, steps: int, window, steps_since
     log(f"step {done}/{steps} loss {float(rec['loss']):.4f} acc {float(rec['rewards/accuracies']):.2f} "
         f"margin {float(rec['rewards/margins']):.3f} logp_c {float(rec['logps/chosen']):.2f} "
         f"gnorm {float(rec['grad_norm']):.2f} {experts}{tok_s:,.0f} tok/s ETA {eta:.0f}s")
+    return now
 
 
 def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: RunOutputs, writer,
@@ -162,15 +168,21 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
     state, start, steps = setup.state, setup.start, cfg.train.steps
     ds = data_lib.batches(run_data.train, cfg.train.batch_size, seed=cfg.seed)
     micro = cfg.train.micro_batches
-    _log_padding(cfg, setup, ds, len(run_data.train))
+    _log_padding(cfg, setup, ds)
+    shapes = programs.ShapeLog(log)
+    cpu = time.process_time()
+    setup.timings["compile_ahead_seconds"] = programs.compile_ahead(cfg, setup, ds, start, run_data.buckets, shapes)
+    setup.timings["compile_ahead_cpu_seconds"] = time.process_time() - cpu
     first = setup.place(ds[start], setup.train_ref, micro)
     step_fn = setup.plan.step  # the one program of jsmaug.train.plan (what `jsmaug plan` compiles)
     evaluate = Evaluator(cfg, setup, run_data, jax.tree.map(lambda x: x.sharding, setup.plan.batch_shapes()))
     mix = _reference_mixer(cfg, setup) if cfg.reference.sync_every else None
     t_last = t_start = time.time()
+    cpu = time.process_time()
     steps_since, window, saved = 0, None, None
     for s in range(start, steps):
         batch = first if s == start else setup.place(ds[s], setup.train_ref, micro)
+        shapes.seen(s + 1, tuple(batch["input_ids"].shape))
         state, metrics = step_fn(state, batch, setup.ref_params, jnp.asarray(cfg.debug.nan_at_step == s + 1))
         setup.manager.check()  # a failed background save stops the run now, not at the next save
         window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
@@ -180,10 +192,8 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
             setup.manager.wait()
             raise FloatingPointError(f"step {done}: loss or gradients not finite (train.on_nonfinite=stop)")
         if done % cfg.log.every == 0 or done == steps:
-            now = time.time()
-            eta = (steps - done) * (now - t_start) / max(done - start, 1)
-            _log_window(setup, writer, state, done, steps, window, steps_since, now - t_last, eta)
-            t_last, steps_since, window = now, 0, None
+            t_last = _log_window(setup, writer, state, done, steps, window, steps_since, t_last, t_start, start)
+            steps_since, window = 0, None
         if run_data.eval and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != steps:
             ev = evaluate(state.params)
             writer.write(done, ev)
@@ -205,6 +215,7 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
             log(f"preempted at step {done}: checkpoint saved in {outputs.checkpoints / str(done)}")
             raise distributed.Preempted(done)
     setup.manager.wait()
+    setup.timings["loop_cpu_seconds"] = time.process_time() - cpu
     return state, evaluate, time.time() - t_start
 
 
@@ -213,7 +224,8 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
 def finish(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: RunOutputs, writer, state,
            evaluate, seconds: float) -> dict[str, Any]:
     """The final eval (logged once, also when a finished run is started again), the plot, the HF export."""
-    result: dict[str, Any] = {"steps": cfg.train.steps, "skipped_steps": int(state.skipped), "seconds": seconds}
+    result: dict[str, Any] = {"steps": cfg.train.steps, "skipped_steps": int(state.skipped), "seconds": seconds,
+                              **{k: round(v, 2) for k, v in setup.timings.items()}}
     if run_data.eval:
         ev = evaluate(state.params)
         if not writer.logged(cfg.train.steps, "eval/loss"):  # a finished run started again has it already
@@ -243,10 +255,12 @@ def finish(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: R
 def run(cfg: RunConfig, raw_config: dict | None = None) -> dict[str, Any]:
     distributed.initialize(cfg.distributed)  # before any other JAX call
     speak(distributed.is_writer())
+    cache_line = programs.configure_cache(cfg.compilation_cache)  # before the first compile
     outputs = RunOutputs(cfg.workdir, writer=distributed.is_writer())
     log(f"jsmaug: workdir {outputs.workdir}, backend {jax.default_backend()} x{jax.device_count()} "
         f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}, "
         f"{jax.local_device_count()} devices each)")
+    log(cache_line)
     run_data = load_data(cfg)
     setup = run_setup.build(cfg, run_data, outputs)
     outputs.write_config(raw_config)  # the run is known to go ahead

@@ -20,7 +20,7 @@ from jsmaug.losses import config as loss_config
 from jsmaug.models import decoder as model, lora, quant
 from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.paths import absolute
-from jsmaug.train import checkpoint as ckpt, plan as plan_lib, step as step_lib
+from jsmaug.train import checkpoint as ckpt, plan as plan_lib, programs, step as step_lib
 from jsmaug.train.config import RunConfig
 from jsmaug.train.metrics_log import log
 
@@ -107,7 +107,10 @@ class Setup:
     place: Callable  # place(pairs, ref_table=None, micro=1): a global batch of pairs on the mesh (packed or padded)
     train_ref: np.ndarray | None = None  # precomputed reference logps (N, 2)
     eval_ref: np.ndarray | None = None
-    run_length: int | None = None  # packed: the run's one row length (None: data.packing_length, or not packed)
+    run_length: Any = None  # the run's packing.RunLayout (None: data.packing_length); padded runs ignore it
+    # Seconds (wall and this process's CPU) compiling the step ahead of the first step and in the loop: the
+    # run's result reports them, so a loaded machine's wall time can be read against the work done.
+    timings: dict = dataclasses.field(default_factory=dict)
 
     mconf = property(lambda self: self.plan.mconf)
     mesh = property(lambda self: self.plan.mesh)
@@ -145,10 +148,10 @@ def materialize(cfg: RunConfig, plan: plan_lib.RunPlan, run_data, outputs) -> Se
         # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
         ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
                              out_shardings=plan.ref_sh)(params) if plan.reference or plan.precomputed else None
-    run_length = plan.run_row_length(run_data.train, run_data.buckets)
-    if run_length is not None:
-        log(f"packing: rows of {run_length} tokens for the whole run (the fewest token slots over the first "
-            f"epoch's batches; one length, so only the row count changes the step's shape)")
+    # Packed: one row length and a few row counts for the whole run, from its first steps' lengths (a padded run
+    # keeps the layout packing would take, for its padding line; its batches are padded all the same).
+    run_length = programs.packed_layout(cfg, plan, run_data.train, run_data.buckets,
+                                        log if cfg.data.packing else None)
 
     def place_batch(pairs, ref_table=None, micro: int = 1):
         return plan.place(pairs, run_data.buckets, ref_table, micro, run_length)
