@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jsmaug.data import batches as data
-from jsmaug.models import config as cfg_lib, lora, decoder as model, quant
+from jsmaug.models import config as cfg_lib, logps as logps_lib, lora, decoder as model, quant
 from jsmaug.models.config import ConfigError
 from jsmaug.train import plan as plan_lib, run as train_run, setup as run_setup, step
 from jsmaug.train.config import LossSection, load_run_config
@@ -23,8 +23,9 @@ from jsmaug.train.outputs import RunOutputs
 
 IDS = jax.random.randint(jax.random.key(2), (2, 12), 3, 64)
 MOE = cfg_lib.tiny(vocab_size=64, lora_rank=4, lora_alpha=8.0, moe_capacity_factor=8.0)
-DENSE = cfg_lib.tiny(model_type="llama", vocab_size=64, lora_rank=4, lora_alpha=8.0)
+DENSE = cfg_lib.tiny(model_type="llama", vocab_size=64, lora_rank=4, lora_alpha=8.0, tie_word_embeddings=True)
 PROJECTIONS = set(lora.TARGETS)
+TABLES = {"embed_tokens", "lm_head"}  # quantized with the projections (lora.EMBEDDINGS)
 
 
 def _batch(seed, n=8):
@@ -55,14 +56,29 @@ def _quantized_names(tree):
 @pytest.mark.parametrize("family,fmt,impl", [("llama", "nf4", None), ("mixtral", "nf4", "bucketed"),
                                              ("mixtral", "int8", "ragged")])
 def test_forward_with_quantized_base_equals_its_dequantized_weights(family, fmt, impl):
+    """llama tied (the embedding is also the unembedding), mixtral untied (its own quantized lm_head): logits and
+    per-completion log-probs (the trainer's chunked kernel) equal those of the dequantized weights."""
     conf = DENSE if family == "llama" else MOE.replace(moe_impl=impl)
     base, qbase, _, trained = _parts(DENSE if family == "llama" else MOE, fmt, 8)
-    want = PROJECTIONS & {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(base)[0]}
-    assert _quantized_names(qbase) == want  # every projection, nothing else (embeddings, norms, router)
+    want = (PROJECTIONS | TABLES) & {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(base)[0]}
+    assert ("lm_head" in want) == (family == "mixtral")
+    assert _quantized_names(qbase) == want  # every projection and table, nothing else (norms, router)
+    assert qbase["embed_tokens"].axis == 1 and (family == "llama" or qbase["lm_head"].axis == 0)  # along D
     fwd = jax.jit(model.forward, static_argnums=0)
     got, _ = fwd(conf, lora.combine(qbase, trained), IDS)
     ref, _ = fwd(conf, lora.combine(_dequantized(qbase), trained), IDS)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def completion_logps(conf, params):
+        h, _, _ = model.forward_hidden(conf, params, IDS[:, :-1])
+        mask = jnp.arange(11)[None, :] >= jnp.array([[4], [7]])  # the completions: the last 7 and 4 tokens
+        return logps_lib.sequence_logps_from_hidden(h, model.unembed_weight(conf, params), IDS[:, 1:], mask,
+                                                    chunk_size=4).logps
+    lp = completion_logps(conf, lora.combine(qbase, trained))
+    np.testing.assert_allclose(lp, completion_logps(conf, lora.combine(_dequantized(qbase), trained)),
+                               rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(lp < 0))
     full, _ = fwd(conf, lora.combine(base, trained), IDS)
     err = float(jnp.max(jnp.abs(full - got)))
     assert 0 < err < 0.5 * float(jnp.max(jnp.abs(full)))  # quantized: near the base, not equal to it
@@ -115,7 +131,10 @@ def test_run_setup_on_a_mesh_gives_the_no_margin_loss(tmp_path):
     run_data = train_run.load_data(cfg)
     setup = run_setup.build(cfg, run_data, RunOutputs(cfg.workdir, writer=True))
     base = setup.ref_params
-    assert _quantized_names(base) == PROJECTIONS & {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"}
+    assert _quantized_names(base) == {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", *TABLES}
+    e = base["embed_tokens"]  # (V, D) along D in groups of 16, sharded like the table it replaces
+    assert e.packed.shape == (32000, 32) and e.scales.shape == (32000, 4)
+    assert e.packed.sharding == setup.plan.ref_sh["embed_tokens"].packed
     q = base["layers"]["layer"]["block_sparse_moe"]["w1"]  # (L, E, D, F) stored as (L, E, D / 2, F) bytes
     assert q.packed.dtype == jnp.uint8 and q.packed.shape == (2, 4, 32, 128) and q.shape == (4, 64, 128)
     assert q.packed.sharding == setup.plan.ref_sh["layers"]["layer"]["block_sparse_moe"]["w1"].packed
@@ -138,8 +157,8 @@ def test_bad_settings_are_refused_by_the_config(tmp_path, overrides, match):
 def test_a_group_that_does_not_divide_a_weight_is_refused_by_the_plan(tmp_path):
     cfg, _ = load_run_config("configs/tiny_dpop.yaml", [*BASE, "lora.rank=4", "lora.base_quant=int4",
                                                         "lora.base_quant_group=24", f"workdir={tmp_path / 'w'}"])
-    with pytest.raises(ConfigError, match=r"lora.base_quant_group: layers/layer/\w+/\w+: group size 24 does not "
-                                          r"divide the contracted axis"):
+    with pytest.raises(ConfigError, match=r"lora.base_quant_group: (embed_tokens|layers/layer/\w+/\w+): group size 24 "
+                                          r"does not divide the contracted axis"):
         plan_lib.plan(cfg, jax.devices()[:1])
     assert not (tmp_path / "w").exists()
 

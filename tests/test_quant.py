@@ -2,6 +2,7 @@
 
 import statistics
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,3 +109,24 @@ def test_bad_settings_name_the_weight(kwargs, match):
     with pytest.raises(quant.QuantError, match=match) as err:
         quant.quantize(np.ones((128, 4), np.float32), name="layers.0.q_proj", **kwargs)
     assert "layers.0.q_proj" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])  # int4 shares nf4's nibble path
+def test_take_rows_gathers_packed_rows_and_equals_the_full_dequantize(fmt):
+    """An embedding (V, D) quantized along D: the looked-up rows, bit for bit the rows of the whole table
+    dequantized, and the look-up's program holds nothing of the table's size in float (only the gathered rows
+    are dequantized)."""
+    v, d = 96, 32
+    w = np.random.default_rng(4).normal(size=(v, d)).astype(np.float32)
+    q = quant.quantize(w, fmt, 1, group=8)
+    ids = np.array([[5, 0, 95, 5], [17, 17, 3, 60]], np.int32)
+    got = np.asarray(quant.take_rows(q, ids))
+    assert got.shape == (2, 4, d)
+    np.testing.assert_array_equal(got, np.asarray(quant.dequantize(q))[ids])
+    np.testing.assert_array_equal(np.asarray(quant.take_rows(q, ids, jnp.bfloat16), np.float32),
+                                  np.asarray(quant.dequantize(q, jnp.bfloat16), np.float32)[ids])
+    jaxpr = jax.make_jaxpr(lambda q, i: quant.take_rows(q, i))(q, ids)
+    floats = [a.aval for e in jaxpr.eqns for a in e.outvars if jnp.issubdtype(a.aval.dtype, jnp.floating)]
+    assert floats and max(a.size for a in floats) <= ids.size * d  # never (V, D) in float
+    with pytest.raises(quant.QuantError, match="another axis than 0"):
+        quant.take_rows(quant.quantize(w, fmt, 0, group=8), ids)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.models import attention, moe, rope
+from jsmaug.models import attention, moe, quant, rope
 from jsmaug.models.config import ModelConfig, layer_groups, layer_segments
 from jsmaug.models.mlp import DenseMLP, SparseMoE
 from jsmaug.models.weights import RMSNorm, bias, normal, param, rms_norm, weight
@@ -231,7 +231,9 @@ class _Stacks(nn.Module):
 
 class _Params(nn.Module):
     """Declares the params (names, logical axes, random init): used by `init_params` and `logical_axes` only, the
-    forward is `run_layers`. A model of one kind of layer gets exactly the tree (and, key for key, the random
+    forward is `run_layers` (so it never meets stored params, nor a quantized `embed_tokens` / `lm_head`: those
+    are read by `embed_rows` and `unembed_weight`; their shardings are fitted to the quantized leaves by
+    `quant.fit_sharding`). A model of one kind of layer gets exactly the tree (and, key for key, the random
     init) of jsmaug's Mixtral before the families."""
     config: ModelConfig
 
@@ -284,9 +286,20 @@ def _rope_tables(config: ModelConfig, positions_BxS):
     return (cos_g, cos_l), (sin_g, sin_l)
 
 
+def embed_rows(config: ModelConfig, params_or_embed, ids):
+    """The embedding rows of `ids` (any shape; rows (*ids.shape, D)), from the params or their `embed_tokens`
+    leaf. A plain table: `jnp.take`, in the table's dtype. A quantized one (QLoRA, `lora.quantize_base`, grouped
+    along D): only the gathered packed rows and their scales are dequantized, into the compute dtype
+    (`quant.take_rows`); the (V, D) table is never dequantized for a look-up. No Gemma scaling (see `_embed`)."""
+    embed = params_or_embed["embed_tokens"] if isinstance(params_or_embed, dict) else params_or_embed
+    if quant.is_quantized(embed):
+        return quant.take_rows(embed, ids, jnp.dtype(config.dtype))
+    return jnp.take(embed, ids, axis=0)
+
+
 def _embed(config: ModelConfig, params: Params, input_ids_BxS, positions_BxS):
     """Token embeddings in the compute dtype and the RoPE tables for their positions."""
-    x = jnp.take(params["embed_tokens"], input_ids_BxS, axis=0)
+    x = embed_rows(config, params, input_ids_BxS)
     if config.is_gemma:  # times sqrt(hidden_size) rounded to the embedding's dtype first, as HF does
         x = x * jnp.asarray(np.float32(math.sqrt(config.hidden_size)), x.dtype)
     return (x.astype(jnp.dtype(config.dtype)), *_rope_tables(config, positions_BxS))
@@ -329,9 +342,13 @@ def forward_hidden(config: ModelConfig, params: Params, input_ids, attention_mas
 
 def unembed_weight(config: ModelConfig, params: Params):
     """The (D, V) unembedding matrix in the compute dtype. A tied model uses the embedding matrix: one leaf, so
-    its gradient is the sum of both uses."""
-    w = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    return w.astype(jnp.dtype(config.dtype))
+    its gradient is the sum of both uses. A quantized table (QLoRA) is dequantized here into the compute dtype,
+    whole: the log-prob kernel (jsmaug/models/logps.py) chunks the sequence, not the vocabulary, so every chunk
+    needs all of it, as the float32 step's kernel has all of its float32 table."""
+    dtype = jnp.dtype(config.dtype)
+    w = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    w = w.dequantize(dtype) if quant.is_quantized(w) else w
+    return (w.T if config.tie_word_embeddings else w).astype(dtype)
 
 
 def unembed(config: ModelConfig, params: Params, h_BxSxD):

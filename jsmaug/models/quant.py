@@ -144,6 +144,21 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
     return g.reshape(shape).astype(dtype)
 
 
+def take_rows(q: QuantizedArray, ids, dtype=jnp.float32) -> jax.Array:
+    """`dequantize(q, dtype)[ids]` (rows of axis 0, e.g. an embedding look-up), from the gathered packed rows and
+    their scales only: the whole table is never dequantized. Needs the quantized axis to be another axis than the
+    rows' (an embedding (V, D) is quantized along D); the result is bit for bit the rows of the full dequantize
+    (the same element-wise look-up, product and cast)."""
+    if q.packed.ndim != len(q.shape) or q.axis == 0:
+        raise QuantError(f"take_rows: a weight of shape {q.shape} quantized along axis {q.axis} (stored "
+                         f"{q.packed.shape}): rows can be gathered only from an unstacked weight quantized along "
+                         f"another axis than 0")
+    ids = jnp.asarray(ids)
+    rows = dataclasses.replace(q, packed=jnp.take(q.packed, ids, axis=0), scales=jnp.take(q.scales, ids, axis=0),
+                               shape=q.shape[1:], axis=q.axis - 1)
+    return dequantize(rows, dtype)  # the gathered leading axes are dequantize's stack axes
+
+
 def unstack(q: QuantizedArray, lead: int) -> QuantizedArray:
     """`q` of a stack of weights (its first `lead` axes index layers) described per weight: the static shape and
     axis of one layer's weight, as a scan over the stack sees it."""

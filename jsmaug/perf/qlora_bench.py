@@ -3,9 +3,10 @@ rank 16 on every target over a float32 frozen base, against the same step over a
 side in one process, in alternating blocks (`time_blocks`).
 
 - qlora/step_time_vs_lora: seconds per step, NF4 base / float32 base (goal: at most 1.3x).
-- qlora/base_bytes_vs_lora: the frozen base's bytes as the step receives them (packed values, scales, and the
-  unquantized embeddings, norms and routers), NF4 / float32 (goal: at most 0.3x); the row's config also gives
-  the compiled step's argument and temporary bytes of both.
+- qlora/base_bytes_vs_lora: the frozen base's bytes as the step receives them (packed values and scales of the
+  projections and of the embedding and lm_head tables, and the unquantized norms and routers), NF4 / float32
+  (goal: at most 0.3x); the row's config also gives the compiled step's argument and temporary bytes of both
+  (the NF4 step's temporaries hold the unembedding dequantized whole, docs/training.md).
 
 Run by `python tools/bench.py` (or `python -m jsmaug.perf.qlora_bench [--quick]` alone).
 """

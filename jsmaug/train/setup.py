@@ -60,7 +60,10 @@ def lora_meta(cfg: RunConfig, mconf: ModelConfig) -> dict:
         return {}
     return {"lora_base": {"init_from": str(absolute(cfg.init_from)) if cfg.init_from else None, "seed": cfg.seed,
                           "dtype": cfg.lora.base_dtype, "quant": cfg.lora.base_quant,
-                          "quant_group": cfg.lora.base_quant_group}}
+                          "quant_group": cfg.lora.base_quant_group,
+                          # QLoRA quantizes embed_tokens / lm_head too (lora.quantize_base); a checkpoint without
+                          # this key was trained on unquantized tables
+                          "quant_embeddings": cfg.lora.base_quant != "none"}}
 
 
 def initial_params(cfg: RunConfig, mconf: ModelConfig, shardings):
@@ -91,7 +94,7 @@ def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
     n = sum(x.size for x in jax.tree.leaves(adapters))
     log(f"LoRA rank {mconf.lora_rank} (alpha {mconf.lora_alpha}) on {list(mconf.lora_targets)}: "
         f"{n / 1e6:.3f}M trained parameters; frozen base in {cfg.lora.base_dtype}"
-        + (f", projections in {fmt} (group {cfg.lora.base_quant_group})" if fmt != "none" else "")
+        + (f", projections and embeddings in {fmt} (group {cfg.lora.base_quant_group})" if fmt != "none" else "")
         + f", {sum(x.nbytes for x in jax.tree.leaves(base)) / 1e6:.1f} MB (also the reference)")
     return adapters, base
 
