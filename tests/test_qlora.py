@@ -53,6 +53,17 @@ def _quantized_names(tree):
     return {p[-1].key for p, x in flat if quant.is_quantized(x)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_and_logps(conf, params):
+    """The logits of IDS and the per-completion log-probs of its last 7 and 4 tokens by the trainer's kernel
+    (`unembed_weight`, chunked over the completion positions), from one forward: one compile per params tree."""
+    h, _, _ = model.forward_hidden(conf, params, IDS)
+    mask = jnp.arange(11)[None, :] >= jnp.array([[4], [7]])
+    lp = logps_lib.sequence_logps_from_hidden(h[:, :-1], model.unembed_weight(conf, params), IDS[:, 1:], mask,
+                                              chunk_size=4).logps
+    return model.unembed(conf, params, h), lp
+
+
 @pytest.mark.parametrize("family,fmt,impl", [("llama", "nf4", None), ("mixtral", "nf4", "bucketed"),
                                              ("mixtral", "int8", "ragged")])
 def test_forward_with_quantized_base_equals_its_dequantized_weights(family, fmt, impl):
@@ -64,26 +75,17 @@ def test_forward_with_quantized_base_equals_its_dequantized_weights(family, fmt,
     assert ("lm_head" in want) == (family == "mixtral")
     assert _quantized_names(qbase) == want  # every projection and table, nothing else (norms, router)
     assert qbase["embed_tokens"].axis == 1 and (family == "llama" or qbase["lm_head"].axis == 0)  # along D
-    fwd = jax.jit(model.forward, static_argnums=0)
-    got, _ = fwd(conf, lora.combine(qbase, trained), IDS)
-    ref, _ = fwd(conf, lora.combine(_dequantized(qbase), trained), IDS)
+    got, lp = _logits_and_logps(conf, lora.combine(qbase, trained))
+    ref, ref_lp = _logits_and_logps(conf, lora.combine(_dequantized(qbase), trained))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def completion_logps(conf, params):
-        h, _, _ = model.forward_hidden(conf, params, IDS[:, :-1])
-        mask = jnp.arange(11)[None, :] >= jnp.array([[4], [7]])  # the completions: the last 7 and 4 tokens
-        return logps_lib.sequence_logps_from_hidden(h, model.unembed_weight(conf, params), IDS[:, 1:], mask,
-                                                    chunk_size=4).logps
-    lp = completion_logps(conf, lora.combine(qbase, trained))
-    np.testing.assert_allclose(lp, completion_logps(conf, lora.combine(_dequantized(qbase), trained)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5)
     assert bool(jnp.all(lp < 0))
-    full, _ = fwd(conf, lora.combine(base, trained), IDS)
+    full, _ = _logits_and_logps(conf, lora.combine(base, trained))  # the dequantized tree's compile
     err = float(jnp.max(jnp.abs(full - got)))
     assert 0 < err < 0.5 * float(jnp.max(jnp.abs(full)))  # quantized: near the base, not equal to it
     # The merged export folds the adapters into the dequantized base: the same model without adapters.
-    merged, _ = fwd(conf.replace(lora_rank=0), lora.merge(qbase, trained, conf.lora_alpha, conf.lora_rank), IDS)
+    merged, _ = jax.jit(model.forward, static_argnums=0)(
+        conf.replace(lora_rank=0), lora.merge(qbase, trained, conf.lora_alpha, conf.lora_rank), IDS)
     np.testing.assert_allclose(merged, got, rtol=1e-5, atol=1e-5)
 
 
