@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (sharding tests), float32 matmuls, a shared compilation cache."""
+"""Test setup: 8 fake CPU devices (sharding tests), float32 matmuls, no persistent compilation cache in-process."""
 
 import os
 
@@ -10,11 +10,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# One cache folder per pytest-xdist worker: jax writes a cache entry in place, so a worker reading an entry the other
-# is still writing aborted the process (a landing check, 2026-12-06, in test_lora).
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache",
-                                                            os.environ.get("PYTEST_XDIST_WORKER", "main")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# No persistent compilation cache inside the test processes. A pytest process loads thousands of executables, and
+# reading one back from the cache aborted the process ("Fatal Python error: Aborted" in XLA's
+# `deserialize_executable`, tests/test_lora.py line 75) twice in CI and once here. The reads were always after many
+# other test files had run in the same process; with one folder per worker, or with test_lora alone on a warm
+# cache, it did not happen. In-process, jit's own caches already reuse programs. Subprocess runs (tests/cli_env.py)
+# are short-lived and keep the shared cache.
+jax.config.update("jax_enable_compilation_cache", False)
+os.environ["JSMAUG_COMPILATION_CACHE"] = "off"  # in-process training runs too (jsmaug/train/programs.py)
 
 
 import pytest  # noqa: E402

@@ -117,6 +117,10 @@ def test_the_compilation_cache_setting():
     assert programs.cache_dir("auto", {"XDG_CACHE_HOME": "/x"})[0] == "/x/jsmaug/jax"
     home = programs.cache_dir("auto", {})[0]
     assert home.endswith("/.cache/jsmaug/jax") and not home.startswith("~")
+    # JSMAUG_COMPILATION_CACHE replaces the run's setting (the suite's own processes run with it off).
+    import jax
+    line = programs.configure_cache("auto", {"JSMAUG_COMPILATION_CACHE": "off"})
+    assert "off" in line and not jax.config.jax_enable_compilation_cache
 
 
 def test_packed_rows_keep_the_padded_rows_attention_path_on_cpu():

@@ -52,7 +52,10 @@ def cache_dir(setting: str | None, env=os.environ, current: str | None = None) -
 def configure_cache(setting: str | None, env=os.environ) -> str:
     """Points jax's persistent compilation cache where `cache_dir` says (before the run's first compile) and
     returns the log line. A folder this module chooses gets an LRU bound of CACHE_MAX_BYTES; JAX's own setting
-    is left as it is (the tests' runs give their own folder this way)."""
+    is left as it is (the tests' runs give their own folder this way). The environment variable
+    JSMAUG_COMPILATION_CACHE (off, auto or a folder), when set, replaces the run's setting: the test suite turns
+    the cache off in its own processes this way (tests/conftest.py says why)."""
+    setting = env.get("JSMAUG_COMPILATION_CACHE", setting)
     path, why = cache_dir(setting, env, jax.config.jax_compilation_cache_dir)
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
