@@ -15,6 +15,7 @@ from jsmaug.errors import DataError
 from jsmaug.models import config as config_lib, decoder as model
 from jsmaug.pairs import cli as pairs_cli, sample, verify
 from jsmaug.pairs.stats import levenshtein_reference
+from jsmaug.parallel.sharding import MeshConfig
 from jsmaug.train import checkpoint
 
 K, NEW = 4, 6
@@ -163,7 +164,8 @@ def test_pair_rules_on_controlled_samples():
 def test_skipped_problems_are_counted(tiny, files, monkeypatch, tmp_path):
     texts = {0: ["ab", "abc", "abcd", "ab"], 1: ["a", "abc", "abcde", "x"], 2: ["ab", "cd", "ef", "gh"],
              3: ["ab", "abc", "abcd", "abcde"], 4: ["a", "b", "c", "de"]}
-    monkeypatch.setattr(sample, "draw", lambda cfg, params, tok, ids, opts, seed, until: texts[int(tok.decode(ids)[3])])
+    monkeypatch.setattr(sample, "draw", lambda cfg, params, tok, prompts, indices, opts, until, mesh:
+                        [texts[int(tok.decode(ids)[3])] for ids in prompts])
     summary = _run(tiny, files, tmp_path / "o.jsonl", sample.Options(k=K, max_new_tokens=NEW, pairs_per_problem=3))
     assert (summary.problems, summary.samples, summary.correct) == (5, 20, 3 + 0 + 4 + 2 + 1)
     assert (summary.no_correct, summary.no_wrong) == (1, 1)
@@ -175,14 +177,33 @@ def test_skipped_problems_are_counted(tiny, files, monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-def test_reproducible_whatever_the_batch(tiny, files, reference_run, tmp_path):
+def test_reproducible_whatever_the_batch(tiny, files, reference_run, tmp_path, monkeypatch):
+    """Rows per call 2 (the reference: a problem's 4 samples in two calls), 5 (one problem a call, 4 rows) and
+    20 (all five problems' samples in one call): the same file, byte for byte."""
     summary, want = reference_run
     assert summary.pairs > 0 and summary.samples == 5 * K
-    _run(tiny, files, tmp_path / "b1.jsonl", dataclasses.replace(OPTS, batch_size=1))
+    real, calls = sample.gen.generate, []
+    monkeypatch.setattr(sample.gen, "generate", lambda *a, **k: (calls.append(len(a[2])), real(*a, **k))[1])
+    _run(tiny, files, tmp_path / "b20.jsonl", dataclasses.replace(OPTS, batch_size=20))
+    assert calls == [20]
     _run(tiny, files, tmp_path / "b5.jsonl", dataclasses.replace(OPTS, batch_size=5))
-    assert (tmp_path / "b1.jsonl").read_bytes() == want == (tmp_path / "b5.jsonl").read_bytes()
+    assert calls == [20] + [4] * 5
+    assert (tmp_path / "b20.jsonl").read_bytes() == want == (tmp_path / "b5.jsonl").read_bytes()
     _run(tiny, files, tmp_path / "s.jsonl", dataclasses.replace(OPTS, seed=4))
     assert (tmp_path / "s.jsonl").read_bytes() != want
+
+
+def test_the_same_pairs_on_a_mesh(tiny, files, reference_run, tmp_path):
+    """data=2, fsdp=2, tensor=2 (8 fake CPU devices), 8 rows a call: the same samples and pairs, and log-probs
+    (computed with the params split over the mesh) equal to float32 rounding."""
+    out = tmp_path / "mesh.jsonl"
+    _run(tiny, files, out, dataclasses.replace(OPTS, batch_size=8), mesh_config=MeshConfig(data=2, fsdp=2, tensor=2))
+    want = [json.loads(x) for x in (files / "ref.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    logps = lambda rows: np.array([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows])  # noqa: E731
+    np.testing.assert_allclose(logps(got), logps(want), rtol=1e-5, atol=1e-4)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows]  # noqa: E731
+    assert strip(got) == strip(want)
 
 
 _forward = jax.jit(model.forward, static_argnums=0)
@@ -226,7 +247,7 @@ def test_a_token_merging_across_the_prompt_end_is_scored_on_the_pairs_ids(tiny, 
     """'Q: 1+1=' + '=1' tokenises '==' as one token, so the trainer's pair starts its completions one token
     earlier than the rejected sample alone would: the pair's log-probs are computed again on the pair's ids."""
     cfg, params, tok = tiny
-    monkeypatch.setattr(sample, "draw", lambda *a: ["=1", "abc", "=1", "x y"])
+    monkeypatch.setattr(sample, "draw", lambda cfg, params, tok, prompts, *a: [["=1", "abc", "=1", "x y"]] * len(prompts))
     real, pair_calls = sample.completion_logps, []
 
     def counting(config, params, items, batch_size, **kw):
@@ -250,7 +271,7 @@ def test_a_token_merging_across_the_prompt_end_is_scored_on_the_pairs_ids(tiny, 
 def test_resume_after_interruption_gives_the_same_file(tiny, files, reference_run, monkeypatch, tmp_path):
     _, want = reference_run
     out = tmp_path / "r.jsonl"
-    real, calls = sample.sample_problem, []
+    real, calls = sample.sample_step, []
 
     def dies_on_the_third(*args, **kwargs):
         calls.append(1)
@@ -258,20 +279,20 @@ def test_resume_after_interruption_gives_the_same_file(tiny, files, reference_ru
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sample, "sample_problem", dies_on_the_third)
+    monkeypatch.setattr(sample, "sample_step", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, files, out)
     partial = sample.partial_path(out)
     assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 2  # settings + one step of 2
     with open(partial, "a") as fh:
         fh.write('{"problem": 2, "samples": 4, "cor')  # a torn last line
-    monkeypatch.setattr(sample, "sample_problem", real)
+    monkeypatch.setattr(sample, "sample_step", real)
     with pytest.raises(DataError, match=r"r.jsonl.partial: a resume file written with other settings .*options"):
         _run(tiny, files, out, dataclasses.replace(OPTS, seed=9))
     calls.clear()
-    monkeypatch.setattr(sample, "sample_problem", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(sample, "sample_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     _run(tiny, files, out)
-    assert len(calls) == 3  # only the three unfinished problems were sampled
+    assert len(calls) == 3  # only the three unfinished problems were sampled (one a step: k 4, 2 rows a call)
     assert out.read_bytes() == want and not partial.exists()
 
 
@@ -289,3 +310,7 @@ def test_cli(tiny, files, reference_run, tmp_path, capsys):
     assert "problems.jsonl:line 1: verifier" in capsys.readouterr().err
     assert pairs_cli.main(args[:-1] + ["--k", "1"]) == 2
     assert "--k must be at least 2" in capsys.readouterr().err
+    assert pairs_cli.main(args + ["--mesh", "data=3"]) == 2
+    assert "--mesh 'data=3': mesh: sizes" in capsys.readouterr().err
+    assert pairs_cli.main(args + ["--mesh", "data:2"]) == 2
+    assert "expected axis=size items" in capsys.readouterr().err

@@ -12,6 +12,11 @@ one uninterrupted run. Between chunks the host takes the new tokens: a row is fi
 chunk in which the last row finished. The cache has P + a whole number of chunks slots, so the programs depend on
 (batch, P, chunks) only.
 
+Sampling keys are per row (`row_keys`; `generate(keys=...)`): a row's token at position t is drawn with its key
+folded with t, so its samples depend on its key and prompt, not on the call it shares, its batch position or the
+padding; several problems' samples can share a call (`jsmaug pairs sample`). On a mesh (`mesh=`, `mesh_config=`)
+the params are placed by the run's rule table and the rows split over the batch axes, in one process.
+
 The decoding step of the seven HF families without LoRA is `_fast_step`, the decoder's computation with S = 1 in
 the layout one token wants (`decode_weights`: per-layer weights, q/k/v and gate/up fused; per-layer caches
 (B, K, T, Dh) written in place, attention with no transposes); any other config (Gemma, LoRA, a config field added
@@ -74,10 +79,33 @@ def _filter_logits(logits_BxV, sc: SamplingConfig):
     return logits
 
 
-def _next_token(logits_BxV, rng, sc: SamplingConfig):
+def _next_token(logits_BxV, keys_B, pos_B, sc: SamplingConfig):
+    """The token at position `pos_B` of each row: argmax, or a draw with the row's key folded with that position
+    (so a row's draws depend on its own key, prompt length and logits only: not on the batch it shares)."""
     if sc.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, _filter_logits(logits_BxV, sc), axis=-1).astype(jnp.int32)
+    step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, pos_B)
+    draw = jax.vmap(lambda key, logits_V: jax.random.categorical(key, logits_V))
+    return draw(step_keys_B, _filter_logits(logits_BxV, sc)).astype(jnp.int32)
+
+
+@jax.jit
+def _fold_rows(key, ids_BxN):
+    def one(ids_N):
+        k = key
+        for j in range(ids_BxN.shape[1]):
+            k = jax.random.fold_in(k, ids_N[j])
+        return k
+    return jax.vmap(one)(ids_BxN)
+
+
+def row_keys(seed: int, ids: Sequence[Sequence[int]] | Sequence[int]) -> jax.Array:
+    """(B,) sampling keys: `jax.random.key(seed)` folded in turn with each row's ids, e.g. (problem, sample) or
+    just the row number. A row sampled with the same key and prompt gets the same tokens whatever call it is in."""
+    ids_BxN = np.asarray(ids, np.int64)
+    if not ids_BxN.size or ids_BxN.ndim > 2 or ids_BxN.min() < 0 or ids_BxN.max() >= 2 ** 32:
+        raise ValueError(f"row_keys: ids must be a non-empty (B,) or (B, N) array of uint32 values, got {ids!r}")
+    return _fold_rows(jax.random.key(seed), ids_BxN.reshape(len(ids_BxN), -1).astype(np.uint32))
 
 
 def _program_key(sc: SamplingConfig) -> SamplingConfig:
@@ -215,10 +243,10 @@ def _fast_step(config: ModelConfig, w, token_B, pos_B, kv_valid_BxT, caches, slo
 # ---------------------------------------------------------------------------------------------- prefill, chunks
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _prefill(config: ModelConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, total: int, fast: bool, rng):
+def _prefill(config: ModelConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig, total: int, fast: bool, keys_B):
     """The prompt through the model into a cache of `total` slots, and the first new token. Returns the decoding
-    state (next token, its position, the valid slots, the cache, the key); with `fast`, the cache is per layer in
-    `_fast_step`'s layout."""
+    state (next token, its position, the valid slots, the cache, the rows' keys); with `fast`, the cache is per
+    layer in `_fast_step`'s layout."""
     b, p = ids_BxP.shape
     kv_valid_BxT = jnp.concatenate([mask_BxP, jnp.zeros((b, total - p), jnp.int32)], axis=1)
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
@@ -226,8 +254,8 @@ def _prefill(config: ModelConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig,
                                  model.init_cache(config, b, total), 0)
     if fast:  # (L, B, T, K, Dh) -> per layer (B, K, T, Dh), once
         cache = tuple((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in zip(*cache))
-    rng, sub = jax.random.split(rng)
-    return _next_token(logits[:, -1], sub, sc), positions_BxP[:, -1] + 1, kv_valid_BxT, cache, rng
+    pos_B = positions_BxP[:, -1] + 1
+    return _next_token(logits[:, -1], keys_B, pos_B, sc), pos_B, kv_valid_BxT, cache, keys_B
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4), donate_argnums=(5,))
@@ -237,16 +265,15 @@ def _decode_chunk(config: ModelConfig, weights, sc: SamplingConfig, length: int,
     with `fast`, else the params. Returns the new state and the (length, B) tokens picked."""
 
     def step(carry, i):
-        token, pos, kv_valid, cache, rng = carry
+        token, pos, kv_valid, cache, keys = carry
         kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, jnp.ones_like(kv_valid[:, :1]), slot + i, axis=1)
         if fast:
             logits, cache = _fast_step(config, weights, token, pos, kv_valid, cache, slot + i)
         else:
             logits, cache = model.decode(config, weights, token[:, None], pos[:, None], kv_valid, cache, slot + i)
             logits = logits[:, -1]
-        rng, sub = jax.random.split(rng)
-        token = _next_token(logits, sub, sc)
-        return (token, pos + 1, kv_valid, cache, rng), token
+        token = _next_token(logits, keys, pos + 1, sc)
+        return (token, pos + 1, kv_valid, cache, keys), token
 
     return jax.lax.scan(step, state, jnp.arange(length))
 
@@ -270,19 +297,57 @@ def chunk_length(max_new_tokens: int) -> int:
     return min(CHUNK, -(-max_new_tokens // 8) * 8)
 
 
+def _placed(config: ModelConfig, params, mesh, mesh_config, arrays):
+    """The params on the mesh (`param_shardings`; a no-op when they are there already) and each (B, ...) array's
+    rows split over the batch axes (B a multiple of `batch_rows_divisor`). One process only: the host loop reads
+    every row's tokens, which a mesh spanning processes would not hold."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jsmaug.parallel import sharding as shd
+
+    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+        raise ValueError("generate on a mesh spanning processes is not supported (docs/making-pairs.md says what "
+                         "is missing); use a mesh of this process's devices")
+    params = jax.device_put(params, shd.param_shardings(config, mesh, mesh_config))
+    axes = tuple(a for a in mesh_config.rule_table().get("batch", ()) if mesh.shape[a] > 1)
+    rows = NamedSharding(mesh, P(axes or None))
+    return params, [jax.device_put(a, rows) for a in arrays]
+
+
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
              seed: int = 0, pad_multiple: int = 16,
-             stop_check: Callable[[int, list[int]], bool] | None = None, fast: bool | None = None) -> list[list[int]]:
+             stop_check: Callable[[int, list[int]], bool] | None = None, fast: bool | None = None,
+             keys: jax.Array | None = None, row_multiple: int = 1, mesh=None, mesh_config=None) -> list[list[int]]:
     """New token ids for every prompt (a list of token id lists, BOS included if wanted). A row is finished at
     its EOS token (kept), after `max_new_tokens`, or once `stop_check(row, new_ids_so_far)` returns True (called
     on the host after each new token of an unfinished row, EOS excepted; the token that made it True is kept).
     Decoding runs in chunks of `chunk_length` steps and ends after the chunk in which every row finished; the
     tokens are those of an uninterrupted run, cut where each row finished. `fast`: the decoding step (None: the
-    fast one where `fast_step_applies`; False: `decoder.decode`, the reference)."""
+    fast one where `fast_step_applies`; False: `decoder.decode`, the reference).
+
+    Sampling keys: `keys`, a (B,) key array (`row_keys`), one per row; by default `row_keys(seed, range(B))`.
+    A row's token at position t is drawn with fold_in(its key, t), so its samples depend on its key and prompt
+    only, not on the other rows, its place in the batch or the padding (up to floating-point rounding of its
+    logits, which other batch shapes may change in the last bit; a draw changes only when that moves it across
+    a boundary). `row_multiple`: the batch is padded with dummy rows to a multiple of it (fewer batch shapes to
+    compile). `mesh` (a `jax.sharding.Mesh` with jsmaug's axes) and `mesh_config` (`sharding.MeshConfig`): the
+    params are placed by the run's rule table and the rows split over its batch axes, in this process."""
     n = sampling.max_new_tokens
+    b_real = len(prompts)
     if config.max_position_embeddings and max(len(x) for x in prompts) + n > config.max_position_embeddings:
         raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings={config.max_position_embeddings}")
-    ids, mask = left_pad(prompts, pad_multiple, sampling.pad_id)
+    if keys is None:
+        keys = row_keys(seed, np.arange(b_real))
+    if keys.shape != (b_real,):
+        raise ValueError(f"keys: one key per prompt, shape ({b_real},), got {keys.shape}")
+    multiple = row_multiple
+    if mesh is not None:
+        from jsmaug.parallel import sharding as shd
+        multiple = int(np.lcm(multiple, shd.batch_rows_divisor(mesh, mesh_config)))
+    extra = -b_real % multiple
+    ids, mask = left_pad(list(prompts) + [[sampling.pad_id]] * extra, pad_multiple, sampling.pad_id)
+    if extra:
+        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (extra,))])
     b, p = ids.shape
     sc = _program_key(sampling)
     chunk = chunk_length(n)
@@ -292,10 +357,13 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
         raise ValueError(f"the fast decoding step does not compute model_type {config.model_type!r} with this config "
                          "(see fast_step_applies); use fast=None or False")
     fast = fast_step_applies(config) if fast is None else fast
+    arrays = [jnp.asarray(ids), jnp.asarray(mask), keys]
+    if mesh is not None:
+        params, arrays = _placed(config, params, mesh, mesh_config, arrays)
     weights = decode_weights(config, params) if fast else params
-    state = _prefill(config, params, jnp.asarray(ids), jnp.asarray(mask), sc, total, fast, jax.random.key(seed))
+    state = _prefill(config, params, arrays[0], arrays[1], sc, total, fast, arrays[2])
     rows: list[list[int]] = [[] for _ in range(b)]
-    finished = [False] * b
+    finished = [False] * b_real + [True] * extra
 
     def take(tokens_B):
         for r, token in enumerate(tokens_B):
@@ -312,4 +380,4 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
         for tokens_B in np.asarray(tokens_CxB).tolist():
             take(tokens_B)
         slot += chunk
-    return rows
+    return rows[:b_real]

@@ -80,7 +80,10 @@ def _add_sample(sub, fmt) -> None:
                     "the wrong samples nearest a correct one in token edit distance")
     sp.add_argument("--chat_template", default=None, help="'tokenizer' (the model's own) or a Jinja file; the "
                     "pairs are then conversations")
-    sp.add_argument("--batch_size", type=int, default=8, help="problems per step (graded and saved together)")
+    sp.add_argument("--batch_size", type=int, default=64, help="rows (samples) per generate call; a step of "
+                    "batch_size // k problems is graded and saved together")
+    sp.add_argument("--mesh", default=None, help="sample on this process's devices: axis=size items of a run "
+                    "config's mesh section, e.g. data=2,tensor=2 (default: one device)")
     sp.add_argument("--until", nargs="*", default=None, help="stop sequences (default: gsm8k's for the gsm8k "
                     "verifiers, else none; the tokenizer's EOS always)")
     sp.add_argument("--tokenizer", default=None, help="default: the model's own tokenizer files")
@@ -151,9 +154,35 @@ def _stats(args) -> None:
             json.dump(result, fh, indent=2)
 
 
+def mesh_option(text: str | None):
+    """`--mesh data=2,fsdp=2,tensor=2` -> a `sharding.MeshConfig` (the keys of a run config's `mesh:` section;
+    axes left out keep its defaults: data -1, the others 1), or None."""
+    import jax
+
+    from jsmaug.models.config import ConfigError
+    from jsmaug.parallel import sharding as shd
+
+    if not text:
+        return None
+    sizes = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        if not eq or name not in shd.MESH_AXES or not value.lstrip("-").isdigit():
+            raise DataError(f"--mesh {text!r}: expected axis=size items separated by commas, axes "
+                            f"{list(shd.MESH_AXES)}, e.g. data=2,tensor=2")
+        sizes[name] = int(value)
+    mesh_config = shd.MeshConfig(**sizes)
+    try:
+        mesh_config.sizes(jax.device_count())
+    except ConfigError as err:
+        raise DataError(f"--mesh {text!r}: {err}") from None
+    return mesh_config
+
+
 def _sample(args) -> None:
     from jsmaug.pairs.sample import sample_command
 
+    args.mesh = mesh_option(args.mesh)
     print(sample_command(args).line())
 
 

@@ -1,14 +1,17 @@
 """`jsmaug pairs sample`: the model makes its own pairs. k samples per problem, graded by a verifier
 (`jsmaug.pairs.verify`), a correct and a wrong one of the same problem become a pair.
 
-Sampling. Each problem's k samples are one `jsmaug.models.generate.generate` call (k rows of the same prompt,
-the KV cache, temperature / top-k / top-p), seeded with `problem_seed(seed, n)`, n the problem's row number.
-`generate` draws every row of a call from one key, so a call holds one problem only: a problem's samples then
-depend on the seed and its row number alone, never on `--batch_size`, a resume or the other problems (per-row
-keys in `generate` would let several problems share a call; see docs/making-pairs.md). `--batch_size` is the
-number of problems per step: graded, paired and appended to the resume file together. A sample's text is the
-new tokens up to EOS, decoded with special tokens skipped and cut before the first stop sequence (`--until`;
-the gsm8k verifiers default to lm-eval's gsm8k stops).
+Sampling. A problem's k samples are rows of `jsmaug.models.generate.generate` (the KV cache, temperature /
+top-k / top-p), sample j of problem n (its row number) drawn with its own key, `row_keys(seed, (n, j))`: its
+tokens depend on the seed, n, j and the prompt only, never on the other rows of its call, `--batch_size`, a
+resume or the mesh (up to floating-point rounding; docs/making-pairs.md). So several problems share a call:
+`--batch_size` is rows per call; a step holds batch_size // k problems (at least one; a problem with k >
+batch_size takes several calls), its calls padded to the same number of rows (one compiled batch shape). A
+step's problems are graded, paired and appended to the resume file together. `mesh` (`run`, or `--mesh
+data=2,tensor=2` on the command line: the `mesh:` section of a run config, axis=size): the params placed by the
+run's rule table, a call's rows split over the batch axes, in one process. A sample's text is the new tokens up
+to EOS, decoded with special tokens skipped and cut before the first stop sequence (`--until`; the gsm8k
+verifiers default to lm-eval's gsm8k stops).
 
 Log-probs. A sample's log-prob is that of the trainer's tokenisation of the pair the text ends up in (TRL's
 rule, `jsmaug.data.formats.row_ids`: prompt + completion + EOS tokenised together, the completion starting where
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from jsmaug import paths
@@ -55,7 +58,7 @@ from jsmaug.pairs.verify import Problem, Verifier
 
 RULES = ("likely", "edit")
 SCORE_MULTIPLE = 32  # scoring pads each problem's rows to a multiple of this many tokens (few compiled shapes)
-PARTIAL_VERSION = 1
+PARTIAL_VERSION = 2  # 2: per-row sampling keys (version 1's samples were drawn otherwise)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Options:
     seed: int = 0
     pairs_per_problem: int = 1
     rule: str = "likely"
-    batch_size: int = 8  # problems per step (see the module docstring)
+    batch_size: int = 64  # rows per generate call (see the module docstring)
     until: tuple[str, ...] = ()
 
     def check(self) -> None:
@@ -121,11 +124,6 @@ class Summary:
         return dict(dataclasses.asdict(self), share_correct=self.correct / max(self.samples, 1))
 
 
-def problem_seed(seed: int, index: int) -> int:
-    """The generation seed of problem `index` (31 bits of a hash of both)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
 # ------------------------------------------------------------------------------------------------ tokens
 
 def training_prompt(problem: Problem, template) -> str | list:
@@ -162,22 +160,37 @@ def completion_split(tok: Tokenizer, template, prompt: str | list, text: str) ->
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-def draw(config, params, tok: Tokenizer, ids: list[int], opts: Options, seed: int, until: Sequence[str]
-         ) -> list[str]:
-    """k completions of one prompt (module docstring), as text."""
+def problems_per_step(opts: Options) -> int:
+    return max(1, opts.batch_size // opts.k)
+
+
+def draw(config, params, tok: Tokenizer, prompts: Sequence[list[int]], indices: Sequence[int], opts: Options,
+         until: Sequence[str], mesh=None) -> list[list[str]]:
+    """k completions of each prompt (prompt i is problem `indices[i]`), as text: every row keyed by (seed, problem,
+    sample), in calls of at most `opts.batch_size` rows padded to one size (module docstring). `mesh`: (Mesh,
+    MeshConfig) or None."""
     sampling = gen.SamplingConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
                                   top_k=opts.top_k, top_p=opts.top_p, eos_id=tok.eos_id)
     kwargs: dict[str, Any] = {}
-    if until and "stop_check" in inspect.signature(gen.generate).parameters:
+    if mesh is not None:
+        kwargs["mesh"], kwargs["mesh_config"] = mesh
+    if until:
         # Generation stops early once every row's text holds a stop sequence; the text before it is the same.
         kwargs["stop_check"] = lambda row, new: any(s in generation.decode_generated(tok, new) for s in until)
-    rows = gen.generate(config, params, [ids] * opts.k, sampling, seed=seed, **kwargs)
+    rows = [(i, j) for i in range(len(prompts)) for j in range(opts.k)]
+    per_call = min(opts.batch_size, problems_per_step(opts) * opts.k)
+    new_ids = []
+    for start in range(0, len(rows), per_call):
+        call = rows[start:start + per_call]
+        keys = gen.row_keys(opts.seed, [(indices[i], j) for i, j in call])
+        new_ids += gen.generate(config, params, [prompts[i] for i, _ in call], sampling, keys=keys,
+                                row_multiple=per_call, **kwargs)
     texts = []
-    for new in rows:
+    for new in new_ids:
         if tok.eos_id is not None and tok.eos_id in new:
             new = new[:new.index(tok.eos_id)]
         texts.append(generation.cut_at_stops(generation.decode_generated(tok, new), until))
-    return texts
+    return [texts[i * opts.k:(i + 1) * opts.k] for i in range(len(prompts))]
 
 
 def grade(config, params, tok: Tokenizer, template, verifier: Verifier, problem: Problem, texts: list[str]
@@ -250,16 +263,21 @@ def pair_rows(config, params, tok: Tokenizer, template, problem: Problem, sample
     return rows
 
 
-def sample_problem(config, params, tok, template, verifier, problem: Problem, opts: Options,
-                   until: Sequence[str]) -> dict:
-    """One problem's record for the resume file: counts, and its pairs (or why it has none)."""
-    texts = draw(config, params, tok, prompt_ids(tok, template, training_prompt(problem, template)), opts,
-                 problem_seed(opts.seed, problem.index), until)
-    samples = grade(config, params, tok, template, verifier, problem, texts)
-    chosen = choose_pairs(samples, opts.rule, opts.pairs_per_problem)
-    pairs = [] if isinstance(chosen, str) else pair_rows(config, params, tok, template, problem, samples, chosen)
-    return {"problem": problem.index, "samples": len(samples), "correct": sum(s.correct for s in samples),
-            "skipped": chosen if isinstance(chosen, str) else None, "pairs": pairs}
+def sample_step(config, params, tok, template, verifier, problems: Sequence[Problem], opts: Options,
+                until: Sequence[str], mesh=None) -> list[dict]:
+    """The problems' records for the resume file: counts, and their pairs (or why there is none)."""
+    prompts = [prompt_ids(tok, template, training_prompt(p, template)) for p in problems]
+    records = []
+    for problem, texts in zip(problems, draw(config, params, tok, prompts, [p.index for p in problems], opts, until,
+                                             mesh)):
+        samples = grade(config, params, tok, template, verifier, problem, texts)
+        chosen = choose_pairs(samples, opts.rule, opts.pairs_per_problem)
+        pairs = [] if isinstance(chosen, str) else pair_rows(config, params, tok, template, problem, samples,
+                                                             chosen)
+        records.append({"problem": problem.index, "samples": len(samples),
+                        "correct": sum(s.correct for s in samples),
+                        "skipped": chosen if isinstance(chosen, str) else None, "pairs": pairs})
+    return records
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -306,9 +324,12 @@ def default_until(tok: Tokenizer, verifier: Verifier, until: Sequence[str] | Non
 
 
 def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: Verifier, out: str | os.PathLike,
-        opts: Options, *, template=None, settings: dict | None = None, progress: bool = True) -> Summary:
+        opts: Options, *, template=None, settings: dict | None = None, progress: bool = True,
+        mesh_config=None) -> Summary:
     """Sample, grade and pair every problem, resuming from OUT.partial; writes OUT (module docstring).
-    `settings` identify the run (model, input, ...) so that a resume with others is refused."""
+    `settings` identify the run (model, input, ...) so that a resume with others is refused (`batch_size` and the
+    mesh do not change the samples, so a resume may change them). `mesh_config`: a `sharding.MeshConfig` to
+    sample on (this process's devices), or None (the default device)."""
     opts.check()
     out = Path(out)
     if out.suffix != ".jsonl":
@@ -316,8 +337,15 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     if not out.parent.is_dir():
         raise DataError(f"{out}: folder {out.parent} does not exist")
     until = default_until(tok, verifier, opts.until or None)
-    settings = json.loads(json.dumps(dict(settings or {}, options=dataclasses.asdict(opts), until=until,
-                                          verifier=verifier.spec, threshold=verifier.threshold)))
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
+    settings = json.loads(json.dumps(dict(settings or {}, options=options, until=until, verifier=verifier.spec,
+                                          threshold=verifier.threshold, version=PARTIAL_VERSION)))
+    mesh = None
+    if mesh_config is not None:
+        from jsmaug.parallel import sharding as shd
+
+        mesh = (shd.make_mesh(mesh_config, config), mesh_config)
+        params = jax.device_put(params, shd.param_shardings(config, mesh[0], mesh_config))
     partial = partial_path(out)
     done = read_partial(partial, settings)
     todo = [p for p in problems if p.index not in done]
@@ -327,9 +355,9 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     if progress and done:
         print(f"pairs sample: resuming, {len(done)} problems done in {partial}", file=sys.stderr, flush=True)
     t0, sampled = time.time(), 0
-    for start in range(0, len(todo), opts.batch_size):
-        records = [sample_problem(config, params, tok, template, verifier, p, opts, until)
-                   for p in todo[start:start + opts.batch_size]]
+    step = problems_per_step(opts)
+    for start in range(0, len(todo), step):
+        records = sample_step(config, params, tok, template, verifier, todo[start:start + step], opts, until, mesh)
         append_records(partial, settings, records)
         for r in records:
             done[r["problem"]] = r
@@ -367,6 +395,7 @@ def sample_command(args) -> Summary:
         opts.check()
     except ValueError as err:
         raise DataError(f"sampling settings: {err}") from None
+    mesh_config = args.mesh  # a MeshConfig or None (cli.mesh_option)
     verifier = Verifier(args.verifier, args.threshold)
     problems = read_problems(args.input, verifier.kind, args.max_rows)
     tok = Tokenizer(args.tokenizer or ev.model_tokenizer_path(args.model))
@@ -378,4 +407,4 @@ def sample_command(args) -> Summary:
                 "input_digest": file_digest(args.input), "max_rows": args.max_rows, "tokenizer": tok.fingerprint(),
                 "chat_template": template.source if template is not None else None, "dtype": args.dtype}
     return run(config, params, tok, problems, verifier, args.out, opts, template=template, settings=settings,
-               progress=not args.quiet)
+               progress=not args.quiet, mesh_config=mesh_config)

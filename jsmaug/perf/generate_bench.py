@@ -11,7 +11,8 @@ makes it); jsmaug reads that folder with `jsmaug.hf.load`. Without the package (
 - generate/greedy_fast_step_vs_decoder_decode: the same greedy generation, jsmaug's fast decoding step (the
   default) against `decoder.decode` per step (`generate(..., fast=False)`), timed in the same rounds.
 - generate/sampling_vs_transformers: temperature 0.7, top-p 0.95, no top-k, `samples` samples per prompt (jsmaug:
-  each prompt repeated; transformers: `num_return_sequences`), the same number of rows and tokens.
+  every prompt's samples in one call, each row with its own key `row_keys(seed, (prompt, sample))`, as
+  `jsmaug pairs sample` draws them; transformers: `num_return_sequences`), the same number of rows and tokens.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ class Contenders:
         self.ids, self.mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def jsmaug(self, sc, samples: int = 1, seed: int = 0, fast: bool | None = None) -> list[list[int]]:
-        rows = [p for p in self.prompts for _ in range(samples)]
-        return self.gen.generate(self.config, self.params, rows, sc, seed=seed, fast=fast)
+        """One call for every prompt's samples, row (r, j) drawn with its own key (as `jsmaug pairs sample` does)."""
+        ids = [(r, j) for r in range(len(self.prompts)) for j in range(samples)]
+        return self.gen.generate(self.config, self.params, [self.prompts[r] for r, _ in ids], sc, fast=fast,
+                                 keys=self.gen.row_keys(seed, ids))
 
     def transformers(self, sc, samples: int = 1, seed: int = 0) -> list[list[int]]:
         kw = dict(do_sample=False) if sc.temperature == 0 else dict(
@@ -74,9 +77,29 @@ class Contenders:
         return out[:, self.ids.shape[1]:].tolist()
 
 
+def _greedy_rows(c: Contenders, greedy, rounds: int, tokens: int, where: str) -> int:
+    """generate/greedy_vs_transformers and generate/greedy_fast_step_vs_decoder_decode; the rows whose greedy
+    tokens equal transformers'."""
+    ours, theirs = c.jsmaug(greedy), c.transformers(greedy)  # compile and warm up; check the tokens
+    same = sum(a == b for a, b in zip(ours, theirs))
+    same_decode = sum(a == b for a, b in zip(c.jsmaug(greedy, fast=False), theirs))
+    t = time_alternating({"jsmaug": lambda: c.jsmaug(greedy), "transformers": lambda: c.transformers(greedy),
+                          "decode": lambda: c.jsmaug(greedy, fast=False)}, rounds)
+    record("generate/greedy_vs_transformers", tokens / t["jsmaug"], tokens / t["transformers"], "new tokens/s",
+           f"{where}; greedy tokens equal on {same}/{len(c.prompts)} rows", "jsmaug generate (KV cache)",
+           "transformers generate (KV cache)")
+    record("generate/greedy_fast_step_vs_decoder_decode", tokens / t["jsmaug"], tokens / t["decode"],
+           "new tokens/s",
+           f"{where}; decoder.decode's tokens equal transformers' on {same_decode}/{len(c.prompts)} rows",
+           "jsmaug generate, its fast decoding step (the default)", "jsmaug generate, decoder.decode per step")
+    return same
+
+
 def bench_generate_vs_transformers(quick: bool, threads: int, work: str | Path = WORK, rounds: int = 3,
-                                   hf_dir: str | Path | None = None, samples: int = 4) -> bool:
-    """The two generate/* rows. Returns False (after printing why) when the real model is not available."""
+                                   hf_dir: str | Path | None = None, samples: int = 4, greedy_rows: bool = True
+                                   ) -> bool:
+    """The generate/* rows (`greedy_rows=False`: the sampling row only). Returns False (after printing why) when
+    the real model is not available."""
     import torch
 
     try:
@@ -98,18 +121,8 @@ def bench_generate_vs_transformers(quick: bool, threads: int, work: str | Path =
              f"{lengths[0]}-{lengths[-1]} tokens, {new} new tokens each, {threads} threads, median of {rounds} "
              "alternating")
     greedy = SamplingConfig(max_new_tokens=new, eos_id=None, pad_id=tok.pad_token_id or 0)
-    ours, theirs = c.jsmaug(greedy), c.transformers(greedy)  # compile and warm up; check the tokens
-    same = sum(a == b for a, b in zip(ours, theirs))
-    same_decode = sum(a == b for a, b in zip(c.jsmaug(greedy, fast=False), theirs))
-    t = time_alternating({"jsmaug": lambda: c.jsmaug(greedy), "transformers": lambda: c.transformers(greedy),
-                          "decode": lambda: c.jsmaug(greedy, fast=False)}, rounds)
     tokens = len(texts) * new
-    record("generate/greedy_vs_transformers", tokens / t["jsmaug"], tokens / t["transformers"], "new tokens/s",
-           f"{where}; greedy tokens equal on {same}/{len(texts)} rows", "jsmaug generate (KV cache)",
-           "transformers generate (KV cache)")
-    record("generate/greedy_fast_step_vs_decoder_decode", tokens / t["jsmaug"], tokens / t["decode"],
-           "new tokens/s", f"{where}; decoder.decode's tokens equal transformers' on {same_decode}/{len(texts)} rows",
-           "jsmaug generate, its fast decoding step (the default)", "jsmaug generate, decoder.decode per step")
+    same = _greedy_rows(c, greedy, rounds, tokens, where) if greedy_rows else len(texts)
     hot = SamplingConfig(max_new_tokens=new, temperature=0.7, top_p=0.95, eos_id=None, pad_id=greedy.pad_id)
     ours, theirs = c.jsmaug(hot, samples), c.transformers(hot, samples)
     assert np.shape(ours) == np.shape(theirs) == (len(texts) * samples, new), (np.shape(ours), np.shape(theirs))
