@@ -324,7 +324,8 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     dtype = jnp.dtype(base_info["dtype"])
     base = jax.tree.map(lambda x: x.astype(dtype), base)
     if base_info.get("quant", "none") != "none":  # QLoRA: the adapters were trained on the quantized base
-        base = jax.jit(lambda b: lora.quantize_base(b, base_info["quant"], base_info["quant_group"]))(base)
+        base = jax.jit(lambda b: lora.quantize_base(b, base_info["quant"], base_info["quant_group"],
+                                                       embeddings=base_info.get("quant_embeddings", False)))(base)
     return base_config.replace(param_dtype=base_info["dtype"]), lora.merge(base, adapters, config.lora_alpha,
                                                                              config.lora_rank, quantized_dtype=dtype)
 
