@@ -115,3 +115,24 @@ def test_a_runs_own_figures_count_its_compiles(tmp_path):
     assert f["whole"] == 4000.0 / 40.0 and f["steady"] == 21.5 and abs(f["padding"] - 0.05) < 1e-12
     assert f["whole_cpu"] == 4000.0 / 20.0
     assert (f["compile_ahead"], f["loop"]) == (10.0, 30.0)
+
+
+def test_the_gemma3_row_times_gemma3_270ms_shapes_on_both_sides():
+    """jsmaug's config of the Gemma 3 row and the HF model the PyTorch side builds from it (on the meta device:
+    nothing is allocated) have the same parameters: 268M, 168M of them the tied 262,144-token embedding."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jsmaug.models import families
+    from jsmaug.perf import gemma_bench
+
+    conf = gemma_bench.gemma3_270m_config()
+    hf = families.to_hf_dict(conf)
+    cfg = AutoConfig.for_model("gemma3_text", **{k: v for k, v in hf.items()
+                                                 if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("meta"):
+        theirs = AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in theirs.parameters()) == conf.num_params() == 268_098_176
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.tie_word_embeddings) == (262144, 640, 18, True)
+    assert cfg.layer_types.count("full_attention") == 3 and cfg.layer_types[5] == "full_attention"
+    assert cfg.sliding_window == 512 and cfg.query_pre_attn_scalar == 256

@@ -17,7 +17,9 @@ Prints one JSON line per comparison ({name, a, b, ratio, unit, machine, config})
               in useful GFLOP/s
   step/*      DPOP step vs SFT step on the same tokens, online and precomputed reference
   torch/*     jsmaug's jitted DPOP step vs HF transformers MixtralForCausalLM + the same DPOP loss in PyTorch
-              (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s
+              (one forward over [chosen; rejected], AdamW), same config, batch and threads; tokens/s; the same
+              for a Llama-shaped dense model and for Gemma 3 270M's shapes (jsmaug/perf/gemma_bench.py: about
+              12 GB of RAM for the two frameworks together)
   lora/*      LoRA DPOP step (the frozen base is the reference) vs the full DPOP step: time, compiled memory, state
   losses/*    a reference-free loss (SimPO) vs DPO's sigmoid with an online reference: time, compiled memory
   packing/*   real (non-padding) tokens/s of packed vs padded steps, 8 pairs a step, on long-tailed and on
@@ -280,6 +282,9 @@ def run_torch_rows(small, pairs, length, batch, ref, q, peak):
     from jsmaug.perf import dense_bench  # torch/llama_*: a Llama-shaped dense model against LlamaForCausalLM
 
     dense_bench.bench_llama_vs_torch(q, threads=os.cpu_count() or 1)
+    from jsmaug.perf import gemma_bench  # torch/gemma3_*: Gemma 3 270M's shapes (262K vocabulary), issue 43's goal
+
+    gemma_bench.bench_gemma3_vs_torch(q, threads=os.cpu_count() or 1)
     from jsmaug.perf import generate_bench  # generate/*: generation against transformers' generate, real model
 
     generate_bench.bench_generate_vs_transformers(q, threads=os.cpu_count() or 1)

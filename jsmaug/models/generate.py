@@ -198,8 +198,7 @@ def _fast_step(config: ModelConfig, w, token_B, pos_B, kv_valid_BxT, caches, slo
     dtype = jnp.dtype(c.dtype)
     h, kv, dh = c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
     b = token_B.shape[0]
-    embed = w["embed_tokens"]
-    x_BxD = jnp.take(embed, token_B, axis=0).astype(dtype)
+    x_BxD = model.embed_rows(c, w["embed_tokens"], token_B).astype(dtype)  # a QLoRA base's packed rows too
     cos, sin = rope.cos_sin(pos_B[:, None], c)
     mask_BxT = kv_valid_BxT > 0
     if c.sliding_window is not None:

@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=float, default=1.0)
     ap.add_argument("--rule", choices=sample_lib.RULES, default="likely")
     ap.add_argument("--pairs_per_problem", type=int, default=1)
-    ap.add_argument("--batch_size", type=int, default=8, help="problems per sampling step")
+    ap.add_argument("--batch_size", type=int, default=64,
+                    help="rows per sampling call: the k samples of batch_size // k problems (at least one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout_max_new_tokens", type=int, default=256)
     ap.add_argument("--heldout_batch_size", type=int, default=8)
