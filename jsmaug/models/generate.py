@@ -37,6 +37,7 @@ import numpy as np
 from jsmaug.models import attention, decoder as model, rope
 from jsmaug.models.config import ModelConfig, layer_groups
 from jsmaug.models.mlp import SparseMoE, activation
+from jsmaug.parallel import sharding as shd
 from jsmaug.models.weights import rms_norm
 
 CHUNK = 32  # decoding steps per jitted call (the host checks for finished rows between calls)
@@ -300,16 +301,11 @@ def _placed(config: ModelConfig, params, mesh, mesh_config, arrays):
     """The params on the mesh (`param_shardings`; a no-op when they are there already) and each (B, ...) array's
     rows split over the batch axes (B a multiple of `batch_rows_divisor`). One process only: the host loop reads
     every row's tokens, which a mesh spanning processes would not hold."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from jsmaug.parallel import sharding as shd
-
     if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
         raise ValueError("generate on a mesh spanning processes is not supported (docs/making-pairs.md says what "
                          "is missing); use a mesh of this process's devices")
     params = jax.device_put(params, shd.param_shardings(config, mesh, mesh_config))
-    axes = tuple(a for a in mesh_config.rule_table().get("batch", ()) if mesh.shape[a] > 1)
-    rows = NamedSharding(mesh, P(axes or None))
+    rows = shd.rows_sharding(mesh, mesh_config)
     return params, [jax.device_put(a, rows) for a in arrays]
 
 
@@ -341,7 +337,6 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
         raise ValueError(f"keys: one key per prompt, shape ({b_real},), got {keys.shape}")
     multiple = row_multiple
     if mesh is not None:
-        from jsmaug.parallel import sharding as shd
         multiple = int(np.lcm(multiple, shd.batch_rows_divisor(mesh, mesh_config)))
     extra = -b_real % multiple
     ids, mask = left_pad(list(prompts) + [[sampling.pad_id]] * extra, pad_multiple, sampling.pad_id)

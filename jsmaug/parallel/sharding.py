@@ -140,12 +140,21 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract
                                  transform_non_params=lambda _: replicated)
 
 
+def _batch_entry(mesh: Mesh, mesh_cfg: MeshConfig):
+    """The PartitionSpec entry of a batch axis: the rule table's batch mesh axes of size > 1 (None, a name or a
+    tuple of names)."""
+    axes = tuple(a for a in mesh_cfg.rule_table().get("batch", ()) if mesh.shape[a] > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh, mesh_cfg: MeshConfig, ndim: int) -> NamedSharding:
     """Sharding of a PAIRED batch array (2, B, ...): axis 0 is chosen/rejected, axis 1 the pairs."""
-    table = mesh_cfg.rule_table()
-    axes = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(None, lead, *([None] * (ndim - 2))))
+    return NamedSharding(mesh, P(None, _batch_entry(mesh, mesh_cfg), *([None] * (ndim - 2))))
+
+
+def rows_sharding(mesh: Mesh, mesh_cfg: MeshConfig) -> NamedSharding:
+    """Sharding of an array of rows (B, ...), e.g. generation's prompts and keys: axis 0 over the batch axes."""
+    return NamedSharding(mesh, P(_batch_entry(mesh, mesh_cfg)))
 
 
 def batch_rows_divisor(mesh: Mesh, mesh_cfg: MeshConfig) -> int:
