@@ -187,13 +187,14 @@ def test_fast_step_equals_decoder_decode(kw):
 
 
 def test_fast_step_only_for_what_it_computes(monkeypatch):
-    """LoRA, Gemma, and any config field the fast step does not know (one added to ModelConfig later) set away
-    from its default: the decoder's own `decode` runs."""
+    """Gemma, and any config field the fast step does not know (one added to ModelConfig later) set away from its
+    default: the decoder's own `decode` runs. LoRA is computed (adapters merged once per call,
+    tests/test_generate_qlora.py)."""
     from jsmaug.models import config as config_lib
 
     base = config_lib.tiny(model_type="mistral", sliding_window=8)
     assert gen.fast_step_applies(base)
-    assert not gen.fast_step_applies(base.replace(lora_rank=4))
+    assert gen.fast_step_applies(base.replace(lora_rank=4))
     assert not gen.fast_step_applies(config_lib.tiny(model_type="gemma3_text"))
     monkeypatch.setattr(gen, "_KNOWN_FIELDS", gen._KNOWN_FIELDS - {"sliding_window"})
     assert not gen.fast_step_applies(base) and gen.fast_step_applies(base.replace(sliding_window=None))
