@@ -40,10 +40,10 @@ def test_step_runner_places_a_precomputed_reference_batch():
     import jax
     import numpy as np
 
-    conf = bench.step_model_config(quick=True)
-    batch = bench.synthetic_batch(np.random.default_rng(0), 2, 16, conf.vocab_size)
+    config = bench.step_model_config(quick=True)
+    batch = bench.synthetic_batch(np.random.default_rng(0), 2, 16, config.vocab_size)
     batch["ref_logps"] = np.full((4,), -30.0, np.float32)  # far from the policy's: off DPOP's kink
-    runner = bench.StepRunner(conf, "dpop", batch, None)
+    runner = bench.StepRunner(config, "dpop", batch, None)
     assert runner.batch["ref_logps"].shape == (2, 2) and runner.batch["input_ids"].shape == (2, 2, 16)
     before = int(runner.state.step)
     runner()
@@ -126,13 +126,14 @@ def test_the_gemma3_row_times_gemma3_270ms_shapes_on_both_sides():
     from jsmaug.models import families
     from jsmaug.perf import gemma_bench
 
-    conf = gemma_bench.gemma3_270m_config()
-    hf = families.to_hf_dict(conf)
-    cfg = AutoConfig.for_model("gemma3_text", **{k: v for k, v in hf.items()
-                                                 if k not in ("architectures", "model_type", "torch_dtype")})
+    config = gemma_bench.gemma3_270m_config()
+    hf = families.to_hf_dict(config)
+    hf_config = AutoConfig.for_model("gemma3_text", **{k: v for k, v in hf.items()
+                                                       if k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("meta"):
-        theirs = AutoModelForCausalLM.from_config(cfg)
-    assert sum(p.numel() for p in theirs.parameters()) == conf.num_params() == 268_098_176
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.tie_word_embeddings) == (262144, 640, 18, True)
-    assert cfg.layer_types.count("full_attention") == 3 and cfg.layer_types[5] == "full_attention"
-    assert cfg.sliding_window == 512 and cfg.query_pre_attn_scalar == 256
+        theirs = AutoModelForCausalLM.from_config(hf_config)
+    assert sum(p.numel() for p in theirs.parameters()) == config.num_params() == 268_098_176
+    assert (hf_config.vocab_size, hf_config.hidden_size, hf_config.num_hidden_layers,
+            hf_config.tie_word_embeddings) == (262144, 640, 18, True)
+    assert hf_config.layer_types.count("full_attention") == 3 and hf_config.layer_types[5] == "full_attention"
+    assert hf_config.sliding_window == 512 and hf_config.query_pre_attn_scalar == 256

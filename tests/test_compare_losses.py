@@ -184,11 +184,11 @@ def test_reference_computed_once_equals_preference_eval_with_reference(compared)
     tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(None, str(out / "start_sft")))
     examples, _ = data_lib.prepare("data/sample/test.jsonl", data_lib.DataConfig(max_length=64, max_prompt_length=32),
                                    tok)
-    mconf, start = checkpoint.load_params(out / "start_sft")
+    config, start = checkpoint.load_params(out / "start_sft")
     _, policy = checkpoint.load_params(out / "dpop")
-    want = eval_lib.preference_eval(mconf, policy, examples, start, beta=0.3)
-    got = compare_losses.with_reference(eval_lib.preference_eval(mconf, policy, examples),
-                                        eval_lib.preference_eval(mconf, start, examples), 0.3)
+    want = eval_lib.preference_eval(config, policy, examples, start, beta=0.3)
+    got = compare_losses.with_reference(eval_lib.preference_eval(config, policy, examples),
+                                        eval_lib.preference_eval(config, start, examples), 0.3)
     for key, value in want.items():
         if key != "per_pair":
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

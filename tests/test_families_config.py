@@ -178,25 +178,25 @@ def test_lora_and_packing_on_a_dense_family(model_type):
     segments) with adapters named after the HF projections: packed rows score the pairs as padded rows do,
     one packed LoRA step trains the adapters only, and the merged export is base + alpha / r * A @ B."""
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    conf = cfg_lib.tiny(model_type=model_type, attention_bias=True, vocab_size=64, lora_rank=4, lora_targets=targets,
-                        attention_impl="xla",  # the cheapest to compile: packing's chunked path is test_packing's
-                        **(GEMMA3_MIXED if model_type == "gemma3_text" else {}))
-    base, adapters = lora.split(model.init_params(conf, jax.random.key(0)))
+    config = cfg_lib.tiny(model_type=model_type, attention_bias=True, vocab_size=64, lora_rank=4, lora_targets=targets,
+                          attention_impl="xla",  # the cheapest to compile: packing's chunked path is test_packing's
+                          **(GEMMA3_MIXED if model_type == "gemma3_text" else {}))
+    base, adapters = lora.split(model.init_params(config, jax.random.key(0)))
     layer = adapters["layers"]["layer"]
     assert sorted(layer["mlp"]) == sorted(f"{t}_lora_{x}" for t in targets[4:] for x in "ab")
     assert "q_proj_bias_lora_a" not in layer["self_attn"] and "q_norm" not in layer["self_attn"]
     pairs, buckets = _pairs(4, seed=2), (32, 64)
     mesh_cfg = shd.MeshConfig(data=1)
-    mesh = shd.make_mesh(mesh_cfg, conf, jax.devices()[:1])
+    mesh = shd.make_mesh(mesh_cfg, config, jax.devices()[:1])
     packed = plan_lib.place_packed(pairs, None, 1, mesh, mesh_cfg, data.DataConfig(train_path="x"), buckets)
     padded = data.collate(pairs, buckets)
     assert packed["input_ids"].shape[1] < padded["input_ids"].shape[0]  # fewer rows
     # Padded rows scored by the base model (at init the adapters add exactly 0).
-    padded_logps = jax.jit(lambda p, b: step.policy_logps(conf.replace(lora_rank=0), p, b)[0].logps)(base, padded)
+    padded_logps = jax.jit(lambda p, b: step.policy_logps(config.replace(lora_rank=0), p, b)[0].logps)(base, padded)
     opt = optax.adam(1e-2)
     state = step.TrainState(adapters, opt.init(adapters), jnp.int32(0), jnp.int32(0),
                             jax.random.key_data(jax.random.key(0)))
-    fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type="dpop", beta=0.3),
+    fn = jax.jit(functools.partial(step.train_step, config=config, loss_cfg=LossSection(type="dpop", beta=0.3),
                                    optimizer=opt))
     state, m = fn(state, packed, base)
     assert float(m["rewards/chosen"]) == 0.0 and int(m["applied"]) == 1  # at init the policy IS the reference
@@ -207,14 +207,14 @@ def test_lora_and_packing_on_a_dense_family(model_type):
     for path, b in jax.tree_util.tree_flatten_with_path(lora.split(state.params)[1])[0]:
         if path[-1].key.endswith("_lora_b"):  # B starts at 0 and gets the first gradient
             assert float(jnp.max(jnp.abs(b))) > 0, path
-    merged = lora.merge(base, state.params, conf.lora_alpha, conf.lora_rank)
+    merged = lora.merge(base, state.params, config.lora_alpha, config.lora_rank)
     a = np.asarray(state.params["layers"]["layer"]["mlp"]["gate_proj_lora_a"])
     b = np.asarray(state.params["layers"]["layer"]["mlp"]["gate_proj_lora_b"])
-    want = np.asarray(base["layers"]["layer"]["mlp"]["gate_proj"]) + conf.lora_alpha / conf.lora_rank * a @ b
+    want = np.asarray(base["layers"]["layer"]["mlp"]["gate_proj"]) + config.lora_alpha / config.lora_rank * a @ b
     np.testing.assert_allclose(merged["layers"]["layer"]["mlp"]["gate_proj"], want, rtol=1e-6, atol=1e-7)
     assert jax.tree.structure(merged) == jax.tree.structure(base)  # a model without adapters
-    if conf.is_gemma:  # the window counts on these segments (up to 20 tokens), so packing had to respect it
-        wide = jax.jit(lambda p, b: step.policy_logps(conf.replace(lora_rank=0, sliding_window=64), p, b)[0].logps)
+    if config.is_gemma:  # the window counts on these segments (up to 20 tokens), so packing had to respect it
+        wide = jax.jit(lambda p, b: step.policy_logps(config.replace(lora_rank=0, sliding_window=64), p, b)[0].logps)
         assert float(jnp.max(jnp.abs(wide(base, padded) - padded_logps))) > 1e-4
 
 

@@ -70,7 +70,7 @@ def _params():
 
 
 def _on(mesh_cfg, devices):
-    """(conf, mesh, param shardings, params placed, batch placed)."""
+    """(mesh, param shardings, params placed, batch placed)."""
     mesh = shd.make_mesh(mesh_cfg, CONF, devices)
     param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
     params = jax.device_put(_params(), param_sh)
@@ -143,24 +143,24 @@ def test_expert_and_tensor_mesh_equals_one_device(one_device):
 def test_lora_dpop_on_the_expert_mesh_starts_at_log_2_and_learns():
     """Slow: 14 s of CPU cold (its own compile; 36 s wall on the loaded 2-core machine), 7 s with a warm
     compilation cache."""
-    conf = CONF.replace(lora_rank=4, lora_alpha=8.0)
-    assert {"w1", "w3", "w2", "q_proj"} <= set(conf.lora_targets)
-    mesh = shd.make_mesh(MESH, conf, jax.devices())
-    base_sh, ad_sh = lora.split(shd.param_shardings(conf, mesh, MESH))
+    config = CONF.replace(lora_rank=4, lora_alpha=8.0)
+    assert {"w1", "w3", "w2", "q_proj"} <= set(config.lora_targets)
+    mesh = shd.make_mesh(MESH, config, jax.devices())
+    base_sh, ad_sh = lora.split(shd.param_shardings(config, mesh, MESH))
     base = jax.device_put(_params(), base_sh)
-    adapters = jax.jit(lambda k: lora.init_adapters(lora.split(model.param_shapes(conf))[1], k),
+    adapters = jax.jit(lambda k: lora.init_adapters(lora.split(model.param_shapes(config))[1], k),
                        out_shardings=ad_sh)(jax.random.key(3))
     opt = optax.adam(1e-2)
     state_sh = step.state_shardings(opt, adapters, ad_sh, mesh)
     state = step.init_state(opt, adapters, state_sh, seed=0)
     batch = shd.put_batch(_batch(), mesh=mesh, mesh_cfg=MESH)
     loss_cfg = LossSection(type="dpop", beta=0.3, dpop_lambda=50.0)
-    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batch), base_sh, config=conf,
+    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batch), base_sh, config=config,
                              loss_cfg=loss_cfg, optimizer=opt)
     state, m1 = fn(state, batch, base, jnp.asarray(False))
     # B = 0: the policy is the reference, no margin and no DPOP penalty, -log sigmoid(0) = log 2 per pair.
     np.testing.assert_allclose(float(m1["loss/preference"]), math.log(2), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(float(m1["loss"]), math.log(2) + conf.router_aux_loss_coef * float(m1["moe/aux_loss"]),
+    np.testing.assert_allclose(float(m1["loss"]), math.log(2) + config.router_aux_loss_coef * float(m1["moe/aux_loss"]),
                                rtol=0, atol=1e-6)
     assert int(m1["applied"]) == 1 and float(m1["grad_norm"]) > 0
     moe_ad = state.params["layers"]["layer"]["block_sparse_moe"]

@@ -41,12 +41,12 @@ def _parts():
 @pytest.mark.parametrize("impl", ["dense", "bucketed", "blocked", "ragged", "capacity"])
 def test_merged_equals_unmerged_on_every_dispatch_path(impl):
     base, _, trained = _parts()
-    conf = CONF.replace(moe_impl=impl)
-    unmerged, _ = jax.jit(model.forward, static_argnums=0)(conf, lora.combine(base, trained), IDS)
-    merged_params = lora.merge(base, trained, conf.lora_alpha, conf.lora_rank)
-    merged, _ = jax.jit(model.forward, static_argnums=0)(conf.replace(lora_rank=0), merged_params, IDS)
+    config = CONF.replace(moe_impl=impl)
+    unmerged, _ = jax.jit(model.forward, static_argnums=0)(config, lora.combine(base, trained), IDS)
+    merged_params = lora.merge(base, trained, config.lora_alpha, config.lora_rank)
+    merged, _ = jax.jit(model.forward, static_argnums=0)(config.replace(lora_rank=0), merged_params, IDS)
     np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5)
-    plain, _ = jax.jit(model.forward, static_argnums=0)(conf.replace(lora_rank=0), base, IDS)
+    plain, _ = jax.jit(model.forward, static_argnums=0)(config.replace(lora_rank=0), base, IDS)
     assert float(jnp.max(jnp.abs(plain - merged))) > 1e-3  # the adapters do change the model
 
 
@@ -82,8 +82,8 @@ def test_at_init_policy_is_reference_and_only_adapters_learn():
 
 def _train_on(mesh_cfg, devices):
     mesh = shd.make_mesh(mesh_cfg, CONF, devices)
-    conf = CONF.replace(moe_dispatch="all_to_all")
-    base_sh, ad_sh = lora.split(shd.param_shardings(conf, mesh, mesh_cfg))
+    config = CONF.replace(moe_dispatch="all_to_all")
+    base_sh, ad_sh = lora.split(shd.param_shardings(config, mesh, mesh_cfg))
     base, adapters, _ = _parts()
     fresh = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # the step donates its state
     base, adapters = jax.device_put(fresh(base), base_sh), jax.device_put(fresh(adapters), ad_sh)
@@ -92,7 +92,7 @@ def _train_on(mesh_cfg, devices):
     state = step.init_state(opt, adapters, state_sh, seed=0)
     put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=mesh_cfg)
     batches = [put(_batch(1)), put(_batch(2))]
-    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batches[0]), base_sh, config=conf,
+    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batches[0]), base_sh, config=config,
                              loss_cfg=LossSection(type="dpo", beta=0.3), optimizer=opt)
     losses = []
     for b in batches:
@@ -127,10 +127,10 @@ def test_adapter_gradients_equal_those_of_the_merged_weights(impl):
     W + s A @ B formed in full."""
     base, _, trained = _parts()
     want, weights_T = _merged_adapter_grads()
-    conf = CONF.replace(moe_impl=impl)
+    config = CONF.replace(moe_impl=impl)
 
     def loss(ad):
-        logits, _ = model.forward(conf, lora.combine(base, ad), IDS)
+        logits, _ = model.forward(config, lora.combine(base, ad), IDS)
         return jnp.sum(jax.nn.log_softmax(logits) * weights_T)
     got = jax.jit(jax.grad(loss))(trained)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5), got, want)

@@ -81,14 +81,14 @@ def test_bfloat16_compute_close_to_float32(case):
 
 
 def test_remat_and_logical_axes():
-    from jsmaug.models import config as cfg
+    from jsmaug.models import config as cfg_lib
 
-    c = cfg.tiny()
+    c = cfg_lib.tiny()
     params = model.init_params(c, jax.random.key(1))
     ids = jnp.arange(12).reshape(2, 6) % c.vocab_size
 
-    def loss(p, conf):
-        logits, aux = model.forward(conf, p, ids)
+    def loss(p, config):
+        logits, aux = model.forward(config, p, ids)
         return jnp.mean(logits ** 2) + aux
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)

@@ -121,15 +121,15 @@ def _batch():
 
 
 def _dpo_step(mesh_cfg, devices, dispatch="gspmd"):
-    conf = CONF.replace(moe_dispatch=dispatch)
-    mesh = shd.make_mesh(mesh_cfg, conf, devices)
-    param_sh = shd.param_shardings(conf, mesh, mesh_cfg)
-    params = jax.jit(lambda k: model.init_params(conf, k), out_shardings=param_sh)(jax.random.key(0))
+    config = CONF.replace(moe_dispatch=dispatch)
+    mesh = shd.make_mesh(mesh_cfg, config, devices)
+    param_sh = shd.param_shardings(config, mesh, mesh_cfg)
+    params = jax.jit(lambda k: model.init_params(config, k), out_shardings=param_sh)(jax.random.key(0))
     ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
     state_sh = step.state_shardings(OPT, params, param_sh, mesh)
     state = step.init_state(OPT, params, state_sh, seed=0)
     batch = shd.put_batch(_batch(), mesh=mesh, mesh_cfg=mesh_cfg)
-    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batch), param_sh, config=conf,
+    fn = step.jit_train_step(state_sh, jax.tree.map(lambda x: x.sharding, batch), param_sh, config=config,
                              loss_cfg=LOSS, optimizer=OPT)
     state, m = fn(state, batch, ref, jnp.asarray(False))
     return state, m

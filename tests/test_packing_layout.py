@@ -132,9 +132,9 @@ def test_packed_rows_keep_the_padded_rows_attention_path_on_cpu():
     from jsmaug.perf.bench import step_run_config
     from jsmaug.train import plan as plan_lib
 
-    conf = cfg_lib.tiny(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                        num_key_value_heads=2, attention_block_size=64)
-    plan = plan_lib.plan(step_run_config(conf, "dpo", 128), jax.devices()[:1], mconf=conf)
+    config = cfg_lib.tiny(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                          num_key_value_heads=2, attention_block_size=64)
+    plan = plan_lib.plan(step_run_config(config, "dpo", 128), jax.devices()[:1], config=config)
     assert programs.attention_row_cap(plan, 32, 8) is None  # 32..64: all `xla`
     assert programs.attention_row_cap(plan, 48, 8) == 64  # 72..96 would be `chunked`
     assert programs.attention_row_cap(plan, 128, 8) is None  # `chunked` already, and so is every longer row

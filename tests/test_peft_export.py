@@ -41,15 +41,15 @@ def _lora_workdir(root, hf_dir, targets, rank=4, alpha=8.0, conv=None):
     trainer."""
     conv = conv or converted(root, hf_dir)
     config = checkpoint.read_model_config(conv)
-    lconf = config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
-    shapes = lora.split(decoder.param_shapes(lconf))[1]
+    lora_config = config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    shapes = lora.split(decoder.param_shapes(lora_config))[1]
     adapters = lora.init_adapters(shapes, jax.random.key(1))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     adapters = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     state = step.TrainState(adapters, optax.sgd(0.1).init(adapters), jnp.int32(3), jnp.int32(0),
                             jax.random.key_data(jax.random.key(0)))
-    meta = {"data_position": 3, "seed": 0, "model_config": lconf.to_dict(),
+    meta = {"data_position": 3, "seed": 0, "model_config": lora_config.to_dict(),
             "lora_base": {"init_from": str(conv), "seed": 0, "dtype": "float32"}}
     manager = checkpoint.Manager(root / "wd" / "checkpoints", async_save=False)
     manager.save(3, state, meta)
@@ -170,12 +170,12 @@ def test_refusals_name_the_checkpoint_and_write_nothing(tmp_path):
 
 
 def test_dense_mlp_layers_of_an_moe_model_have_no_peft_layout(tmp_path):
-    conf = cfg_lib.tiny(model_type="qwen3_moe", vocab_size=64, mlp_only_layers=(1,), lora_rank=4)
-    adapters = lora.split(decoder.param_shapes(conf))[1]
+    config = cfg_lib.tiny(model_type="qwen3_moe", vocab_size=64, mlp_only_layers=(1,), lora_rank=4)
+    adapters = lora.split(decoder.param_shapes(config))[1]
     with pytest.raises(peft_export.PeftLayoutError, match=r"qwen3_moe: the dense MLP layers \[1\]"):
-        peft_export.save(tmp_path / "out", conf, adapters)
+        peft_export.save(tmp_path / "out", config, adapters)
     assert not (tmp_path / "out").exists()
-    attention_only = conf.replace(lora_targets=("q_proj", "v_proj"))
+    attention_only = config.replace(lora_targets=("q_proj", "v_proj"))
     keys = [k for k, _, _ in peft_export.adapter_tensors(attention_only,
                                                          lora.split(decoder.param_shapes(attention_only))[1])]
     assert keys and all(".self_attn." in k for k in keys)

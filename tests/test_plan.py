@@ -7,6 +7,7 @@ import hashlib
 import jax
 import pytest
 
+from jsmaug.models import decoder as model
 from jsmaug.models.config import ConfigError
 from jsmaug.train import plan as plan_lib, run as train_run, setup as run_setup
 from jsmaug.train.config import load_run_config
@@ -30,6 +31,8 @@ def test_plan_lowers_the_program_training_runs(tmp_path, overrides):
     setup = run_setup.build(cfg, run_data, RunOutputs(cfg.workdir, writer=True))
     batch = setup.place(run_data.train[:cfg.train.batch_size], setup.train_ref, cfg.train.micro_batches)
     trained = setup.plan.step.lower(setup.state, batch, setup.ref_params, False)
+    # The model config's former name (`mconf`) is the same object, on the plan and on the setup.
+    assert setup.mconf is setup.config is setup.plan.config is setup.plan.mconf
 
     planned = plan_lib.plan(cfg, jax.devices())  # what the planner builds from the config alone
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
@@ -47,8 +50,18 @@ def test_plan_refuses_a_batch_the_mesh_cannot_split():
 
 
 def test_host_view_names_hosts_and_their_pairs():
+    """Also the model config's former keyword: `plan(..., mconf=)` still plans that model (with a
+    DeprecationWarning), and `mconf` with `config` is refused."""
     cfg, _ = load_run_config("configs/tiny_dpop.yaml", ["mesh.data=2", "mesh.fsdp=4"])
-    assert plan_lib.plan(cfg, jax.devices()).host_view() == (
+    given = plan_lib.model_config(cfg).replace(num_hidden_layers=1)  # not the config's 2 layers
+    with pytest.warns(DeprecationWarning, match="mconf"):
+        planned = plan_lib.plan(cfg, jax.devices(), mconf=given)
+    assert planned.config is given and planned.mconf is given
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    assert shapes(planned.state.params) == shapes(model.param_shapes(given)) != shapes(model.param_shapes(cfg.model))
+    with pytest.raises(TypeError, match="twice"):
+        plan_lib.plan(cfg, jax.devices(), given, mconf=given)
+    assert planned.host_view() == (
         "hosts: 1 (one JAX process each, distributed.enabled=true), 8 devices per host; pairs per host per step: "
         "8 of 8")
 

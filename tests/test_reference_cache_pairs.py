@@ -62,7 +62,7 @@ def _write(path, rows):
 
 
 def test_the_table_is_the_files_and_the_trainers_reference_forward(made):
-    d, mconf, params = made
+    d, config, params = made
     cfg, _ = _cfg(d, d / "pairs.jsonl")
     tok = data_lib.Tokenizer()
     examples, report = data_lib.prepare(d / "pairs.jsonl", cfg.data, tok)
@@ -73,7 +73,7 @@ def test_the_table_is_the_files_and_the_trainers_reference_forward(made):
                                                      for r in rows]))
     # The trainer's own reference (step.reference_logps) over the collated pairs, as precompute runs it.
     batch = data_lib.collate(examples, data_lib.bucket_lengths(cfg.data))
-    lp = np.asarray(jax.jit(lambda p, b: step_lib.reference_logps(mconf, p, b))(params, batch))
+    lp = np.asarray(jax.jit(lambda p, b: step_lib.reference_logps(config, p, b))(params, batch))
     n = len(examples)
     np.testing.assert_allclose(table, np.stack([lp[:n], lp[n:]], 1), rtol=1e-5, atol=1e-4)
 

@@ -44,9 +44,9 @@ BATCHES = [_batch(1), _batch(2)]
 
 
 def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None, dispatch="gspmd"):
-    conf = CONF.replace(moe_dispatch=dispatch.split("+")[0], remat="full" if "+remat" in dispatch else "none",
-                        attention_impl="splash" if "+splash" in dispatch else "auto",
-                        moe_impl="megablox" if "+megablox" in dispatch else "auto")
+    config = CONF.replace(moe_dispatch=dispatch.split("+")[0], remat="full" if "+remat" in dispatch else "none",
+                          attention_impl="splash" if "+splash" in dispatch else "auto",
+                          moe_impl="megablox" if "+megablox" in dispatch else "auto")
     mesh = shd.make_mesh(mesh_cfg, CONF, devices)
     param_sh = shd.param_shardings(CONF, mesh, mesh_cfg)
     params = jax.jit(lambda k: model.init_params(CONF, k), out_shardings=param_sh)(jax.random.key(0))
@@ -58,7 +58,7 @@ def _train(mesh_cfg: shd.MeshConfig, devices, steps=2, state=None, dispatch="gsp
         state = jax.device_put(state, state_sh)
     put = functools.partial(shd.put_batch, mesh=mesh, mesh_cfg=mesh_cfg)
     batch_sh = jax.tree.map(lambda x: x.sharding, put(BATCHES[0]))
-    fn = step.jit_train_step(state_sh, batch_sh, param_sh, config=conf, loss_cfg=LOSS, optimizer=OPT)
+    fn = step.jit_train_step(state_sh, batch_sh, param_sh, config=config, loss_cfg=LOSS, optimizer=OPT)
     losses = []
     for _ in range(steps):
         state, m = fn(state, put(BATCHES[int(state.step) % 2]), ref, jnp.asarray(False))

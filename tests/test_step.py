@@ -40,10 +40,10 @@ LOSS = LossSection(type="dpop", beta=0.3, dpop_lambda=5.0)
 
 @functools.lru_cache(maxsize=None)
 def _setup(coef=0.0, lr=1e-2):
-    conf = CONF.replace(router_aux_loss_coef=coef)
-    params = model.init_params(conf, jax.random.key(0))
+    config = CONF.replace(router_aux_loss_coef=coef)
+    params = model.init_params(config, jax.random.key(0))
     opt, _ = step.make_optimizer(TrainSection(steps=10, learning_rate=lr, warmup_steps=0, schedule="constant"))
-    return conf, params, opt
+    return config, params, opt
 
 
 def _state(params, opt):
@@ -51,16 +51,16 @@ def _state(params, opt):
     return step.TrainState(params, opt.init(params), jnp.int32(0), jnp.int32(0), jax.random.key_data(jax.random.key(0)))
 
 
-def _step_fn(conf, opt, micro=1, loss=LOSS):
-    return jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=loss, optimizer=opt,
+def _step_fn(config, opt, micro=1, loss=LOSS):
+    return jax.jit(functools.partial(step.train_step, config=config, loss_cfg=loss, optimizer=opt,
                                      micro_batches=micro))
 
 
 def test_reference_stays_bit_identical_and_policy_moves():
-    conf, params, opt = _setup()
+    config, params, opt = _setup()
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     ref_before = jax.tree.map(np.asarray, ref)
-    fn = _step_fn(conf, opt)
+    fn = _step_fn(config, opt)
     state = _state(params, opt)
     losses = []
     for _ in range(8):
@@ -72,12 +72,12 @@ def test_reference_stays_bit_identical_and_policy_moves():
 
 
 def test_gradients_equal_constant_reference_and_precomputed_equals_online():
-    conf, params, _ = _setup()
+    config, params, _ = _setup()
     ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(x), params)  # a reference different from the policy
-    ref_logps = jax.jit(step.reference_logps, static_argnums=0)(conf, ref, BATCH)
-    f_online = lambda p: step.loss_and_metrics(p, ref, BATCH, config=conf, loss_cfg=LOSS)
+    ref_logps = jax.jit(step.reference_logps, static_argnums=0)(config, ref, BATCH)
+    f_online = lambda p: step.loss_and_metrics(p, ref, BATCH, config=config, loss_cfg=LOSS)
     batch_pre = dict(BATCH, ref_logps=np.asarray(ref_logps))
-    f_pre = lambda p: step.loss_and_metrics(p, None, batch_pre, config=conf, loss_cfg=LOSS)
+    f_pre = lambda p: step.loss_and_metrics(p, None, batch_pre, config=config, loss_cfg=LOSS)
     (l1, m1), g1 = jax.jit(jax.value_and_grad(f_online, has_aux=True))(params)
     (l2, m2), g2 = jax.jit(jax.value_and_grad(f_pre, has_aux=True))(params)
     np.testing.assert_allclose(l1, l2, rtol=1e-6, atol=1e-6)
@@ -85,7 +85,7 @@ def test_gradients_equal_constant_reference_and_precomputed_equals_online():
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
     # ...and differentiating the reference weights gives exactly zero.
-    g_ref = jax.jit(jax.grad(lambda r: step.loss_and_metrics(params, r, BATCH, config=conf, loss_cfg=LOSS)[0]))(ref)
+    g_ref = jax.jit(jax.grad(lambda r: step.loss_and_metrics(params, r, BATCH, config=config, loss_cfg=LOSS)[0]))(ref)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_ref))
 
 
@@ -107,22 +107,22 @@ def test_micro_batch_accumulation_equals_one_big_batch():
 
     # Plain SGD: the update IS the accumulated gradient (Adam's first step, g/|g|, would amplify round-off
     # in gradients that are ~0).
-    conf, params, _ = _setup()
+    config, params, _ = _setup()
     opt = optax.sgd(1.0)
     # A reference away from the policy: with ref == policy every pair sits on DPOP's kink (ref_c == pi_c), where
     # a 1e-7 round-off between the two programs switches the lam term of that pair's gradient on or off.
     ref = jax.tree.map(lambda x: 0.95 * x, params)
     big = data.collate(_examples(8, seed=5), BUCKETS)
-    s1, m1 = _step_fn(conf, opt, micro=1)(_state(params, opt), big, ref)
-    s4, m4 = _step_fn(conf, opt, micro=4)(_state(params, opt), big, ref)
+    s1, m1 = _step_fn(config, opt, micro=1)(_state(params, opt), big, ref)
+    s4, m4 = _step_fn(config, opt, micro=4)(_state(params, opt), big, ref)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), s1.params, s4.params)
 
 
 def test_non_finite_step_is_skipped_and_counted():
-    conf, params, opt = _setup()
-    fn = _step_fn(conf, opt)
+    config, params, opt = _setup()
+    fn = _step_fn(config, opt)
     state = _state(params, opt)
     before = jax.tree.map(np.asarray, state.params)
     state, m = fn(state, BATCH, params, True)
@@ -138,8 +138,8 @@ def test_non_finite_step_is_skipped_and_counted():
     LossSection(type=("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0), ld_alpha=0.5, wpo=True),
 ], ids=["dpo", "ipo", "sft", "simpo", "orpo", "aot", "mpo+ld+wpo"])
 def test_losses_train_through_the_step(loss):
-    conf, params, opt = _setup()
-    fn = _step_fn(conf, opt, loss=loss)
+    config, params, opt = _setup()
+    fn = _step_fn(config, opt, loss=loss)
     state = _state(params, opt)
     # A reference-free loss needs no reference weights at all.
     ref = None if not loss_config.objective(loss).needs_reference else params
@@ -155,19 +155,19 @@ def test_losses_train_through_the_step(loss):
 def test_eval_metrics_drop_padding_pairs():
     """eval_step's per-pair values, cut to the real pairs, give the metrics of exactly those pairs: a batch of
     3 real pairs padded with a copy of the first equals loss_and_metrics on the 3 pairs alone."""
-    conf, params, _ = _setup()
+    config, params, _ = _setup()
     ref = jax.tree.map(lambda x: x * 0.95, params)
     ex = _examples(3, seed=7)
-    want_loss, want = step.loss_and_metrics(params, ref, data.collate(ex, BUCKETS), config=conf, loss_cfg=LOSS)
-    out = jax.device_get(step.eval_step(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS))
+    want_loss, want = step.loss_and_metrics(params, ref, data.collate(ex, BUCKETS), config=config, loss_cfg=LOSS)
+    out = jax.device_get(step.eval_step(params, ref, data.collate(ex + ex[:1], BUCKETS), config=config, loss_cfg=LOSS))
     per_pair = {k: np.asarray(out[k])[:3] for k in (*step.PAIR_LOGPS, "loss")}
-    got = step.eval_metrics(per_pair, float(out["aux"]), config=conf, loss_cfg=LOSS)
+    got = step.eval_metrics(per_pair, float(out["aux"]), config=config, loss_cfg=LOSS)
     for k in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "loss/preference",
               "dpop/penalty"):
         np.testing.assert_allclose(got[k], float(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(got["loss"], float(want_loss), rtol=1e-5)
     # The padded batch's own means differ (the copy counts twice): the cut above is what makes them equal.
-    _, padded = step.loss_and_metrics(params, ref, data.collate(ex + ex[:1], BUCKETS), config=conf, loss_cfg=LOSS)
+    _, padded = step.loss_and_metrics(params, ref, data.collate(ex + ex[:1], BUCKETS), config=config, loss_cfg=LOSS)
     assert abs(float(padded["logps/chosen"]) - got["logps/chosen"]) > 1e-3
 
 
@@ -231,8 +231,8 @@ def test_decay_mask_is_hf_trainers_rule_on_every_family(case, tmp_path):
 def test_decay_mask_on_lora_and_typos():
     """LoRA adapters are decayed (as PEFT's lora_A / lora_B under HF's rule); a name of your own that matches no
     parameter is an error naming the key; [] decays everything."""
-    conf = CONF.replace(lora_rank=2)
-    base, adapters = lora.split(model.param_shapes(conf))
+    config = CONF.replace(lora_rank=2)
+    base, adapters = lora.split(model.param_shapes(config))
     assert all(jax.tree.leaves(step.decay_mask(("bias", "norm", "embed_tokens"))(adapters)))
     masked = step.param_names(base), jax.tree.leaves(step.decay_mask(("bias", "norm"))(base))
     assert {n for n, m in zip(*masked) if not m} == {"layers/layer/input_layernorm/weight",
@@ -244,7 +244,7 @@ def test_decay_mask_on_lora_and_typos():
 
 def test_weight_decay_skips_excluded_weights_in_the_update():
     """Zero gradients: Adam's part is 0, so the update is -lr x wd x w on decayed leaves and exactly 0 on the rest."""
-    conf, params, _ = _setup()
+    config, params, _ = _setup()
     opt, _ = step.make_optimizer(TrainSection(steps=10, learning_rate=0.5, schedule="constant", weight_decay=0.1,
                                               grad_clip=0.0))
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)

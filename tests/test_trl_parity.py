@@ -39,22 +39,22 @@ CONV = [{"prompt": [{"role": "user", "content": "What colour is the sky?"}],
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    conf = cfg_lib.preset("tiny", vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    params = model.init_params(conf, jax.random.key(7))
-    hf.save(out / "hf", conf, params, tokenizer_path=data.Tokenizer().path, chat_template=open(TEMPLATE).read())
-    return out, conf, params
+    config = cfg_lib.preset("tiny", vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    params = model.init_params(config, jax.random.key(7))
+    hf.save(out / "hf", config, params, tokenizer_path=data.Tokenizer().path, chat_template=open(TEMPLATE).read())
+    return out, config, params
 
 
 @pytest.mark.parametrize("rows,chat_template", [(PLAIN, None), (CONV, TEMPLATE)], ids=["plain", "conversational"])
 def test_trl_dpo_trainer_gives_jsmaugs_log_probs(export, tmp_path, rows, chat_template):
-    out, conf, params = export
+    out, config, params = export
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples, report = data.prepare(path, data.DataConfig(max_length=256, max_prompt_length=128,
                                                           chat_template=chat_template))
     assert report.kept == len(rows)
-    ours = eval_lib.preference_eval(conf, params, examples)["per_pair"]
+    ours = eval_lib.preference_eval(config, params, examples)["per_pair"]
     trl_c, trl_r = trl_reference_logps(out / "hf", rows, tmp_path / "trl")
     np.testing.assert_allclose(ours["policy_chosen"], trl_c, atol=1e-3, rtol=0)
     np.testing.assert_allclose(ours["policy_rejected"], trl_r, atol=1e-3, rtol=0)

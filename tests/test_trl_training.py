@@ -124,11 +124,11 @@ def _trl_run(checkpoint, pairs, out):
 def _jsmaug_run(checkpoint, pairs, extra=()):
     """jsmaug's train_step with the same settings as config keys: (losses, grad norms, rates, final params)."""
     cfg, _ = load_run_config(None, OVERRIDES + list(extra))
-    conf, params = hf.load(checkpoint)
+    config, params = hf.load(checkpoint)
     optimizer, schedule = step.make_optimizer(cfg.train)
     examples = [{k: np.asarray(v, np.int32) for k, v in p.items()} for p in pairs]
     length = data.batch_length(examples, (32,))  # one shape: one compile
-    fn = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=cfg.loss, optimizer=optimizer,
+    fn = jax.jit(functools.partial(step.train_step, config=config, loss_cfg=cfg.loss, optimizer=optimizer,
                                    micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.logps_chunk_size))
     state = step.TrainState(params, optimizer.init(params), jnp.int32(0), jnp.int32(0),
                             jax.random.key_data(jax.random.key(0)))

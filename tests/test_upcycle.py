@@ -49,9 +49,9 @@ def _dense(name, path, seed=0):
 
     cls, overrides = DENSE[name]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls)(**dict(_BASE, **overrides))
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf_config = getattr(transformers, cls)(**dict(_BASE, **overrides))
+    hf_config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
@@ -96,8 +96,9 @@ def test_transformers_loads_the_upcycled_mixtral_with_the_dense_logits(made, tmp
     printed = capsys.readouterr().out
     moe = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert isinstance(moe, MixtralForCausalLM)
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["model_type"]) == (experts, top_k, "mixtral")
+    config_json = json.loads((out / "config.json").read_text())
+    assert (config_json["num_local_experts"], config_json["num_experts_per_tok"],
+            config_json["model_type"]) == (experts, top_k, "mixtral")
     np.testing.assert_allclose(_logits(moe, IDS, MASK), _logits(dense, IDS, MASK), atol=1e-4, rtol=0)
     # The tensors: every expert is the dense MLP bit for bit, the router is the seeded random one.
     r, d = Reader(out), Reader(dense_dir)
@@ -110,7 +111,7 @@ def test_transformers_loads_the_upcycled_mixtral_with_the_dense_logits(made, tmp
         np.testing.assert_array_equal(router, up.router_weight(3, n, experts, 32, 0.5))
         assert abs(float(router.std()) - 0.5) < 0.15
     tied = name == "llama_tied" and not untie
-    assert ("lm_head.weight" in r.keys()) == (not tied) and cfg["tie_word_embeddings"] == tied
+    assert ("lm_head.weight" in r.keys()) == (not tied) and config_json["tie_word_embeddings"] == tied
     if untie:
         np.testing.assert_array_equal(r.get("lm_head.weight"), d.get("model.embed_tokens.weight"))
         assert "--untie wrote lm_head.weight as a copy" in printed
@@ -134,20 +135,21 @@ def test_jsmaug_scores_the_upcycled_model_as_the_dense_one_and_dpop_trains_it(ma
     out = tmp_path / "moe"
     summary = up.upcycle(dense_dir, out, num_experts=8, top_k=2, seed=0, router_std=0.02)
     assert summary["tensors"] == 2 * (6 + 1 + 3 * 8) + 3  # norms + attention, router, experts; embed, norm, head
-    dconf, dparams = hf.load(dense_dir)
-    mconf, mparams = hf.load(out)
-    assert mconf.model_type == "mixtral" and mconf.num_local_experts == 8 and mconf.norm_topk_prob
-    assert (mconf.rope_type, mconf.rope_factor) == (dconf.rope_type, dconf.rope_factor) == ("llama3", 8.0)
+    dense_config, dparams = hf.load(dense_dir)
+    moe_config, mparams = hf.load(out)
+    assert moe_config.model_type == "mixtral" and moe_config.num_local_experts == 8 and moe_config.norm_topk_prob
+    assert ((moe_config.rope_type, moe_config.rope_factor) == (dense_config.rope_type, dense_config.rope_factor)
+            == ("llama3", 8.0))
     batch = step.unpair(data.collate(_examples(4), (16, 24)))
-    mconf = mconf.replace(moe_impl="dense", router_aux_loss_coef=0.02)
-    dense_lp = jax.jit(lambda p: step.policy_logps(dconf, p, batch)[0].logps)(dparams)
-    moe_lp = jax.jit(lambda p: step.policy_logps(mconf, p, batch)[0].logps)(mparams)
+    moe_config = moe_config.replace(moe_impl="dense", router_aux_loss_coef=0.02)
+    dense_lp = jax.jit(lambda p: step.policy_logps(dense_config, p, batch)[0].logps)(dparams)
+    moe_lp = jax.jit(lambda p: step.policy_logps(moe_config, p, batch)[0].logps)(mparams)
     np.testing.assert_allclose(np.asarray(moe_lp), np.asarray(dense_lp), atol=1e-4, rtol=0)
     assert float(jnp.min(dense_lp)) < -10  # real completions, not empty rows
 
     opt, _ = step.make_optimizer(TrainSection(steps=4, learning_rate=1e-2, warmup_steps=0, schedule="constant"))
     loss = LossSection(type="dpop", beta=0.3, dpop_lambda=5.0)
-    fn = jax.jit(lambda s, b, r: step.train_step(s, b, r, config=mconf, loss_cfg=loss, optimizer=opt))
+    fn = jax.jit(lambda s, b, r: step.train_step(s, b, r, config=moe_config, loss_cfg=loss, optimizer=opt))
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), mparams)
     state = step.TrainState(mparams, opt.init(mparams), jnp.int32(0), jnp.int32(0),
                             jax.random.key_data(jax.random.key(0)))

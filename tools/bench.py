@@ -126,21 +126,21 @@ def bench_moe(tokens, d, f, e, k, peak, block):
 
 # ------------------------------------------------------------------------------------------------ steps
 
-def bench_lora(conf, batch, ref, rank=16, rounds=5):
+def bench_lora(config, batch, ref, rank=16, rounds=5):
     """LoRA DPOP step (rank `rank` on attention and experts; the base is the policy's base and the reference) vs
     the full DPOP step with a frozen reference copy: time, compiled memory and the train state's bytes (what a
     checkpoint holds)."""
     from jsmaug.models import lora
 
-    lconf = conf.replace(lora_rank=rank)
-    adapters = lora.init_adapters(lora.split(model.param_shapes(lconf))[1], jax.random.key(1))
-    runners = {"full": StepRunner(conf, "dpop", batch, ref), "lora": StepRunner(lconf, "dpop", batch, ref,
-                                                                                  params=adapters)}
+    lora_config = config.replace(lora_rank=rank)
+    adapters = lora.init_adapters(lora.split(model.param_shapes(lora_config))[1], jax.random.key(1))
+    runners = {"full": StepRunner(config, "dpop", batch, ref),
+               "lora": StepRunner(lora_config, "dpop", batch, ref, params=adapters)}
     mem = {k: r.compiled_bytes() / 2 ** 20 for k, r in runners.items()}
     state = {k: sum(x.nbytes for x in jax.tree.leaves((r.state.params, r.state.opt_state))) / 2 ** 20
              for k, r in runners.items()}
     t = time_alternating(runners, rounds)
-    cfg = f"{conf.num_params() / 1e6:.1f}M params, LoRA rank {rank} on all 7 targets, f32"
+    cfg = f"{config.num_params() / 1e6:.1f}M params, LoRA rank {rank} on all 7 targets, f32"
     record("lora/step_time_vs_full", t["lora"], t["full"], "s/step", cfg, "LoRA DPOP step", "full DPOP step")
     record("lora/step_memory_vs_full", mem["lora"], mem["full"], "MiB compiled", cfg, "LoRA DPOP step",
            "full DPOP step (policy + reference + Adam)")
@@ -148,29 +148,30 @@ def bench_lora(conf, batch, ref, rank=16, rounds=5):
            "adapters + their Adam moments", "params + Adam moments")
 
 
-def bench_reference_free(conf, batch, ref, rounds=5):
+def bench_reference_free(config, batch, ref, rounds=5):
     """A reference-free loss (SimPO: no reference weights, no reference forward) vs DPO's sigmoid with an online
     reference: step time and compiled memory (arguments + temporaries + outputs)."""
-    runners = {"simpo": StepRunner(conf, "simpo", batch, None), "sigmoid": StepRunner(conf, "sigmoid", batch, ref)}
+    runners = {"simpo": StepRunner(config, "simpo", batch, None), "sigmoid": StepRunner(config, "sigmoid", batch, ref)}
     mem = {k: r.compiled_bytes() / 2 ** 20 for k, r in runners.items()}
     t = time_alternating(runners, rounds)
-    cfg = f"{conf.num_params() / 1e6:.1f}M params, f32, online reference for sigmoid"
+    cfg = f"{config.num_params() / 1e6:.1f}M params, f32, online reference for sigmoid"
     record("losses/reference_free_time_vs_sigmoid", t["simpo"], t["sigmoid"], "s/step", cfg, "SimPO step",
            "DPO sigmoid step")
     record("losses/reference_free_memory_vs_sigmoid", mem["simpo"], mem["sigmoid"], "MiB compiled", cfg,
            "SimPO step", "DPO sigmoid step (with the reference's weights)")
 
 
-def bench_steps(conf, pairs, length, label, rounds=5):
+def bench_steps(config, pairs, length, label, rounds=5):
     rng = np.random.default_rng(0)
-    batch = synthetic_batch(rng, pairs, length, conf.vocab_size)
-    ref = model.init_params(conf, jax.random.key(0))
-    ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, conf, chunk_size=CHUNK))(ref, batch))
+    batch = synthetic_batch(rng, pairs, length, config.vocab_size)
+    ref = model.init_params(config, jax.random.key(0))
+    ref_logps = np.asarray(jax.jit(functools.partial(step.reference_logps, config, chunk_size=CHUNK))(ref, batch))
     pre = dict(batch, ref_logps=ref_logps)
-    t = time_alternating({"sft": StepRunner(conf, "sft", batch, None),
-                          "online": StepRunner(conf, "dpop", batch, ref),
-                          "pre": StepRunner(conf, "dpop", pre, None)}, rounds)
-    cfg = f"{label}: {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens, median of {rounds} interleaved"
+    t = time_alternating({"sft": StepRunner(config, "sft", batch, None),
+                          "online": StepRunner(config, "dpop", batch, ref),
+                          "pre": StepRunner(config, "dpop", pre, None)}, rounds)
+    cfg = (f"{label}: {config.num_params() / 1e6:.1f}M params, {pairs} pairs x {length} tokens, "
+           f"median of {rounds} interleaved")
     record("step/dpop_online_vs_sft", t["online"], t["sft"], "s/step", cfg, "DPOP, online reference",
            "SFT, same tokens")
     record("step/dpop_precomputed_vs_sft", t["pre"], t["sft"], "s/step", cfg, "DPOP, precomputed reference",
@@ -180,7 +181,7 @@ def bench_steps(conf, pairs, length, label, rounds=5):
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, peak, rounds=4):
+def bench_torch(config, pairs, length, jax_runner: StepRunner, threads, peak, rounds=4):
     """torch/jsmaug_vs_pytorch_dpop_step, and mfu/step_model_dpop_step: the same jsmaug step's model FLOPs /
     its time (the goal's pair, side by side in one run) against the measured peak."""
     import torch
@@ -188,13 +189,14 @@ def bench_torch(conf, pairs, length, jax_runner: StepRunner, threads, peak, roun
     from jsmaug.perf.flops import analytic_flops_per_step
 
     torch.set_num_threads(threads)
-    one_step = torch_dpop_step(conf, synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size), pairs)
+    one_step = torch_dpop_step(config, synthetic_batch(np.random.default_rng(0), pairs, length, config.vocab_size),
+                               pairs)
     one_step()
     tokens = 2 * pairs * length
-    cfg = f"{conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
+    cfg = f"{config.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads"
     secs = record_against_torch("torch/jsmaug_vs_pytorch_dpop_step", jax_runner, one_step, tokens, cfg,
                                 "HF transformers + PyTorch DPOP step", rounds)
-    flops = analytic_flops_per_step(conf, tokens, length, with_reference=True)
+    flops = analytic_flops_per_step(config, tokens, length, with_reference=True)
     record_blocks("mfu/step_model_dpop_step", [flops / s / 1e9 for s in secs], [peak / 1e9] * len(secs),
                   "GFLOP/s", cfg + ", the torch row's blocks", "model FLOPs / the torch row's step time",
                   "peak (measured before the rows)")
@@ -295,16 +297,16 @@ def bench_mfu(q, small, peak, peak_after=None):
     `peak_after` (a function measuring the peak again), the denominator is the better of `peak` and its result."""
     from jsmaug.perf.flops import analytic_flops_per_step
 
-    mfu_conf = small if q else cfg_lib.tiny(
+    mfu_config = small if q else cfg_lib.tiny(
         vocab_size=32000, hidden_size=512, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
         moe_block_size=256)
     mpairs, mlen = (2, 32) if q else (4, 256)
     rng = np.random.default_rng(1)
-    batch = synthetic_batch(rng, mpairs, mlen, mfu_conf.vocab_size)
-    ref = model.init_params(mfu_conf, jax.random.key(1))
-    secs = time_blocks({"one": StepRunner(mfu_conf, "dpop", batch, ref)}, blocks=5, calls=3)["one"]
-    flops = analytic_flops_per_step(mfu_conf, 2 * mpairs * mlen, mlen, with_reference=True)
+    batch = synthetic_batch(rng, mpairs, mlen, mfu_config.vocab_size)
+    ref = model.init_params(mfu_config, jax.random.key(1))
+    secs = time_blocks({"one": StepRunner(mfu_config, "dpop", batch, ref)}, blocks=5, calls=3)["one"]
+    flops = analytic_flops_per_step(mfu_config, 2 * mpairs * mlen, mlen, with_reference=True)
     denominator = "peak"
     if peak_after is not None:
         after = peak_after()
@@ -312,7 +314,7 @@ def bench_mfu(q, small, peak, peak_after=None):
                "measured after", "measured before")
         peak, denominator = max(peak, after), "peak (the better of before and after)"
     record_blocks("mfu/dpop_step", [flops / t / 1e9 for t in secs], [peak / 1e9] * len(secs), "GFLOP/s",
-                  f"{mfu_conf.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
+                  f"{mfu_config.num_params() / 1e6:.1f}M params, {mpairs} pairs x {mlen}, DPOP online reference",
                   "model FLOPs / step time", denominator)
 
 

@@ -133,14 +133,14 @@ def bench_attention(quick: bool) -> None:
         bench.record(f"attn/{p}_vs_xla_memory", mem[p], mem["xla"], "GiB compiled", cfg, p, "xla")
 
 
-def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
+def bench_step(name, config, pairs, length, peaks, skip_torch, rounds=4) -> None:
     rng = np.random.default_rng(0)
-    batch = bench.synthetic_batch(rng, pairs, length, conf.vocab_size)
+    batch = bench.synthetic_batch(rng, pairs, length, config.vocab_size)
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(
-        model.init_params(conf, jax.random.key(0)))
-    runner = bench.StepRunner(conf, "dpop", batch, ref)
+        model.init_params(config, jax.random.key(0)))
+    runner = bench.StepRunner(config, "dpop", batch, ref)
     opt, _ = step.make_optimizer(TrainSection(steps=100, learning_rate=1e-5, schedule="constant"))
-    jitted = jax.jit(functools.partial(step.train_step, config=conf, loss_cfg=LossSection(type="dpop", beta=0.3),
+    jitted = jax.jit(functools.partial(step.train_step, config=config, loss_cfg=LossSection(type="dpop", beta=0.3),
                                        optimizer=opt, chunk_size=bench.CHUNK))
     jax_gib = compiled_gib(jitted, runner.state, batch, ref, False)
     fns = {"jax": runner}
@@ -150,7 +150,7 @@ def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
             import torch
 
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-            one = bench.torch_dpop_step(conf, batch, pairs, device=dev, bf16=True)
+            one = bench.torch_dpop_step(config, batch, pairs, device=dev, bf16=True)
             one()
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -161,10 +161,10 @@ def bench_step(name, conf, pairs, length, peaks, skip_torch, rounds=4) -> None:
     if "torch" in fns and torch.cuda.is_available():
         torch_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     tokens = 2 * pairs * length
-    flops = analytic_flops_per_step(conf, tokens, length, with_reference=True)
-    cfg = (f"{conf.num_params() / 1e9:.2f}B params, {pairs} pairs x {length}, bf16, DPOP online bf16 reference; "
-           f"moe auto -> {moe.resolve_impl(conf.moe_impl)}, attention auto -> "
-           f"{attention.resolve_impl(conf.attention_impl, conf.dtype, conf.resolved_head_dim)[0]}")
+    flops = analytic_flops_per_step(config, tokens, length, with_reference=True)
+    cfg = (f"{config.num_params() / 1e9:.2f}B params, {pairs} pairs x {length}, bf16, DPOP online bf16 reference; "
+           f"moe auto -> {moe.resolve_impl(config.moe_impl)}, attention auto -> "
+           f"{attention.resolve_impl(config.attention_impl, config.dtype, config.resolved_head_dim)[0]}")
     if "torch" in t:
         bench.record(f"{name}/jsmaug_vs_pytorch", tokens / t["jax"], tokens / t["torch"], "tokens/s", cfg,
                      "jsmaug DPOP step", "HF transformers + PyTorch DPOP step")
@@ -195,10 +195,10 @@ def main(argv=None) -> int:
     peaks = bench_peak(q)
     bench_moe(q)
     bench_attention(q)
-    conf = preset_2p45b(q)
-    bench_step("step", conf, *((2, 64) if q else (8, 1024)), peaks, args.skip_torch)
+    config = preset_2p45b(q)
+    bench_step("step", config, *((2, 64) if q else (8, 1024)), peaks, args.skip_torch)
     if not args.skip_long:
-        bench_step("long", conf, *((1, 256) if q else (2, 4096)), peaks, args.skip_torch)
+        bench_step("long", config, *((1, 256) if q else (2, 4096)), peaks, args.skip_torch)
     bench.print_table(args.json_out)
     return 0
 

@@ -34,30 +34,30 @@ def _child(mode: str, args) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     d = Path(args.dir)
     if mode == "make":
-        conf = cfg_lib.tiny(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                            num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                            num_local_experts=8, num_experts_per_tok=2, param_dtype=args.dtype)
-        params = jax.jit(lambda k: model.init_params(conf, k))(jax.random.key(0))
-        hf.save(d / "hf", conf, params, max_shard_size="1GB", overwrite=True)
+        config = cfg_lib.tiny(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
+                              num_local_experts=8, num_experts_per_tok=2, param_dtype=args.dtype)
+        params = jax.jit(lambda k: model.init_params(config, k))(jax.random.key(0))
+        hf.save(d / "hf", config, params, max_shard_size="1GB", overwrite=True)
         return {"bytes": sum(f.stat().st_size for f in (d / "hf").glob("*.safetensors"))}
     if mode == "import":
         t = time.time()
-        conf, params = hf.load(d / "hf")
+        config, params = hf.load(d / "hf")
         jax.block_until_ready(params)
         dt = time.time() - t
         nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         expert = params["layers"]["layer"]["block_sparse_moe"]["w1"]
         return {"seconds": dt, "bytes": nbytes, "peak_rss": peak, "base_rss": base,
-                "layer_expert_bytes": expert.nbytes // conf.num_hidden_layers,
+                "layer_expert_bytes": expert.nbytes // config.num_hidden_layers,
                 # the largest single HF tensor: the embedding / lm_head (V x D) at these shapes
                 "largest_tensor_bytes": params["embed_tokens"].nbytes}
     if mode == "export":
-        conf, params = hf.load(d / "hf")
+        config, params = hf.load(d / "hf")
         jax.block_until_ready(params)
         after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         t = time.time()
-        s = hf.save(d / "out", conf, params, max_shard_size="1GB", overwrite=True)
+        s = hf.save(d / "out", config, params, max_shard_size="1GB", overwrite=True)
         dt = time.time() - t
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"seconds": dt, "bytes": s["bytes"], "peak_rss": peak, "rss_after_load": after_load}

@@ -54,11 +54,11 @@ def profile_jax(runner: bench.StepRunner, hlo: str, steps: int, trace_dir: str) 
     return profile.group_jax(profile.trace_op_seconds(trace_dir), profile.hlo_parts(hlo), steps)
 
 
-def profile_torch(one_step, conf, steps: int) -> dict[str, float]:
+def profile_torch(one_step, config, steps: int) -> dict[str, float]:
     import torch
     from torch.profiler import ProfilerActivity
 
-    with profile.torch_part_hooks(conf.vocab_size, conf.num_local_experts):
+    with profile.torch_part_hooks(config.vocab_size, config.num_local_experts):
         one_step()  # the hooks' first run
         with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
@@ -75,11 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny model (a smoke run)")
     ap.add_argument("--trace_dir", default=None, help="keep the jax.profiler trace here (default: a temp dir)")
     args = ap.parse_args(argv)
-    conf = bench.step_model_config(args.quick)
-    batch = bench.synthetic_batch(np.random.default_rng(0), args.pairs, args.length, conf.vocab_size)
-    ref = model.init_params(conf, jax.random.key(0))
+    config = bench.step_model_config(args.quick)
+    batch = bench.synthetic_batch(np.random.default_rng(0), args.pairs, args.length, config.vocab_size)
+    ref = model.init_params(config, jax.random.key(0))
     with profile.scopes():  # traced inside: the extra name scopes; the profile runs this very executable
-        runner = bench.StepRunner(conf, "dpop", batch, ref)
+        runner = bench.StepRunner(config, "dpop", batch, ref)
         compiled = runner.fn.lower(runner.state, runner.batch, runner.ref, False).compile()
     runner.fn = compiled
     contenders = {"jax": runner}
@@ -88,16 +88,16 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        torch_step = bench.torch_dpop_step(conf, batch, args.pairs)
+        torch_step = bench.torch_dpop_step(config, batch, args.pairs)
         torch_step()
         contenders["torch"] = torch_step
     wall = bench.time_alternating(contenders, 2 * args.steps)
     host = host_times(runner, bench.paired(batch), args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         jax_parts = profile_jax(runner, compiled.as_text(), args.steps, args.trace_dir or tmp)
-    torch_parts = profile_torch(torch_step, conf, args.steps) if torch_step else None
+    torch_parts = profile_torch(torch_step, config, args.steps) if torch_step else None
     tokens = 2 * args.pairs * args.length
-    print(f"# {bench.machine()}, jax {jax.__version__}, {conf.num_params() / 1e6:.1f}M params, DPOP step, "
+    print(f"# {bench.machine()}, jax {jax.__version__}, {config.num_params() / 1e6:.1f}M params, DPOP step, "
           f"{args.pairs} pairs x {args.length} tokens ({tokens} tokens), {args.steps} profiled steps per side")
     if torch_step:
         print(f"# tokens/s: jsmaug {tokens / wall['jax']:.0f}, PyTorch {tokens / wall['torch']:.0f} "

@@ -30,18 +30,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (2 x 2048: one pair)")
     args = ap.parse_args(argv)
-    conf = cfg_lib.preset(args.preset).replace(param_dtype="bfloat16", dtype="bfloat16")
-    shapes = model.param_shapes(conf)
+    config = cfg_lib.preset(args.preset).replace(param_dtype="bfloat16", dtype="bfloat16")
+    shapes = model.param_shapes(config)
     base_bf16 = nbytes(shapes)
     base_q = nbytes(jax.eval_shape(lambda p: lora.quantize_base(p, args.fmt, args.group), shapes))
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2") if conf.is_moe else \
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2") if config.is_moe else \
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    adapters = lora.split(model.param_shapes(conf.replace(lora_rank=args.rank, lora_targets=targets)))[1]
+    adapters = lora.split(model.param_shapes(config.replace(lora_rank=args.rank, lora_targets=targets)))[1]
     n_ad = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
-    layers, d = conf.num_hidden_layers, conf.hidden_size
-    embed = (1 if conf.tie_word_embeddings else 2) * conf.vocab_size * d * 2
+    layers, d = config.num_hidden_layers, config.hidden_size
+    embed = (1 if config.tie_word_embeddings else 2) * config.vocab_size * d * 2
     layer = (base_bf16 - embed) / layers  # one layer's weights in bfloat16 (norms and router included)
-    width = conf.intermediate_size * (conf.num_experts_per_tok if conf.is_moe else 1)
+    width = config.intermediate_size * (config.num_experts_per_tok if config.is_moe else 1)
     rows = [("base, bfloat16", base_bf16), (f"base, projections in {args.fmt} (group {args.group})", base_q),
             (f"adapters r{args.rank} ({n_ad / 1e6:.1f}M) f32: weights, gradients, 2 Adam moments", 16 * n_ad),
             ("layer boundaries under remat: full (bfloat16)", layers * args.tokens * d * 2),

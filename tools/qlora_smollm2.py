@@ -36,11 +36,11 @@ def completion_logps_with_base(config, base, items, fmt: str | None):
 
     if fmt is None:
         return completion_logps(config, base, items, 16, 64)[0]
-    conf = config.replace(lora_rank=8, lora_alpha=16.0, lora_targets=lora.TARGETS)
-    shapes = jax.eval_shape(functools.partial(model.init_params, conf), jax.random.key(0))
+    lora_config = config.replace(lora_rank=8, lora_alpha=16.0, lora_targets=lora.TARGETS)
+    shapes = jax.eval_shape(functools.partial(model.init_params, lora_config), jax.random.key(0))
     adapters = lora.init_adapters(lora.split(shapes)[1], jax.random.key(1))  # B = 0: the base's own forward
     qbase = jax.jit(functools.partial(lora.quantize_base, fmt=fmt, group=64))(base)
-    return completion_logps(conf, lora.combine(qbase, adapters), items, 16, 64)[0]
+    return completion_logps(lora_config, lora.combine(qbase, adapters), items, 16, 64)[0]
 
 
 def main(argv=None) -> int:

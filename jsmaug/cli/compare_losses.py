@@ -74,8 +74,8 @@ def split_overrides(loss_args: list[str], overrides: list[str]) -> tuple[list[st
             [x for x, o in zip(loss_args, is_override) if o] + list(overrides))
 
 
-def _run(config: str, overrides: list[str], extra: list[str]) -> None:
-    cfg, raw = load_run_config(config, overrides + extra)
+def _run(config_path: str, overrides: list[str], extra: list[str]) -> None:
+    cfg, raw = load_run_config(config_path, overrides + extra)
     train.run(cfg, raw)
 
 
@@ -268,17 +268,17 @@ def score(args, base, start: str, runs: dict[str, Path], inputs: dict, out: Path
     """The start and every final policy on the eval split (the start as the reference), and downstream."""
     tok = data_lib.Tokenizer(tokenizer_folder.run_tokenizer_path(base.data.tokenizer_path, str(start)))
     examples, _ = data_lib.prepare(base.data.eval_path, base.data, tok)
-    mconf, start_params = checkpoint.load_params(start)
+    config, start_params = checkpoint.load_params(start)
     scored, ref = {}, None
     for name, path in [("start", Path(start)), *runs.items()]:
         params = start_params if name == "start" else checkpoint.load_params(path)[1]
         print(f"== scoring {name}", flush=True)
-        plain = eval_lib.preference_eval(mconf, params, examples)
+        plain = eval_lib.preference_eval(config, params, examples)
         ref = ref or plain
         scored[name] = with_reference(plain, ref, base.loss.beta)
         if inputs:
             scored[name]["downstream"] = downstream(
-                args, mconf, params, tok, inputs, out / "scores" / f"{name}.json",
+                args, config, params, tok, inputs, out / "scores" / f"{name}.json",
                 {"path": str(path.resolve()), "step": _last_step(path)})
         del params
     return scored

@@ -95,15 +95,15 @@ def planned_run(cfg, topology: str, dispatch: str, packed_fill: float):
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(moe_impl="ragged"))
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(moe_dispatch=dispatch))
     rp = plan_lib.plan(cfg, devices)
-    mconf = rp.mconf
+    config = rp.config
     print(f"\n{topology}: {len(devices)} devices ({devices[0].device_kind}), mesh {dict(rp.mesh.shape)}, "
-          f"{mconf.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
-    moe = (f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {rp.paths['dispatch']}; " if mconf.is_moe
+          f"{config.num_params() / 1e9:.1f}B params, batch {cfg.train.batch_size} pairs x {cfg.data.max_length} tokens")
+    moe = (f"MoE: {rp.paths['moe']}, token dispatch {dispatch} -> {rp.paths['dispatch']}; " if config.is_moe
            else "dense MLP (no MoE, nothing routed); ")
     print(f"{moe}attention: {rp.paths['attention']} ({rp.paths['attention_why']})")
     print(rp.host_view(devices))
-    if mconf.lora_rank:
-        print(f"LoRA rank {mconf.lora_rank} on {list(mconf.lora_targets)}: "
+    if config.lora_rank:
+        print(f"LoRA rank {config.lora_rank} on {list(config.lora_targets)}: "
               f"{sum(math.prod(x.shape) for x in jax.tree.leaves(rp.state.params)) / 1e6:.1f}M trained parameters, "
               f"base in {cfg.lora.base_dtype}")
     batch = rp.batch_shapes(packed_fill=packed_fill)
@@ -116,15 +116,15 @@ def planned_run(cfg, topology: str, dispatch: str, packed_fill: float):
 
 def flop_figures(rp, counts: dict, n_dev: int) -> dict:
     """Analytic FLOPs per device (with remat's recomputed forward when remat is full) and the compiled matmuls'."""
-    mconf, s = rp.mconf, rp.cfg.data.max_length
+    config, s = rp.config, rp.cfg.data.max_length
     tokens = 2 * rp.cfg.train.batch_size * s
-    analytic = analytic_flops_per_step(mconf, tokens, s, with_reference=not rp.precomputed) / n_dev
-    with_remat = analytic_flops_per_step(mconf, tokens, s, not rp.precomputed, remat_layers=True) / n_dev
+    analytic = analytic_flops_per_step(config, tokens, s, with_reference=not rp.precomputed) / n_dev
+    with_remat = analytic_flops_per_step(config, tokens, s, not rp.precomputed, remat_layers=True) / n_dev
     # all_to_all's ragged-dots run on a buffer of ep x the rows a shard receives when routing is balanced (its
     # worst case); the kernel computes only the rows its group sizes cover, so the useful count divides by ep.
     buffer = rp.mesh.shape["expert"] if rp.paths["dispatch"] == "all_to_all" else 1
     compiled = counts["dot"] + counts["ragged_dot"] / buffer
-    remat = mconf.remat == "full"
+    remat = config.remat == "full"
     expected = with_remat if remat else analytic
     return {"tokens": tokens, "analytic": analytic, "with_remat": with_remat, "remat": remat, "buffer": buffer,
             "compiled": compiled, "ratio": compiled / max(expected, 1)}

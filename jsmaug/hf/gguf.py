@@ -90,11 +90,11 @@ def _plain_copy(quantized):
     """A GGUF-loaded model refuses save_pretrained; the same weights in a plain model of the same config do not."""
     import torch
 
-    conf = quantized.config.to_dict()
+    hf_dict = quantized.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path"):
-        conf.pop(key, None)
+        hf_dict.pop(key, None)
     with torch.device("meta"):
-        plain = type(quantized)(type(quantized.config)(**conf))
+        plain = type(quantized)(type(quantized.config)(**hf_dict))
     plain.load_state_dict(quantized.state_dict(), assign=True)
     plain.tie_weights()
     return plain

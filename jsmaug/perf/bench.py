@@ -155,10 +155,10 @@ def step_model_config(quick: bool = False):
                         max_position_embeddings=1024, moe_block_size=64 if quick else 256)
 
 
-def step_run_config(conf, loss_type: str, length: int, chunk: int = CHUNK, precomputed: bool = False) -> RunConfig:
-    """The run the benches time: `conf` on one device, AdamW at a constant rate, the loss with beta 0.3; with
+def step_run_config(config, loss_type: str, length: int, chunk: int = CHUNK, precomputed: bool = False) -> RunConfig:
+    """The run the benches time: `config` on one device, AdamW at a constant rate, the loss with beta 0.3; with
     `precomputed` the reference's log-probs come with the batch (`reference.mode: precomputed`)."""
-    return RunConfig(model=conf, loss=LossSection(type=loss_type, beta=0.3),
+    return RunConfig(model=config, loss=LossSection(type=loss_type, beta=0.3),
                      reference=ReferenceSection(mode="precomputed" if precomputed else "online"),
                      train=TrainSection(steps=100, learning_rate=1e-4, schedule="constant", logps_chunk_size=chunk),
                      data=DataConfig(train_path="-", max_length=length, max_prompt_length=length // 2),
@@ -174,12 +174,12 @@ class StepRunner:
     """The planned train step (`jsmaug.train.plan`, what a run compiles) and its state; each call runs one step
     and waits for it (see time_alternating)."""
 
-    def __init__(self, conf, loss_type, batch, ref, chunk=CHUNK, params=None):
+    def __init__(self, config, loss_type, batch, ref, chunk=CHUNK, params=None):
         length = batch["input_ids"].shape[-1]
-        self.plan = plan_lib.plan(step_run_config(conf, loss_type, length, chunk, precomputed="ref_logps" in batch),
-                                  jax.devices()[:1], mconf=conf)
+        self.plan = plan_lib.plan(step_run_config(config, loss_type, length, chunk, precomputed="ref_logps" in batch),
+                                  jax.devices()[:1], config=config)
         self.fn = self.plan.step
-        params = model.init_params(conf, jax.random.key(0)) if params is None else params
+        params = model.init_params(config, jax.random.key(0)) if params is None else params
         # On the plan's shardings, as training places them (unplaced arrays made the second call compile again).
         params = jax.device_put(params, self.plan.param_sh)
         self.state = step.init_state(self.plan.optimizer, params, self.plan.state_sh, seed=0)
@@ -202,7 +202,7 @@ class StepRunner:
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
+def torch_dpop_step(config, batch, pairs, device="cpu", bf16=False):
     """HF transformers' class of the config's family (MixtralForCausalLM, LlamaForCausalLM, ...) + the same DPOP
     loss in PyTorch (one forward over [chosen; rejected], a frozen reference, AdamW, clipping): a zero-argument
     function that runs one step and waits for it. With `bf16`: autocast to bf16, a bf16 reference and fused AdamW
@@ -210,14 +210,14 @@ def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = families.to_hf_dict(conf)
+    hf = families.to_hf_dict(config)
     hf_cfg = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
                                                        if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(hf_cfg).to(device).train()
     ref = AutoModelForCausalLM.from_config(hf_cfg).to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
-    moe = conf.is_moe
+    moe = config.is_moe
     ref.load_state_dict(policy.state_dict())
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -239,7 +239,7 @@ def torch_dpop_step(conf, batch, pairs, device="cpu", bf16=False):
         pc, pr, rc, rr = pl[:pairs], pl[pairs:], rl[:pairs], rl[pairs:]
         delta = (pc - rc) - (pr - rr)
         loss = -torch.nn.functional.logsigmoid(0.3 * (delta - 50.0 * torch.clamp(rc - pc, min=0))).mean()
-        loss = loss + conf.router_aux_loss_coef * aux
+        loss = loss + config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -22,14 +22,14 @@ def bench_llama_vs_torch(quick: bool, threads: int, rounds: int = 4) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    conf = llama_config(quick)
+    config = llama_config(quick)
     pairs, length = (2, 32) if quick else (4, 256)
-    batch = synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size)
-    ref = model.init_params(conf, jax.random.key(1))
-    jax_step = StepRunner(conf, "dpop", batch, ref)
-    torch_step = torch_dpop_step(conf, batch, pairs)
+    batch = synthetic_batch(np.random.default_rng(0), pairs, length, config.vocab_size)
+    ref = model.init_params(config, jax.random.key(1))
+    jax_step = StepRunner(config, "dpop", batch, ref)
+    torch_step = torch_dpop_step(config, batch, pairs)
     torch_step()
     tokens = 2 * pairs * length
     record_against_torch("torch/llama_jsmaug_vs_pytorch_dpop_step", jax_step, torch_step, tokens,
-                         f"llama {conf.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
+                         f"llama {config.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
                          "HF LlamaForCausalLM + PyTorch DPOP step", rounds)

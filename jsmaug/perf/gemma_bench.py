@@ -43,17 +43,17 @@ def bench_gemma3_vs_torch(quick: bool, threads: int, pairs: int = 2, length: int
     import torch
 
     torch.set_num_threads(threads)
-    conf = gemma3_270m_config(quick)
+    config = gemma3_270m_config(quick)
     pairs, length = (2, 32) if quick else (pairs, length)
-    batch = synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size)
-    ref = model.init_params(conf, jax.random.key(1))
+    batch = synthetic_batch(np.random.default_rng(0), pairs, length, config.vocab_size)
+    ref = model.init_params(config, jax.random.key(1))
     kw = {} if chunk is None else {"chunk": chunk}
-    jax_step = StepRunner(conf, "dpop", batch, ref, **kw)
-    torch_step = torch_dpop_step(conf, batch, pairs)
+    jax_step = StepRunner(config, "dpop", batch, ref, **kw)
+    torch_step = torch_dpop_step(config, batch, pairs)
     torch_step()
     record_against_torch("torch/gemma3_jsmaug_vs_pytorch_dpop_step", jax_step, torch_step, 2 * pairs * length,
-                         f"gemma3_text {conf.num_params() / 1e6:.1f}M params (270M shapes), vocab "
-                         f"{conf.vocab_size}, {pairs} pairs x {length}, {threads} threads",
+                         f"gemma3_text {config.num_params() / 1e6:.1f}M params (270M shapes), vocab "
+                         f"{config.vocab_size}, {pairs} pairs x {length}, {threads} threads",
                          "HF Gemma3ForCausalLM + PyTorch DPOP step", rounds, blocks)
 
 

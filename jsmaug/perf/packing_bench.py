@@ -80,16 +80,16 @@ def place_layouts(pairs, mesh, max_length):
 class _Stepper:
     """The planned DPOP step (`jsmaug.train.plan`) for padded or packed batches (data.packing) and its state."""
 
-    def __init__(self, conf, ref, max_length, packed: bool):
+    def __init__(self, config, ref, max_length, packed: bool):
         import dataclasses
 
         from jsmaug.models import decoder as model
         from jsmaug.train import plan as plan_lib, step
 
-        cfg = step_run_config(conf, "dpop", max_length)
+        cfg = step_run_config(config, "dpop", max_length)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=packed))
-        self.plan = plan_lib.plan(cfg, jax.devices()[:1], mconf=conf)
-        self.state = step.init_state(self.plan.optimizer, model.init_params(conf, jax.random.key(0)),
+        self.plan = plan_lib.plan(cfg, jax.devices()[:1], config=config)
+        self.state = step.init_state(self.plan.optimizer, model.init_params(config, jax.random.key(0)),
                                      self.plan.state_sh, seed=0)
         self.ref = ref
 
@@ -98,7 +98,7 @@ class _Stepper:
         jax.block_until_ready(m)
 
 
-def bench_packing(conf, dist="long_tailed", pairs=8, steps=6, rounds=2, planner_batches=20):
+def bench_packing(config, dist="long_tailed", pairs=8, steps=6, rounds=2, planner_batches=20):
     """The `packing/<dist>/*` rows: real tokens/s of each layout over `steps` batches of `pairs` pairs (every
     batch's program compiled before timing, the layouts timed alternately), the padding share of the timed
     batches, and the planner's padding share at 8 / 32 / 128 pairs per group (no compute)."""
@@ -107,16 +107,16 @@ def bench_packing(conf, dist="long_tailed", pairs=8, steps=6, rounds=2, planner_
     from jsmaug.parallel import sharding as shd
 
     gen, max_length, about = DISTRIBUTIONS[dist]
-    batches = [gen(pairs, max_length, seed=s, vocab=conf.vocab_size) for s in range(steps)]
-    mesh = shd.make_mesh(shd.MeshConfig(data=1), conf, jax.devices()[:1])
-    ref = model.init_params(conf, jax.random.key(1))
+    batches = [gen(pairs, max_length, seed=s, vocab=config.vocab_size) for s in range(steps)]
+    mesh = shd.make_mesh(shd.MeshConfig(data=1), config, jax.devices()[:1])
+    ref = model.init_params(config, jax.random.key(1))
     per_batch = [place_layouts(p, mesh, max_length) for p in batches]
     placed = {name: [b[name] for b in per_batch] for name in per_batch[0]}
     real = sum(sum(len(x["prompt"]) * 2 + len(x["chosen"]) + len(x["rejected"]) for x in p) for p in batches)
     slots = {name: sum(int(np.prod(b["input_ids"].shape)) for b in bs) for name, bs in placed.items()}
     shapes = {name: len({b["input_ids"].shape for b in bs}) for name, bs in placed.items()}
-    steppers = {"padded": _Stepper(conf, ref, max_length, packed=False)}
-    steppers["packed_bucket_rows"] = steppers["packed_ladder"] = _Stepper(conf, ref, max_length, packed=True)
+    steppers = {"padded": _Stepper(config, ref, max_length, packed=False)}
+    steppers["packed_bucket_rows"] = steppers["packed_ladder"] = _Stepper(config, ref, max_length, packed=True)
     for name, bs in placed.items():
         for b in bs:  # compile every shape before timing
             steppers[name].run(b)
@@ -126,7 +126,7 @@ def bench_packing(conf, dist="long_tailed", pairs=8, steps=6, rounds=2, planner_
 
     t = time_alternating({name: run_all(name) for name in placed}, rounds)
     rate = {name: real / t[name] for name in placed}
-    cfg = (f"{conf.num_params() / 1e6:.1f}M params, {steps} steps of {pairs} pairs, max_length {max_length}, "
+    cfg = (f"{config.num_params() / 1e6:.1f}M params, {steps} steps of {pairs} pairs, max_length {max_length}, "
            f"{about}; program shapes {shapes}")
     ladder = f"packed, rows from the ladder of multiples of {packing.ROW_STEP} (the default)"
     record(f"packing/{dist}/real_tokens_per_sec_vs_padded", rate["packed_ladder"], rate["padded"], "real tokens/s",

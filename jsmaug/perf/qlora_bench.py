@@ -37,9 +37,9 @@ def tree_bytes(tree) -> int:
 class LoraStep:
     """One LoRA DPOP step over a given frozen base (float32 or quantized); each call runs one step and waits."""
 
-    def __init__(self, conf, base, adapters, batch):
+    def __init__(self, config, base, adapters, batch):
         opt = optax.adamw(1e-4, weight_decay=0.0)
-        self.fn = jax.jit(functools.partial(step.train_step, config=conf, optimizer=opt,
+        self.fn = jax.jit(functools.partial(step.train_step, config=config, optimizer=opt,
                                             loss_cfg=LossSection(type="dpop", beta=0.3, dpop_lambda=50.0)),
                           donate_argnums=0)
         fresh = jax.tree.map(lambda x: jnp.array(x, copy=True), adapters)  # the step donates its state
@@ -56,15 +56,15 @@ class LoraStep:
 
 
 def bench_qlora_vs_lora(quick: bool = False, pairs: int = 4, length: int = 256, blocks: int = 5, calls: int = 3):
-    conf = step_model_config(quick).replace(lora_rank=RANK, lora_alpha=2.0 * RANK)
-    group = min(GROUP, conf.resolved_head_dim)  # o_proj's contracted axis is head_dim (16 in the quick model)
-    base, adapters = lora.split(model.init_params(conf, jax.random.key(0)))
+    config = step_model_config(quick).replace(lora_rank=RANK, lora_alpha=2.0 * RANK)
+    group = min(GROUP, config.resolved_head_dim)  # o_proj's contracted axis is head_dim (16 in the quick model)
+    base, adapters = lora.split(model.init_params(config, jax.random.key(0)))
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B away from 0: the adapters' matmuls are not skipped
     qbase = jax.jit(functools.partial(lora.quantize_base, fmt=FMT, group=group))(base)
-    batch = paired(synthetic_batch(np.random.default_rng(0), pairs, length, conf.vocab_size))
-    runners = {"lora": LoraStep(conf, base, adapters, batch), "qlora": LoraStep(conf, qbase, adapters, batch)}
+    batch = paired(synthetic_batch(np.random.default_rng(0), pairs, length, config.vocab_size))
+    runners = {"lora": LoraStep(config, base, adapters, batch), "qlora": LoraStep(config, qbase, adapters, batch)}
     t = time_blocks(runners, blocks, calls)
-    shape = (f"step model {'quick' if quick else '29.8M'} (MoE, bucketed), LoRA r{RANK} on {len(conf.lora_targets)} "
+    shape = (f"step model {'quick' if quick else '29.8M'} (MoE, bucketed), LoRA r{RANK} on {len(config.lora_targets)} "
              f"targets, DPOP, {pairs} pairs x {length}, {FMT} group {group}")
     record_blocks("qlora/step_time_vs_lora", t["qlora"], t["lora"], "s/step", shape, f"{FMT} base", "float32 base")
     lo, q = runners["lora"], runners["qlora"]

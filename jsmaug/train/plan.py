@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -79,7 +80,7 @@ def place(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets, run_l
 class RunPlan:
     """One run's program, abstract. `state` and `reference` are ShapeDtypeStructs carrying their shardings."""
     cfg: RunConfig
-    mconf: ModelConfig
+    config: ModelConfig  # the resolved model config (`model_config(cfg)`, or what training read from init_from)
     mesh: Any
     paths: dict[str, str]  # attention, moe, dispatch: the paths `auto` resolves to on this mesh, with reasons
     param_sh: Any  # the trained params' shardings (the adapters with LoRA)
@@ -91,6 +92,11 @@ class RunPlan:
     reference: Any  # the reference weights the step takes, or None (precomputed, or a reference-free loss)
     objective: Any
     step: Callable  # the jitted train step: step(state, batch, reference, inject_nan) -> (state, metrics)
+
+    @property
+    def mconf(self) -> ModelConfig:
+        """The former name of `config` (kept for users' code; read-only)."""
+        return self.config
 
     @property
     def precomputed(self) -> bool:
@@ -158,7 +164,7 @@ class RunPlan:
                 + (" (hosts share rows: a batch axis does not span them)" if shared else ""))
 
     def describe(self) -> str:
-        m, p = self.mconf, self.paths
+        m, p = self.config, self.paths
         experts = (f"{m.num_local_experts} experts (top-{m.num_experts_per_tok}), moe_impl={m.moe_impl} -> "
                    f"{p['moe']}, moe_dispatch={m.moe_dispatch} -> {p['dispatch']}, ") if m.is_moe else "dense MLP, "
         return (f"model: {m.model_type}, {m.num_params() / 1e6:.2f}M parameters, {m.num_hidden_layers} layers, "
@@ -183,16 +189,16 @@ def longest_row(data: data_lib.DataConfig) -> int:
     return data.packing_length or 2 * data.max_length
 
 
-def resolved_paths(mconf: ModelConfig, mesh, row_len: int | None = None) -> dict[str, str]:
+def resolved_paths(config: ModelConfig, mesh, row_len: int | None = None) -> dict[str, str]:
     """What `auto` becomes on this mesh's platform (a TPU topology compiled from a CPU host is TPU) for rows of
     up to `row_len` tokens (None: not known)."""
     platform = next(iter(mesh.devices.flat)).platform
-    attn, why = attention.resolve_impl(mconf.attention_impl, mconf.dtype, mconf.resolved_head_dim, platform,
-                                       seq_len=row_len, block_size=mconf.attention_block_size,
-                                       sinks=mconf.attention_sinks)
+    attn, why = attention.resolve_impl(config.attention_impl, config.dtype, config.resolved_head_dim, platform,
+                                       seq_len=row_len, block_size=config.attention_block_size,
+                                       sinks=config.attention_sinks)
     return {"attention": attn, "attention_why": why,
-            "moe": expert_parallel.resolve_local_impl(mconf.moe_impl, mconf.moe_dispatch, mesh),
-            "dispatch": expert_parallel.resolve_dispatch(mconf.moe_dispatch, mesh, mconf.moe_impl)}
+            "moe": expert_parallel.resolve_local_impl(config.moe_impl, config.moe_dispatch, mesh),
+            "dispatch": expert_parallel.resolve_dispatch(config.moe_dispatch, mesh, config.moe_impl)}
 
 
 def quantized_base(cfg: RunConfig, base, base_sh):
@@ -209,20 +215,28 @@ def quantized_base(cfg: RunConfig, base, base_sh):
     return sh, jax.tree.map(lambda s, w: _sds(s.shape, s.dtype, w), shapes, sh)
 
 
-def plan(cfg: RunConfig, devices=None, mconf: ModelConfig | None = None) -> RunPlan:
-    """The run's program on `devices` (default: all of this process's view). `mconf` defaults to
-    `model_config(cfg)` without init_from's stored architecture (training passes the one it read)."""
-    mconf = model_config(cfg) if mconf is None else mconf
-    mesh = shd.make_mesh(cfg.mesh, mconf, devices)
+def plan(cfg: RunConfig, devices=None, config: ModelConfig | None = None, *,
+         mconf: ModelConfig | None = None) -> RunPlan:
+    """The run's program on `devices` (default: all of this process's view). `config` (the model config) defaults
+    to `model_config(cfg)` without init_from's stored architecture (training passes the one it read). `mconf` is
+    `config`'s former name: deprecated, still accepted with the same meaning, so users' code keeps working."""
+    if mconf is not None:
+        if config is not None:
+            raise TypeError("plan(): the model config given twice, as `config` and as `mconf` (its former name)")
+        warnings.warn("plan(mconf=...) is deprecated: pass the model config as config=...", DeprecationWarning,
+                      stacklevel=2)
+        config = mconf
+    config = model_config(cfg) if config is None else config
+    mesh = shd.make_mesh(cfg.mesh, config, devices)
     divisor = shd.batch_rows_divisor(mesh, cfg.mesh)
     if cfg.train.batch_size % divisor or (cfg.train.batch_size // cfg.train.micro_batches) % divisor:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (per micro-batch "
                           f"{cfg.train.batch_size // cfg.train.micro_batches}) must be divisible by the "
                           f"data-parallel mesh size {divisor} (data x fsdp x expert)")
     objective = loss_config.objective(cfg.loss)
-    shapes = model.param_shapes(mconf)
-    all_sh = shd.param_shardings(mconf, mesh, cfg.mesh)
-    if mconf.lora_rank:  # trained: the adapters; the frozen base (the policy's base and the reference) is an input
+    shapes = model.param_shapes(config)
+    all_sh = shd.param_shardings(config, mesh, cfg.mesh)
+    if config.lora_rank:  # trained: the adapters; the frozen base (the policy's base and the reference) is an input
         (base_shapes, shapes), (ref_sh, param_sh) = lora.split(shapes), lora.split(all_sh)
         reference = jax.tree.map(lambda s, sh: _sds(s.shape, cfg.lora.base_dtype, sh), base_shapes, ref_sh)
         if cfg.lora.base_quant != "none":
@@ -240,11 +254,11 @@ def plan(cfg: RunConfig, devices=None, mconf: ModelConfig | None = None) -> RunP
     rep = NamedSharding(mesh, PartitionSpec())
     scalar = _sds((), jnp.int32, rep)
     state = step_lib.TrainState(params, opt, scalar, scalar, _sds((2,), jnp.uint32, rep))
-    out = RunPlan(cfg=cfg, mconf=mconf, mesh=mesh, paths=resolved_paths(mconf, mesh, longest_row(cfg.data)),
+    out = RunPlan(cfg=cfg, config=config, mesh=mesh, paths=resolved_paths(config, mesh, longest_row(cfg.data)),
                   param_sh=param_sh, ref_sh=ref_sh, state_sh=state_sh, optimizer=optimizer, schedule=schedule, state=state,
                   reference=reference, objective=objective, step=None)
     batch_sh = jax.tree.map(lambda x: x.sharding, out.batch_shapes())
-    out.step = step_lib.jit_train_step(state_sh, batch_sh, out.step_ref_sh, config=mconf, loss_cfg=cfg.loss,
+    out.step = step_lib.jit_train_step(state_sh, batch_sh, out.step_ref_sh, config=config, loss_cfg=cfg.loss,
                                        optimizer=optimizer, micro_batches=cfg.train.micro_batches,
                                        chunk_size=cfg.train.logps_chunk_size)
     return out

@@ -84,7 +84,7 @@ def attention_row_cap(plan, padded_length: int, row_step: int) -> int | None:
     from jsmaug.train.plan import resolved_paths
 
     def path(n):
-        return resolved_paths(plan.mconf, plan.mesh, n)["attention"]
+        return resolved_paths(plan.config, plan.mesh, n)["attention"]
 
     want, n = path(padded_length), padded_length
     while n + row_step <= 2 * padded_length and path(n + row_step) == want:  # the paths change once, upwards

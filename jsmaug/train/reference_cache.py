@@ -173,7 +173,7 @@ def fixed_chunks(examples, batch_size):
         yield n, chunk + [chunk[0]] * (batch_size - n)
 
 
-def precompute(cfg, mconf, ref_params, examples: Sequence[dict], place: Callable, outputs, tok_fp: str
+def precompute(cfg, config, ref_params, examples: Sequence[dict], place: Callable, outputs, tok_fp: str
                ) -> np.ndarray:
     """Reference logps (chosen, rejected) of every example, an (N, 2) float32 array, from the cache when it
     holds them. `place(pairs)` puts a global batch of pairs on the mesh (each process collates its rows). Pairs
@@ -202,7 +202,7 @@ def precompute(cfg, mconf, ref_params, examples: Sequence[dict], place: Callable
         batch = place(chunk)
         if fn is None:  # on a mesh, traced where the MoE layers can see it (token dispatch); results replicated
             sharding = batch["input_ids"].sharding
-            jitted = jax.jit(functools.partial(step_lib.reference_logps, mconf, chunk_size=cfg.train.logps_chunk_size,
+            jitted = jax.jit(functools.partial(step_lib.reference_logps, config, chunk_size=cfg.train.logps_chunk_size,
                                                ld_alpha=cfg.loss.ld_alpha), out_shardings=NamedSharding(sharding.mesh, P()))
             fn = step_lib.on_mesh(jitted, jax.tree.map(lambda x: x.sharding, batch))
         lp = np.asarray(jax.device_get(fn(ref_params, batch)))

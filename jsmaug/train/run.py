@@ -86,7 +86,7 @@ class Evaluator:
 
     def __init__(self, cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, batch_sh):
         self.cfg, self.setup, self.examples = cfg, setup, run_data.eval
-        fn = jax.jit(functools.partial(step_lib.eval_step, config=setup.mconf, loss_cfg=cfg.loss,
+        fn = jax.jit(functools.partial(step_lib.eval_step, config=setup.config, loss_cfg=cfg.loss,
                                        chunk_size=cfg.train.logps_chunk_size), out_shardings=setup.state_sh.step)
         self.fn = step_lib.on_mesh(fn, batch_sh)
 
@@ -102,15 +102,15 @@ class Evaluator:
             aux_sum += float(out["aux"]) * n
             count += n
         per_pair = {k: np.concatenate(v) for k, v in parts.items()}
-        m = step_lib.eval_metrics(per_pair, aux_sum / count, config=self.setup.mconf, loss_cfg=self.cfg.loss)
+        m = step_lib.eval_metrics(per_pair, aux_sum / count, config=self.setup.config, loss_cfg=self.cfg.loss)
         return {f"eval/{k}": v for k, v in m.items()}
 
 
 # ------------------------------------------------------------------------------------------------ phase 3: steps
 
 def _save(cfg: RunConfig, setup: run_setup.Setup, state, step: int) -> None:
-    meta = {"data_position": step, "seed": cfg.seed, "model_config": setup.mconf.to_dict(),
-            **run_setup.lora_meta(cfg, setup.mconf)}
+    meta = {"data_position": step, "seed": cfg.seed, "model_config": setup.config.to_dict(),
+            **run_setup.lora_meta(cfg, setup.config)}
     setup.manager.save(step, state, meta, reference=setup.ref_params if cfg.reference.sync_every else None)
 
 
@@ -238,12 +238,12 @@ def finish(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, outputs: R
     if cfg.export_hf:
         from jsmaug.models import lora
 
-        mconf, params = setup.mconf, state.params
-        if mconf.lora_rank:  # the merged weights: base + alpha / rank * A @ B, in the base's dtype
-            params = lora.merge(setup.ref_params, state.params, mconf.lora_alpha, mconf.lora_rank,
+        config, params = setup.config, state.params
+        if config.lora_rank:  # the merged weights: base + alpha / rank * A @ B, in the base's dtype
+            params = lora.merge(setup.ref_params, state.params, config.lora_alpha, config.lora_rank,
                                 quantized_dtype=cfg.lora.base_dtype)
-            mconf = mconf.replace(lora_rank=0, param_dtype=cfg.lora.base_dtype)
-        summary = outputs.export_hf(mconf, params, run_data.tok.path, run_data.chat_template)
+            config = config.replace(lora_rank=0, param_dtype=cfg.lora.base_dtype)
+        summary = outputs.export_hf(config, params, run_data.tok.path, run_data.chat_template)
         log(f"exported the final policy to {outputs.workdir / 'hf'} ({summary['tensors']} tensors, "
             f"{summary['bytes'] / 1e6:.1f} MB)")
     log(f"done: {result}")

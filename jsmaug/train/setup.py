@@ -39,14 +39,14 @@ def model_config(cfg: RunConfig) -> ModelConfig:
     return plan_lib.model_config(cfg, stored)
 
 
-def check_resume(checkpoints: epath.Path, workdir, mconf: ModelConfig) -> None:
+def check_resume(checkpoints: epath.Path, workdir, config: ModelConfig) -> None:
     """Refuses, before anything is written, to resume a workdir whose checkpoints hold another model."""
     found = ckpt.stored_model_config(checkpoints)
     if found is None:
         return
     step, stored = found
     stored = ModelConfig.from_dict(stored).to_dict()  # JSON lists back to tuples, defaults for newer fields
-    want = mconf.to_dict()
+    want = config.to_dict()
     diff = [f"model.{k}: stored {stored.get(k)!r}, requested {want[k]!r}" for k in sorted(want)
             if k not in plan_lib.RESUMABLE_MODEL_CHANGES and stored.get(k) != want[k]]
     if diff:
@@ -54,9 +54,9 @@ def check_resume(checkpoints: epath.Path, workdir, mconf: ModelConfig) -> None:
                           + ". Use another workdir, or the stored values to resume")
 
 
-def lora_meta(cfg: RunConfig, mconf: ModelConfig) -> dict:
+def lora_meta(cfg: RunConfig, config: ModelConfig) -> dict:
     """What a LoRA checkpoint says about its base: where the base came from (it is not stored again)."""
-    if not mconf.lora_rank:
+    if not config.lora_rank:
         return {}
     return {"lora_base": {"init_from": str(absolute(cfg.init_from)) if cfg.init_from else None, "seed": cfg.seed,
                           "dtype": cfg.lora.base_dtype, "quant": cfg.lora.base_quant,
@@ -66,33 +66,33 @@ def lora_meta(cfg: RunConfig, mconf: ModelConfig) -> dict:
                           "quant_embeddings": cfg.lora.base_quant != "none"}}
 
 
-def initial_params(cfg: RunConfig, mconf: ModelConfig, shardings):
+def initial_params(cfg: RunConfig, config: ModelConfig, shardings):
     """The starting policy (and so the reference), created or restored directly onto its shardings."""
     if cfg.init_from:
         return ckpt.load_params(cfg.init_from, shardings=shardings)[1]
-    return jax.jit(lambda k: model.init_params(mconf, k), out_shardings=shardings)(jax.random.key(cfg.seed))
+    return jax.jit(lambda k: model.init_params(config, k), out_shardings=shardings)(jax.random.key(cfg.seed))
 
 
 def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
     """(adapters, frozen base). The base comes from `init_from` (or the seed) in `lora.base_dtype`, its
     projections then quantized when `lora.base_quant` says so (QLoRA); the adapters start with B = 0, so the
     policy starts exactly at the base."""
-    mconf, base_sh, adapter_sh = plan.mconf, plan.ref_sh, plan.param_sh
+    config, base_sh, adapter_sh = plan.config, plan.ref_sh, plan.param_sh
     fmt = cfg.lora.base_quant
     # Unquantized, a quantized weight is built on its packed values' sharding (the weight's, or less sharded).
     full_sh = jax.tree.map(lambda s: s.packed if quant.is_quantized(s) else s, base_sh, is_leaf=quant.is_quantized)
-    base = initial_params(cfg, mconf.replace(lora_rank=0), full_sh)
+    base = initial_params(cfg, config.replace(lora_rank=0), full_sh)
 
     def prepare(p):
         p = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p)
         return p if fmt == "none" else lora.quantize_base(p, fmt, cfg.lora.base_quant_group)
 
     base = jax.jit(prepare, out_shardings=base_sh, donate_argnums=0)(base)
-    adapter_shapes = lora.split(model.param_shapes(mconf))[1]
+    adapter_shapes = lora.split(model.param_shapes(config))[1]
     adapters = jax.jit(lambda k: lora.init_adapters(adapter_shapes, k), out_shardings=adapter_sh)(
         jax.random.fold_in(jax.random.key(cfg.seed), 1))
     n = sum(x.size for x in jax.tree.leaves(adapters))
-    log(f"LoRA rank {mconf.lora_rank} (alpha {mconf.lora_alpha}) on {list(mconf.lora_targets)}: "
+    log(f"LoRA rank {config.lora_rank} (alpha {config.lora_alpha}) on {list(config.lora_targets)}: "
         f"{n / 1e6:.3f}M trained parameters; frozen base in {cfg.lora.base_dtype}"
         + (f", projections and embeddings in {fmt} (group {cfg.lora.base_quant_group})" if fmt != "none" else "")
         + f", {sum(x.nbytes for x in jax.tree.leaves(base)) / 1e6:.1f} MB (also the reference)")
@@ -115,7 +115,8 @@ class Setup:
     # run's result reports them, so a loaded machine's wall time can be read against the work done.
     timings: dict = dataclasses.field(default_factory=dict)
 
-    mconf = property(lambda self: self.plan.mconf)
+    config = property(lambda self: self.plan.config)  # the model config
+    mconf = property(lambda self: self.plan.config, doc="The former name of `config` (kept for users' code).")
     mesh = property(lambda self: self.plan.mesh)
     state_sh = property(lambda self: self.plan.state_sh)
     optimizer = property(lambda self: self.plan.optimizer)
@@ -128,12 +129,12 @@ class Setup:
 
 def build(cfg: RunConfig, run_data, outputs) -> Setup:
     """The plan, then its real params, reference, optimizer state (restored when the workdir holds checkpoints)."""
-    mconf = model_config(cfg)
-    check_resume(outputs.checkpoints, outputs.workdir, mconf)
-    if run_data.tok.vocab_size > mconf.vocab_size:  # ids past the embedding would be read as other tokens
+    config = model_config(cfg)
+    check_resume(outputs.checkpoints, outputs.workdir, config)
+    if run_data.tok.vocab_size > config.vocab_size:  # ids past the embedding would be read as other tokens
         raise ConfigError(f"tokenizer {run_data.tok.path}: {run_data.tok.vocab_size} tokens, more than the model's "
-                          f"vocab_size {mconf.vocab_size}; set data.tokenizer_path to the model's own tokenizer")
-    plan = plan_lib.plan(cfg, mconf=mconf)
+                          f"vocab_size {config.vocab_size}; set data.tokenizer_path to the model's own tokenizer")
+    plan = plan_lib.plan(cfg, config=config)
     outputs.check_writable()
     log(plan.describe())
     return materialize(cfg, plan, run_data, outputs)
@@ -143,11 +144,11 @@ def materialize(cfg: RunConfig, plan: plan_lib.RunPlan, run_data, outputs) -> Se
     """The plan's real params and reference, the precomputed reference log-probs, and the restored state."""
     from jsmaug.train import reference_cache
 
-    mconf = plan.mconf
-    if mconf.lora_rank:  # trained: the adapters; the frozen base is the policy's base AND the reference
+    config = plan.config
+    if config.lora_rank:  # trained: the adapters; the frozen base is the policy's base AND the reference
         params, ref_params = lora_setup(cfg, plan)
     else:
-        params = initial_params(cfg, mconf, plan.param_sh)
+        params = initial_params(cfg, config, plan.param_sh)
         # A real copy (jit outputs are fresh buffers): the policy's buffers are donated, the reference's persist.
         ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.reference.dtype), p),
                              out_shardings=plan.ref_sh)(params) if plan.reference or plan.precomputed else None
@@ -163,9 +164,9 @@ def materialize(cfg: RunConfig, plan: plan_lib.RunPlan, run_data, outputs) -> Se
     log(f"loss: {loss_config.describe(plan.objective)}")
     if plan.precomputed:
         fp = run_data.tok.fingerprint()
-        train_ref = reference_cache.precompute(cfg, mconf, ref_params, run_data.train, place_batch, outputs, fp)
+        train_ref = reference_cache.precompute(cfg, config, ref_params, run_data.train, place_batch, outputs, fp)
         if run_data.eval:
-            eval_ref = reference_cache.precompute(cfg, mconf, ref_params, run_data.eval, place_batch, outputs, fp)
+            eval_ref = reference_cache.precompute(cfg, config, ref_params, run_data.eval, place_batch, outputs, fp)
     if plan.reference is None:
         ref_params = None  # the step takes no reference weights (precomputed, or a reference-free loss)
 
