@@ -96,6 +96,7 @@ def test_goal_rows_are_the_median_block_with_its_spread(monkeypatch):
     assert (rec["a"], rec["b"]) == (20.0, 10.0)
     assert rec["ratio"] == 1.0 and (rec["ratio_min"], rec["ratio_max"]) == (0.5, 3.0)  # ratios 1, 3, 0.5
     assert "median of 3 alternating blocks" in rec["config"]
+    assert (rec["a_blocks"], rec["b_blocks"]) == ([10.0, 30.0, 20.0], [10.0, 10.0, 40.0])  # in block order
 
 
 def test_a_runs_own_figures_count_its_compiles(tmp_path):

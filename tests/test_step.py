@@ -117,7 +117,12 @@ def test_micro_batch_accumulation_equals_one_big_batch():
     s4, m4 = _step_fn(config, opt, micro=4)(_state(params, opt), big, ref)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), s1.params, s4.params)
+    # The updates (SGD at lr 1: the accumulated gradients) agree to float32's summation-order round-off, relative
+    # to each weight's largest update (0.54 on the embedding, where 4 partial sums differ from one by up to 1.5e-6).
+    def same_update(a, b, p0):
+        d1, d4 = np.asarray(a) - np.asarray(p0), np.asarray(b) - np.asarray(p0)
+        np.testing.assert_allclose(d4, d1, rtol=0, atol=1e-5 * np.abs(d1).max() + 1e-9)
+    jax.tree.map(same_update, s1.params, s4.params, params)
 
 
 def test_non_finite_step_is_skipped_and_counted():

@@ -90,7 +90,8 @@ def record_blocks(name, a_blocks, b_blocks, unit, config, a_label, b_label):
     ratios = [a / b for a, b in zip(a_blocks, b_blocks)]
     return record(name, float(np.median(a_blocks)), float(np.median(b_blocks)), unit,
                   config + f"; median of {len(ratios)} alternating blocks", a_label, b_label,
-                  ratio=float(np.median(ratios)), spread=(min(ratios), max(ratios)))
+                  ratio=float(np.median(ratios)), spread=(min(ratios), max(ratios)),
+                  blocks=(a_blocks, b_blocks))
 
 
 def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, torch_label: str, rounds: int,
@@ -108,13 +109,16 @@ def record_against_torch(name, jax_step, torch_step, tokens: int, config: str, t
     return t["jax"]
 
 
-def record(name, a, b, unit, config, a_label, b_label, ratio=None, spread=None):
-    """One comparison: a against b (ratio a / b unless given), with the spread of the ratio over blocks if any."""
+def record(name, a, b, unit, config, a_label, b_label, ratio=None, spread=None, blocks=None):
+    """One comparison: a against b (ratio a / b unless given), with the spread of the ratio over blocks if any
+    and each block's figures (`a_blocks`, `b_blocks`: which side moved when the ratio swings)."""
     rec = {"name": name, "a": a, "b": b, "ratio": (a / b if b else float("nan")) if ratio is None else ratio,
            "unit": unit, "a_is": a_label, "b_is": b_label, "machine": machine(), "config": config,
            "peak_rss_gb": round(rss_gb(), 2)}
     if spread is not None:
         rec["ratio_min"], rec["ratio_max"] = float(spread[0]), float(spread[1])
+    if blocks is not None:
+        rec["a_blocks"], rec["b_blocks"] = ([round(float(x), 6) for x in side] for side in blocks)
     RESULTS.append(rec)
     print(json.dumps(rec), flush=True)
     return rec
