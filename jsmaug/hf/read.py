@@ -4,7 +4,8 @@ array (donated update), so host memory stays near one layer's expert stack, neve
 layout (per-expert tensors) and transformers-5's fused layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`,
 `mlp.gate.weight`); gpt-oss's experts in bf16/float32 or as the hub's MXFP4 blocks and scales, dequantized one
 expert at a time (jsmaug/hf/mxfp4.py) straight into the layer's array in the parameter dtype; jsmaug/hf/layout.py
-names the tensors."""
+names the tensors. With `quantize` (`jsmaug convert --quantize`), the leaves a QLoRA base stores quantized are
+quantized as they are read, one layer at a time (jsmaug/hf/quantized.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import numpy as np
 
 from jsmaug import paths
 from jsmaug.models import families
-from jsmaug.hf import layout, mxfp4
+from jsmaug.hf import layout, mxfp4, quantized
 from jsmaug.hf.layout import CheckpointError, Entry
+from jsmaug.models import quant
 from jsmaug.models.config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -277,13 +279,18 @@ def _read_config_json(path: Path) -> dict:
 
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardings=None,
-         progress: bool = False, **config_overrides) -> tuple[ModelConfig, Any]:
+         progress: bool = False, quantize: str | None = None, quant_group: int = 64,
+         **config_overrides) -> tuple[ModelConfig, Any]:
     """Reads an HF folder of a supported family -> (ModelConfig, params).
 
     dtype: the parameter dtype to store (default: the checkpoint's config `torch_dtype`/`dtype`, else float32).
     mesh: a `jax.sharding.Mesh` with jsmaug's axes (`jsmaug.parallel.sharding.make_mesh`): params are placed with the
       default logical-axis rules. shardings: a pytree like the params of NamedShardings (wins over `mesh`).
       Either way each layer goes straight onto its devices; nothing is assembled on one device first.
+    quantize: None, or a `quant.FORMATS` format: the leaves `lora.quantize_base(params, quantize, quant_group)`
+      quantizes (projections and embedding tables) come back as `quant.QuantizedArray`s bit-identical to it, each
+      quantized as it is read from its values in `dtype` (`shardings`, if given, are the unquantized params'; the
+      packed values and scales take `quant.fit_sharding` of them).
     """
     hf_dir = Path(hf_dir)
     cfg_json = _read_config_json(hf_dir / "config.json") if (hf_dir / "config.json").exists() else {}
@@ -308,6 +315,10 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
         shardings = shd.param_shardings(config, mesh, shd.MeshConfig())
     shard_map = dict(_leaf_paths(shardings)) if shardings is not None else {}
     np_dtype = jnp.dtype(config.param_dtype)
+    try:  # before anything is read: a group that does not divide a weight is named here
+        q_leaves = quantized.abstract_leaves(shapes, quantize, quant_group) if quantize else {}
+    except quant.QuantError as err:
+        raise CheckpointError(f"{hf_dir}: --quantize {quantize} --quant_group {quant_group}: {err}") from None
     top = {e.leaf: e for e in layout.top_entries(config)}
     positions = layout.layer_positions(config)
     by_group: dict[str, list[tuple[int, dict[str, Entry]]]] = {}
@@ -320,7 +331,14 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
     _check_every_tensor_has_a_leaf(hf_dir, config, {path for path, _ in leaves}, top, by_group)
     for i, (path, sds) in enumerate(leaves):
         sharding = shard_map.get(path)
-        if path in top:
+        if path in q_leaves and path in top:
+            arr = quantized.quantize_leaf(_entry_tensor(reader, top[path], sds.shape), np_dtype, q_leaves[path],
+                                          sharding)
+        elif path in q_leaves and path.startswith("layers/"):
+            group, leaf = path.split("/", 2)[1:]
+            gen = (_entry_tensor(reader, entries[leaf], sds.shape[1:], np_dtype) for _, entries in by_group[group])
+            arr = quantized.stack_quantized(gen, np_dtype, q_leaves[path], path, sharding)
+        elif path in top:
             arr = _device_put(_entry_tensor(reader, top[path], sds.shape), np_dtype, sharding)
         elif path.startswith("layers/"):
             group, leaf = path.split("/", 2)[1:]
@@ -328,7 +346,7 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, mesh=None, shardin
             arr = _stack_into_device_array(gen, sds.shape, np_dtype, sharding)
         else:  # pragma: no cover - the param tree and this mapping are written together
             raise KeyError(path)
-        if arr.shape != sds.shape:  # pragma: no cover - guarded by the HF shape checks above
+        if path not in q_leaves and arr.shape != sds.shape:  # pragma: no cover - guarded by the HF shape checks above
             raise CheckpointError(f"{hf_dir}: {path} built with shape {arr.shape}, expected {sds.shape}")
         _set_from_path(params, path, arr)
         if progress:

@@ -21,6 +21,7 @@ from jsmaug.parallel import distributed
 from jsmaug.models.config import ModelConfig
 from jsmaug.errors import CheckpointError  # noqa: F401 - re-exported (ckpt.CheckpointError)
 from jsmaug.paths import absolute
+from jsmaug.train import quantized_base
 
 
 class Manager:
@@ -224,11 +225,13 @@ logging.getLogger("absl").addFilter(_NoTracebacks())
 # ------------------------------------------------------------------------------------------------ params only
 
 def save_params(out_dir, config: ModelConfig, params) -> None:
-    """The converter's output: `out_dir/params` (Orbax PyTree) and `out_dir/model_config.json`."""
+    """The converter's output: `out_dir/params` (Orbax PyTree) and `out_dir/model_config.json`. Quantized leaves
+    (`jsmaug convert --quantize`) are stored as their packed values and scales (`quantized_base`); the caller
+    writes the quantization record beside them."""
     out_dir = absolute(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as c:
-        c.save(out_dir / "params", params)
+        c.save(out_dir / "params", quantized_base.to_storage(params))
     (out_dir / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
@@ -260,14 +263,26 @@ def read_model_config(path, step: int | None = None) -> ModelConfig:
     return ModelConfig.from_dict(meta["model_config"])
 
 
-def load_params(path, step: int | None = None, shardings=None) -> tuple[ModelConfig, Any]:
+def load_params(path, step: int | None = None, shardings=None, quantized: bool = False) -> tuple[ModelConfig, Any]:
     """Params from a converter checkpoint (`model_config.json` + `params/`) or from a training workdir
     (`checkpoints/<step>/`, the latest unless `step`). With `shardings` (a pytree of NamedSharding) each
-    array is restored straight onto its devices, resharding if it was saved on another mesh."""
+    array is restored straight onto its devices, resharding if it was saved on another mesh.
+
+    A converter checkpoint with a quantized base (`quantized_base.RECORD`) is refused unless `quantized` (a QLoRA
+    base's loader): then its packed values and scales are restored as they are, as `quant.QuantizedArray`s
+    (`shardings` then a tree like `quantize_base`'s output, e.g. a QLoRA plan's base shardings)."""
     path = absolute(path)
     config = read_model_config(path, step)
     if config.lora_rank:
         return _load_lora_merged(path, config, step)
+    rec = quantized_base.read_record(path) if (path / "model_config.json").exists() else None
+    if rec is not None and not quantized:
+        raise CheckpointError(quantized_base.refusal(path, rec))
+    if rec is not None:
+        abstract = quantized_base.abstract(config, rec)
+        with ocp.StandardCheckpointer() as c:
+            stored = c.restore(path / "params", quantized_base.storage_target(abstract, shardings))
+        return config, quantized_base.from_storage(stored, abstract)
     target = _target(config, shardings)
     if (path / "model_config.json").exists():
         with ocp.StandardCheckpointer() as c:
@@ -305,7 +320,7 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     names but does not store: `init_from`, or the seed of a random init). Returns the config without adapters."""
     import jax.numpy as jnp
 
-    from jsmaug.models import lora, decoder as model
+    from jsmaug.models import lora, decoder as model, quant
 
     mngr, step = _training_manager(path, step)
     meta = _read_meta(mngr, step)
@@ -316,13 +331,13 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     adapters = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": adapter_target}, partial_restore=True))).state["params"]
     base_config = config.replace(lora_rank=0)
-    if base_info["init_from"]:
-        base = load_params(base_info["init_from"])[1]
+    if base_info["init_from"]:  # a base quantized by the converter is loaded packed, as the run loaded it
+        base = load_params(base_info["init_from"], quantized=base_info.get("quant", "none") != "none")[1]
     else:
         # jitted, as the trainer made it: eager and jitted random inits differ in the last bit
         base = jax.jit(lambda k: model.init_params(base_config, k))(jax.random.key(base_info["seed"]))
     dtype = jnp.dtype(base_info["dtype"])
-    base = jax.tree.map(lambda x: x.astype(dtype), base)
+    base = jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(dtype), base, is_leaf=quant.is_quantized)
     if base_info.get("quant", "none") != "none":  # QLoRA: the adapters were trained on the quantized base
         base = jax.jit(lambda b: lora.quantize_base(b, base_info["quant"], base_info["quant_group"],
                                                        embeddings=base_info.get("quant_embeddings", False)))(base)

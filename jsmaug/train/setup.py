@@ -20,7 +20,7 @@ from jsmaug.losses import config as loss_config
 from jsmaug.models import decoder as model, lora, quant
 from jsmaug.models.config import ConfigError, ModelConfig
 from jsmaug.paths import absolute
-from jsmaug.train import checkpoint as ckpt, plan as plan_lib, programs, step as step_lib
+from jsmaug.train import checkpoint as ckpt, plan as plan_lib, programs, quantized_base, step as step_lib
 from jsmaug.train.config import RunConfig
 from jsmaug.train.metrics_log import log
 
@@ -67,7 +67,9 @@ def lora_meta(cfg: RunConfig, config: ModelConfig) -> dict:
 
 
 def initial_params(cfg: RunConfig, config: ModelConfig, shardings):
-    """The starting policy (and so the reference), created or restored directly onto its shardings."""
+    """The starting policy (and so the reference), created or restored directly onto its shardings. A converter
+    checkpoint quantized by `jsmaug convert --quantize` is refused here (`ckpt.load_params`): it is a QLoRA base,
+    which `lora_setup` restores itself."""
     if cfg.init_from:
         return ckpt.load_params(cfg.init_from, shardings=shardings)[1]
     return jax.jit(lambda k: model.init_params(config, k), out_shardings=shardings)(jax.random.key(cfg.seed))
@@ -76,18 +78,24 @@ def initial_params(cfg: RunConfig, config: ModelConfig, shardings):
 def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
     """(adapters, frozen base). The base comes from `init_from` (or the seed) in `lora.base_dtype`, its
     projections then quantized when `lora.base_quant` says so (QLoRA); the adapters start with B = 0, so the
-    policy starts exactly at the base."""
+    policy starts exactly at the base. An `init_from` quantized by `jsmaug convert --quantize` is checked against
+    `lora.base_quant` / `lora.base_quant_group` first (one error naming both, before anything is compiled) and
+    restored packed onto the base's shardings: no float copy, no quantization."""
     config, base_sh, adapter_sh = plan.config, plan.ref_sh, plan.param_sh
     fmt = cfg.lora.base_quant
-    # Unquantized, a quantized weight is built on its packed values' sharding (the weight's, or less sharded).
-    full_sh = jax.tree.map(lambda s: s.packed if quant.is_quantized(s) else s, base_sh, is_leaf=quant.is_quantized)
-    base = initial_params(cfg, config.replace(lora_rank=0), full_sh)
+    base = quantized_base.restore_for_qlora(cfg.init_from, fmt, cfg.lora.base_quant_group, cfg.lora.base_dtype,
+                                            base_sh, log)
+    if base is None:
+        # Unquantized, a quantized weight is built on its packed values' sharding (the weight's, or less sharded).
+        full_sh = jax.tree.map(lambda s: s.packed if quant.is_quantized(s) else s, base_sh,
+                               is_leaf=quant.is_quantized)
+        base = initial_params(cfg, config.replace(lora_rank=0), full_sh)
 
-    def prepare(p):
-        p = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p)
-        return p if fmt == "none" else lora.quantize_base(p, fmt, cfg.lora.base_quant_group)
+        def prepare(p):
+            p = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), p)
+            return p if fmt == "none" else lora.quantize_base(p, fmt, cfg.lora.base_quant_group)
 
-    base = jax.jit(prepare, out_shardings=base_sh, donate_argnums=0)(base)
+        base = jax.jit(prepare, out_shardings=base_sh, donate_argnums=0)(base)
     adapter_shapes = lora.split(model.param_shapes(config))[1]
     adapters = jax.jit(lambda k: lora.init_adapters(adapter_shapes, k), out_shardings=adapter_sh)(
         jax.random.fold_in(jax.random.key(cfg.seed), 1))
