@@ -20,7 +20,7 @@ import pytest
 
 from hf_fixtures import make_hf_checkpoint
 from jsmaug import hf
-from jsmaug.cli import convert
+from jsmaug.cli import convert, export
 from jsmaug.models import lora, quant
 from jsmaug.models.config import ConfigError
 from jsmaug.train import checkpoint, plan as plan_lib, quantized_base, run as train_run, setup as run_setup
@@ -174,7 +174,7 @@ def test_a_qlora_run_whose_quantization_differs_is_refused_before_anything_is_wr
     assert list((tmp_path / "w").rglob("*")) == []  # at most the empty workdir the writability probe made
 
 
-def test_full_fine_tune_and_plain_loads_of_a_quantized_checkpoint_are_refused(ckpts, tmp_path):
+def test_full_fine_tune_export_and_plain_loads_of_a_quantized_checkpoint_are_refused(ckpts, tmp_path, capsys):
     _, _, nf4 = ckpts
     cfg = _cfg(tmp_path, "w", nf4, "lora.rank=0")
     with pytest.raises(checkpoint.CheckpointError, match=f"{nf4}: holds a base quantized to nf4 in groups of 32 by "
@@ -183,6 +183,8 @@ def test_full_fine_tune_and_plain_loads_of_a_quantized_checkpoint_are_refused(ck
     assert list((tmp_path / "w").rglob("*")) == []
     with pytest.raises(checkpoint.CheckpointError, match="convert the HF folder without --quantize"):
         checkpoint.load_params(nf4)  # export, eval and compare_losses load this way
+    assert export.main(["--ckpt_dir", str(nf4), "--out_dir", str(tmp_path / "exp"), "--no_tokenizer"]) == 2
+    assert "a frozen base for QLoRA only" in capsys.readouterr().err and not (tmp_path / "exp").exists()
 
 
 def test_a_group_that_does_not_divide_a_weight_is_refused_before_anything_is_written(ckpts, tmp_path, capsys):
@@ -190,3 +192,19 @@ def test_a_group_that_does_not_divide_a_weight_is_refused_before_anything_is_wri
     assert convert.main(["--hf_dir", str(hf_dir), "--out_dir", str(tmp_path / "o"), "--quantize", "int4",
                          "--quant_group", "24"]) == 2
     assert "--quantize int4 --quant_group 24:" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_export_of_a_qlora_workdir_from_the_quantized_checkpoint(ckpts, tmp_path):
+    """A one-step QLoRA run from the nf4 checkpoint: its own export (the in-memory packed base, dequantized, plus
+    the adapters) equals `load_params` of its workdir, which loads the named init_from packed (no refusal). About
+    40 s on the loaded 2-core machine (a whole run): slow."""
+    _, _, nf4 = ckpts
+    cfg, raw = load_run_config("configs/tiny_dpop.yaml", [
+        "train.steps=1", "data.max_length=64", "data.max_prompt_length=32", "log.eval_every=0",
+        "data.eval_path=null", f"init_from={nf4}", "lora.rank=4", *QUANT_ARGS, "checkpoint.every=1",
+        f"workdir={tmp_path / 'w'}"])
+    train_run.run(cfg, raw)
+    _, exported = hf.load(tmp_path / "w" / "hf")
+    _, merged = checkpoint.load_params(tmp_path / "w")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), merged, exported)

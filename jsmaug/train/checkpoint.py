@@ -341,6 +341,9 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     if base_info.get("quant", "none") != "none":  # QLoRA: the adapters were trained on the quantized base
         base = jax.jit(lambda b: lora.quantize_base(b, base_info["quant"], base_info["quant_group"],
                                                        embeddings=base_info.get("quant_embeddings", False)))(base)
+    first = jax.tree.leaves(base)[0].sharding
+    if isinstance(first, jax.sharding.SingleDeviceSharding):  # a converter's base restores onto one device, the
+        adapters = jax.device_put(adapters, first)  # adapters onto the run's mesh: merged where the base is
     return base_config.replace(param_dtype=base_info["dtype"]), lora.merge(base, adapters, config.lora_alpha,
                                                                              config.lora_rank, quantized_dtype=dtype)
 
