@@ -67,6 +67,13 @@ def quantize_leaf(arr: np.ndarray, dtype, q_abs: quant.QuantizedArray, sharding=
                                 q_abs.fmt, q_abs.shape, q_abs.axis, q_abs.group)
 
 
+def _update(buf, value, i):
+    return jax.lax.dynamic_update_index_in_dim(buf, value, i, 0)
+
+
+_put = jax.jit(_update, donate_argnums=0)  # unsharded: one compile per buffer shape, shared by every leaf
+
+
 def stack_quantized(layers: Iterator[np.ndarray], dtype, q_abs: quant.QuantizedArray, name: str,
                     sharding=None) -> quant.QuantizedArray:
     """A stacked (L, ...) leaf from its layers, each cast to the parameter dtype and quantized alone along its
@@ -77,9 +84,9 @@ def stack_quantized(layers: Iterator[np.ndarray], dtype, q_abs: quant.QuantizedA
     bufs, puts = [], []
     for part in ("packed", "scales"):
         sds, sh = getattr(q_abs, part), (getattr(fitted, part) if fitted is not None else None)
-        bufs.append(jax.jit(lambda s=sds: jnp.zeros(s.shape, s.dtype), out_shardings=sh)())
-        puts.append(jax.jit(lambda b, v, i: jax.lax.dynamic_update_index_in_dim(b, v, i, 0), donate_argnums=0,
-                            out_shardings=sh))
+        bufs.append(jax.jit(lambda s=sds: jnp.zeros(s.shape, s.dtype), out_shardings=sh)() if sh is not None
+                    else jnp.zeros(sds.shape, sds.dtype))
+        puts.append(_put if sh is None else jax.jit(_update, donate_argnums=0, out_shardings=sh))
     n = 0
     for i, layer in enumerate(layers):
         bufs = [put(buf, jnp.asarray(v), i) for put, buf, v in zip(puts, bufs, _quantize_chunked(layer, dtype, q_abs))]
