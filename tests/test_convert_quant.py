@@ -141,7 +141,7 @@ def test_qlora_base_from_the_quantized_checkpoint_is_the_in_place_quantized_base
 @pytest.mark.slow
 def test_qlora_run_from_the_quantized_checkpoint_equals_the_run_that_quantizes_in_place(ckpts, tmp_path):
     """Two DPOP steps with either base through one compiled step (the run from the float conversion is built
-    whole; the nf4 run's base is set up on its plan, the same model config). About 30 s on the 2-core machine
+    whole; the nf4 run's base is set up on its plan, the same model config). 30-43 s on the 2-core machine
     under load (mostly compiling the step): slow. The fast test above already shows the base bits are equal."""
     _, f32, nf4 = ckpts
     cfg_f32, cfg_nf4 = _cfg(tmp_path, "in_place", f32, *QUANT_ARGS), _cfg(tmp_path, "restored", nf4, *QUANT_ARGS)
@@ -198,7 +198,7 @@ def test_a_group_that_does_not_divide_a_weight_is_refused_before_anything_is_wri
 def test_export_of_a_qlora_workdir_from_the_quantized_checkpoint(ckpts, tmp_path):
     """A one-step QLoRA run from the nf4 checkpoint: its own export (the in-memory packed base, dequantized, plus
     the adapters) equals `load_params` of its workdir, which loads the named init_from packed (no refusal). About
-    40 s on the loaded 2-core machine (a whole run): slow."""
+    50 s on the loaded 2-core machine (a whole run): slow."""
     _, _, nf4 = ckpts
     cfg, raw = load_run_config("configs/tiny_dpop.yaml", [
         "train.steps=1", "data.max_length=64", "data.max_prompt_length=32", "log.eval_every=0",
