@@ -71,7 +71,22 @@ def _update(buf, value, i):
     return jax.lax.dynamic_update_index_in_dim(buf, value, i, 0)
 
 
-_put = jax.jit(_update, donate_argnums=0)  # unsharded: one compile per buffer shape, shared by every leaf
+@functools.lru_cache(maxsize=None)
+def layer_put(sharding=None):
+    """put(buf, value, i): layer i of a stacked (L, ...) buffer set to `value`, the buffer donated, the result on
+    `sharding`. One jitted function per sharding, shared by every leaf and every load (a new jit per leaf
+    recompiled it each time: 160 of test_step's compiles). Also jsmaug/hf/read.py's float stacks."""
+    return jax.jit(_update, donate_argnums=0, out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def zeros(shape, dtype, sharding=None):
+    """A zero (L, ...) buffer, created on its shardings (cached per shape, dtype and sharding)."""
+    return jnp.zeros(shape, dtype) if sharding is None else _zeros(tuple(shape), jnp.dtype(dtype), sharding)()
 
 
 def stack_quantized(layers: Iterator[np.ndarray], dtype, q_abs: quant.QuantizedArray, name: str,
@@ -84,9 +99,8 @@ def stack_quantized(layers: Iterator[np.ndarray], dtype, q_abs: quant.QuantizedA
     bufs, puts = [], []
     for part in ("packed", "scales"):
         sds, sh = getattr(q_abs, part), (getattr(fitted, part) if fitted is not None else None)
-        bufs.append(jax.jit(lambda s=sds: jnp.zeros(s.shape, s.dtype), out_shardings=sh)() if sh is not None
-                    else jnp.zeros(sds.shape, sds.dtype))
-        puts.append(_put if sh is None else jax.jit(_update, donate_argnums=0, out_shardings=sh))
+        bufs.append(zeros(sds.shape, sds.dtype, sh))
+        puts.append(layer_put(sh))
     n = 0
     for i, layer in enumerate(layers):
         bufs = [put(buf, jnp.asarray(v), i) for put, buf, v in zip(puts, bufs, _quantize_chunked(layer, dtype, q_abs))]

@@ -236,10 +236,8 @@ def _stack_into_device_array(layers: Iterator[np.ndarray], shape, dtype, shardin
     if sharding is not None:
         spec = sharding.spec
         layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-    alloc = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    buf = alloc()
-    put = jax.jit(lambda b, v, i: jax.lax.dynamic_update_index_in_dim(b, v, i, 0), donate_argnums=0,
-                  out_shardings=sharding)
+    buf = quantized.zeros(shape, dtype, sharding)
+    put = quantized.layer_put(sharding)
     for i, layer in enumerate(layers):
         arr = np.asarray(layer).astype(dtype, copy=False)
         if layer_sharding is not None:
