@@ -6,7 +6,7 @@ import pytest
 import jax.numpy as jnp
 
 from hf_fixtures import make_hf_checkpoint
-from jsmaug.models import generate as gen
+from jsmaug.models import fast_decode, generate as gen
 from jsmaug import hf
 from jsmaug.models import decoder as model
 
@@ -196,5 +196,5 @@ def test_fast_step_only_for_what_it_computes(monkeypatch):
     assert gen.fast_step_applies(base)
     assert gen.fast_step_applies(base.replace(lora_rank=4))
     assert not gen.fast_step_applies(config_lib.tiny(model_type="gemma3_text"))
-    monkeypatch.setattr(gen, "_KNOWN_FIELDS", gen._KNOWN_FIELDS - {"sliding_window"})
+    monkeypatch.setattr(fast_decode, "_KNOWN_FIELDS", fast_decode._KNOWN_FIELDS - {"sliding_window"})
     assert not gen.fast_step_applies(base) and gen.fast_step_applies(base.replace(sliding_window=None))

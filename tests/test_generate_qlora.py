@@ -1,6 +1,6 @@
 """Generation from a QLoRA policy: a base quantized by `lora.quantize_base` (packed NF4 projections, embedding
 table and untied lm_head) under non-zero LoRA adapters. Both decoding steps (the fast one, `decode_weights` +
-`_fast_step`, and the decoder's own `decode`) give, greedy, token for token what the same model gives with its
+`fast_decode.fast_step`, and the decoder's own `decode`) give, greedy, token for token what the same model gives with its
 base dequantized to float by quant's own `dequantize` (the reference: plain params, `decoder.decode`), and the
 fast step's first logits equal the dense model's full forward to 1e-5 in float32. Also a quantized base with no
 adapters (rank 0), which the fast step used to refuse with an AttributeError on the packed leaves."""
@@ -13,7 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import config as cfg_lib, decoder as model, generate as gen, lora, quant
+from jsmaug.models import config as cfg_lib, decoder as model, fast_decode, generate as gen, lora, quant
 
 PROMPTS = [[1, 5, 9, 33, 12, 7], [1, 40, 41], [1, 8, 8, 9, 10, 11, 12, 13, 14, 15]]
 GREEDY = gen.SamplingConfig(max_new_tokens=8, eos_id=None)
@@ -61,7 +61,7 @@ def _first_fast_logits(conf, params, ids_BxP, mask_BxP):
     token, pos, kv_valid, cache, _ = gen._prefill(conf, params, ids_BxP, mask_BxP, gen._program_key(GREEDY), p + 8,
                                                   True, gen.row_keys(0, range(len(ids_BxP))))
     kv_valid = kv_valid.at[:, p].set(1)
-    step = jax.jit(gen._fast_step, static_argnums=0)
+    step = jax.jit(fast_decode.fast_step, static_argnums=0)
     logits, _ = step(conf, gen.decode_weights(conf, params), token, pos, kv_valid, cache, p)
     return logits, token
 
