@@ -24,6 +24,7 @@ def test_expert_load_summary_by_hand():
         {"moe/expert_load_min": 0.0, "moe/expert_load_max": 2.0, "moe/expert_load_entropy": h,
          "moe/experts_idle": 1})
     assert metrics_log.expert_load_summary([]) == {}  # a dense model has no experts
+    assert metrics_log.expert_load_summary(np.zeros(1)) == {}  # the train step's placeholder for a dense model
 
 
 class _Board:

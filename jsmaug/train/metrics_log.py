@@ -50,7 +50,7 @@ def expert_load_summary(load) -> dict[str, float]:
     over the mean share (1.0 each when balanced), the routing entropy over its maximum log(E) (1.0 = uniform), and
     the number of experts that got no token."""
     load = np.asarray(load, np.float64)
-    if load.size == 0:
+    if load.size == 0 or not load.any():  # no experts, or none routed: a dense model's load is one zero
         return {}
     mean = 1.0 / load.size
     nz = load[load > 0]
