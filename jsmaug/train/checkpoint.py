@@ -334,8 +334,7 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     if base_info["init_from"]:  # a base quantized by the converter is loaded packed, as the run loaded it
         base = load_params(base_info["init_from"], quantized=base_info.get("quant", "none") != "none")[1]
     else:
-        # jitted, as the trainer made it: eager and jitted random inits differ in the last bit
-        base = jax.jit(lambda k: model.init_params(base_config, k))(jax.random.key(base_info["seed"]))
+        base = model.init_params(base_config, jax.random.key(base_info["seed"]))  # jitted, as the trainer's init
     dtype = jnp.dtype(base_info["dtype"])
     base = jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(dtype), base, is_leaf=quant.is_quantized)
     if base_info.get("quant", "none") != "none":  # QLoRA: the adapters were trained on the quantized base

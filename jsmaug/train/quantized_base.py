@@ -115,28 +115,3 @@ def from_storage(stored, abstract_tree):
         return s
 
     return jax.tree.map(build, abstract_tree, stored, is_leaf=quant.is_quantized)
-
-
-def restore_for_qlora(init_from, fmt: str, group: int, base_dtype: str, base_sh, log=print):
-    """A QLoRA run's frozen base from `init_from` when that is a quantized converter checkpoint, else None.
-
-    Checks the record against the run's `lora.base_quant` / `lora.base_quant_group` first (a `ConfigError` naming
-    the checkpoint and both values, before anything is compiled or written), then restores the packed values and
-    scales straight onto the plan's base shardings `base_sh` (no float copy of the base, no quantization); only the
-    leaves kept in float (norms, routers, biases) are cast to `base_dtype`."""
-    if not init_from or not (epath.Path(init_from) / "model_config.json").exists():
-        return None
-    rec = read_record(init_from)
-    if rec is None:
-        return None
-    check_run(init_from, rec, fmt, group)
-    if rec["quantized_from"] != base_dtype:
-        log(f"note: init_from {init_from} was quantized from {rec['quantized_from']} values; lora.base_quant "
-            f"quantizing in place would have started from {base_dtype} ones (convert with --dtype {base_dtype} "
-            "for the same bits)")
-    from jsmaug.train import checkpoint  # checkpoint imports this module
-
-    base = checkpoint.load_params(init_from, shardings=base_sh, quantized=True)[1]
-    cast = jax.jit(lambda p: jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(base_dtype), p,
-                                          is_leaf=quant.is_quantized), out_shardings=base_sh, donate_argnums=0)
-    return cast(base)

@@ -75,6 +75,29 @@ def initial_params(cfg: RunConfig, config: ModelConfig, shardings):
     return jax.jit(lambda k: model.init_params(config, k), out_shardings=shardings)(jax.random.key(cfg.seed))
 
 
+def _quantized_init_base(init_from, fmt: str, group: int, base_dtype: str, base_sh):
+    """A QLoRA run's frozen base from `init_from` when that is a quantized converter checkpoint, else None.
+
+    Checks the record against the run's `lora.base_quant` / `lora.base_quant_group` first (a `ConfigError` naming
+    the checkpoint and both values, before anything is compiled or written), then restores the packed values and
+    scales straight onto the plan's base shardings `base_sh` (no float copy of the base, no quantization); only the
+    leaves kept in float (norms, routers, biases) are cast to `base_dtype`."""
+    if not init_from or not (epath.Path(init_from) / "model_config.json").exists():
+        return None
+    rec = quantized_base.read_record(init_from)
+    if rec is None:
+        return None
+    quantized_base.check_run(init_from, rec, fmt, group)
+    if rec["quantized_from"] != base_dtype:
+        log(f"note: init_from {init_from} was quantized from {rec['quantized_from']} values; lora.base_quant "
+            f"quantizing in place would have started from {base_dtype} ones (convert with --dtype {base_dtype} "
+            "for the same bits)")
+    base = ckpt.load_params(init_from, shardings=base_sh, quantized=True)[1]
+    cast = jax.jit(lambda p: jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(base_dtype), p,
+                                          is_leaf=quant.is_quantized), out_shardings=base_sh, donate_argnums=0)
+    return cast(base)
+
+
 def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
     """(adapters, frozen base). The base comes from `init_from` (or the seed) in `lora.base_dtype`, its
     projections then quantized when `lora.base_quant` says so (QLoRA); the adapters start with B = 0, so the
@@ -83,8 +106,7 @@ def lora_setup(cfg: RunConfig, plan: plan_lib.RunPlan):
     restored packed onto the base's shardings: no float copy, no quantization."""
     config, base_sh, adapter_sh = plan.config, plan.ref_sh, plan.param_sh
     fmt = cfg.lora.base_quant
-    base = quantized_base.restore_for_qlora(cfg.init_from, fmt, cfg.lora.base_quant_group, cfg.lora.base_dtype,
-                                            base_sh, log)
+    base = _quantized_init_base(cfg.init_from, fmt, cfg.lora.base_quant_group, cfg.lora.base_dtype, base_sh)
     if base is None:
         # Unquantized, a quantized weight is built on its packed values' sharding (the weight's, or less sharded).
         full_sh = jax.tree.map(lambda s: s.packed if quant.is_quantized(s) else s, base_sh,
