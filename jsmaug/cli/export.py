@@ -4,6 +4,7 @@
                                       [--tokenizer FOLDER_OR_FILE | --no_tokenizer]
                                       [--base_model HUB_ID] [--license ID] [--dataset NAME ...]
     jsmaug export --peft --ckpt_dir runs/lora --out_dir export/lora-peft [--base_hf_dir HF_BASE] [--step N]
+    jsmaug export --quantized --ckpt_dir runs/qlora --out_dir export/base-nf4 [--dtype float32]
 
 The export carries the tokenizer files, so transformers, TRL and lm-eval read it as jsmaug does: a
 tokenizer.json tokenizer's files copied as they are (tokenizer.json, tokenizer_config.json,
@@ -17,6 +18,9 @@ The export carries a model card, README.md (`jsmaug.eval.card`; docs/conversion.
 model (what the run started from, or --base_model), the license (the base's, else --license), tags, the training
 files (or --dataset names), the run's training settings and every result recorded for it (a workdir's
 hf/README.md results go with an export of its final step).
+
+--quantized: an NF4 base as it is, in bitsandbytes' 4-bit serialization (`jsmaug.hf.bnb`; docs/conversion.md,
+"Quantized bases out"): transformers loads it with `from_pretrained` as a `load_in_4bit` model.
 
 --peft: a LoRA run's adapters alone, in PEFT's format, the experts' included (gpt-oss's fused 3-D expert
 parameters as PEFT's `target_parameters`; `jsmaug.hf.peft`; docs/conversion.md, "PEFT adapters").
@@ -95,6 +99,58 @@ def _export_peft(args) -> int:
     return 0
 
 
+def _checked_inputs(args) -> tuple[str | None, str | None]:
+    """(tokenizer, chat template) of the export, everything checked before minutes of writing."""
+    model_card.check_hub_id(args.base_model)
+    hf.prepare_out_dir(Path(args.out_dir), args.overwrite)
+    tokenizer, template = (None, None) if args.no_tokenizer else _tokenizer_of(args.ckpt_dir, args.tokenizer)
+    hf.check_tokenizer_path(tokenizer)
+    vocab = checkpoint.read_model_config(args.ckpt_dir, args.step).vocab_size
+    size = data.Tokenizer(tokenizer).vocab_size if tokenizer else 0
+    if size > vocab:  # a vocabulary padded beyond the tokenizer's (Qwen's) is fine
+        if args.tokenizer:
+            raise ConfigError(f"--tokenizer {tokenizer}: {size} tokens, but the model's vocabulary has {vocab}")
+        print(f"note: the model's vocabulary ({vocab}) is smaller than {tokenizer}'s ({size}); exporting without "
+              "tokenizer files (pass --tokenizer)")
+        tokenizer, template = None, None
+    if tokenizer:
+        print(f"tokenizer: {tokenizer}" + (" (with the run's chat template)" if template else ""))
+    return tokenizer, template
+
+
+def _export_quantized(args, tokenizer, template) -> dict:
+    """--quantized: the NF4 base in bitsandbytes' 4-bit form (`jsmaug.hf.bnb`), with a card that says what it is."""
+    import numpy as np
+    import jax.numpy as jnp
+
+    from jsmaug.hf import bnb
+
+    config, base, dtype = bnb.load_base(args.ckpt_dir, args.step)
+    blocksize = bnb.check_base(config, base, args.ckpt_dir)
+    dtype = args.dtype or dtype
+    s = hf.save(args.out_dir, config, None, dtype=dtype, max_shard_size=args.max_shard_size, tokenizer_path=tokenizer,
+                overwrite=args.overwrite, progress=True, chat_template=template,
+                tensors=bnb.tensors(config, base, np.dtype(jnp.dtype(dtype)), blocksize),
+                quantization_config=bnb.quantization_config(dtype))
+    base_of = model_card.trace_base(args.ckpt_dir)
+    bm = args.base_model or base_of.base_model
+    lic = model_card.choose_license(base_of.license, args.license)
+    lora_run = _is_workdir(args.ckpt_dir)
+    note = (f"The frozen NF4 base (bitsandbytes 4-bit, blocks of {blocksize}, no double quantization) exported as "
+            f"it is by `jsmaug export --quantized` from {args.ckpt_dir}"
+            + (": the base this QLoRA run trained its adapters on; the adapters are exported with `jsmaug export "
+               "--peft` and go back on top with `PeftModel.from_pretrained(base, adapters)`." if lora_run else ".")
+            + f" Attention and dense-MLP projections are 4-bit; embeddings, lm_head, norms and MoE experts are "
+              f"{dtype} (dequantized where jsmaug stored them in NF4).")
+    card = model_card.write_card(args.out_dir, base_model=bm, license=lic.get("license"), family=config.model_type,
+                                 loss="", training={}, datasets=args.dataset or [], description=note,
+                                 base_note=None if bm else (base_of.chain[-1] if base_of.chain else None),
+                                 tags=["bitsandbytes", "4-bit", "nf4"],
+                                 metadata={k: v for k, v in lic.items() if k != "license"})
+    print(f"model card: {card}")
+    return s
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", required=True)
@@ -115,30 +171,23 @@ def main(argv=None) -> int:
                     "(adapter_config.json + adapter_model.safetensors), not merged weights")
     ap.add_argument("--base_hf_dir", default=None, help="with --peft: the HF folder of the run's base (checked "
                     "against the run; recorded as base_model_name_or_path; default: traced from init_from)")
+    ap.add_argument("--quantized", action="store_true", help="an NF4 base (a `convert --quantize nf4` checkpoint, "
+                    "or a QLoRA workdir's base) as it is, in bitsandbytes' 4-bit form (jsmaug.hf.bnb)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    if args.quantized and args.peft:
+        ap.error("--quantized writes the base, --peft the adapters: run the export once for each")
     if args.peft:
         return _export_peft(args)
     try:
-        model_card.check_hub_id(args.base_model)  # before minutes of writing
-        hf.prepare_out_dir(Path(args.out_dir), args.overwrite)
-        tokenizer, template = (None, None) if args.no_tokenizer else _tokenizer_of(args.ckpt_dir, args.tokenizer)
-        hf.check_tokenizer_path(tokenizer)  # before minutes of tensor writing, not after
-        vocab = checkpoint.read_model_config(args.ckpt_dir, args.step).vocab_size
-        size = data.Tokenizer(tokenizer).vocab_size if tokenizer else 0
-        if size > vocab:  # a vocabulary padded beyond the tokenizer's (Qwen's) is fine
-            if args.tokenizer:
-                raise ConfigError(f"--tokenizer {tokenizer}: {size} tokens, but the model's vocabulary has {vocab}")
-            print(f"note: the model's vocabulary ({vocab}) is smaller than {tokenizer}'s ({size}); exporting "
-                  "without tokenizer files "
-                  "(pass --tokenizer)")
-            tokenizer, template = None, None
-        if tokenizer:
-            print(f"tokenizer: {tokenizer}" + (" (with the run's chat template)" if template else ""))
-        config, params = checkpoint.load_params(args.ckpt_dir, step=args.step)
-        s = hf.save(args.out_dir, config, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    tokenizer_path=tokenizer, overwrite=args.overwrite, progress=True, chat_template=template)
-        print(f"model card: {write_export_card(args.ckpt_dir, args.out_dir, config.model_type, args.step, args)}")
+        tokenizer, template = _checked_inputs(args)
+        if args.quantized:
+            s = _export_quantized(args, tokenizer, template)
+        else:
+            config, params = checkpoint.load_params(args.ckpt_dir, step=args.step)
+            s = hf.save(args.out_dir, config, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        tokenizer_path=tokenizer, overwrite=args.overwrite, progress=True, chat_template=template)
+            print(f"model card: {write_export_card(args.ckpt_dir, args.out_dir, config.model_type, args.step, args)}")
     except (hf.CheckpointError, checkpoint.CheckpointError, ConfigError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ def _leaf(tree, path: str):
     return tree
 
 
-def _to_hf(a: np.ndarray, entry: layout.Entry) -> np.ndarray:
+def to_hf(a: np.ndarray, entry: layout.Entry) -> np.ndarray:
     if a.size != np.prod(entry.hf_shape):  # a wrong leaf: the writer's shape check names the tensor
         return a
     return a.reshape(entry.hf_shape[::-1]).T if entry.transposed else a.reshape(entry.hf_shape)
@@ -73,7 +73,7 @@ def _hub_tensors(config: ModelConfig, params) -> Iterator[tuple[str, tuple[int, 
     for entry, n in layout.hub_order(config):
         if n is None:
             arr = _leaf(params, entry.leaf)
-            yield entry.names[0], entry.hf_shape, lambda arr=arr, entry=entry: _to_hf(gather(arr), entry)
+            yield entry.names[0], entry.hf_shape, lambda arr=arr, entry=entry: to_hf(gather(arr), entry)
             continue
         group, _, j = positions[n]
         arr = _leaf(params["layers"][group], entry.leaf)
@@ -84,13 +84,14 @@ def _hub_tensors(config: ModelConfig, params) -> Iterator[tuple[str, tuple[int, 
             yield entry.names[0], entry.hf_shape, lambda a=arr, b=odd, j=j: _interleave(gather(a, j), gather(b, j))
             continue
         if len(entry.names) == 1:
-            yield entry.names[0], entry.hf_shape, lambda arr=arr, j=j, entry=entry: _to_hf(gather(arr, j), entry)
+            yield entry.names[0], entry.hf_shape, lambda arr=arr, j=j, entry=entry: to_hf(gather(arr, j), entry)
         else:  # one tensor per expert
             for e, name in enumerate(entry.names):
-                yield name, entry.hf_shape, lambda arr=arr, j=j, e=e, entry=entry: _to_hf(gather(arr, j, e), entry)
+                yield name, entry.hf_shape, lambda arr=arr, j=j, e=e, entry=entry: to_hf(gather(arr, j, e), entry)
 
 
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
+              np.dtype(np.uint8): "U8"}
 
 
 def write_safetensors(path: epath.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> int:
@@ -190,13 +191,15 @@ def write_shards(folder, shards: list[list], progress_label: str | None = None, 
 def save(out_dir: str | os.PathLike, config: ModelConfig, params, dtype: str | None = None,
          max_shard_size: str | int = "5GB", tokenizer_path: str | os.PathLike | None = None,
          overwrite: bool = False, progress: bool = False, chat_template: str | None = None,
-         write: bool = True) -> dict[str, Any]:
+         write: bool = True, tensors=None, quantization_config: dict | None = None) -> dict[str, Any]:
     """Writes an HF folder in the hub layout. Returns a summary (tensors, bytes, seconds, files).
 
     With `tokenizer_path` the folder also gets the tokenizer files: a tokenizer.json tokenizer's folder files
     copied as they are, or for a SentencePiece tokenizer.model what a Mixtral hub repository ships
     (`jsmaug.data.tokenizer_files`); `chat_template` (the Jinja source a run trained with) goes with them. With `write=False`
-    (the processes other than 0 of a multi-process run) every tensor is gathered and nothing is written."""
+    (the processes other than 0 of a multi-process run) every tensor is gathered and nothing is written.
+    `tensors` ((name, shape, numpy dtype, thunk) in file order) replaces the float tensors of `params`, and
+    `quantization_config` goes into config.json (`jsmaug.hf.bnb`'s 4-bit export)."""
     out_dir = epath.Path(out_dir)
     if write:
         prepare_out_dir(out_dir, overwrite)
@@ -205,9 +208,10 @@ def save(out_dir: str | os.PathLike, config: ModelConfig, params, dtype: str | N
     np_dtype = np.dtype(jnp.dtype(dtype))
     limit = parse_size(max_shard_size)
     t0 = time.time()
-    entries = []
-    for name, shape, fetch in _hub_tensors(config, params):
-        entries.append((name, shape, np_dtype, fetch))
+    if tensors is None:
+        entries = [(name, shape, np_dtype, fetch) for name, shape, fetch in _hub_tensors(config, params)]
+    else:
+        entries = list(tensors)
     shards = split_shards(entries, limit)
 
     if not write:
@@ -222,7 +226,10 @@ def save(out_dir: str | os.PathLike, config: ModelConfig, params, dtype: str | N
     tmp.mkdir(parents=True)
     try:
         total = write_shards(tmp, shards, "export" if progress else None, t0)
-        (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=dtype), indent=2))
+        hf_config = families.to_hf_dict(config, torch_dtype=dtype)
+        if quantization_config is not None:
+            hf_config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
              "_from_model_config": True}, indent=2))

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -318,10 +319,19 @@ def stored_model_config(checkpoint_dir) -> tuple[int, dict] | None:
 def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     """A LoRA workdir's policy: its adapters folded into the base they were trained on (which the checkpoint
     names but does not store: `init_from`, or the seed of a random init). Returns the config without adapters."""
-    import jax.numpy as jnp
+    from jsmaug.models import lora
 
+    base_config, base, adapters = load_lora_parts(path, config, step)
+    dtype = jnp.dtype(base_config.param_dtype)
+    return base_config, lora.merge(base, adapters, config.lora_alpha, config.lora_rank, quantized_dtype=dtype)
+
+
+def load_lora_parts(path, config: ModelConfig, step: int | None):
+    """(base config, base, adapters) of a LoRA workdir: the base as the run computed with it (a QLoRA base
+    quantized, in its `quant.QuantizedArray`s) and the adapters on the base's devices."""
     from jsmaug.models import lora, decoder as model, quant
 
+    path = absolute(path)
     mngr, step = _training_manager(path, step)
     meta = _read_meta(mngr, step)
     base_info = meta.get("lora_base")
@@ -343,8 +353,7 @@ def _load_lora_merged(path: epath.Path, config: ModelConfig, step: int | None):
     first = jax.tree.leaves(base)[0].sharding
     if isinstance(first, jax.sharding.SingleDeviceSharding):  # a converter's base restores onto one device, the
         adapters = jax.device_put(adapters, first)  # adapters onto the run's mesh: merged where the base is
-    return base_config.replace(param_dtype=base_info["dtype"]), lora.merge(base, adapters, config.lora_alpha,
-                                                                             config.lora_rank, quantized_dtype=dtype)
+    return base_config.replace(param_dtype=base_info["dtype"]), base, adapters
 
 
 def _training_manager(path: epath.Path, step: int | None):
