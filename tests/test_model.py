@@ -80,6 +80,26 @@ def test_bfloat16_compute_close_to_float32(case):
     assert err <= 5e-2 * max(scale, 1.0), (name, err, scale)
 
 
+def _scan_unrolls(fn, *args) -> list[int]:
+    """The `unroll` of every scan of fn's jaxpr whose length is the tiny config's 2 layers and whose carry holds
+    the (2, 6, 32) hidden states (the layer scans), nested jaxprs included."""
+    out = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan" and eqn.params["length"] == 2 and any(
+                    getattr(v.aval, "shape", None) == (2, 6, 32) for v in eqn.outvars):
+                out.append(int(eqn.params["unroll"]))
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(jax.grad(fn))(*args).jaxpr)
+    return out
+
+
 def test_remat_and_logical_axes():
     from jsmaug.models import config as cfg_lib
 
@@ -95,6 +115,11 @@ def test_remat_and_logical_axes():
     g0 = grad(params, c)
     g1 = grad(params, c.replace(remat="full"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g0, g1)
+    # scan_unroll: the layer scan unrolled (here fully: 2 layers), the same gradients
+    unrolled = c.replace(scan_unroll=2)
+    assert _scan_unrolls(lambda p: loss(p, c), params) == [1] * 2  # the scans of the 2 layers (forward, backward)
+    assert _scan_unrolls(lambda p: loss(p, unrolled), params) == [2] * 2
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g0, grad(params, unrolled))
     axes = model.logical_axes(c)
     assert tuple(axes["layers"]["layer"]["block_sparse_moe"]["w1"]) == ("layers", "exp", "embed", "mlp")
     assert tuple(axes["embed_tokens"]) == ("vocab", "embed")

@@ -112,6 +112,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # dtype parameters are stored in (master weights)
     dtype: str = "float32"  # compute dtype of matmuls; norms, router and softmax always run in float32
     remat: str = "none"  # "none" | "full" | "minimal" (save matmul outputs, recompute the rest)
+    scan_unroll: int = 1  # layers per iteration of the layer scan: 1 a loop, >= the layer count no loop at all
     moe_impl: str = "auto"  # see jsmaug/models/moe.py
     moe_block_size: int = 128  # rows per block of the CPU grouped matmul
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"

@@ -58,6 +58,7 @@ def validate(c) -> None:
     need(c.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
     need(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     need(c.remat in ("none", "full", "minimal"), "remat", "must be none, full or minimal")
+    need(isinstance(c.scan_unroll, int) and c.scan_unroll >= 1, "scan_unroll", "must be an integer >= 1")
     need(c.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
     need(c.moe_block_size > 0, "moe_block_size", "must be > 0")
     need(c.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")

@@ -187,7 +187,7 @@ def run_layers(config: ModelConfig, layers: Params, x, cos, sin, mask, token_mas
             h, (st, c_new) = fn(xs[0], h, cos, sin, mask, token_mask, cache_index, xs[1], xs[2])
             return h, (st, c_new)
 
-        x, (st, c_new) = jax.lax.scan(body, x, (p, c, flags))
+        x, (st, c_new) = jax.lax.scan(body, x, (p, c, flags), unroll=min(config.scan_unroll, stop - start))
         if sparse:
             stats.append(st)
         caches.append(c_new)

@@ -30,7 +30,7 @@ from jsmaug.train import step as step_lib
 from jsmaug.train.config import RunConfig
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
-RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_token_chunks", "moe_dispatch",
+RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "scan_unroll", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_token_chunks", "moe_dispatch",
                            "attention_impl", "attention_block_size")
 PADDED_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask")
 
