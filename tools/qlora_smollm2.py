@@ -3,7 +3,9 @@ log-probs, and a QLoRA DPOP run from it.
 
 1. Per-completion log-probs (sum over the completion's tokens, as TRL's DPO computes them) of the first `--pairs`
    pairs of data/sample/test.jsonl (chosen and rejected), with the float32 base and with the same base stored in
-   each of int8, nf4 and int4 (group 64) under zero adapters (so the forward is exactly the quantized base's).
+   each of int8, nf4 and int4 (group 64) under zero adapters (so the forward is exactly the quantized base's);
+   then NF4 with the embedding table left in float32 (groups of 64 and 32), and transformers' own QLoRA base
+   (bitsandbytes `load_in_4bit` NF4, which leaves the tables in float) as the outside reference.
 2. `jsmaug train` (the embedded tiny_dpop config's loss, DPOP) from the converted checkpoint with
    `lora.rank=8 lora.base_quant=nf4` for `--steps` steps on data/sample/train.jsonl: the loss and the chosen /
    rejected log-probs per step from the run's own metrics.
@@ -30,17 +32,55 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def completion_logps_with_base(config, base, items, fmt: str | None):
+# The arms of part 1: name -> (format, group, embedding tables quantized too). The first three are jsmaug's QLoRA
+# defaults (tables quantized); the others ablate the tables and the group for NF4.
+ARMS = {"int8": ("int8", 64, True), "nf4": ("nf4", 64, True), "int4": ("int4", 64, True),
+        "nf4_tables_float": ("nf4", 64, False), "nf4_group32_tables_float": ("nf4", 32, False)}
+
+
+def completion_logps_with_base(config, base, items, arm: tuple | None):
     from jsmaug.eval.logprobs import completion_logps
     from jsmaug.models import decoder as model, lora
 
-    if fmt is None:
+    if arm is None:
         return completion_logps(config, base, items, 16, 64)[0]
+    fmt, group, tables = arm
     lora_config = config.replace(lora_rank=8, lora_alpha=16.0, lora_targets=lora.TARGETS)
     shapes = jax.eval_shape(functools.partial(model.init_params, lora_config), jax.random.key(0))
     adapters = lora.init_adapters(lora.split(shapes)[1], jax.random.key(1))  # B = 0: the base's own forward
-    qbase = jax.jit(functools.partial(lora.quantize_base, fmt=fmt, group=64))(base)
+    qbase = jax.jit(functools.partial(lora.quantize_base, fmt=fmt, group=group, embeddings=tables))(base)
     return completion_logps(lora_config, lora.combine(qbase, adapters), items, 16, 64)[0]
+
+
+def bitsandbytes_logps(hf_dir, items) -> np.ndarray:
+    """The same completions' log-probs from transformers' own QLoRA base: `load_in_4bit` NF4 (blocks of 64, no
+    double quantization, float32 compute; every nn.Linear but lm_head, the tables unquantized), in PyTorch. Train
+    mode: in eval mode bitsandbytes 0.50 repacks the weights in bfloat16 on AVX512-BF16 CPUs (docs/conversion.md);
+    SmolLM2 has no dropout, so train mode is the same function."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                           bnb_4bit_compute_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=q, device_map="cpu",
+                                             dtype=torch.float32).train()
+    out = []
+    with torch.no_grad():
+        for ctx, cont in items:
+            ids = torch.from_numpy(np.concatenate([ctx, cont]).astype(np.int64))[None]
+            logp = torch.log_softmax(m(ids).logits[0, :-1].double(), -1)
+            tgt = ids[0, 1:]
+            out.append(float(logp[len(ctx) - 1:].gather(-1, tgt[len(ctx) - 1:, None]).sum()))
+    return np.array(out)
+
+
+def _change(got, ref, n_pairs: int, seconds: float) -> dict:
+    d = got - ref
+    return {"mean": float(got.mean()), "mean_abs_change": float(np.abs(d).mean()),
+            "max_abs_change": float(np.abs(d).max()), "mean_change": float(d.mean()),
+            "relative_mean_abs_change": float(np.abs(d).mean() / np.abs(ref).mean()),
+            "chosen_over_rejected_kept": float(np.mean((got[:n_pairs] > got[n_pairs:]) == (ref[:n_pairs] > ref[n_pairs:]))),
+            "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> int:
@@ -50,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--max_length", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--logps_only", action="store_true", help="part 1 only (no training run, nothing written)")
     args = ap.parse_args(argv)
 
     from jsmaug import hf
@@ -75,19 +116,22 @@ def main(argv=None) -> int:
                "completions": len(items), "max_length": args.max_length, "logps": {}}
     ref = completion_logps_with_base(config, base, items, None)
     summary["logps"]["float32"] = {"mean": float(ref.mean())}
-    for fmt in ("int8", "nf4", "int4"):
+    for name, arm in ARMS.items():
         t = time.time()
-        got = completion_logps_with_base(config, base, items, fmt)
-        d = got - ref
-        summary["logps"][fmt] = {"mean": float(got.mean()), "mean_abs_change": float(np.abs(d).mean()),
-                                 "max_abs_change": float(np.abs(d).max()), "mean_change": float(d.mean()),
-                                 "relative_mean_abs_change": float(np.abs(d).mean() / np.abs(ref).mean()),
-                                 "chosen_over_rejected_kept": float(np.mean(
-                                     (got[:len(examples)] > got[len(examples):]) ==
-                                     (ref[:len(examples)] > ref[len(examples):]))),
-                                 "seconds": round(time.time() - t, 1)}
-        print(fmt, json.dumps(summary["logps"][fmt]), flush=True)
+        got = completion_logps_with_base(config, base, items, arm)
+        summary["logps"][name] = _change(got, ref, len(examples), time.time() - t)
+        print(name, json.dumps(summary["logps"][name]), flush=True)
     del base
+    t = time.time()
+    try:
+        got = bitsandbytes_logps(hf_dir, items)
+        summary["logps"]["bitsandbytes_nf4"] = _change(got, ref, len(examples), time.time() - t)
+        print("bitsandbytes_nf4", json.dumps(summary["logps"]["bitsandbytes_nf4"]), flush=True)
+    except ImportError as err:  # bitsandbytes is in the test extra, not the core install
+        print(f"bitsandbytes_nf4 skipped: {err}", flush=True)
+    if args.logps_only:
+        print(json.dumps(summary, indent=1))
+        return 0
 
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
