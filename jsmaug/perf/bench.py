@@ -210,9 +210,17 @@ def torch_dpop_step(config, batch, pairs, device="cpu", bf16=False):
     """HF transformers' class of the config's family (MixtralForCausalLM, LlamaForCausalLM, ...) + the same DPOP
     loss in PyTorch (one forward over [chosen; rejected], a frozen reference, AdamW, clipping): a zero-argument
     function that runs one step and waits for it. With `bf16`: autocast to bf16, a bf16 reference and fused AdamW
-    (the accelerator setting of tools/bench_accel.py)."""
+    (the accelerator setting of tools/bench_accel.py).
+
+    On CPU, PyTorch flushes denormals to zero here (`torch.set_flush_denormal(True)`), as XLA's CPU backend always
+    does: the bench trains on one batch again and again, and without it PyTorch's step slowed from 11 to 51 s over 8
+    steps on Gemma 3 270M's shapes (denormal arithmetic; 11.0-12.8 s steady with it, docs/performance.md), which
+    made every earlier jsmaug / PyTorch ratio of a long run flatter jsmaug."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device == "cpu":
+        torch.set_flush_denormal(True)
 
     hf = families.to_hf_dict(config)
     hf_cfg = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()

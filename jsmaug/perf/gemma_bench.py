@@ -10,6 +10,7 @@ log-softmax whole; jsmaug's log-prob kernel (`jsmaug.models.logps`) runs the une
 `train.logps_chunk_size` tokens and keeps only each token's log-prob.
 
     python -m jsmaug.perf.gemma_bench [--quick] [--pairs 2] [--length 256] [--rounds 2] [--blocks 3] [--json_out FILE]
+    python -m jsmaug.perf.gemma_bench --alone torch --steps 6     # one side alone in its own process, step by step
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def bench_gemma3_vs_torch(quick: bool, threads: int, pairs: int = 2, length: int
                          "HF Gemma3ForCausalLM + PyTorch DPOP step", rounds, blocks)
 
 
+def time_alone(side: str, quick: bool, threads: int, steps: int, pairs: int = 2, length: int = 256,
+               chunk: int | None = None) -> list[float]:
+    """Seconds of each of `steps` consecutive steps of one side alone in this process (after one untimed step):
+    its steady state with no other framework's threads, caches or allocations beside it. Run each side in a
+    process of its own (`--alone`), e.g. with and without `MALLOC_ARENA_MAX` / `MALLOC_TRIM_THRESHOLD_` set."""
+    import time
+
+    import jax
+    import torch
+
+    torch.set_num_threads(threads)
+    config = gemma3_270m_config(quick)
+    pairs, length = (2, 32) if quick else (pairs, length)
+    batch = synthetic_batch(np.random.default_rng(0), pairs, length, config.vocab_size)
+    if side == "jsmaug":
+        kw = {} if chunk is None else {"chunk": chunk}
+        fn = StepRunner(config, "dpop", batch, model.init_params(config, jax.random.key(1)), **kw)
+    else:
+        fn = torch_dpop_step(config, batch, pairs)
+    fn()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -66,7 +95,23 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=None, help="train.logps_chunk_size (default: the trainer's)")
     ap.add_argument("--json_out", default=None)
+    ap.add_argument("--alone", choices=["jsmaug", "torch"], default=None, help="time one side alone for --steps "
+                    "steps and print each step's seconds (no comparison row)")
+    ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args(argv)
+    if args.alone:
+        import json
+        import resource
+
+        secs = time_alone(args.alone, args.quick, os.cpu_count() or 1, args.steps, args.pairs, args.length,
+                          args.chunk)
+        tokens = 2 * (2 if args.quick else args.pairs) * (32 if args.quick else args.length)
+        print(json.dumps({"side": args.alone, "chunk": args.chunk, "step_s": [round(x, 2) for x in secs],
+                          "tokens_per_s": [round(tokens / x, 1) for x in secs],
+                          "malloc_env": {k: os.environ[k] for k in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_")
+                                         if k in os.environ},
+                          "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}))
+        return 0
     bench_gemma3_vs_torch(args.quick, os.cpu_count() or 1, args.pairs, args.length, args.rounds, args.chunk, args.blocks)
     print_table(args.json_out)
     return 0
