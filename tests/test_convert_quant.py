@@ -81,6 +81,29 @@ def test_hf_load_int8_and_chunked_int4_are_quantize_base_bit_for_bit(ckpts, monk
     _assert_bit_identical(packed, jax.jit(lambda p: lora.quantize_base(p, "int4", 16))(floats))
 
 
+def test_hf_load_nf4_onto_a_mesh_gives_each_packed_leaf_the_fitted_sharding_of_its_weight(ckpts):
+    """`hf.load(quantize=, mesh=)`: the same bits as quantize_base of the float load, each packed leaf and its
+    scales on `quant.fit_sharding` of the float weight's sharding (fsdp 4 x tensor 2 on the 8 test devices)."""
+    from jsmaug.parallel import sharding as shd
+
+    hf_dir, _, _ = ckpts
+    mesh_cfg = shd.MeshConfig(data=1, fsdp=4, tensor=2)
+    config, floats = hf.load(hf_dir)
+    mesh = shd.make_mesh(mesh_cfg, config)
+    want_sh = shd.param_shardings(config, mesh, mesh_cfg)
+    _, packed = hf.load(hf_dir, quantize="nf4", quant_group=GROUP, mesh=mesh)
+    _assert_bit_identical(packed, jax.jit(lambda p: lora.quantize_base(p, "nf4", GROUP))(floats))
+    placed = 0
+    for (path, q), sh in zip(jax.tree_util.tree_flatten_with_path(packed, is_leaf=quant.is_quantized)[0],
+                             jax.tree.leaves(want_sh)):
+        if quant.is_quantized(q):
+            fit = quant.fit_sharding(q, sh)
+            assert q.packed.sharding.is_equivalent_to(fit.packed, q.packed.ndim), jax.tree_util.keystr(path)
+            assert q.scales.sharding.is_equivalent_to(fit.scales, q.scales.ndim), jax.tree_util.keystr(path)
+            placed += len(q.packed.sharding.device_set) == 8 and not q.packed.sharding.is_fully_replicated
+    assert placed >= 5  # the projections are really split over the mesh, not all left whole
+
+
 def _disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 

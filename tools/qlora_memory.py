@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from jsmaug.models import config as cfg_lib, decoder as model, lora
+from jsmaug.models import config as cfg_lib, decoder as model, lora, quant
 
 GIB = 2**30
 
@@ -33,7 +34,11 @@ def main(argv=None) -> int:
     config = cfg_lib.preset(args.preset).replace(param_dtype="bfloat16", dtype="bfloat16")
     shapes = model.param_shapes(config)
     base_bf16 = nbytes(shapes)
-    base_q = nbytes(jax.eval_shape(lambda p: lora.quantize_base(p, args.fmt, args.group), shapes))
+    try:
+        base_q = nbytes(jax.eval_shape(lambda p: lora.quantize_base(p, args.fmt, args.group), shapes))
+    except quant.QuantError as err:  # a group that does not divide some weight's contracted axis
+        print(f"error: --preset {args.preset} --group {args.group}: {err}", file=sys.stderr)
+        return 2
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2") if config.is_moe else \
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     adapters = lora.split(model.param_shapes(config.replace(lora_rank=args.rank, lora_targets=targets)))[1]
