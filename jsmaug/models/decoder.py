@@ -356,6 +356,17 @@ def unembed_weight(config: ModelConfig, params: Params):
     return (w.T if config.tie_word_embeddings else w).astype(dtype)
 
 
+def unembed_operand(config: ModelConfig, params: Params):
+    """(matrix, is_vd) for the log-prob kernel: a tied model's (V, D) embedding table as it is stored (is_vd
+    True: the kernel contracts it as it is, with no transposed copy of the table each step), else the (D, V)
+    `lm_head`; in the compute dtype, dequantized like `unembed_weight`."""
+    if not config.tie_word_embeddings:
+        return unembed_weight(config, params), False
+    dtype = jnp.dtype(config.dtype)
+    w = params["embed_tokens"]
+    return (w.dequantize(dtype) if quant.is_quantized(w) else w).astype(dtype), True
+
+
 def unembed(config: ModelConfig, params: Params, h_BxSxD):
     """Float32 logits from hidden states (exposed so losses can chunk over the sequence)."""
     w = unembed_weight(config, params)

@@ -46,45 +46,50 @@ def _label_logps_and_lse(logits_BxSxV, labels_BxS, with_sum_sq: bool):
     return lp, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _unembed_label_logps(h_BxCxD, w_DxV, labels_BxC, with_sum_sq: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _unembed_label_logps(h_BxCxD, w_DxV, labels_BxC, with_sum_sq: bool = False, vd: bool = False):
     """`_label_logps(h @ w, labels)` with a hand-written backward: the forward keeps only the log-sum-exp, and the
     backward recomputes the logits once and forms d logits = g * (onehot - softmax) in one pass. Autodiff of the
     rematerialised chunk instead recomputes the log-sum-exp's reductions and takes a second exp pass
     (docs/performance.md: the kernel alone 1.56x faster on CPU)."""
-    return _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq)[0]
+    return _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq, vd)[0]
 
 
-def _logits(h_BxCxD, w_DxV):
-    return jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(w_DxV.dtype), w_DxV, preferred_element_type=jnp.float32)
+def _logits(h_BxCxD, w, vd: bool = False):
+    """h @ w in float32; `vd`: w is the (V, D) table as a tied model stores it, not the (D, V) matrix."""
+    return jnp.einsum("bcd,vd->bcv" if vd else "bcd,dv->bcv", h_BxCxD.astype(w.dtype), w,
+                      preferred_element_type=jnp.float32)
 
 
-def _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq):
+def _unembed_label_logps_fwd(h_BxCxD, w_DxV, labels_BxC, with_sum_sq, vd):
     # with_sum_sq: the second feature has no gradient (WPO), so the backward ignores its cotangent
-    lp, lse = _label_logps_and_lse(_logits(h_BxCxD, w_DxV), labels_BxC, with_sum_sq)
+    lp, lse = _label_logps_and_lse(_logits(h_BxCxD, w_DxV, vd), labels_BxC, with_sum_sq)
     return lp, (h_BxCxD, w_DxV, labels_BxC, lse)
 
 
-def _chunk_grads(h, w, labels, lse, g):
-    """(dh in h's dtype, dw in float32) of sum(g * log p(label)) for one chunk: the logits recomputed once,
-    d logits = g * (onehot - softmax)."""
-    onehot = jnp.arange(w.shape[1], dtype=labels.dtype) == labels[..., None]
-    dlogits = (g[..., None] * (onehot.astype(jnp.float32) - jnp.exp(_logits(h, w) - lse[..., None]))).astype(w.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+def _chunk_grads(h, w, labels, lse, g, vd: bool = False):
+    """(dh in h's dtype, dw in float32, always (D, V)) of sum(g * log p(label)) for one chunk: the logits
+    recomputed once, d logits = g * (onehot - softmax). The weight gradient stays (D, V) for a (V, D) table too:
+    that GEMM's (V, D) form ran 1.7x slower on CPU at Gemma 3's shapes (docs/performance.md)."""
+    onehot = jnp.arange(w.shape[0] if vd else w.shape[1], dtype=labels.dtype) == labels[..., None]
+    dlogits = (g[..., None] * (onehot.astype(jnp.float32) - jnp.exp(_logits(h, w, vd) - lse[..., None]))
+               ).astype(w.dtype)
+    dh = jnp.einsum("bcv,vd->bcd" if vd else "bcv,dv->bcd", dlogits, w,
+                    preferred_element_type=jnp.float32).astype(h.dtype)
     return dh, jnp.einsum("bcd,bcv->dv", h.astype(w.dtype), dlogits, preferred_element_type=jnp.float32)
 
 
-def _unembed_label_logps_bwd(with_sum_sq, res, g):
+def _unembed_label_logps_bwd(with_sum_sq, vd, res, g):
     h, w, labels, lse = res
-    dh, dw = _chunk_grads(h, w, labels, lse, g[..., 0] if with_sum_sq else g)
-    return dh, dw.astype(w.dtype), None
+    dh, dw = _chunk_grads(h, w, labels, lse, g[..., 0] if with_sum_sq else g, vd)
+    return dh, (dw.T if vd else dw).astype(w.dtype), None
 
 
 _unembed_label_logps.defvjp(_unembed_label_logps_fwd, _unembed_label_logps_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_loop(with_aligned: bool, chunk: int, w_DxV, h_BxSxD, labels_BxS, longest):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunk_loop(with_aligned: bool, chunk: int, vd: bool, w_DxV, h_BxSxD, labels_BxS, longest):
     """`_unembed_label_logps` over the sequence, `chunk` positions per row at a time, for the chunks that hold any
     of the first `longest` positions (a loop of run-time length, forward and backward: S a multiple of `chunk`).
 
@@ -92,14 +97,14 @@ def _chunk_loop(with_aligned: bool, chunk: int, w_DxV, h_BxSxD, labels_BxS, long
     still the path of a callable unembedding) makes the cond's outputs the scan's residuals: the (D, V) matrix
     stacked once per chunk into a zero-filled buffer, and copied each chunk. Here the residuals are the inputs
     and the (B, S) log-sum-exp, and the backward accumulates dW in its loop's carry."""
-    return _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest)[0]
+    return _chunk_loop_fwd(with_aligned, chunk, vd, w_DxV, h_BxSxD, labels_BxS, longest)[0]
 
 
 def _live_chunks(longest, chunk):
     return (longest + chunk - 1) // chunk
 
 
-def _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest):
+def _chunk_loop_fwd(with_aligned, chunk, vd, w_DxV, h_BxSxD, labels_BxS, longest):
     b, s, _ = h_BxSxD.shape
     lp = jnp.zeros((b, s, 2) if with_aligned else (b, s), jnp.float32)
     lse = jnp.zeros((b, s), jnp.float32)
@@ -108,7 +113,7 @@ def _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest):
         lp, lse = carry
         hc = jax.lax.dynamic_slice_in_dim(h_BxSxD, i * chunk, chunk, axis=1)
         lc = jax.lax.dynamic_slice_in_dim(labels_BxS, i * chunk, chunk, axis=1)
-        lp_c, lse_c = _label_logps_and_lse(_logits(hc, w_DxV), lc, with_aligned)
+        lp_c, lse_c = _label_logps_and_lse(_logits(hc, w_DxV, vd), lc, with_aligned)
         return (jax.lax.dynamic_update_slice_in_dim(lp, lp_c, i * chunk, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(lse, lse_c, i * chunk, axis=1))
 
@@ -116,19 +121,20 @@ def _chunk_loop_fwd(with_aligned, chunk, w_DxV, h_BxSxD, labels_BxS, longest):
     return lp, (w_DxV, h_BxSxD, labels_BxS, longest, lse)
 
 
-def _chunk_loop_bwd(with_aligned, chunk, res, g):
+def _chunk_loop_bwd(with_aligned, chunk, vd, res, g):
     w, h, labels, longest, lse = res
     g = g[..., 0] if with_aligned else g  # the aligned feature has no gradient (WPO)
 
     def body(i, carry):
         dh, dw = carry
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
-        dh_c, dw_c = _chunk_grads(sl(h), w, sl(labels), sl(lse), sl(g))
+        dh_c, dw_c = _chunk_grads(sl(h), w, sl(labels), sl(lse), sl(g), vd)
         return jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=1), dw + dw_c
 
+    dw_shape = w.shape[::-1] if vd else w.shape  # accumulated as (D, V) either way
     dh, dw = jax.lax.fori_loop(0, _live_chunks(longest, chunk), body,
-                               (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
-    return dw.astype(w.dtype), dh, None, None
+                               (jnp.zeros_like(h), jnp.zeros(dw_shape, jnp.float32)))
+    return (dw.T if vd else dw).astype(w.dtype), dh, None, None
 
 
 _chunk_loop.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
@@ -181,7 +187,7 @@ def sequence_logps(logits_BxSxV, labels_BxS, loss_mask_BxS, *, chunk_size: int |
 def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labels_BxS, loss_mask_BxS, *,
                                chunk_size: int | None = None, token_weights_BxS=None,
                                with_aligned: bool = False, sequence_ids_BxS=None,
-                               num_sequences: int | None = None) -> SequenceLogps:
+                               num_sequences: int | None = None, table_vd: bool = False) -> SequenceLogps:
     """Per-row completion log-probs from final hidden states and the unembedding: a (D, V) matrix (the trainer's
     case: logits = h @ w in float32, with the hand-written backward of `_unembed_label_logps`) or any
     `unembed(h) -> logits` function (autodiff through it).
@@ -193,7 +199,8 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     chunk is recomputed in the backward pass, so the (rows, V) logits exist one chunk at a time.
     `token_weights_BxS` (LD-DPO) weighs each position's log-prob; `with_aligned` adds WPO's aligned sum.
     Packed rows (`jsmaug.data.packing`) hold several sequences: with `sequence_ids_BxS` the sums are per sequence
-    (`num_sequences` of them), not per row.
+    (`num_sequences` of them), not per row. `table_vd`: `unembed` is a tied model's (V, D) embedding table as it is
+    stored, used as it is (no (D, V) transposed copy; the weight gradient comes back (V, D)).
     """
     chex.assert_rank(hidden_BxSxD, 3)
     mask = loss_mask_BxS.astype(jnp.float32)
@@ -205,7 +212,7 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
         chunk_fn = jax.checkpoint(chunk_fn) if chunk_size is not None else chunk_fn
     else:
         chex.assert_rank(unembed, 2)
-        chunk_fn = lambda h, lb: _unembed_label_logps(h, unembed, lb, with_aligned)  # noqa: E731
+        chunk_fn = lambda h, lb: _unembed_label_logps(h, unembed, lb, with_aligned, table_vd)  # noqa: E731
 
     if chunk_size is None:
         out = chunk_fn(hidden_BxSxD, labels_BxS)
@@ -213,7 +220,7 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
         out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features)
     else:
         def loop(h, lb, longest, chunk):
-            return _chunk_loop(with_aligned, chunk, unembed, h, lb, longest)
+            return _chunk_loop(with_aligned, chunk, table_vd, unembed, h, lb, longest)
         out = _masked_positions_only(None, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features, loop)
     lp = out[..., 0] if with_aligned else out
     if sequence_ids_BxS is None:

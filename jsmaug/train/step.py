@@ -130,10 +130,10 @@ def policy_logps(config: ModelConfig, params, batch, chunk_size: int = 0, token_
     the aux loss and MoE stats."""
     h, aux, stats = model.forward_hidden(config, params, batch["input_ids"], segment_ids=batch["segment_ids"],
                                          positions=batch["positions"])
+    w, table_vd = model.unembed_operand(config, params)
     seq = logps_lib.sequence_logps_from_hidden(
-        h, model.unembed_weight(config, params), batch["labels"], batch["loss_mask"],
-        chunk_size=chunk_size or None, token_weights_BxS=token_weights, with_aligned=with_aligned,
-        **_packing_args(batch))
+        h, w, batch["labels"], batch["loss_mask"], chunk_size=chunk_size or None, token_weights_BxS=token_weights,
+        with_aligned=with_aligned, table_vd=table_vd, **_packing_args(batch))
     return seq, aux, stats
 
 
