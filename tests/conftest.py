@@ -20,7 +20,38 @@ jax.config.update("jax_enable_compilation_cache", False)
 os.environ["JSMAUG_COMPILATION_CACHE"] = "off"  # in-process training runs too (jsmaug/train/programs.py)
 
 
+import gc  # noqa: E402
+import warnings  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Every compiled program stays alive in jax's caches for the whole worker process (module-level functions such as
+# `model.forward` hold their executables), and each takes about 6 memory mappings (measured: 300 small programs,
+# 437 -> 2,303 maps; freed with the programs). A 2-core CI worker compiles thousands: near Linux's default
+# vm.max_map_count (65,530), an mmap in XLA fails and the process dies, late in the run. That is the likely cause
+# of the crashes at tests/test_lora.py line 75: "Aborted" in `deserialize_executable` (stop 46) and a segmentation
+# fault in `backend_compile_and_load` (a fresh-clone check of stop 49). So after a test file whose process holds
+# more than MAPS_CLEAR mappings, jax's caches are cleared (programs shared between files recompile once).
+MAPS_CLEAR = int(os.environ.get("JSMAUG_TEST_MAPS_CLEAR", "25000"))
+
+
+def memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as fh:
+            return sum(1 for _ in fh)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compiled_programs(request):
+    yield
+    n = memory_maps()
+    if n > MAPS_CLEAR:
+        jax.clear_caches()
+        gc.collect()
+        warnings.warn(f"conftest: {n} memory maps after {request.node.name}; cleared jax's caches -> "
+                      f"{memory_maps()}", stacklevel=1)
 
 
 def pytest_collection_modifyitems(config, items):
