@@ -100,12 +100,11 @@ def _find(tree, path: str):
 
 def _slice(x, idx: tuple[int, ...]) -> np.ndarray:
     """x[idx] on the host, dequantized (float32) when x is quantized: the values the model computes with."""
-    gather = write.gather
     if not quant.is_quantized(x):
-        return gather(x, *idx).astype(np.float32)
+        return write.gather(x, *idx).astype(np.float32)
     lead = x.packed.ndim - len(x.shape)  # the stack axes the static shape does not list
     inner = len(idx) - lead  # indices into the weight's own leading axes (an expert)
-    q = quant.QuantizedArray(gather(x.packed, *idx), gather(x.scales, *idx), x.fmt, x.shape[inner:],
+    q = quant.QuantizedArray(write.gather(x.packed, *idx), write.gather(x.scales, *idx), x.fmt, x.shape[inner:],
                              x.axis - inner, x.group)
     return np.asarray(quant.dequantize(q, np.float32))
 
@@ -135,7 +134,6 @@ def tensors(config: ModelConfig, base, dtype, blocksize: int
     """(name, shape, numpy dtype, thunk) of every tensor of the export, in the hub's order; each thunk gathers and
     converts one tensor (one layer's slice, or one expert's) only."""
     np_dtype = np.dtype(dtype)
-    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np_dtype.name]
     positions = layout.layer_positions(config)
     for entry, n in layout.hub_order(config):
         if entry.fused is not None:  # gpt-oss's interleaved experts: the float export's own code
@@ -149,7 +147,7 @@ def tensors(config: ModelConfig, base, dtype, blocksize: int
             at = idx + ((e,) if len(entry.names) > 1 else ())
             dense = lambda node=node, at=at, entry=entry: write.to_hf(_slice(node, at), entry)  # noqa: E731
             if n is not None and entry.leaf in LINEAR_LEAVES:
-                yield from _bnb_tensors(name, entry.hf_shape, dense, blocksize, dtype_name)
+                yield from _bnb_tensors(name, entry.hf_shape, dense, blocksize, np_dtype.name)
             else:
                 yield name, entry.hf_shape, np_dtype, lambda dense=dense: dense().astype(np_dtype)
 

@@ -350,21 +350,17 @@ def unembed_weight(config: ModelConfig, params: Params):
     its gradient is the sum of both uses. A quantized table (QLoRA) is dequantized here into the compute dtype,
     whole: the log-prob kernel (jsmaug/models/logps.py) chunks the sequence, not the vocabulary, so every chunk
     needs all of it, as the float32 step's kernel has all of its float32 table."""
-    dtype = jnp.dtype(config.dtype)
-    w = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    w = w.dequantize(dtype) if quant.is_quantized(w) else w
-    return (w.T if config.tie_word_embeddings else w).astype(dtype)
+    w, table_vd = unembed_operand(config, params)
+    return w.T if table_vd else w
 
 
 def unembed_operand(config: ModelConfig, params: Params):
     """(matrix, is_vd) for the log-prob kernel: a tied model's (V, D) embedding table as it is stored (is_vd
     True: the kernel contracts it as it is, with no transposed copy of the table each step), else the (D, V)
-    `lm_head`; in the compute dtype, dequantized like `unembed_weight`."""
-    if not config.tie_word_embeddings:
-        return unembed_weight(config, params), False
+    `lm_head`; in the compute dtype, a quantized one (QLoRA) dequantized whole."""
     dtype = jnp.dtype(config.dtype)
-    w = params["embed_tokens"]
-    return (w.dequantize(dtype) if quant.is_quantized(w) else w).astype(dtype), True
+    w = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return (w.dequantize(dtype) if quant.is_quantized(w) else w).astype(dtype), config.tie_word_embeddings
 
 
 def unembed(config: ModelConfig, params: Params, h_BxSxD):

@@ -17,6 +17,12 @@ import jax
 import jax.numpy as jnp
 
 
+def silu_grad(z):
+    """silu'(z) = sig(z) (1 + z (1 - sig(z)))."""
+    sig = jax.nn.sigmoid(z)
+    return sig * (1 + z * (1 - sig))
+
+
 @dataclasses.dataclass(frozen=True)
 class Glu:
     limit: float | None = None  # None: plain SwiGLU; a float: gpt-oss's clamped form with this limit
@@ -34,8 +40,7 @@ class Glu:
     def grads(self, p1, p3, dh):
         """(dp1, dp3) from dh = dL/dh."""
         if self.limit is None:
-            sig = jax.nn.sigmoid(p1)
-            return dh * p3 * (sig * (1 + p1 * (1 - sig))), dh * (p1 * sig)  # silu'(z) = sig(z)(1 + z(1 - sig(z)))
+            return dh * p3 * silu_grad(p1), dh * jax.nn.silu(p1)
         g, u = self._clamped(p1, p3)
         sig = jax.nn.sigmoid(self.alpha * g)
         glu = g * sig

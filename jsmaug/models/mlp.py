@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jsmaug.models import moe
 from jsmaug.models.config import ModelConfig
-from jsmaug.models.glu import SWIGLU, Glu
+from jsmaug.models.glu import SWIGLU, Glu, silu_grad
 from jsmaug.models.weights import bias, normal, param, weight
 from jsmaug.parallel import expert_parallel
 
@@ -31,12 +31,11 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 
 def _act_grad(name: str, p):
-    """act'(p) of the gate activation."""
+    """act'(p) of the gate activation `activation(name)`."""
     if name == "gelu_pytorch_tanh":  # d/dp 0.5 p (1 + tanh(c (p + 0.044715 p^3)))
         t = jnp.tanh(_GELU_C * (p + 0.044715 * p * p * p))
         return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * p * p)
-    sig = jax.nn.sigmoid(p)
-    return sig * (1 + p * (1 - sig))
+    return silu_grad(p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -77,8 +76,7 @@ class DenseMLP(nn.Module):
         up_DxF = weight(self, "up_proj", (d, f), ("embed", "mlp"), c, factor=True)
         down_FxD = weight(self, "down_proj", (f, d), ("mlp", "embed"), c, factor=True)
         x = x_BxSxD.astype(dtype)
-        h_BxSxF = gated("gelu_pytorch_tanh" if c.hidden_act == "gelu_pytorch_tanh" else "silu", x @ gate_DxF,
-                        x @ up_DxF)
+        h_BxSxF = gated(c.hidden_act, x @ gate_DxF, x @ up_DxF)
         return h_BxSxF @ down_FxD
 
 
