@@ -177,3 +177,14 @@ def test_a_process_that_dies_stops_the_other_with_one_error(tmp_path):
 
     found = checkpoint.stored_model_config(wd / "checkpoints")
     assert found is not None and found[0] >= 1
+
+
+def test_from_writer_in_one_process_keeps_dtype_and_shape_and_raises_as_it_is():
+    """The one-process path of `distributed.from_writer` (the several-process path runs in test_pairs_sample.py's
+    two-process test): float64 values arrive unrounded, in the shape asked for; the computation's error is its own."""
+    from jsmaug.parallel import distributed
+
+    got = distributed.from_writer(lambda: [0.1, 1 / 3], np.zeros(2))
+    assert got.dtype == np.float64 and got.tolist() == [0.1, 1 / 3]
+    with pytest.raises(KeyError, match="boom"):
+        distributed.from_writer(lambda: {}["boom"], np.zeros(1))

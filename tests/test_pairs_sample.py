@@ -3,12 +3,15 @@ log-softmax of the plain forward, resume after an interruption, and the CLI. One
 
 import dataclasses
 import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import jax
+from cli_env import ROOT, cli_env
 
 from jsmaug.data import batches as data_lib
 from jsmaug.errors import DataError
@@ -268,9 +271,8 @@ def test_a_token_merging_across_the_prompt_end_is_scored_on_the_pairs_ids(tiny, 
 
 # ------------------------------------------------------------------------------------------------ resume, CLI
 
-def test_resume_after_interruption_gives_the_same_file(tiny, files, reference_run, monkeypatch, tmp_path):
-    _, want = reference_run
-    out = tmp_path / "r.jsonl"
+def _stop_at_third_step(monkeypatch) -> list:
+    """`sample_step` raises KeyboardInterrupt on its third call (two problems done, one a step); returns the calls."""
     real, calls = sample.sample_step, []
 
     def dies_on_the_third(*args, **kwargs):
@@ -280,6 +282,14 @@ def test_resume_after_interruption_gives_the_same_file(tiny, files, reference_ru
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sample, "sample_step", dies_on_the_third)
+    return calls
+
+
+def test_resume_after_interruption_gives_the_same_file(tiny, files, reference_run, monkeypatch, tmp_path):
+    _, want = reference_run
+    out = tmp_path / "r.jsonl"
+    real = sample.sample_step
+    calls = _stop_at_third_step(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, files, out)
     partial = sample.partial_path(out)
@@ -314,3 +324,42 @@ def test_cli(tiny, files, reference_run, tmp_path, capsys):
     assert "--mesh 'data=3': mesh: sizes" in capsys.readouterr().err
     assert pairs_cli.main(args + ["--mesh", "data:2"]) == 2
     assert "expected axis=size items" in capsys.readouterr().err
+
+
+def test_two_processes_resume_a_one_process_run_and_write_the_same_file(tiny, files, reference_run, monkeypatch,
+                                                                       tmp_path):
+    """`jsmaug launch -- pairs sample`: two processes of 2 CPU devices, one mesh (data=2 across the processes,
+    tensor=2 within each), resume a one-process run stopped after two problems and write the one-process file
+    byte for byte: the rows placed across processes, every row's tokens read by both, the verifier run on process
+    0 and its scores sent, the resume file read on process 0 only. A resume file process 0 refuses stops both
+    processes with one error each. About 40 s (fresh processes compile)."""
+    cfg, params, _ = tiny
+    checkpoint.save_params(tmp_path / "model", cfg, params)
+    out = tmp_path / "two.jsonl"
+    args = ["sample", "--model", str(tmp_path / "model"), "--input", str(files / "problems.jsonl"), "--k", str(K),
+            "--max_new_tokens", str(NEW), "--temperature", "1.0", "--top_p", "1", "--seed", "3", "--batch_size", "4",
+            "--verifier", f"{files / 'check.py'}:even", "--out", str(out)]
+
+    def launch():
+        r = subprocess.run([sys.executable, "-m", "jsmaug.cli.main", "launch", "--processes", "2",
+                            "--devices_per_process", "2", "--grace", "20", "--", "pairs", *args, "--mesh",
+                            "data=2,tensor=2"], cwd=ROOT, env=cli_env(2), capture_output=True, text=True, timeout=400)
+        return r.returncode, r.stdout + r.stderr
+
+    calls = _stop_at_third_step(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, files, out)  # a resume file with other settings (no model or input digests)
+    code, log = launch()
+    assert code == 2, log[-4000:]
+    assert "[p0] error: " in log and "a resume file written with other settings" in log
+    assert "[p1] error: " in log and "two.jsonl.partial: process 0 could not resume from it" in log
+    sample.partial_path(out).unlink()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        pairs_cli.main(args + ["--quiet"])  # the same command in one process, stopped after two problems
+    assert len(sample.partial_path(out).read_text().splitlines()) == 1 + 2  # settings + two problems
+    code, log = launch()
+    assert code == 0, log[-4000:]
+    assert "[p0] pairs sample: resuming, 2 problems done" in log and "[p1] pairs sample:" not in log
+    assert "[p0] 5 problems, 20 samples" in log
+    assert out.read_bytes() == reference_run[1] and not sample.partial_path(out).exists()

@@ -2,9 +2,11 @@
 through a coordinator on a free local port, so the pod path can be tried on a laptop.
 
     jsmaug launch --processes 2 --devices_per_process 4 -- CONFIG.yaml [key=value ...]
+    jsmaug launch --processes 2 --devices_per_process 4 -- pairs sample --model M --input P --out OUT ...
 
 Each process runs `python -m jsmaug.train CONFIG [key=value ...] distributed.coordinator_address=127.0.0.1:PORT
-distributed.num_processes=N distributed.process_id=i` with `--xla_force_host_platform_device_count=K`; its
+distributed.num_processes=N distributed.process_id=i` (or `jsmaug pairs sample ... --coordinator_address
+127.0.0.1:PORT --num_processes N --process_id i`) with `--xla_force_host_platform_device_count=K`; its
 output lines come prefixed by `[pI]`. SIGTERM or SIGINT to the launcher goes to every process (SIGTERM is a
 preemption: they save the same step and exit with 143). When a process ends with an error, the others get
 `--grace` seconds to end on their own (they stop by themselves once `distributed.heartbeat_timeout` has
@@ -44,14 +46,28 @@ def _pump(stream, prefix: str, out) -> None:
         out.flush()
 
 
+def command(args: list[str], address: str, processes: int, i: int, python: str = sys.executable) -> list[str]:
+    """Process i's command line: a training run (`CONFIG [key=value ...]`) with the `distributed.*` overrides, or
+    `pairs sample ...` with its `--coordinator_address/--num_processes/--process_id` flags."""
+    if args[:2] == ["pairs", "sample"]:
+        return [python, "-m", "jsmaug.cli.main", *args, "--coordinator_address", address, "--num_processes",
+                str(processes), "--process_id", str(i)]
+    if args and args[0] in ("pairs", "train"):
+        if args[0] == "pairs":
+            raise SystemExit("error: jsmaug launch runs a training run or `pairs sample`, not `pairs "
+                             f"{' '.join(args[1:2])}` (it needs no other processes)")
+        args = args[1:]
+    return [python, "-m", "jsmaug.train", *args, f"distributed.coordinator_address={address}",
+            f"distributed.num_processes={processes}", f"distributed.process_id={i}"]
+
+
 def launch(processes: int, devices: int, train_args: list[str], port: int | None = None, grace: float = 30.0,
            python: str = sys.executable) -> int:
     port = port or free_port()
     env = _env(devices)
     procs, pumps = [], []
     for i in range(processes):
-        cmd = [python, "-m", "jsmaug.train", *train_args, f"distributed.coordinator_address=127.0.0.1:{port}",
-               f"distributed.num_processes={processes}", f"distributed.process_id={i}"]
+        cmd = command(train_args, f"127.0.0.1:{port}", processes, i, python)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # signals reach a process only through the launcher
         procs.append(p)
@@ -99,7 +115,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         print(__doc__)
-        print("usage: jsmaug launch --processes N --devices_per_process K -- CONFIG [key=value ...]")
+        print("usage: jsmaug launch --processes N --devices_per_process K -- CONFIG [key=value ...] | pairs sample ...")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cut = argv.index("--")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,7 @@ import numpy as np
 
 from jsmaug.data import batches as data_lib
 from jsmaug.models.config import ModelConfig
+from jsmaug.parallel import sharding as shd
 from jsmaug.train import step as step_lib
 
 
@@ -59,7 +60,7 @@ def completion_logps(config: ModelConfig, params, items: Sequence[tuple[np.ndarr
             length = next(b for b in buckets if b >= need)
         rows = [data_lib.completion_row(np.asarray(c, np.int32), np.asarray(x, np.int32), length) for c, x in chunk]
         batch = data_lib.stack_rows(rows + [rows[0]] * (batch_size - len(rows)))
-        lp, nt = jax.device_get(fn(params, batch))
+        lp, nt = (shd.to_host(a) for a in fn(params, batch))  # every process, where params span several
         logps[idx] = np.asarray(lp)[:len(idx)]
         ntok[idx] = np.asarray(nt)[:len(idx)]
     return logps, ntok

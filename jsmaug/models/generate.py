@@ -15,7 +15,8 @@ chunk in which the last row finished. The cache has P + a whole number of chunks
 Sampling keys are per row (`row_keys`; `generate(keys=...)`): a row's token at position t is drawn with its key
 folded with t, so its samples depend on its key and prompt, not on the call it shares, its batch position or the
 padding; several problems' samples can share a call (`jsmaug pairs sample`). On a mesh (`mesh=`, `mesh_config=`)
-the params are placed by the run's rule table and the rows split over the batch axes, in one process.
+the params are placed by the run's rule table and the rows split over the batch axes, in one process or over
+several (each process calls with the same arguments and reads every row's tokens).
 
 The decoding step of the seven HF families (LoRA and QLoRA included) is `fast_decode.fast_step`
 (jsmaug/models/fast_decode.py: per-layer weights formed once per call, q/k/v and gate/up fused, per-layer caches
@@ -33,6 +34,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsmaug.models import decoder as model
 from jsmaug.models.config import ModelConfig
@@ -173,14 +175,20 @@ def chunk_length(max_new_tokens: int) -> int:
 
 def _placed(config: ModelConfig, params, mesh, mesh_config, arrays):
     """The params on the mesh (`param_shardings`; a no-op when they are there already) and each (B, ...) array's
-    rows split over the batch axes (B a multiple of `batch_rows_divisor`). One process only: the host loop reads
-    every row's tokens, which a mesh spanning processes would not hold."""
-    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
-        raise ValueError("generate on a mesh spanning processes is not supported (docs/making-pairs.md says what "
-                         "is missing); use a mesh of this process's devices")
-    params = jax.device_put(params, shd.param_shardings(config, mesh, mesh_config))
+    rows split over the batch axes (B a multiple of `batch_rows_divisor`). A mesh may span processes: each process
+    then holds the same host values and hands over its own devices' parts (`sharding.put_global`); the keys travel
+    as their raw data."""
+    params = shd.put_global(params, shd.param_shardings(config, mesh, mesh_config))
     rows = shd.rows_sharding(mesh, mesh_config)
-    return params, [jax.device_put(a, rows) for a in arrays]
+    if not shd.spans_processes(mesh):
+        return params, [jax.device_put(a, rows) for a in arrays]
+    ids, mask, keys = arrays
+    key_rows = NamedSharding(mesh, P(rows.spec[0] if len(rows.spec) else None, None))
+    data = shd.put_global(np.asarray(jax.random.key_data(keys)), key_rows)
+    return params, [shd.put_global(np.asarray(ids), rows), shd.put_global(np.asarray(mask), rows), _wrap_keys(data)]
+
+
+_wrap_keys = jax.jit(jax.random.wrap_key_data)
 
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
@@ -200,7 +208,10 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     logits, which other batch shapes may change in the last bit; a draw changes only when that moves it across
     a boundary). `row_multiple`: the batch is padded with dummy rows to a multiple of it (fewer batch shapes to
     compile). `mesh` (a `jax.sharding.Mesh` with jsmaug's axes) and `mesh_config` (`sharding.MeshConfig`): the
-    params are placed by the run's rule table and the rows split over its batch axes, in this process."""
+    params are placed by the run's rule table and the rows split over its batch axes. A mesh may span processes
+    (`jsmaug launch`): every process then calls `generate` with the same arguments (a collective), and every
+    process gets every row's tokens (`sharding.to_host`), so all see the same finished rows and run the same
+    programs."""
     n = sampling.max_new_tokens
     b_real = len(prompts)
     if config.max_position_embeddings and max(len(x) for x in prompts) + n > config.max_position_embeddings:
@@ -241,11 +252,11 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
             finished[r] = (len(rows[r]) >= n or (sampling.eos_id is not None and token == sampling.eos_id)
                            or (stop_check is not None and bool(stop_check(r, list(rows[r])))))
 
-    take(np.asarray(state[0]).tolist())
+    take(shd.to_host(state[0]).tolist())
     slot = p
     while not all(finished):
         state, tokens_CxB = _decode_chunk(config, weights, sc, chunk, fast, state, jnp.int32(slot))
-        for tokens_B in np.asarray(tokens_CxB).tolist():
+        for tokens_B in shd.to_host(tokens_CxB).tolist():
             take(tokens_B)
         slot += chunk
     return rows[:b_real]

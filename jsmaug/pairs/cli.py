@@ -50,6 +50,8 @@ examples:
   jsmaug pairs sample --model runs/x/hf --input arc.jsonl --verifier mc --chat_template tokenizer \\
       --k 8 --rule edit --pairs_per_problem 2 --out arc_pairs.jsonl
   jsmaug pairs sample --model M --input rows.jsonl --verifier my_checks.py:is_right --out pairs.jsonl
+  jsmaug launch --processes 2 --devices_per_process 4 -- pairs sample --model M --input rows.jsonl \
+      --mesh data=4,tensor=2 --out pairs.jsonl      # two processes, one mesh (on a pod: --distributed per host)
 Interrupted? Run the same command again: finished problems (in OUT.partial) are skipped.
 (docs/making-pairs.md, "Pairs the model makes itself")"""
 
@@ -82,8 +84,14 @@ def _add_sample(sub, fmt) -> None:
                     "pairs are then conversations")
     sp.add_argument("--batch_size", type=int, default=64, help="rows (samples) per generate call; a step of "
                     "batch_size // k problems is graded and saved together")
-    sp.add_argument("--mesh", default=None, help="sample on this process's devices: axis=size items of a run "
-                    "config's mesh section, e.g. data=2,tensor=2 (default: one device)")
+    sp.add_argument("--mesh", default=None, help="sample on a mesh: axis=size items of a run config's mesh "
+                    "section, e.g. data=2,tensor=2 (default: one device; with several processes, data over all)")
+    dist = sp.add_argument_group("several processes (`jsmaug launch ... -- pairs sample ...` fills these in)")
+    dist.add_argument("--distributed", action="store_true", help="join the other processes (addresses "
+                      "auto-detected on Cloud TPU VMs, SLURM, Open MPI, Kubernetes)")
+    dist.add_argument("--coordinator_address", default=None, help="host:port of process 0 (implies --distributed)")
+    dist.add_argument("--num_processes", type=int, default=None)
+    dist.add_argument("--process_id", type=int, default=None)
     sp.add_argument("--until", nargs="*", default=None, help="stop sequences (default: gsm8k's for the gsm8k "
                     "verifiers, else none; the tokenizer's EOS always)")
     sp.add_argument("--tokenizer", default=None, help="default: the model's own tokenizer files")
@@ -180,10 +188,21 @@ def mesh_option(text: str | None):
 
 
 def _sample(args) -> None:
+    from jsmaug.models.config import ConfigError
+    from jsmaug.parallel import distributed
     from jsmaug.pairs.sample import sample_command
 
+    dist = distributed.DistributedConfig(enabled=args.distributed, coordinator_address=args.coordinator_address,
+                                         num_processes=args.num_processes, process_id=args.process_id)
+    try:
+        dist.validate()
+        distributed.initialize(dist)  # before any other JAX call (the mesh's check counts the devices)
+    except ConfigError as err:
+        raise DataError(str(err).replace("distributed.", "--")) from None
     args.mesh = mesh_option(args.mesh)
-    print(sample_command(args).line())
+    summary = sample_command(args)
+    if distributed.is_writer():
+        print(summary.line())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

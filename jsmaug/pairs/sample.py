@@ -9,9 +9,10 @@ resume or the mesh (up to floating-point rounding; docs/making-pairs.md). So sev
 batch_size takes several calls), its calls padded to the same number of rows (one compiled batch shape). A
 step's problems are graded, paired and appended to the resume file together. `mesh` (`run`, or `--mesh
 data=2,tensor=2` on the command line: the `mesh:` section of a run config, axis=size): the params placed by the
-run's rule table, a call's rows split over the batch axes, in one process. A sample's text is the new tokens up
-to EOS, decoded with special tokens skipped and cut before the first stop sequence (`--until`; the gsm8k
-verifiers default to lm-eval's gsm8k stops).
+run's rule table, a call's rows split over the batch axes, in one process or several (`jsmaug launch -- pairs
+sample ...`: process 0 runs the verifier and writes the files; docs/making-pairs.md, "Several processes"). A
+sample's text is the new tokens up to EOS, decoded with special tokens skipped and cut before the first stop
+sequence (`--until`; the gsm8k verifiers default to lm-eval's gsm8k stops).
 
 Log-probs. A sample's log-prob is that of the trainer's tokenisation of the pair the text ends up in (TRL's
 rule, `jsmaug.data.formats.row_ids`: prompt + completion + EOS tokenised together, the completion starting where
@@ -28,13 +29,12 @@ A problem with no correct or no wrong sample gives no pair and is counted.
 
 Resume. Finished problems are appended, one step at a time, to `OUT.partial` (its first line holds the run's
 settings); a restart with the same settings skips them, and a torn last line is dropped. At the end OUT is
-written atomically, problems in input order, and `OUT.partial` is removed.
+written atomically, problems in input order, and `OUT.partial` is removed (`jsmaug.pairs.resume`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from jsmaug import paths
@@ -53,12 +52,13 @@ from jsmaug.errors import DataError
 from jsmaug.eval import generation, gsm8k as gsm8k_lib
 from jsmaug.eval.logprobs import completion_logps
 from jsmaug.models import generate as gen
+from jsmaug.pairs.resume import VERSION as PARTIAL_VERSION, append_records, file_digest, finished_problems, partial_path
 from jsmaug.pairs.stats import edit_distances
+from jsmaug.parallel import distributed
 from jsmaug.pairs.verify import Problem, Verifier
 
 RULES = ("likely", "edit")
 SCORE_MULTIPLE = 32  # scoring pads each problem's rows to a multiple of this many tokens (few compiled shapes)
-PARTIAL_VERSION = 2  # 2: per-row sampling keys (version 1's samples were drawn otherwise)
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,12 @@ def grade(config, params, tok: Tokenizer, template, verifier: Verifier, problem:
           ) -> list[Sample]:
     """Each text graded, tokenised as the trainer will, and its log-prob under the sampling model."""
     prompt = training_prompt(problem, template)
-    samples = []
-    for text in texts:
-        score = verifier(problem, text)
-        samples.append(Sample(text, score, verifier.correct(score), *completion_split(tok, template, prompt, text)))
+    # The verifier runs once, on process 0, and every process gets its scores (they decide which pairs are scored
+    # again, a collective where the params span processes).
+    scores = distributed.from_writer(lambda: [verifier(problem, t) for t in texts], np.zeros(len(texts)),
+                                     f"{problem.where}: the verifier failed on process 0 (see its output)")
+    samples = [Sample(text, float(score), verifier.correct(float(score)),
+                      *completion_split(tok, template, prompt, text)) for text, score in zip(texts, scores)]
     scored = [s for s in samples if s.text.strip()]
     if scored:
         # One call per problem, k rows: its shapes depend on the problem only, so the figures do not depend on
@@ -282,41 +284,6 @@ def sample_step(config, params, tok, template, verifier, problems: Sequence[Prob
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def partial_path(out: str | os.PathLike) -> Path:
-    return Path(str(out) + ".partial")
-
-
-def read_partial(path: Path, settings: dict) -> dict[int, dict]:
-    """The finished problems of an earlier run with the same settings; a torn last line is cut off."""
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    good = raw[:raw.rfind(b"\n") + 1]  # everything up to the last complete line
-    lines = good.decode("utf-8").splitlines()
-    header = json.loads(lines[0]) if lines else None
-    if header is not None and header.get("settings") != settings:
-        before = header.get("settings") or {}
-        differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        raise DataError(f"{path}: a resume file written with other settings (they differ in {differ}); delete it "
-                        "to start again, or run with the same settings")
-    if len(good) != len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(len(good))
-    records = [json.loads(x) for x in lines[1:]]
-    return {r["problem"]: r for r in records}
-
-
-def append_records(path: Path, settings: dict, records: Sequence[dict]) -> None:
-    """One write of whole lines, flushed to disk (a kill leaves at most a torn last line)."""
-    new = not path.exists() or path.stat().st_size == 0
-    text = (json.dumps({"version": PARTIAL_VERSION, "settings": settings}) + "\n") if new else ""
-    text += "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def default_until(tok: Tokenizer, verifier: Verifier, until: Sequence[str] | None) -> list[str]:
     if until is None:
         until = gsm8k_lib.UNTIL if verifier.kind in ("gsm8k", "gsm8k_strict") else ()
@@ -329,7 +296,9 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     """Sample, grade and pair every problem, resuming from OUT.partial; writes OUT (module docstring).
     `settings` identify the run (model, input, ...) so that a resume with others is refused (`batch_size` and the
     mesh do not change the samples, so a resume may change them). `mesh_config`: a `sharding.MeshConfig` to
-    sample on (this process's devices), or None (the default device)."""
+    sample on, or None (the default device; with several processes, all their devices). With several processes
+    (`jsmaug launch -- pairs sample ...`) every process calls `run` alike; process 0 reads and writes the files
+    and prints, and returns the run's summary (the others' counts leave out problems done before a resume)."""
     opts.check()
     out = Path(out)
     if out.suffix != ".jsonl":
@@ -340,15 +309,21 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
     settings = json.loads(json.dumps(dict(settings or {}, options=options, until=until, verifier=verifier.spec,
                                           threshold=verifier.threshold, version=PARTIAL_VERSION)))
+    writer, several = distributed.is_writer(), distributed.process_count() > 1
+    progress = progress and writer
+    if mesh_config is None and several:
+        from jsmaug.parallel.sharding import MeshConfig
+
+        mesh_config = MeshConfig()  # every process's devices, rows split over them
     mesh = None
     if mesh_config is not None:
         from jsmaug.parallel import sharding as shd
 
         mesh = (shd.make_mesh(mesh_config, config), mesh_config)
-        params = jax.device_put(params, shd.param_shardings(config, mesh[0], mesh_config))
+        params = shd.put_global(params, shd.param_shardings(config, mesh[0], mesh_config))
     partial = partial_path(out)
-    done = read_partial(partial, settings)
-    todo = [p for p in problems if p.index not in done]
+    done, finished = finished_problems(partial, settings)  # the records on process 0; the numbers on every one
+    todo = [p for p in problems if p.index not in finished]
     summary = Summary(out=str(out))
     for r in done.values():
         summary.add(r)
@@ -358,7 +333,8 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     step = problems_per_step(opts)
     for start in range(0, len(todo), step):
         records = sample_step(config, params, tok, template, verifier, todo[start:start + step], opts, until, mesh)
-        append_records(partial, settings, records)
+        if writer:
+            append_records(partial, settings, records)
         for r in records:
             done[r["problem"]] = r
             summary.add(r)
@@ -368,18 +344,12 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
             print(f"pairs sample: {summary.problems}/{len(problems)} problems, {rate:.3g} samples/s, "
                   f"{summary.correct / max(summary.samples, 1):.1%} correct, {summary.pairs} pairs",
                   file=sys.stderr, flush=True)
-    rows = [row for p in problems for row in done[p.index]["pairs"]]
-    paths.atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    partial.unlink(missing_ok=True)
+    if writer:
+        rows = [row for p in problems for row in done[p.index]["pairs"]]
+        paths.atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        partial.unlink(missing_ok=True)
+    distributed.sync("pairs sample: written")  # no process ends before process 0 has written OUT
     return summary
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def sample_command(args) -> Summary:
@@ -396,13 +366,17 @@ def sample_command(args) -> Summary:
     except ValueError as err:
         raise DataError(f"sampling settings: {err}") from None
     mesh_config = args.mesh  # a MeshConfig or None (cli.mesh_option)
+    if mesh_config is None and distributed.process_count() > 1:
+        from jsmaug.parallel.sharding import MeshConfig
+
+        mesh_config = MeshConfig()  # every process's devices, rows split over them
     verifier = Verifier(args.verifier, args.threshold)
     problems = read_problems(args.input, verifier.kind, args.max_rows)
     tok = Tokenizer(args.tokenizer or ev.model_tokenizer_path(args.model))
     template = formats.load_chat_template(args.chat_template, tok)
     for p in problems:
         training_prompt(p, template)  # a conversation without --chat_template fails here, before the model loads
-    config, params = ev.load_model(args.model, args.dtype)
+    config, params = ev.load_model(args.model, args.dtype, mesh_config)  # straight onto the mesh's devices
     settings = {"model": str(args.model), "model_digest": tree_digest(params), "input": str(args.input),
                 "input_digest": file_digest(args.input), "max_rows": args.max_rows, "tokenizer": tok.fingerprint(),
                 "chat_template": template.source if template is not None else None, "dtype": args.dtype}

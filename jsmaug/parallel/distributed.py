@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 
+from jsmaug.errors import DataError
 from jsmaug.models.config import ConfigError
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
@@ -142,6 +143,40 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+class WriterFailed(DataError):
+    """Raised on the other processes when `from_writer`'s computation failed on process 0 (the message says
+    where; process 0 prints the error itself)."""
+
+
+def from_writer(compute, like, where: str = "process 0"):
+    """`compute()` on process 0 and its result on every process: an array of `like`'s shape and dtype, sent as
+    raw bytes (no float64 -> float32 on the way). One process: just `compute()`. Where `compute` raises on process
+    0, it raises there and the others raise `WriterFailed(where)`, so that no process waits forever. A collective:
+    every process calls it, in the same order."""
+    import jax
+    import numpy as np
+
+    like = np.asarray(like)
+    if jax.process_count() == 1:
+        return np.asarray(compute(), like.dtype).reshape(like.shape)
+    from jax.experimental import multihost_utils
+
+    failure, value = None, np.zeros_like(like)
+    if jax.process_index() == 0:
+        try:
+            value = np.asarray(compute(), like.dtype).reshape(like.shape)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            failure = err
+    payload = np.concatenate([np.array([failure is not None], np.uint8),
+                              np.ascontiguousarray(value).reshape(-1).view(np.uint8)])
+    payload = np.asarray(multihost_utils.broadcast_one_to_all(payload), np.uint8)
+    if failure is not None:
+        raise failure
+    if payload[0]:
+        raise WriterFailed(where)
+    return payload[1:].view(like.dtype).reshape(like.shape)
 
 
 class Preemption:

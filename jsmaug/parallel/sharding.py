@@ -157,6 +157,33 @@ def rows_sharding(mesh: Mesh, mesh_cfg: MeshConfig) -> NamedSharding:
     return NamedSharding(mesh, P(_batch_entry(mesh, mesh_cfg)))
 
 
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether some of the mesh's devices belong to other processes (a multi-host mesh)."""
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def put_global(tree, shardings):
+    """Host values, the same on every process, onto shardings that may span processes: where a sharding is this
+    process's alone, `jax.device_put`; else each process hands over its own devices' parts
+    (`jax.make_array_from_callback`). Arrays already spread over processes are resharded as they are."""
+    def put(x, sharding):
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """An array's whole value as NumPy on every process: gathered from the other processes where it spans them
+    (a collective: every process must call it)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def batch_rows_divisor(mesh: Mesh, mesh_cfg: MeshConfig) -> int:
     table = mesh_cfg.rule_table()
     return math.prod(mesh.shape[a] for a in table.get("batch", ()))

@@ -142,8 +142,7 @@ def sample_round(args, cfg, start: str, r: int, folder: Path) -> dict:
     settings = {"model": str(start), "input": str(args.problems),
                 "input_digest": sample_lib.file_digest(args.problems), "tokenizer": tok.fingerprint(),
                 "chat_template": template.source if template is not None else None}
-    # On the run config's mesh (the one training uses) in one process; `generate` refuses a mesh across processes.
-    mesh_config = cfg.mesh if distributed.process_count() == 1 else None
+    mesh_config = cfg.mesh  # the run config's mesh, the one training uses
     summary = sample_lib.run(config, params, tok, problems, verifier, out, opts, template=template,
                              settings=settings, progress=not args.quiet, mesh_config=mesh_config).as_dict()
     cost.__exit__()
