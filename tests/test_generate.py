@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from hf_fixtures import make_hf_checkpoint
@@ -90,6 +91,44 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(gen.SamplingConfig(temperature=1.0, top_p=0.7)) == [True, True, False, False]
     assert kept(gen.SamplingConfig(temperature=1.0, top_p=0.5)) == [True, False, False, False]
     assert kept(gen.SamplingConfig(temperature=1.0, top_p=0.96)) == [True, True, True, True]
+
+
+def _draws(logits_V, sc, n=4000):
+    """n draws of `_next_token` for one row of logits, each row its own key."""
+    logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
+    return np.asarray(jax.jit(lambda l, k: gen._next_token(l, k, jnp.zeros(n, jnp.int32), sc))(
+        logits, gen.row_keys(5, np.arange(n))))
+
+
+@pytest.mark.parametrize("case", ["nucleus_within_candidates", "nucleus_past_candidates", "top_k_tie_at_the_edge"])
+def test_draws_follow_the_filtered_distribution_whichever_path_draws_them(case):
+    """`_next_token` draws among `lax.top_k`'s candidates when they hold the kept set, and from the whole filtered
+    vocabulary otherwise (a nucleus of more than NUCLEUS_CANDIDATES tokens, a tie at the top-k edge): either way the
+    tokens are the kept ones of `_filter_logits` and their frequencies its renormalised probabilities."""
+    v = 600
+    rng = np.random.default_rng(0)
+    if case == "nucleus_within_candidates":  # 4 tokens carry the nucleus, the rest near nothing
+        logits = np.full(v, -30.0) + rng.normal(size=v)
+        logits[[3, 77, 400, 599]] = np.log([0.5, 0.25, 0.15, 0.1])
+        sc = gen.SamplingConfig(temperature=1.0, top_p=0.85)
+    elif case == "nucleus_past_candidates":  # flat: the 0.9 nucleus needs ~540 of 600 tokens
+        logits = rng.normal(size=v) * 0.05
+        sc = gen.SamplingConfig(temperature=1.0, top_p=0.9)
+    else:  # top-k 3 with the 3rd and 4th most likely tied: both kept, as HF's TopKLogitsWarper keeps ties
+        logits = np.full(v, -30.0)
+        logits[[10, 20, 30, 40]] = np.log([0.4, 0.3, 0.15, 0.15])
+        sc = gen.SamplingConfig(temperature=1.0, top_k=3)
+    filtered = np.asarray(gen._filter_logits(jnp.asarray(logits[None], jnp.float32), sc))[0]
+    kept = np.isfinite(filtered)
+    probs = np.where(kept, np.exp(filtered - filtered[kept].max()), 0.0)
+    probs /= probs.sum()
+    got = _draws(logits, sc)
+    assert kept[got].all()
+    if case != "nucleus_past_candidates":  # there each of ~540 tokens is drawn a handful of times
+        freq = np.bincount(got, minlength=v) / len(got)
+        np.testing.assert_allclose(freq[kept], probs[kept], atol=0.03)
+    else:
+        assert kept.sum() > gen.NUCLEUS_CANDIDATES and len(set(got.tolist())) > gen.NUCLEUS_CANDIDATES
 
 
 def test_bad_settings_are_errors():

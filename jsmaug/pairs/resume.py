@@ -18,7 +18,7 @@ import numpy as np
 from jsmaug.errors import DataError
 from jsmaug.parallel import distributed
 
-VERSION = 2  # 2: per-row sampling keys (version 1's samples were drawn otherwise)
+VERSION = 3  # 2: per-row sampling keys; 3: top-p and top-k draws among lax.top_k candidates (other samples)
 
 
 def partial_path(out: str | os.PathLike) -> Path:
