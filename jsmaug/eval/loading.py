@@ -24,19 +24,20 @@ def load_model(path: str | Path, dtype: str | None = None, mesh_config=None) -> 
         raise ckpt.CheckpointError(f"{path}: no such model folder")
 
     def shardings(config: ModelConfig):
-        if mesh_config is None:
-            return None
         from jsmaug.parallel import sharding as shd
 
         return shd.param_shardings(config, shd.make_mesh(mesh_config, config), mesh_config)
 
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        return hf.load(path, dtype=dtype, shardings=shardings(hf.read_config(path)))
-    config = ckpt.read_model_config(path)
-    if mesh_config is not None and jax.process_count() > 1 and config.lora_rank:
-        raise ckpt.CheckpointError(f"{path}: a LoRA workdir loads in one process only; export "
-                                   "it (jsmaug export --ckpt_dir ... --out_dir HF) and sample from the export")
-    config, params = ckpt.load_params(path, shardings=None if config.lora_rank else shardings(config))
+        return hf.load(path, dtype=dtype, shardings=shardings(hf.read_config(path)) if mesh_config else None)
+    placed = None  # the config is read first only to place the arrays (load_params reads it again)
+    if mesh_config is not None:
+        config = ckpt.read_model_config(path)
+        if config.lora_rank and jax.process_count() > 1:
+            raise ckpt.CheckpointError(f"{path}: a LoRA workdir loads in one process only; export "
+                                       "it (jsmaug export --ckpt_dir ... --out_dir HF) and sample from the export")
+        placed = None if config.lora_rank else shardings(config)
+    config, params = ckpt.load_params(path, shardings=placed)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
         config = config.replace(param_dtype=dtype)

@@ -290,6 +290,16 @@ def default_until(tok: Tokenizer, verifier: Verifier, until: Sequence[str] | Non
     return [s for s in generation.stop_sequences(tok, until) if s]
 
 
+def sampling_mesh(mesh_config):
+    """The mesh to sample on: `mesh_config`, or with several processes and none given, data over all their
+    devices (a call's rows split over them); None: the default device."""
+    if mesh_config is None and distributed.process_count() > 1:
+        from jsmaug.parallel.sharding import MeshConfig
+
+        return MeshConfig()
+    return mesh_config
+
+
 def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: Verifier, out: str | os.PathLike,
         opts: Options, *, template=None, settings: dict | None = None, progress: bool = True,
         mesh_config=None) -> Summary:
@@ -309,12 +319,9 @@ def run(config, params, tok: Tokenizer, problems: Sequence[Problem], verifier: V
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
     settings = json.loads(json.dumps(dict(settings or {}, options=options, until=until, verifier=verifier.spec,
                                           threshold=verifier.threshold, version=PARTIAL_VERSION)))
-    writer, several = distributed.is_writer(), distributed.process_count() > 1
+    writer = distributed.is_writer()
     progress = progress and writer
-    if mesh_config is None and several:
-        from jsmaug.parallel.sharding import MeshConfig
-
-        mesh_config = MeshConfig()  # every process's devices, rows split over them
+    mesh_config = sampling_mesh(mesh_config)
     mesh = None
     if mesh_config is not None:
         from jsmaug.parallel import sharding as shd
@@ -365,11 +372,7 @@ def sample_command(args) -> Summary:
         opts.check()
     except ValueError as err:
         raise DataError(f"sampling settings: {err}") from None
-    mesh_config = args.mesh  # a MeshConfig or None (cli.mesh_option)
-    if mesh_config is None and distributed.process_count() > 1:
-        from jsmaug.parallel.sharding import MeshConfig
-
-        mesh_config = MeshConfig()  # every process's devices, rows split over them
+    mesh_config = sampling_mesh(args.mesh)  # args.mesh: a MeshConfig or None (cli.mesh_option)
     verifier = Verifier(args.verifier, args.threshold)
     problems = read_problems(args.input, verifier.kind, args.max_rows)
     tok = Tokenizer(args.tokenizer or ev.model_tokenizer_path(args.model))
