@@ -2,9 +2,10 @@
 
 import os
 
-# 8 fake CPU devices; LLVM at -O0: the tests' programs are tiny, and compiling them is most of a cold run's time
-# (-O0 took a cold run of test_packing + test_step from 269 s to 214 s on a 2-core CPU, 2026-11-30).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+from cli_env import TEST_XLA_FLAGS  # noqa: E402 (tests/cli_env.py: why these flags)
+
+# 8 fake CPU devices, and the flags that make the tests' tiny programs compile faster.
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

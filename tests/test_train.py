@@ -176,7 +176,9 @@ def test_faults_are_named_and_nothing_is_lost(tmp_path):
     # A disk that fills up during a save: one error naming the folder and the cause, no temporary folder left.
     full = tmp_path / "full"
     r = _run([*common, "train.steps=4", f"workdir={full}"], check=False, max_file_bytes=200_000)
-    assert r.returncode == 2, r.stderr[-3000:]
+    # Once in a loaded run (2026-12-07, not reproduced in 33 tries since) this exited with 1, and the tail of
+    # stderr held only Orbax's writer coroutines complaining at interpreter shutdown: the cause is at the start.
+    assert r.returncode == 2, r.stderr[:2500] + "\n...\n" + r.stderr[-500:]
     # (Orbax's threads print to the same stderr, so the line is searched for, not assumed to start a line.)
     assert r.stderr.count("error: ") == 1, r.stderr[-3000:]
     assert f"error: {full}/checkpoints: saving the checkpoint of step 2 failed: File too large" in r.stderr
