@@ -2,7 +2,7 @@
 
 import os
 
-from cli_env import TEST_XLA_FLAGS  # noqa: E402 (tests/cli_env.py: why these flags)
+from cli_env import TEST_XLA_FLAGS  # tests/cli_env.py: why these flags
 
 # 8 fake CPU devices, and the flags that make the tests' tiny programs compile faster.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
