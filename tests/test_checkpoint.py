@@ -95,6 +95,55 @@ def test_failed_save_is_one_named_error_and_leaves_no_temporary_folder(tmp_path,
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
+def test_failed_save_outlasts_a_writer_still_filling_the_temporary_folder(tmp_path, monkeypatch):
+    """A writer thread of the failed save adds a file while the folder is removed (rmtree: ENOTEMPTY): the
+    removal is retried and the run still ends with the one named error (in CI this OSError was a traceback)."""
+    import errno
+
+    m = _saved(tmp_path, steps=(1,))
+    tmp = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+
+    def full_disk(*a, **k):
+        tmp.mkdir()
+        raise ValueError(f"Error writing \"w\" at local file \"{tmp}/state\": File too large [os_error_code='27']")
+
+    real_rmtree, calls = type(m.directory).rmtree, []
+
+    def racing_rmtree(self, missing_ok=False):
+        calls.append(self.name)
+        if len(calls) == 1:
+            (tmp / "late_file").write_text("x")  # what the writer thread adds meanwhile
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(self))
+        return real_rmtree(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(m.mngr, "save", full_disk)
+    monkeypatch.setattr(type(m.directory), "rmtree", racing_rmtree)
+    with pytest.raises(ckpt.CheckpointError, match=r"step 2 failed: File too large \(errno 27\)\. Its temporary "
+                                                   r"folder was removed; the newest complete checkpoint is step 1"):
+        m.save(2, _state(2.0), {"step": 2})
+    assert calls == ["2.orbax-checkpoint-tmp"] * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_temporary_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    m = _saved(tmp_path, steps=(1,))
+    tmp = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+
+    def full_disk(*a, **k):
+        tmp.mkdir()
+        raise ValueError(f"Error writing at local file \"{tmp}/state\": File too large [os_error_code='27']")
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(m.mngr, "save", full_disk)
+    monkeypatch.setattr(type(m.directory), "rmtree", refused)
+    monkeypatch.setattr(ckpt.Manager._remove_temporary_folders, "__defaults__", (0.2,))
+    with pytest.raises(ckpt.CheckpointError, match=r"Its temporary folder could not be removed "
+                                                   r"\(2\.orbax-checkpoint-tmp; delete it by hand\)"):
+        m.save(2, _state(2.0), {"step": 2})
+
+
 def test_stored_model_config_reads_meta_without_creating_anything(tmp_path):
     assert ckpt.stored_model_config(tmp_path / "nothing") is None
     assert not (tmp_path / "nothing").exists()

@@ -93,19 +93,40 @@ class Manager:
             self.mngr.wait_until_finished()
         except Exception:  # noqa: BLE001 - the same failure again; it is reported below
             pass
-        for _ in range(20 if distributed.is_writer() else 0):
-            leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
-            if not leftovers:
-                break
-            for tmp in leftovers:
-                tmp.rmtree(missing_ok=True)
-            time.sleep(0.05)
+        leftovers = self._remove_temporary_folders() if distributed.is_writer() else []
         complete = [s for s in self.steps() if s != step] if self.directory.exists() else []
         after = (f"the newest complete checkpoint is step {complete[0]} ({self.directory / str(complete[0])}); "
                  "running the same command again resumes from it") if complete else \
             "there is no complete checkpoint yet; running the same command again starts from the beginning"
+        removed = ("Its temporary folder was removed" if not leftovers else
+                   "Its temporary folder could not be removed (" + ", ".join(leftovers) + "; delete it by hand)")
         raise CheckpointError(f"{self.directory}: saving the checkpoint of step {step} failed: {root_cause(err)}. "
-                              f"Its temporary folder was removed; {after}") from err
+                              f"{removed}; {after}") from err
+
+    def _remove_temporary_folders(self, seconds: float = 10.0) -> list[str]:
+        """Removes Orbax's temporary folders; returns the names of those still there after `seconds`.
+
+        A writer thread of the failed save can still be adding files while the folder is removed: `rmtree`
+        then fails with ENOTEMPTY (or a file vanishes under it), so each failure is retried until the folder
+        stays gone. Seen once in CI on a loaded machine, where that OSError ended the run with a traceback and
+        exit code 1 instead of the one named error."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            except OSError:
+                leftovers = [None]
+            if not leftovers:
+                return []
+            for tmp in leftovers:
+                try:
+                    if tmp is not None:
+                        tmp.rmtree(missing_ok=True)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                return [t.name for t in leftovers if t is not None and t.exists()]
+            time.sleep(0.05)
 
     def restore(self, abstract_state, step: int | None = None, abstract_reference=None):
         """(state, meta) of a step; with `abstract_reference`, (state, meta, reference)."""
