@@ -93,6 +93,36 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(gen.SamplingConfig(temperature=1.0, top_p=0.96)) == [True, True, True, True]
 
 
+@pytest.mark.parametrize("kind", ["flat", "normal", "peaked", "ties", "minus_inf", "top_k_then_top_p"])
+def test_nucleus_cutoff_without_a_sort_keeps_what_the_sort_keeps(kind):
+    """The fallback draw's top-p cutoff by bisection over the floats' order keeps exactly the tokens that the
+    sorted cumulative mass keeps (`_filter_logits`), for flat and peaked rows, ties at the edge and -inf logits."""
+    rng = np.random.default_rng(len(kind))
+    logits = rng.normal(size=(24, 700)) * {"flat": 0.02, "peaked": 8.0}.get(kind, 1.0)
+    if kind == "ties":
+        logits = np.round(logits * 2) / 2  # a handful of distinct values: the edge falls inside a tie
+    if kind == "minus_inf":
+        logits[:, ::3] = -np.inf
+    logits = jnp.asarray(logits, jnp.float32)
+    cut = 0
+    for top_p in (0.05, 0.5, 0.9, 0.95, 0.999):
+        sc = gen.SamplingConfig(temperature=0.7, top_p=top_p, top_k=50 if kind == "top_k_then_top_p" else 0)
+        want = np.isfinite(np.asarray(gen._filter_logits(logits, sc)))
+        got = np.isfinite(np.asarray(jax.jit(lambda x, sc=sc: gen._filter_logits_unsorted(x, sc))(logits)))
+        assert (got == want).all(), (top_p, np.argwhere(got != want)[:5])
+        assert want.sum(axis=1).min() > 0
+        cut += int((want.sum(axis=1) < want.shape[1]).sum())
+    assert cut > 24  # the cutoffs compared are not all "keep everything"
+
+
+def test_float_order_keys_round_trip():
+    x = jnp.asarray([-np.inf, -3e38, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, 3e38, np.inf], jnp.float32)
+    keys = np.asarray(gen._ordered_u32(x))
+    assert (np.diff(keys.astype(np.int64)) > 0).all()
+    np.testing.assert_array_equal(np.asarray(gen._float_of(jnp.asarray(keys))).view(np.uint32),
+                                  np.asarray(x).view(np.uint32))
+
+
 def _draws(logits_V, sc, n=4000):
     """n draws of `_next_token` for one row of logits, each row its own key."""
     logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))

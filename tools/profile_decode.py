@@ -56,7 +56,7 @@ def main() -> int:
     c, b, t = ModelConfig(**SMOLLM2), args.rows, args.slots
     kv, dh = c.num_key_value_heads, c.resolved_head_dim
     w = decode_weights(c, jax.jit(lambda k: model.init_params(c, k))(jax.random.key(0)))
-    caches = lambda: tuple((jnp.zeros((b, kv, t, dh)), jnp.zeros((b, kv, t, dh))) for _ in range(c.num_hidden_layers))
+    caches = lambda: tuple((jnp.zeros((b, kv, dh, t)), jnp.zeros((b, kv, t, dh))) for _ in range(c.num_hidden_layers))
     tok, pos = jnp.arange(b, dtype=jnp.int32), jnp.full((b,), 20, jnp.int32)
     valid = jnp.ones((b, t), jnp.int32)
     print(f"SmolLM2-135M shapes, float32, {b} rows, {t} cache slots, backend {jax.default_backend()}")
@@ -91,9 +91,10 @@ def main() -> int:
         f = jax.jit(lambda v, ls, key=key: [v @ layer[key] for layer in ls])
         print(f"{'30 x ' + name + ' matmul':44s} {_median_ms(lambda: f(inp, layers)):8.1f}")
     q = jax.random.normal(jax.random.key(2), (b, c.num_attention_heads, dh))
-    att = jax.jit(lambda q, k, m: [_attend(c, q + i, k, k, m) for i in range(c.num_hidden_layers)])
-    k_cache, mask = jnp.zeros((b, kv, t, dh)), valid > 0  # made once: not part of the timed call
-    print(f"{'30 x attention over the cache':44s} {_median_ms(lambda: att(q, k_cache, mask)):8.1f}")
+    # Each layer its own cache, as in the step (one cache read 30 times stays in the CPU's caches: 2-3x faster)
+    att = jax.jit(lambda q, cc, m: [_attend(c, q + i, k, v, m) for i, (k, v) in enumerate(cc)])
+    kv_caches, mask = caches(), valid > 0  # made once: not part of the timed call
+    print(f"{'30 x attention over the cache':44s} {_median_ms(lambda: att(q, kv_caches, mask)):8.1f}")
     un = jax.jit(lambda v, w: model.unembed(c, w, v[:, None]))
     print(f"{'unembedding (tied table)':44s} {_median_ms(lambda: un(x, w)):8.1f}")
 

@@ -82,6 +82,45 @@ def _filter_logits(logits_BxV, sc: SamplingConfig):
     return logits
 
 
+def _ordered_u32(x):
+    """uint32 keys in the order of the float32 values (negative floats: every bit flipped; others: the sign bit
+    set), and back (`_float_of`)."""
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _float_of(key):
+    return jax.lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key), jnp.float32)
+
+
+def _nucleus_cutoff(logits_BxV, top_p: float):
+    """Per row, the smallest logit that top-p keeps, found without a sort: the smallest value c with
+    mass(logits > c) < top_p, which is `_filter_logits`' cutoff (a value c is kept iff the mass of the values above
+    it is below top_p). A bisection over the floats in their order (`_ordered_u32`), 32 halvings of the row's
+    [min, max] key range, each a masked sum over the vocabulary: 32 x 49K rows in milliseconds, where the sort
+    took 480 ms (docs/performance.md)."""
+    probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    keys = _ordered_u32(logits_BxV)
+    lo, hi = keys.min(axis=-1), keys.max(axis=-1)  # the answer is in [lo, hi]: mass(> max) = 0 < top_p
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below_p = jnp.sum(jnp.where(keys > mid[:, None], probs, 0.0), axis=-1) < top_p
+        return jnp.where(below_p, lo, mid + 1), jnp.where(below_p, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return _float_of(lo)
+
+
+def _filter_logits_unsorted(logits_BxV, sc: SamplingConfig):
+    """`_filter_logits` with the top-p cutoff from `_nucleus_cutoff` instead of a sort of the vocabulary."""
+    if sc.top_p >= 1.0:
+        return _filter_logits(logits_BxV, sc)
+    logits = _filter_logits(logits_BxV, dataclasses.replace(sc, top_p=1.0))
+    return jnp.where(logits < _nucleus_cutoff(logits, sc.top_p)[:, None], -jnp.inf, logits)
+
+
 def _next_token(logits_BxV, keys_B, pos_B, sc: SamplingConfig):
     """The token at position `pos_B` of each row: argmax, or a draw with the row's key folded with that position
     (so a row's draws depend on its own key, prompt length and logits only: not on the batch it shares).
@@ -114,7 +153,8 @@ def _next_token(logits_BxV, keys_B, pos_B, sc: SamplingConfig):
         fits &= (after < cutoff) & ((mass[:, -1] >= sc.top_p) if not sc.top_k else True)
         cand = jnp.where(cand < cutoff[:, None], -jnp.inf, cand)
     token = jnp.take_along_axis(idx_BxK1, draw(step_keys_B, cand)[:, None], axis=1)[:, 0]
-    whole = jax.lax.cond(jnp.all(fits), lambda: token, lambda: draw(step_keys_B, _filter_logits(logits_BxV, sc)))
+    whole = jax.lax.cond(jnp.all(fits), lambda: token,
+                         lambda: draw(step_keys_B, _filter_logits_unsorted(logits_BxV, sc)))
     return jnp.where(fits, token, whole).astype(jnp.int32)
 
 
@@ -155,8 +195,8 @@ def _prefill(config: ModelConfig, params, ids_BxP, mask_BxP, sc: SamplingConfig,
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
     logits, cache = model.decode(config, params, ids_BxP, positions_BxP, kv_valid_BxT,
                                  model.init_cache(config, b, total), 0)
-    if fast:  # (L, B, T, K, Dh) -> per layer (B, K, T, Dh), once
-        cache = tuple((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in zip(*cache))
+    if fast:  # (L, B, T, K, Dh) -> per layer keys (B, K, Dh, T) and values (B, K, T, Dh), once
+        cache = tuple((k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)) for k, v in zip(*cache))
     pos_B = positions_BxP[:, -1] + 1
     return _next_token(logits[:, -1], keys_B, pos_B, sc), pos_B, kv_valid_BxT, cache, keys_B
 
