@@ -342,3 +342,30 @@ def test_tied_embeddings_give_transformers_logits_and_an_identical_round_trip(tm
     a, b = _tensors(path), _tensors(tmp_path / "out")
     assert set(a) == set(b) and "lm_head.weight" not in b
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_rmsnorm_in_bfloat16_rounds_as_the_familys_hf_norm(family):
+    """In bfloat16 gpt-oss's RMSNorm multiplies by its weight in float32 and casts after (GptOssRMSNorm), where
+    Mixtral's (like Llama's) casts first and multiplies in bfloat16: each of jsmaug's norms equals its family's HF
+    norm bit for bit, and the two orders give different bits on these values (so the test tells them apart)."""
+    import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from jsmaug.models.weights import RMSNorm, rms_norm
+
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.normal(size=(4, 7, 96)) * 3, dtype=torch.float32).to(torch.bfloat16)
+    w = torch.as_tensor(1 + rng.normal(size=96) * 0.3, dtype=torch.float32).to(torch.bfloat16)
+    hf_norm = (GptOssRMSNorm if family == "gpt_oss" else MixtralRMSNorm)(96, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf_norm.weight.copy_(w)
+        want = hf_norm(x).float().numpy()
+    config = cfg_lib.tiny(model_type=family, hidden_size=96, rms_norm_eps=1e-5)
+    assert config.norm_weight_in_float32 == (family == "gpt_oss")
+    xj, wj = jnp.asarray(x.float().numpy(), jnp.bfloat16), jnp.asarray(w.float().numpy(), jnp.bfloat16)
+    got = RMSNorm(config).apply({"params": {"weight": wj}}, xj)  # the layer's norm, as the model builds it
+    other = rms_norm(xj, wj, 1e-5, weight_in_float32=not config.norm_weight_in_float32)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+    assert (np.asarray(other.astype(jnp.float32)) != want).mean() > 0.01

@@ -184,6 +184,13 @@ class ModelConfig:
         return 1.0 if self.is_gemma else 0.0
 
     @property
+    def norm_weight_in_float32(self) -> bool:
+        """RMSNorm multiplies by its weight in float32 and then casts (HF's Gemma3RMSNorm and GptOssRMSNorm), where
+        the other families cast the normalised values to the compute dtype first and multiply there (Llama's
+        form). The same in float32; in bfloat16 the two round differently."""
+        return self.is_gemma or self.model_type == "gpt_oss"
+
+    @property
     def hidden_act(self) -> str:
         """The MLP's gate activation, by HF's name."""
         return "gelu_pytorch_tanh" if self.is_gemma else "silu"

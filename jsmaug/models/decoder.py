@@ -312,7 +312,8 @@ def _embed(config: ModelConfig, params: Params, input_ids_BxS, positions_BxS):
 
 def final_norm(config: ModelConfig, params: Params, x_BxSxD):
     """The norm before the unembedding."""
-    return rms_norm(x_BxSxD, params["norm"]["weight"], config.rms_norm_eps, offset=config.norm_offset)
+    return rms_norm(x_BxSxD, params["norm"]["weight"], config.rms_norm_eps, offset=config.norm_offset,
+                    weight_in_float32=config.norm_weight_in_float32)
 
 
 def _inputs(input_ids, attention_mask, segment_ids, positions):

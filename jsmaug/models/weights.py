@@ -50,13 +50,14 @@ def bias(module: nn.Module, name: str, shape, axes, config: ModelConfig):
     return param(module, name, shape, axes, nn.initializers.zeros, config).astype(jnp.dtype(config.dtype))
 
 
-def rms_norm(x, weight_, eps: float, num_axes: int = 1, offset: float = 0.0):
-    """RMSNorm over the last `num_axes` axes in float32. Llama's form (offset 0): cast back to x's dtype, then
-    times the weight. Gemma's (offset 1): times (1 + weight) still in float32, then cast, as HF's Gemma3RMSNorm."""
+def rms_norm(x, weight_, eps: float, num_axes: int = 1, offset: float = 0.0, weight_in_float32: bool = False):
+    """RMSNorm over the last `num_axes` axes in float32. Llama's form: cast back to x's dtype, then times the
+    weight. With `weight_in_float32` (`config.norm_weight_in_float32`): times (offset + weight) still in float32,
+    then cast, as HF's Gemma3RMSNorm (offset 1) and GptOssRMSNorm (offset 0) do."""
     xf = x.astype(jnp.float32)
     axes = tuple(range(-num_axes, 0))
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes, keepdims=True) + eps)
-    if offset:
+    if offset or weight_in_float32:
         return (y * (offset + weight_.astype(jnp.float32))).astype(x.dtype)
     return y.astype(x.dtype) * weight_.astype(x.dtype)
 
@@ -73,4 +74,4 @@ class RMSNorm(nn.Module):
         offset = self.config.norm_offset  # Gemma stores w around 0 and applies (1 + w): identity at init
         init = nn.initializers.zeros if offset else nn.initializers.ones
         w = param(self, "weight", shape, self.axes, init, self.config)
-        return rms_norm(x, w, self.config.rms_norm_eps, len(shape), offset)
+        return rms_norm(x, w, self.config.rms_norm_eps, len(shape), offset, self.config.norm_weight_in_float32)
