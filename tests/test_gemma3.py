@@ -2,8 +2,8 @@
 generation against transformers, `gemma3_local_global` in tests/family_fixtures.py): the config.json forms
 transformers reads (the older `sliding_window_pattern` / top-level RoPE fields), the refusals, the parameter
 count against Gemma3ForCausalLM's, the local/global layer switch under the memory-efficient kernel and remat
-(values and gradients against the plain path), every weight's gradient against torch's autograd, and TRL's
-DPOTrainer log-probs of an export."""
+(values and gradients against the plain path), every weight's gradient against torch's autograd, TRL's
+DPOTrainer log-probs of an export, and yarn on the global layers against Gemma3ForCausalLM."""
 
 import json
 
@@ -64,7 +64,7 @@ def test_older_config_forms_read_as_transformers_reads_them():
 
 @pytest.mark.parametrize("change,named", [
     (dict(layer_types=[LOCAL, "chunked_attention"] + [GLOBAL] * 5), "chunked_attention"),
-    (dict(rope_parameters={GLOBAL: {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0}}), "'yarn'"),
+    (dict(rope_parameters={GLOBAL: {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 8.0}}), "'dynamic'"),
     (dict(rope_parameters={LOCAL: {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}), LOCAL),
     (dict(rope_parameters={"chunked_attention": {"rope_type": "default"}}), "chunked_attention"),
     (dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
@@ -185,3 +185,40 @@ def test_trl_dpo_trainer_gives_jsmaugs_log_probs_of_a_gemma3_export(tmp_path):
     np.testing.assert_allclose(ours["policy_chosen"], trl_c, atol=1e-3, rtol=0)
     np.testing.assert_allclose(ours["policy_rejected"], trl_r, atol=1e-3, rtol=0)
     assert np.all(np.abs(trl_c) > 15)  # ~10 nats a token: a stray or missing token would show
+
+
+def test_yarn_on_the_global_layers_gives_transformers_logits(tmp_path):
+    """YaRN on the global layers only (the local ones keep their default RoPE): logits equal Gemma3ForCausalLM's,
+    and yarn moves them far past the tolerance (its frequencies and its attention factor both show)."""
+    import torch
+    import transformers
+    from family_fixtures import hf_logits
+
+    rope = {GLOBAL: {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 8},
+            LOCAL: {"rope_type": "default", "rope_theta": 100.0}}
+    cfg = transformers.Gemma3TextConfig(**dict({k: v for k, v in BASE.items() if k != "model_type"},
+                                               num_hidden_layers=3, layer_types=[LOCAL, GLOBAL, LOCAL],
+                                               sliding_window=5, query_pre_attn_scalar=24, rope_parameters=rope,
+                                               max_position_embeddings=32, tie_word_embeddings=True))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    torch_model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.3 * torch.randn_like(p))
+    torch_model.save_pretrained(tmp_path)
+    config, params = hf.load(tmp_path)
+    assert config.rope_type == "yarn" and config.rope_factor == 4.0 and config.rope_local_base_freq == 100.0
+    ids = np.random.default_rng(0).integers(3, 96, (2, 14))
+    want, _ = hf_logits(torch_model, ids)
+    got = np.asarray(model.forward(config, params, jnp.asarray(ids))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    default = config.replace(rope_type="default", rope_factor=None, rope_original_max_position_embeddings=None)
+    plain = np.asarray(model.forward(default, params, jnp.asarray(ids))[0])
+    assert np.abs(plain - want).max() > 1e-2
+    written = families.to_hf_dict(config)  # the export's config.json: transformers reads the same RoPEs back
+    again = transformers.Gemma3TextConfig(**{k: v for k, v in written.items() if k not in ("architectures",
+                                                                                           "torch_dtype")})
+    assert again.rope_parameters == cfg.rope_parameters and families.from_hf_dict(written) == config

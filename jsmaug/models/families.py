@@ -204,9 +204,6 @@ def _gemma3(d: dict, source: str) -> dict[str, Any]:
     if local_type != "default" or local.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
         raise ConfigError(f"{source}: rope_parameters.sliding_attention {local!r} is not supported; jsmaug's local "
                           "layers take rope_type default over all of head_dim")
-    if full.get("rope_type", full.get("type")) == "yarn":  # not compared with Gemma3ForCausalLM's yet
-        raise ConfigError(f"{source}: rope_type 'yarn' is not supported for gemma3_text's global layers (jsmaug "
-                          "implements yarn for the other families; its Gemma 3 form is untested)")
     out = _rope({"rope_parameters": full, "max_position_embeddings": d.get("max_position_embeddings")},
                 "gemma3_text", f"{source} (rope_parameters.full_attention)")
     window = d.get("sliding_window")
