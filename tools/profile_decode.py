@@ -30,6 +30,7 @@ import numpy as np
 from jsmaug.models import decoder as model, generate as gen
 from jsmaug.models.config import ModelConfig
 from jsmaug.models.fast_decode import _attend, decode_weights, fast_step
+from jsmaug.perf.bench import time_alternating
 from jsmaug.perf.profile import trace_op_seconds
 
 SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -38,13 +39,10 @@ SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermedia
 
 
 def _median_ms(fn, n=10) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ts))
+    """Median milliseconds of `fn()` waited for, after a first (compiling) call: the bench's `time_alternating`."""
+    blocking = lambda: jax.block_until_ready(fn())  # noqa: E731
+    blocking()
+    return 1e3 * time_alternating({"fn": blocking}, rounds=n)["fn"]
 
 
 def main() -> int:
