@@ -115,18 +115,17 @@ class Manager:
         while True:
             try:
                 leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
-            except OSError:
-                leftovers = [None]
-            if not leftovers:
+            except OSError:  # the folder changing under the listing: list it again
+                leftovers = None
+            if leftovers == []:
                 return []
-            for tmp in leftovers:
+            for tmp in leftovers or ():
                 try:
-                    if tmp is not None:
-                        tmp.rmtree(missing_ok=True)
+                    tmp.rmtree(missing_ok=True)
                 except OSError:
                     pass
             if time.monotonic() > deadline:
-                return [t.name for t in leftovers if t is not None and t.exists()]
+                return [t.name for t in leftovers or () if t.exists()]
             time.sleep(0.05)
 
     def restore(self, abstract_state, step: int | None = None, abstract_reference=None):
