@@ -1,9 +1,11 @@
 """bucketed's layout (jsmaug/models/bucketed.py): the base buffer at the mean load plus overflow blocks. Outputs
 and gradients equal the every-expert-on-every-token reference on balanced, skewed and all-on-one routing, each
-taking a different overflow rung; the ladder's last rung holds any routing; invalid (all_to_all) rows take no
-row and give nothing; LoRA adapters (Factored weights) get the gradients of the materialised W + s A @ B through
+taking a different overflow rung, with the overflow blocks run both ways (a ladder of batched branches, a loop of
+one block per iteration); the ladder's last rung holds any routing; invalid (all_to_all) rows take no row and give
+nothing; LoRA adapters (Factored weights) get the gradients of the materialised W + s A @ B through
 the overflow blocks too."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -33,15 +35,17 @@ def _loss(fn):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
 
 
+@pytest.mark.parametrize("overflow", ["loop", "ladder"])
 @pytest.mark.parametrize("skew", [0.0, 3.0, 30.0])
-def test_every_rung_equals_dense_in_values_and_gradients(skew):
+def test_every_rung_equals_dense_in_values_and_gradients(skew, overflow):
     x, logits, w = _problem(skew)
     sizes = np.bincount(np.asarray(moe.route(logits, K)[1]).ravel(), minlength=E)
     layout, ladder = bucketed.plan(T, K, E)
     need = int(bucketed.needed_blocks(jnp.asarray(sizes), *layout))
     # balanced: a few blocks; skewed: more; all on expert 1: its T - C rows beyond the base
     assert {0.0: 0 < need <= 2, 3.0: 2 < need, 30.0: sizes[1] == T}[skew]
-    (l_ref, g_ref), (l, g) = (_loss(moe.dense_ffn)(x, logits, *w), _loss(moe.bucketed_ffn)(x, logits, *w))
+    bucketed_ffn = functools.partial(moe.bucketed_ffn, overflow=overflow)
+    (l_ref, g_ref), (l, g) = (_loss(moe.dense_ffn)(x, logits, *w), _loss(bucketed_ffn)(x, logits, *w))
     np.testing.assert_allclose(l, l_ref, rtol=1e-5)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, atol=2e-5)
@@ -72,16 +76,19 @@ def test_the_last_rung_holds_any_routing():
             assert int(bucketed.needed_blocks(jnp.asarray(sizes), *layout)) <= ladder[-1]
 
 
-def test_invalid_rows_take_no_row():
+@pytest.mark.parametrize("overflow", ["loop", "ladder"])
+def test_invalid_rows_take_no_row(overflow):
     x, logits, w = _problem(3.0)
     _, idx, wt = moe.route(logits, K)
     valid = jnp.arange(T)[:, None] % 3 != 0
-    y, _ = jax.jit(moe.bucketed_ffn)(x, idx, wt, *w, valid_TxK=jnp.broadcast_to(valid, idx.shape))
+    fn = jax.jit(functools.partial(moe.bucketed_ffn, overflow=overflow))
+    y, _ = fn(x, idx, wt, *w, valid_TxK=jnp.broadcast_to(valid, idx.shape))
     y_ref, _ = moe.dense_ffn(x, idx, wt * valid, *w)
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
 
 
-def test_factored_adapters_through_overflow_blocks_equal_the_merged_weights():
+@pytest.mark.parametrize("overflow", ["loop", "ladder"])
+def test_factored_adapters_through_overflow_blocks_equal_the_merged_weights(overflow):
     x, logits, w = _problem(30.0)  # most rows on expert 1: several overflow blocks
     ks = jax.random.split(jax.random.key(9), 6)
     a = [jax.random.normal(k, (E, wi.shape[1], 3)) * 0.3 for k, wi in zip(ks[:3], w)]
@@ -96,8 +103,15 @@ def test_factored_adapters_through_overflow_blocks_equal_the_merged_weights():
             return jnp.sum(fn(x, idx, gates, *ws)[0] * dy)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(a, b, x)
 
-    got, want = loss(moe.bucketed_ffn, False), loss(moe.dense_ffn, True)
+    got, want = loss(functools.partial(moe.bucketed_ffn, overflow=overflow), False), loss(moe.dense_ffn, True)
     layout, _ = bucketed.plan(T, K, E)
     assert int(bucketed.needed_blocks(jnp.bincount(idx.ravel(), length=E), *layout)) >= 2
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4), got[1], want[1])
+
+
+def test_overflow_mode_follows_the_platform_and_refuses_unknown_names():
+    assert bucketed.overflow_mode("auto") == ("loop" if jax.default_backend() == "cpu" else "ladder")
+    assert bucketed.overflow_mode("ladder") == "ladder"
+    with pytest.raises(ValueError, match="'loops'"):
+        bucketed.overflow_mode("loops")

@@ -3,10 +3,22 @@ proportion to the rows really routed, however uneven the routing.
 
 Each expert's first C assignments (C the mean load, rounded up to a multiple of 8) go to an (E, C, D) buffer,
 whose SwiGLU is one batched matmul per weight. The rest, the rows of the busier experts beyond C, go to overflow
-blocks of `bs` rows, one expert per block (the block's weights gathered): M blocks, M the smallest rung of a
-ladder (0, 1, 2, 3, 4, 6, 8, 12, ...) that holds them, chosen at run time by `lax.switch` over one compiled branch
-per rung. A padded buffer sized for the busiest expert (the earlier design) computes E x its load; this computes
-E x the mean plus the overflow rounded up to blocks.
+blocks of `bs` rows, one expert per block. Two ways to run them (`overflow`):
+
+- `loop` (the CPU default): a loop of exactly as many iterations as the routing needs blocks, each block one
+  matmul per weight with its expert's weights sliced, not copied. One compiled body, however many blocks.
+- `ladder` (elsewhere): M blocks in one batched product (each block's weights gathered), M the smallest rung of a
+  ladder (0, 1, 2, 3, 4, 6, 8, 12, ...) that holds them, chosen at run time by `lax.switch` over one compiled
+  branch per rung: one launch on a GPU, but about 12 branches, forward and backward, for XLA to compile.
+
+Measured on the 2-core CPU machine (2026-12-07, fwd+bwd of the layer, alternating in one process;
+docs/performance.md, "The MoE's overflow blocks as a loop"): the loop took 0.62-0.99x the ladder's time at three
+shapes and three router skews (the more skewed, the bigger the gain: no rung rounds up, no weights are copied) and
+compiled in 0.7-1.4 s against 4.2-7.8 s; the tiny config's whole DPO step compiled in 5.8 s against 10.3. The GPU keeps the ladder, the path measured on
+an H200 (jsmaug/models/moe.py); the loop is not measured there.
+
+A padded buffer sized for the busiest expert (the earlier design) computes E x its load; this computes E x the
+mean plus the overflow rounded up to blocks.
 
 Measured on the 2-core CPU machine (2026-12-03, fwd+bwd, alternating in one process; docs/performance.md, "The
 MoE's overflow blocks"): the layer at the bench step model's shape (T=2048, D=256, F=512, top-2 of 8) with its
@@ -34,6 +46,7 @@ import jax.numpy as jnp
 
 from jsmaug.models import factored
 from jsmaug.models.glu import SWIGLU
+from jsmaug.parallel import mesh_context
 
 # Overflow-block rungs up to 4, then about x1.5 apart (the last rung is the bound, see `overflow_ladder`).
 _RUNGS = (0, 1, 2, 3, 4, 6, 8)
@@ -124,14 +137,39 @@ def _glu_backward(spec, glu, xb, w1, w3, w2, p1, p3, dout):
             factored.weight_grad(spec, glu(p1, p3), dout, w2), dp1, dp3)
 
 
-def _forward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E):
-    """y per assignment and the two pre-activations per assignment (the backward's residuals)."""
+def _overflow_sources(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E):
+    """(each overflow row's assignment, A for an empty row: (M, B); each block's expert (M,)), for the loop."""
+    dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
+    num_assign = expert_A.shape[0]
+    src = jnp.full((num_blocks * bs,), num_assign, jnp.int32).at[dest_A].set(
+        jnp.arange(num_assign, dtype=jnp.int32), mode="drop")
+    return src.reshape(num_blocks, bs), be_M
+
+
+def _rows(v_AxN, rows_B):
+    """The block's rows of a per-assignment array, (1, B, N); an empty row (index A) reads zeros."""
+    return v_AxN.at[rows_B].get(mode="fill", fill_value=0)[None]
+
+
+def _forward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
+             need=None):
+    """y per assignment and the two pre-activations per assignment (the backward's residuals). The overflow:
+    `num_blocks` blocks in one batched product, or (`need` given: the loop) `need` blocks one after the other,
+    each with its own expert's weights, `num_blocks` the bound."""
     capacity, bs = layout
     num_experts = w1.shape[0]
     x_AxD = x_TxD[token_A]
     outs = expert_matmuls("e", to_buffer(x_AxD, expert_A, slot_A, num_experts, capacity), w1, w3, w2, glu,
                           *(b13 or ()))
     outs = [from_buffer(v, expert_A, slot_A) for v in outs]
+    if need is not None:
+        src_MxB, be_M = _overflow_sources(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
+
+        def block(m, outs):
+            rows, e = src_MxB[m], be_M[m][None]
+            got = expert_matmuls("m", _rows(x_AxD, rows), w1[e], w3[e], w2[e], glu, *(b[e] for b in b13 or ()))
+            return tuple(o.at[rows].add(v[0], mode="drop") for o, v in zip(outs, got))
+        return jax.lax.fori_loop(0, need, block, tuple(outs))
     if num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
         over = expert_matmuls("m", _to_blocks(x_AxD, dest_A, num_blocks, bs), w1[be_M], w3[be_M], w2[be_M], glu,
@@ -141,7 +179,7 @@ def _forward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A,
 
 
 def _backward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E, p1_AxF,
-              p3_AxF, g_AxD):
+              p3_AxF, g_AxD, need=None):
     capacity, bs = layout
     num_experts = w1.shape[0]
     rows = (x_TxD[token_A], p1_AxF, p3_AxF, g_AxD)
@@ -149,7 +187,20 @@ def _backward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A
     dxb, dw1, dw3, dw2, dp1, dp3 = _glu_backward("e", glu, xb, w1, w3, w2, p1, p3, dout)
     db1, db3 = jnp.sum(dp1, axis=1), jnp.sum(dp3, axis=1)  # empty buffer rows have dout = 0, so dp = 0
     dx_AxD = from_buffer(dxb, expert_A, slot_A)
-    if num_blocks:
+    if need is not None:
+        src_MxB, be_M = _overflow_sources(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
+
+        def block(m, acc):
+            dx_AxD, dws, db1, db3 = acc
+            r, e = src_MxB[m], be_M[m]
+            dxb, *dws_m, dp1, dp3 = _glu_backward("m", glu, *(_rows(v, r) for v in rows[:1]), w1[e[None]],
+                                                   w3[e[None]], w2[e[None]], *(_rows(v, r) for v in rows[1:]))
+            add = lambda a, d: a.at[e].add(d[0])  # noqa: E731
+            dws = tuple(jax.tree.map(add, a, d) for a, d in zip(dws, dws_m))
+            return (dx_AxD.at[r].add(dxb[0], mode="drop"), dws, add(db1, jnp.sum(dp1, axis=1)),
+                    add(db3, jnp.sum(dp3, axis=1)))
+        dx_AxD, (dw1, dw3, dw2), db1, db3 = jax.lax.fori_loop(0, need, block, (dx_AxD, (dw1, dw3, dw2), db1, db3))
+    elif num_blocks:
         dest_A, be_M = _overflow_layout(capacity, bs, num_blocks, expert_A, slot_A, group_sizes_E)
         xb, p1, p3, dout = (_to_blocks(v, dest_A, num_blocks, bs) for v in rows)
         dxb, *dws, dp1, dp3 = _glu_backward("m", glu, xb, w1[be_M], w3[be_M], w2[be_M], p1, p3, dout)
@@ -164,23 +215,28 @@ def _backward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _grouped_glu(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E, branch):
-    """The gated experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks."""
+    """The gated experts on the sorted assignments: the base buffer plus ladder[branch] overflow blocks, or (an
+    int `ladder`: the loop, its bound) `branch` blocks in a loop."""
     return _grouped_glu_fwd(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
                             branch)[0]
 
 
+def _run(fn, layout, ladder, glu, branch, *args):
+    if isinstance(ladder, int):  # the loop: one program, `branch` blocks
+        return fn(layout, ladder, glu, *args, need=branch)
+    return jax.lax.switch(branch, [functools.partial(fn, layout, m, glu) for m in ladder], *args)
+
+
 def _grouped_glu_fwd(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
                      branch):
-    branches = [functools.partial(_forward, layout, m, glu) for m in ladder]
     routing = (token_A, expert_A, slot_A, group_sizes_E)
-    y, p1, p3 = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, b13, *routing)
+    y, p1, p3 = _run(_forward, layout, ladder, glu, branch, x_TxD, w1, w3, w2, b13, *routing)
     return y, (x_TxD, w1, w3, w2, b13, routing, branch, p1, p3)
 
 
 def _grouped_glu_bwd(layout, ladder, glu, res, g_AxD):
     x_TxD, w1, w3, w2, b13, routing, branch, p1, p3 = res
-    branches = [functools.partial(_backward, layout, m, glu) for m in ladder]
-    grads = jax.lax.switch(branch, branches, x_TxD, w1, w3, w2, b13, *routing, p1, p3, g_AxD)
+    grads = _run(_backward, layout, ladder, glu, branch, x_TxD, w1, w3, w2, b13, *routing, p1, p3, g_AxD)
     return (*grads, None, None, None, None, None)
 
 
@@ -194,12 +250,27 @@ def plan(num_tokens: int, k: int, num_experts: int, mean_load: float | None = No
     return (capacity, bs), overflow_ladder(num_tokens * k, num_experts, bs)
 
 
-def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mean_load=None, glu=SWIGLU, b13=None):
+def expert_part(x_TxD, w1, w3, w2, token_A, expert_A, slot_A, group_sizes_E, mean_load=None, glu=SWIGLU, b13=None,
+                overflow: str = "auto"):
     """y per sorted assignment (A, D): the base buffer and as many overflow blocks as the routing needs. `glu` the
-    gated activation (jsmaug/models/glu.py), `b13` None or the (E, F) biases of the gate and up pre-activations."""
+    gated activation (jsmaug/models/glu.py), `b13` None or the (E, F) biases of the gate and up pre-activations.
+    `overflow`: "ladder" (a `lax.switch` over one batched branch per rung), "loop" (one block per iteration of
+    a loop of as many iterations as there are blocks), or "auto": the loop on CPU, the ladder elsewhere."""
     num_tokens, num_experts = x_TxD.shape[0], w1.shape[0]
     layout, ladder = plan(num_tokens, token_A.shape[0] // num_tokens, num_experts, mean_load)
     need = needed_blocks(group_sizes_E, *layout)
+    if overflow_mode(overflow) == "loop":
+        return _grouped_glu(layout, ladder[-1], glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A,
+                            group_sizes_E, need.astype(jnp.int32))
     branch = jnp.searchsorted(jnp.asarray(ladder), need, side="left").astype(jnp.int32)
     return _grouped_glu(layout, ladder, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A, slot_A, group_sizes_E,
                         branch)
+
+
+def overflow_mode(overflow: str = "auto") -> str:
+    """"auto" -> "loop" on CPU (the compile target's platform), "ladder" elsewhere; others as given."""
+    if overflow not in ("auto", "loop", "ladder"):
+        raise ValueError(f"bucketed overflow {overflow!r}: one of auto, loop, ladder")
+    if overflow != "auto":
+        return overflow
+    return "loop" if mesh_context.target_platform() == "cpu" else "ladder"

@@ -182,7 +182,7 @@ def capacity_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, capacity_f
 
 
 def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=None, mean_load: float | None = None,
-                 glu=SWIGLU, b13=None):
+                 glu=SWIGLU, b13=None, overflow: str = "auto"):
     """Dropless dispatch with fixed shapes (jsmaug/models/bucketed.py): each expert's first C rows (C the mean
     load) in one (E, C, D) buffer, the busier experts' rows beyond C in as many overflow blocks as they need.
 
@@ -197,7 +197,7 @@ def bucketed_ffn(x_TxD, idx_TxK, w_TxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, valid_TxK=
         idx_TxK = jnp.where(valid_TxK, idx_TxK, num_experts)
     order_A, token_A, expert_A, group_sizes_E, slot_A = _sort_assignments(idx_TxK, num_experts)
     y_AxD = bucketed.expert_part(x_TxD, *(w.astype(dtype) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD)),
-                                 token_A, expert_A, slot_A, group_sizes_E, mean_load, glu, b13)
+                                 token_A, expert_A, slot_A, group_sizes_E, mean_load, glu, b13, overflow)
     return _combine(y_AxD, order_A, token_A, w_TxK, num_tokens), jnp.zeros((), jnp.int32)
 
 

@@ -1,13 +1,16 @@
 """Many small experts on CPU: Qwen3-30B-A3B's MoE layer in miniature (hidden 512, 64 experts of width 192, top-8,
 2,048 tokens; the real one is 128 experts of 768 at hidden 2048), forward and backward.
 
-    python -m jsmaug.perf.moe_bench [--quick] [--skews]     # tools/bench.py records `bench_many_small_experts`
+    python -m jsmaug.perf.moe_bench [--quick] [--skews] [--overflow]   # tools/bench.py records
+                                                                       # `bench_many_small_experts`
 
 - `bench_many_small_experts`: the dropless paths (bucketed, the CPU default; blocked) in useful GFLOP/s against
   one dense matmul of the same useful FLOPs (the T*k rows through one expert's SwiGLU), timed side by side
   with `jsmaug.perf.bench.time_alternating` and recorded with `jsmaug.perf.bench.record`.
 - `measure_skews`: the bucketed layer under routers of growing skew: the busiest expert's load, the overflow
   blocks it needs (jsmaug/models/bucketed.py) and the layer's rate against the dense matmul.
+- `bench_overflow_modes`: the bucketed layer's overflow blocks as a loop (the CPU default) against the ladder of
+  batched branches, at three shapes and three router skews: time (alternating) and compile time of each.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsmaug.models import bucketed, moe
-from jsmaug.perf.bench import record, time_alternating
+from jsmaug.perf.bench import print_table, record, time_alternating
 
 QWEN3_30B_MINI = dict(tokens=2048, d=512, f=192, e=64, k=8)
 QUICK = dict(tokens=256, d=64, f=32, e=64, k=8)  # a smoke run (tools/bench.py --quick)
@@ -98,10 +101,52 @@ def measure_skews(tokens=2048, d=512, f=192, e=64, k=8, rounds=3, skews=(0.0, 1.
         t = time_alternating(_calls({"layer": _layer("bucketed", k), "dense": _dense_equiv(k)}, x, *w, logits),
                              rounds)
         print(f"  router skew {skew}: busiest expert {sizes.max() / (tokens * k / e):.2f} x the mean, base capacity "
-              f"{layout[0]}, {need} overflow blocks of {layout[1]} rows (rung {rung}): {t['layer'] * 1e3:.1f} ms, "
+              f"{layout[0]}, {need} overflow blocks of {layout[1]} rows ({bucketed.overflow_mode()}"
+              f"{f', rung {rung}' if bucketed.overflow_mode() == 'ladder' else ''}): {t['layer'] * 1e3:.1f} ms, "
               f"{useful / t['layer'] / 1e9:.1f} useful GFLOP/s against one dense matmul's "
               f"{useful / t['dense'] / 1e9:.1f}", flush=True)
         out[skew] = (t["layer"], t["dense"])
+    return out
+
+
+OVERFLOW_SHAPES = {  # (tokens, hidden, mlp, experts, top-k)
+    "step model": (2048, 256, 512, 8, 2),  # the bench's MoE step model's layer (jsmaug.perf.bench)
+    "Qwen3-30B-A3B mini": (2048, 512, 192, 64, 8),
+    "tiny config, 7 x 400 packed": (2800, 64, 128, 4, 2),  # configs/tiny_dpo.yaml's layer in issue 44's run
+}
+
+
+def _bucketed_layer(k, overflow):
+    def loss(x, w1, w3, w2, logits):
+        _, idx, w = moe.route(logits, k)
+        y, _ = moe.bucketed_ffn(x, idx, w, w1, w3, w2, overflow=overflow)
+        return jnp.sum(y * y)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def bench_overflow_modes(shapes=OVERFLOW_SHAPES, skews=(0.0, 2.0, 6.0), rounds: int = 7) -> list[dict]:
+    """Records `moe/overflow_loop_vs_ladder/<shape>/skew<s>`: the bucketed layer (fwd+bwd) with its overflow
+    blocks as a loop against the ladder (seconds, alternating, `rounds` rounds), with each one's compile time."""
+    import time
+
+    out = []
+    for name, (t, d, f, e, k) in shapes.items():
+        layout, _ = bucketed.plan(t, k, e)
+        for skew in skews:
+            x, logits, w = _inputs(t, d, f, e, skew)
+            sizes = np.bincount(np.asarray(moe.route(logits, k)[1]).ravel(), minlength=e)
+            need = int(bucketed.needed_blocks(jnp.asarray(sizes), *layout))
+            fns, compile_s = {m: _bucketed_layer(k, m) for m in ("loop", "ladder")}, {}
+            for m, fn in fns.items():
+                start = time.perf_counter()
+                fn.lower(x, *w, logits).compile()
+                compile_s[m] = round(time.perf_counter() - start, 2)
+            times = time_alternating(_calls(fns, x, *w, logits), rounds)
+            cfg = (f"T={t} D={d} F={f} E={e} top-{k} f32 fwd+bwd, router skew {skew}: busiest expert "
+                   f"{sizes.max() / (t * k / e):.2f}x the mean, {need} overflow blocks of {layout[1]} rows; compile "
+                   f"loop {compile_s['loop']} s, ladder {compile_s['ladder']} s")
+            out.append(record(f"moe/overflow_loop_vs_ladder/{name}/skew{skew:g}", times["loop"], times["ladder"],
+                              "s", cfg, "overflow blocks in a loop", "overflow blocks as a ladder of branches"))
     return out
 
 
@@ -109,7 +154,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     ap.add_argument("--skews", action="store_true", help="also the bucketed layer under skewed routers")
+    ap.add_argument("--overflow", action="store_true", help="only the overflow blocks: loop against ladder")
+    ap.add_argument("--json_out", default=None, help="the recorded rows, one JSON line each")
     args = ap.parse_args(argv)
+    if args.overflow:
+        bench_overflow_modes(shapes={"quick": (256, 64, 32, 8, 2)} if args.quick else OVERFLOW_SHAPES,
+                             rounds=2 if args.quick else 7)
+        print_table(args.json_out)
+        return 0
     shape = QUICK if args.quick else QWEN3_30B_MINI
     bench_many_small_experts(**shape, rounds=2 if args.quick else 5)
     if args.skews:
