@@ -1,5 +1,6 @@
 """Completion log-probs: the chunked kernel against the plain computation (values, gradients), masked positions
-never unembedded, LD-DPO's token weights and WPO's aligned log-probs against naive full-logits formulas."""
+never unembedded, LD-DPO's token weights and WPO's aligned log-probs against naive full-logits formulas, rows
+laid end to end in groups (`row_groups`) equal to rows one by one."""
 
 import numpy as np
 import pytest
@@ -150,3 +151,43 @@ def test_unembedding_matrix_path_equals_autodiff(chunk):  # 64: one chunk longer
     for a, b_ in zip(jax.grad(f_m, (0, 1))(h, wb), jax.grad(f_f, (0, 1))(h, wb)):
         assert a.dtype == b_.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("as_matrix", [True, False])
+def test_rows_laid_end_to_end_in_groups_give_the_same_values_and_gradients(as_matrix):
+    """`row_groups` lays the rows end to end (all in one, in two groups, or one per row): completions of 5 / 3 / 8 /
+    2 tokens then share chunks. Values (weighted, plain, aligned) and gradients equal those of every position at once
+    (no chunks), as row by row does, and the kernel gets the grouped shapes: in two groups, 8 and 10 masked
+    positions in chunks of 2 x 3 (2 chunks), against the longest row's 8 in chunks of 3 (3 chunks)."""
+    h, w, labels, mask, weights = _pairs_batch(11, 12, 6, 19)
+
+    def run(h, w, groups, chunk=3):
+        unembed = w if as_matrix else (lambda x: x @ w)
+        out = logps.sequence_logps_from_hidden(h, unembed, labels, mask, chunk_size=chunk, token_weights_BxS=weights,
+                                               with_aligned=True, row_groups=groups)
+        return jnp.sum(jnp.sin(out.logps) + 0.3 * out.logps_unweighted ** 2), out
+
+    # the reference: every position unembedded at once (no chunks, no grouping)
+    (val, out), grads = jax.value_and_grad(run, (0, 1), has_aux=True)(h, w, None, None)
+    for groups in (None, 1, 2, 4, 3):  # 3 does not divide the 4 rows: row by row, as None
+        (val_g, out_g), grads_g = jax.value_and_grad(run, (0, 1), has_aux=True)(h, w, groups)
+        np.testing.assert_allclose(val_g, val, rtol=1e-6)
+        for a, b_ in zip(out_g, out):
+            np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6)
+        for a, b_ in zip(grads_g, grads):
+            np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+    seen = []
+    real = logps._masked_positions_only
+
+    def spy(fn, h, lb, m, chunk, *args):
+        seen.append((h.shape[:2], chunk))
+        return real(fn, h, lb, m, chunk, *args)
+
+    logps._masked_positions_only = spy
+    try:
+        for groups in (None, 2):
+            logps.sequence_logps_from_hidden(h, w if as_matrix else (lambda x: x @ w), labels, mask, chunk_size=3,
+                                             row_groups=groups)
+    finally:
+        logps._masked_positions_only = real
+    assert seen == [((4, 12), 3), ((2, 24), 6)]

@@ -14,7 +14,8 @@ def test_scope_sets_and_restores_the_mesh_and_drops_size_one_axes():
         got_mesh, axes = mesh_context.active_mesh()
         assert got_mesh is mesh and axes == ("data", "expert")  # fsdp has size 1
         assert mesh_context.target_platform() == mesh.devices.flat[0].platform
-    assert mesh_context.active_mesh() is None
+        assert mesh_context.batch_shards() == 8  # the rows split 2 x 4 ways
+    assert mesh_context.active_mesh() is None and mesh_context.batch_shards() == 1
 
 
 def test_under_mesh_traces_inside_the_scope_for_calls_and_lowering():

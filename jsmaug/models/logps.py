@@ -187,7 +187,8 @@ def sequence_logps(logits_BxSxV, labels_BxS, loss_mask_BxS, *, chunk_size: int |
 def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labels_BxS, loss_mask_BxS, *,
                                chunk_size: int | None = None, token_weights_BxS=None,
                                with_aligned: bool = False, sequence_ids_BxS=None,
-                               num_sequences: int | None = None, table_vd: bool = False) -> SequenceLogps:
+                               num_sequences: int | None = None, table_vd: bool = False,
+                               row_groups: int | None = None) -> SequenceLogps:
     """Per-row completion log-probs from final hidden states and the unembedding: a (D, V) matrix (the trainer's
     case: logits = h @ w in float32, with the hand-written backward of `_unembed_label_logps`) or any
     `unembed(h) -> logits` function (autodiff through it).
@@ -201,6 +202,12 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
     Packed rows (`jsmaug.data.packing`) hold several sequences: with `sequence_ids_BxS` the sums are per sequence
     (`num_sequences` of them), not per row. `table_vd`: `unembed` is a tied model's (V, D) embedding table as it is
     stored, used as it is (no (D, V) transposed copy; the weight gradient comes back (V, D)).
+
+    `row_groups` (with `chunk_size`): the rows are laid end to end in that many groups (the trainer passes its data
+    shards, so each device's rows stay its own), and each group's masked positions are gathered to its front, so the
+    chunks follow the masked positions of all its rows together, not those of its longest row. Rows whose
+    completions differ in length (a padded batch; packed rows) then skip the chunks their short rows would have
+    padded: the DPO step measured 9-13% faster on packed rows (docs/performance.md). The values are the same.
     """
     chex.assert_rank(hidden_BxSxD, 3)
     mask = loss_mask_BxS.astype(jnp.float32)
@@ -216,12 +223,17 @@ def sequence_logps_from_hidden(hidden_BxSxD, unembed: Callable | jax.Array, labe
 
     if chunk_size is None:
         out = chunk_fn(hidden_BxSxD, labels_BxS)
-    elif callable(unembed):
-        out = _masked_positions_only(chunk_fn, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features)
     else:
         def loop(h, lb, longest, chunk):
             return _chunk_loop(with_aligned, chunk, table_vd, unembed, h, lb, longest)
-        out = _masked_positions_only(None, hidden_BxSxD, labels_BxS, loss_mask_BxS, chunk_size, features, loop)
+        b, s, _ = hidden_BxSxD.shape
+        groups = row_groups if row_groups and b % row_groups == 0 else b
+        per = b // groups  # rows laid end to end in each group
+        grouped = (x.reshape(groups, per * s, *x.shape[2:]) for x in (hidden_BxSxD, jnp.asarray(labels_BxS),
+                                                                         jnp.asarray(loss_mask_BxS)))
+        out = _masked_positions_only(chunk_fn if callable(unembed) else None, *grouped, chunk_size * per, features,
+                                     None if callable(unembed) else loop)
+        out = out.reshape(b, s, *out.shape[2:])
     lp = out[..., 0] if with_aligned else out
     if sequence_ids_BxS is None:
         total = functools.partial(jnp.sum, axis=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 
 import jax
 
@@ -45,6 +46,12 @@ def under_mesh(fn, mesh, batch_axes):
 def active_mesh():
     """(mesh, batch axes) set by `mesh_scope`, or None outside it."""
     return _MESH.get()
+
+
+def batch_shards() -> int:
+    """How many ways the active mesh splits the batch's rows (1 outside `mesh_scope`)."""
+    active = _MESH.get()
+    return 1 if active is None else math.prod(active[0].shape[a] for a in active[1])
 
 
 def mesh_or_active(mesh=None):

@@ -133,7 +133,8 @@ def policy_logps(config: ModelConfig, params, batch, chunk_size: int = 0, token_
     w, table_vd = model.unembed_operand(config, params)
     seq = logps_lib.sequence_logps_from_hidden(
         h, w, batch["labels"], batch["loss_mask"], chunk_size=chunk_size or None, token_weights_BxS=token_weights,
-        with_aligned=with_aligned, table_vd=table_vd, **_packing_args(batch))
+        with_aligned=with_aligned, table_vd=table_vd, row_groups=mesh_context.batch_shards(),
+        **_packing_args(batch))
     return seq, aux, stats
 
 
