@@ -44,7 +44,7 @@ def _batches(config, n: int = 4):
     return {"packed": packed, "padded": padded}
 
 
-def measure(config, rounds: int = 9) -> list[dict]:
+def measure(config, rounds: int = 9, label: str = "tiny") -> list[dict]:
     params = model.init_params(config, jax.random.key(0))
     ref = jax.tree.map(lambda x: x * 1.01, params)
     opt = optax.adamw(1e-3)
@@ -78,7 +78,7 @@ def measure(config, rounds: int = 9) -> list[dict]:
         cfg = (f"{config.num_params() / 1e6:.1f}M params, DPO step, 8 mild pairs (issue 44's), {kind} "
                f"{tuple(batches[0]['input_ids'].shape)}; first-step loss {ha['loss']:.7f} grouped, "
                f"{hb['loss']:.7f} row by row")
-        out.append(bench.record(f"logps/row_groups/{kind}", t["grouped"], t["by_rows"], "s", cfg,
+        out.append(bench.record(f"logps/row_groups/{label}/{kind}", t["grouped"], t["by_rows"], "s", cfg,
                                 "rows end to end (row_groups)", "row by row"))
     return out
 
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args(argv)
-    measure(cfg_lib.tiny(**TINY), args.rounds)
+    measure(cfg_lib.tiny(**TINY), args.rounds, "tiny")
     if args.step_model:
-        measure(bench.step_model_config(False), args.rounds)
+        measure(bench.step_model_config(False), args.rounds, "step_model")
     bench.print_table(args.json_out)
     return 0
 
