@@ -53,7 +53,8 @@ class DataConfig:
     packing_length: int | None = None  # packed row length; None = the run's own (packing.run_layout)
     # A compile of the step counted as the token slots of this many steps' real tokens: a packed run takes another
     # row count only where it saves more (packing.run_layout; 35: the tiny config's step on the 2-core CPU, 22 s of
-    # CPU per compile against 0.29 ms per slot, docs/performance.md); 0 = the fewest slots, however many compiles
+    # CPU per compile against 0.29 ms per slot, docs/performance.md; at 6-8 s a compile since 2026-12-07, the fewest
+    # slots' layout still lost over a 40-step run); 0 = the fewest slots, however many compiles
     packing_compile_steps: float = 35.0
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag
