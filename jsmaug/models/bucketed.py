@@ -12,11 +12,12 @@ blocks of `bs` rows, one expert per block. Two ways to run them (`overflow`):
   branch per rung: one launch on a GPU, but about 12 branches, forward and backward, for XLA to compile.
 
 Measured on the 2-core CPU machine (2026-12-07, fwd+bwd of the layer, alternating in one process;
-docs/performance.md, "The MoE's overflow blocks as a loop"): the loop took 0.62-0.99x the ladder's time at three
-shapes and three router skews (the more skewed, the bigger the gain: no rung rounds up, no weights are copied) and
-compiled in 0.7-1.4 s against 4.2-7.8 s; the tiny config's whole DPO step compiled in 5.8 s against 10.3. The GPU keeps the ladder (all blocks in one
-batched launch, where a loop would launch each block's kernels in turn); neither way has run on a GPU yet (the
-H200 run of docs/gpu-tpu.md predates the overflow blocks), so that choice is not a measurement.
+docs/performance.md, "Compiles halved"): the loop took 0.62-0.99x the ladder's time at three shapes and three
+router skews (the more skewed, the bigger the gain: no rung rounds up, no weights are copied) and compiled in
+0.7-1.4 s against 4.2-7.8 s; the tiny config's whole DPO step compiled in 5.8 s against 10.3. The GPU keeps the
+ladder (all blocks in one batched launch, where a loop would launch each block's kernels in turn); neither way has
+run on a GPU yet (the H200 run of docs/gpu-tpu.md predates the overflow blocks), so that choice is not a
+measurement.
 
 A padded buffer sized for the busiest expert (the earlier design) computes E x its load; this computes E x the
 mean plus the overflow rounded up to blocks.
