@@ -195,8 +195,8 @@ def _backward(layout, num_blocks, glu, x_TxD, w1, w3, w2, b13, token_A, expert_A
         def block(m, acc):
             dx_AxD, dws, db1, db3 = acc
             r, e = src_MxB[m], be_M[m]
-            dxb, *dws_m, dp1, dp3 = _glu_backward("m", glu, *(_rows(v, r) for v in rows[:1]), w1[e[None]],
-                                                   w3[e[None]], w2[e[None]], *(_rows(v, r) for v in rows[1:]))
+            xb, p1, p3, dout = (_rows(v, r) for v in rows)
+            dxb, *dws_m, dp1, dp3 = _glu_backward("m", glu, xb, w1[e[None]], w3[e[None]], w2[e[None]], p1, p3, dout)
             add = lambda a, d: a.at[e].add(d[0])  # noqa: E731
             dws = tuple(jax.tree.map(add, a, d) for a, d in zip(dws, dws_m))
             return (dx_AxD.at[r].add(dxb[0], mode="drop"), dws, add(db1, jnp.sum(dp1, axis=1)),

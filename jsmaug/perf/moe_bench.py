@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
@@ -43,11 +44,14 @@ def useful_flops(tokens, d, f, k) -> float:
     return 3.0 * tokens * k * 3 * 2 * d * f
 
 
-def _layer(impl, k, block=128):
-    """jit(grad) of the layer in (x, w1, w3, w2); the router logits are an argument (not a folded constant)."""
+def _layer(impl, k, block=128, ffn=None):
+    """jit(grad) of the layer in (x, w1, w3, w2); the router logits are an argument (not a folded constant).
+    `ffn(x, idx, w, w1, w3, w2)`, if given, replaces `moe.expert_ffn` with `impl`."""
+    ffn = ffn or functools.partial(moe.expert_ffn, impl=impl, block_size=block)
+
     def loss(x, w1, w3, w2, logits):
         _, idx, w = moe.route(logits, k)
-        y, _ = moe.expert_ffn(x, idx, w, w1, w3, w2, impl=impl, block_size=block)
+        y, _ = ffn(x, idx, w, w1, w3, w2)
         return jnp.sum(y * y)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
@@ -100,9 +104,10 @@ def measure_skews(tokens=2048, d=512, f=192, e=64, k=8, rounds=3, skews=(0.0, 1.
         rung = ladder[int(np.searchsorted(ladder, need))]
         t = time_alternating(_calls({"layer": _layer("bucketed", k), "dense": _dense_equiv(k)}, x, *w, logits),
                              rounds)
+        mode = bucketed.overflow_mode()
         print(f"  router skew {skew}: busiest expert {sizes.max() / (tokens * k / e):.2f} x the mean, base capacity "
-              f"{layout[0]}, {need} overflow blocks of {layout[1]} rows ({bucketed.overflow_mode()}"
-              f"{f', rung {rung}' if bucketed.overflow_mode() == 'ladder' else ''}): {t['layer'] * 1e3:.1f} ms, "
+              f"{layout[0]}, {need} overflow blocks of {layout[1]} rows ({mode}"
+              f"{f', rung {rung}' if mode == 'ladder' else ''}): {t['layer'] * 1e3:.1f} ms, "
               f"{useful / t['layer'] / 1e9:.1f} useful GFLOP/s against one dense matmul's "
               f"{useful / t['dense'] / 1e9:.1f}", flush=True)
         out[skew] = (t["layer"], t["dense"])
@@ -114,14 +119,6 @@ OVERFLOW_SHAPES = {  # (tokens, hidden, mlp, experts, top-k)
     "Qwen3-30B-A3B mini": (2048, 512, 192, 64, 8),
     "tiny config, 7 x 400 packed": (2800, 64, 128, 4, 2),  # configs/tiny_dpo.yaml's layer in issue 44's run
 }
-
-
-def _bucketed_layer(k, overflow):
-    def loss(x, w1, w3, w2, logits):
-        _, idx, w = moe.route(logits, k)
-        y, _ = moe.bucketed_ffn(x, idx, w, w1, w3, w2, overflow=overflow)
-        return jnp.sum(y * y)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
 def bench_overflow_modes(shapes=OVERFLOW_SHAPES, skews=(0.0, 2.0, 6.0), rounds: int = 7) -> list[dict]:
@@ -136,12 +133,13 @@ def bench_overflow_modes(shapes=OVERFLOW_SHAPES, skews=(0.0, 2.0, 6.0), rounds: 
             x, logits, w = _inputs(t, d, f, e, skew)
             sizes = np.bincount(np.asarray(moe.route(logits, k)[1]).ravel(), minlength=e)
             need = int(bucketed.needed_blocks(jnp.asarray(sizes), *layout))
-            fns, compile_s = {m: _bucketed_layer(k, m) for m in ("loop", "ladder")}, {}
-            for m, fn in fns.items():
+            compiled, compile_s = {}, {}
+            for m in ("loop", "ladder"):  # the compiled programs are the ones timed: each compiles once
                 start = time.perf_counter()
-                fn.lower(x, *w, logits).compile()
+                compiled[m] = _layer("bucketed", k, ffn=functools.partial(moe.bucketed_ffn, overflow=m)).lower(
+                    x, *w, logits).compile()
                 compile_s[m] = round(time.perf_counter() - start, 2)
-            times = time_alternating(_calls(fns, x, *w, logits), rounds)
+            times = time_alternating(_calls(compiled, x, *w, logits), rounds)
             cfg = (f"T={t} D={d} F={f} E={e} top-{k} f32 fwd+bwd, router skew {skew}: busiest expert "
                    f"{sizes.max() / (t * k / e):.2f}x the mean, {need} overflow blocks of {layout[1]} rows; compile "
                    f"loop {compile_s['loop']} s, ladder {compile_s['ladder']} s")
