@@ -254,7 +254,7 @@ def test_packed_run_killed_then_preempted_resumes_exactly(tmp_path):
     r = _run([*common, f"workdir={tmp_path / 'full'}"])
     line = next(x for x in r.stdout.splitlines() if x.startswith("padding: "))
     padded, packed = (float(x.split("%")[0].split()[-1]) for x in line.split(", ")[:2])
-    assert "packing on" in line and packed < padded, line  # rows of 32 tokens hold two or three short sequences
+    assert "packing on, steps of near-equal tokens" in line and packed < padded, line  # rows of 32 tokens hold two or three short sequences
     r = _run([*common, f"workdir={tmp_path / 'term'}", "debug.kill_at_step=3"], check=False)
     assert r.returncode == -9 and "at step" not in r.stdout, r.stderr[-2000:]
     r = _run([*common, f"workdir={tmp_path / 'term'}", "debug.sigterm_at_step=3"], check=False)

@@ -56,6 +56,9 @@ class DataConfig:
     # CPU per compile against 0.29 ms per slot, docs/performance.md; at 6-8 s a compile since 2026-12-07, the fewest
     # slots' layout still lost over a 40-step run); 0 = the fewest slots, however many compiles
     packing_compile_steps: float = 35.0
+    # Steps of near-equal tokens (jsmaug.data.balanced): true | false | null = true when packing (a packed step's
+    # shape is set by its fullest group; issue 44's mild pairs: one shape at 7.6% padding against 24%)
+    balanced_steps: bool | None = None
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag
     tfds_manual_dir: str | None = None  # where the raw files lie

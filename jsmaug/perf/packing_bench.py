@@ -247,6 +247,7 @@ def bench_packing_runs(dists=("mild_words", "mild", "long_tailed"), steps: int =
                 got[packed].append(train_run(data, max_length, packed, work, steps))
                 shutil.rmtree(work, ignore_errors=True)
         cfg = (f"configs/tiny_dpo.yaml, {RUN_DISTRIBUTIONS[dist]}, {pairs} pairs, 8 a step, {steps} steps, "
+               "packed: the defaults (the run's layout, steps of near-equal tokens), "
                f"no compilation cache; compile ahead packed {[round(f['compile_ahead'], 1) for f in got[True]]} s, "
                f"padded {[round(f['compile_ahead'], 1) for f in got[False]]} s")
         for key, what in (("whole", f"real tokens/s over the {steps} steps, compiles included"),

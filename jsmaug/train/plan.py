@@ -42,7 +42,7 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
 def place_packed(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets, run_length=None) -> dict:
     """A step's pairs packed (`jsmaug.data.packing`) and placed: each process lays out the rows of the data shards
     its devices hold; the per-pair arrays (dataset index, precomputed reference) are small and whole everywhere.
-    `run_length`: the run's one row length (`packing.run_row_length`), where data.packing_length is not set."""
+    `run_length`: the run's layout (`packing.run_layout`), where data.packing_length is not set."""
     shards = shd.batch_rows_divisor(mesh, mesh_cfg)
     layout = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=data_cfg.packing_length,
                           run_length=run_length)
@@ -131,20 +131,6 @@ class RunPlan:
 
     def place(self, pairs, buckets, ref_table=None, micro: int = 1, run_length: int | None = None) -> dict:
         return place(pairs, ref_table, micro, self.mesh, self.cfg.mesh, self.cfg.data, buckets, run_length)
-
-    def run_row_length(self, train_pairs, buckets, max_batches: int = 200) -> int | None:
-        """With data.packing and no data.packing_length: the run's one packed row length, from the first epoch's
-        batches (up to `max_batches`) and the training data's longest sequence (`packing.run_row_length`)."""
-        data = self.cfg.data
-        if not data.packing or data.packing_length is not None or not len(train_pairs):
-            return None
-        b = self.cfg.train.batch_size
-        ds = data_lib.batches(train_pairs, b, seed=self.cfg.seed)
-        sample = [ds[i] for i in range(min(max(len(train_pairs) // b, 1), max_batches))]
-        longest = max(max(packing.sequence_lengths(p)) for p in train_pairs)
-        return packing.run_row_length(sample, micro=self.cfg.train.micro_batches, shards=self.batch_divisor,
-                                      buckets=buckets, longest=longest,
-                                      row_step=packing.run_row_step(self.mesh.devices.flat[0].platform))
 
     def lower(self, batch: dict | None = None):
         """The step lowered on the abstract state (and `batch`, default `batch_shapes()`)."""

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jsmaug.data import batches as data_lib, packing
+from jsmaug.data import balanced, batches as data_lib, packing
 
 SAMPLE_STEPS = 200  # the run's first steps whose lengths choose the layout and whose shapes compile ahead
 CACHE_MAX_BYTES = 4 << 30  # the cache this module places drops its least recently used programs past 4 GiB
@@ -70,9 +70,16 @@ def configure_cache(setting: str | None, env=os.environ) -> str:
 
 # ------------------------------------------------------------------------------------------------ the layout
 
-def run_sample(train_pairs, cfg) -> list:
+def run_batches(train_pairs, cfg, shards: int):
+    """The run's steps of pairs (`ds[i]`: step i's list), shuffled or of near-equal tokens as
+    data.balanced_steps says (`data.balanced`); `shards`: the mesh's data shards of a batch."""
+    return balanced.train_batches(train_pairs, cfg.data, cfg.train.batch_size, seed=cfg.seed,
+                                  groups=cfg.train.micro_batches * shards)
+
+
+def run_sample(train_pairs, cfg, shards: int) -> list:
     """The run's first min(train.steps, SAMPLE_STEPS) batches of pairs, in the order the run takes them."""
-    ds = data_lib.batches(train_pairs, cfg.train.batch_size, seed=cfg.seed)
+    ds = run_batches(train_pairs, cfg, shards)
     return [ds[i] for i in range(min(cfg.train.steps, SAMPLE_STEPS))]
 
 
@@ -101,7 +108,7 @@ def packed_layout(cfg, plan, train_pairs, buckets, log: Callable[[str], None] | 
     data = cfg.data
     if data.packing_length is not None or not len(train_pairs):
         return None
-    sample = run_sample(train_pairs, cfg)
+    sample = run_sample(train_pairs, cfg, plan.batch_divisor)
     longest = max(max(packing.sequence_lengths(p)) for p in train_pairs)
     step = packing.run_row_step(plan.mesh.devices.flat[0].platform)
     padded = max(data_lib.batch_length(b, buckets) for b in sample)

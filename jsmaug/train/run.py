@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.data import batches as data_lib, formats as pair_formats, packing, tokenizer_folder
+from jsmaug.data import balanced, batches as data_lib, formats as pair_formats, packing, tokenizer_folder
 from jsmaug.models.config import ConfigError
 from jsmaug.parallel import distributed, sharding as shd
 from jsmaug.train import checkpoint as ckpt, programs, setup as run_setup, step as step_lib
@@ -134,6 +134,8 @@ def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds) -> None:
                                                shards=shards, buckets=data_lib.bucket_lengths(cfg.data),
                                                row_length=cfg.data.packing_length, run_length=setup.run_length)
     use = "on" if cfg.data.packing else "off (data.packing=true to pack)"
+    if balanced.is_balanced(cfg.data):
+        use += ", steps of near-equal tokens (data.balanced_steps)"
     log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} steps; packing {use}")
 
 
@@ -166,7 +168,7 @@ def train_loop(cfg: RunConfig, setup: run_setup.Setup, run_data: RunData, output
     preemption point the checkpoint of that step, then `distributed.Preempted`. Returns (state, evaluator,
     seconds)."""
     state, start, steps = setup.state, setup.start, cfg.train.steps
-    ds = data_lib.batches(run_data.train, cfg.train.batch_size, seed=cfg.seed)
+    ds = programs.run_batches(run_data.train, cfg, setup.plan.batch_divisor)
     micro = cfg.train.micro_batches
     _log_padding(cfg, setup, ds)
     shapes = programs.ShapeLog(log)
