@@ -82,3 +82,37 @@ def test_torch_events_forward_and_backward_go_to_their_modules_parts():
 
     forward = sum(e.self_cpu_time_total for e in events if under_attention(e) and not e.name.startswith("part::"))
     assert parts[profile.ATTN] > forward * 1e-6 > 0
+
+
+def test_torch_experts_count_only_their_matmuls_as_expert_matmuls():
+    """HF's experts module gathers rows, runs the activation and index_adds the result: those go to routing (as
+    jsmaug's dispatch does), its matmuls, forward and backward, to the expert matmuls."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    class MixtralExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 64, 64) / 8)
+
+        def forward(self, x, idx):
+            out = torch.zeros_like(x)
+            for e in range(4):
+                rows = torch.where(idx == e)[0]
+                h = torch.nn.functional.silu(x[rows] @ self.w[e])
+                out.index_add_(0, rows, h)
+            return out
+
+    torch.manual_seed(0)
+    model, x, idx = MixtralExperts(), torch.randn(256, 64, requires_grad=True), torch.randint(0, 4, (256,))
+    with profile.torch_part_hooks(vocab_size=50, num_experts=4):
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, idx).square().sum().backward()
+    events = prof.events()
+    parts = profile.group_torch(events, steps=1)
+    own = [e for e in events if not e.name.startswith("part::")]
+    mm = sum(e.self_cpu_time_total for e in own if e.name in ("aten::mm", "aten::matmul")) * 1e-6
+    np.testing.assert_allclose(parts[profile.EXPERT], mm, rtol=1e-9)
+    assert parts[profile.ROUTE] > 0  # the where / gather / silu / index_add, forward and backward
+    assert any(e.name == "aten::index_add_" for e in own)
+    np.testing.assert_allclose(sum(parts.values()), sum(e.self_cpu_time_total for e in own) * 1e-6, rtol=1e-9)

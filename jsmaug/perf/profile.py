@@ -219,6 +219,9 @@ def torch_part_hooks(vocab_size: int, num_experts: int):
             patched[0].apply_rotary_pos_emb = patched[1]
 
 
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+
+
 def _torch_op_part(name: str) -> str | None:
     if "log_softmax" in name or name in ("aten::gather", "aten::take_along_dim"):
         return LOGPS
@@ -231,7 +234,8 @@ def group_torch(events, steps: int) -> dict[str, float]:
     """Seconds per step by part from `torch.profiler.profile(...).events()` of `steps` steps run under
     `torch_part_hooks`: each event's self CPU time goes to the part of its nearest labelled ancestor (a
     `part::` range, an op named like the log-probs or the optimizer), a backward op's to the part of the
-    forward op with its sequence number."""
+    forward op with its sequence number; within the experts, only the matmuls count as expert matmuls (the
+    rest is routing, as on jsmaug's side, where the expert part is the einsums over the experts' weights)."""
     def own(e):
         while e is not None:
             if e.name.startswith("part::"):
@@ -250,6 +254,12 @@ def group_torch(events, steps: int) -> dict[str, float]:
                 seq_part.setdefault(e.sequence_nr, p)
 
     def part(e):
+        p = labelled(e)
+        # Inside HF's experts module only the matmuls are expert matmuls: its one-hot, `where`, row gather,
+        # activation and `index_add_` are the MoE block's other work, which jsmaug's side files under routing.
+        return ROUTE if p == EXPERT and e.name not in _MATMULS else p
+
+    def labelled(e):
         x = e
         while x is not None:
             if x.name.startswith("part::"):
