@@ -98,19 +98,25 @@ def _padded_and_packed(pairs, micro=1):
     return padded, jax.tree.map(np.asarray, packed)
 
 
+def policy_reference_and_losses(conf, loss):
+    """(params, a reference away from the policy, a jitted fn (params, ref, batch) -> [((loss, metrics), grads)] of
+    `loss` and of LD-DPO + WPO + SFT, both in one program per layout: they share its forward)."""
+    params = model.init_params(conf, jax.random.key(0))
+    ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape) * 1.3), params)
+    losses = (loss, LossSection(type=("sigmoid", "sft"), ld_alpha=0.5, wpo=True))
+
+    @jax.jit
+    def both(p, r, batch):
+        return [jax.value_and_grad(functools.partial(step.loss_and_metrics, config=conf, loss_cfg=lo),
+                                   has_aux=True)(p, r, batch) for lo in losses]
+    return params, ref, both
+
+
 def test_packed_equals_padded_loss_gradients_and_moe_statistics():
     pairs = _pairs(8)
     padded, packed = _padded_and_packed(pairs)
     assert packed["input_ids"].shape[1] < padded["input_ids"].shape[0]  # fewer rows: less padding
-    params = model.init_params(CONF, jax.random.key(0))
-    ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape) * 1.3), params)  # off the policy
-    losses = (LOSS, LossSection(type=("sigmoid", "sft"), ld_alpha=0.5, wpo=True))
-
-    @jax.jit  # both losses in one program per layout (they share its forward): 2 compiles, not 4 or op by op
-    def both(p, r, batch):
-        return [jax.value_and_grad(functools.partial(step.loss_and_metrics, config=CONF, loss_cfg=loss),
-                                   has_aux=True)(p, r, batch) for loss in losses]
-
+    params, ref, both = policy_reference_and_losses(CONF, LOSS)
     for ((l_pad, m_pad), g_pad), ((l_pk, m_pk), g_pk) in zip(both(params, ref, padded),
                                                              both(params, ref, step.unpair(packed))):
         np.testing.assert_allclose(l_pk, l_pad, rtol=1e-5)

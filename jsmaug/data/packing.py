@@ -33,6 +33,7 @@ import numpy as np
 
 from jsmaug.data.batches import batch_length
 from jsmaug.data.files import DataError
+from jsmaug.segments import CHOSEN, PROMPT, REJECTED, shared_id
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask", "sequence_ids")
 
@@ -41,6 +42,21 @@ def sequence_lengths(pair) -> tuple[int, int]:
     """(prompt + chosen, prompt + rejected) tokens of a pair."""
     n = len(pair["prompt"])
     return n + len(pair["chosen"]), n + len(pair["rejected"])
+
+
+def unit_length(pair) -> int:
+    """Tokens of a pair laid out with its prompt shared (`materialize`): prompt, chosen, the prompt's last token
+    again, rejected."""
+    return len(pair["prompt"]) + len(pair["chosen"]) + len(pair["rejected"]) + 1
+
+
+def item_lengths(pair, shared: bool) -> tuple[int, ...]:
+    """The lengths of what a pair puts into packed rows: its two sequences, or with `shared` its one unit."""
+    return (unit_length(pair),) if shared else sequence_lengths(pair)
+
+
+def longest_item(pairs, shared: bool = False) -> int:
+    return max(max(item_lengths(p, shared)) for p in pairs)
 
 
 
@@ -64,12 +80,13 @@ def first_fit(lengths: Sequence[int], row_length: int) -> list[list[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Where every sequence of a step goes: `rows[g]` lists group g's rows, each a list of (pair, chosen?)."""
+    """Where every sequence of a step goes: `rows[g]` lists group g's rows, each a list of (pair, chosen?); with
+    shared prompts, of (pair, None): the pair's unit."""
     micro: int
     shards: int
     row_length: int
     rows_per_group: int
-    rows: tuple[tuple[tuple[tuple[int, bool], ...], ...], ...]
+    rows: tuple[tuple[tuple[tuple[int, bool | None], ...], ...], ...]
 
     @property
     def slots(self) -> int:
@@ -99,7 +116,10 @@ def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[i
     return [sorted(order[k] for k in row) for row in rows]
 
 
-def _group_sequences(pairs, g: int, per: int):
+def _group_sequences(pairs, g: int, per: int, shared: bool = False):
+    if shared:
+        seqs = [(j, None) for j in range(g * per, (g + 1) * per)]
+        return seqs, [unit_length(pairs[j]) for j, _ in seqs]
     seqs = [(j, c) for j in range(g * per, (g + 1) * per) for c in (True, False)]
     return seqs, [sequence_lengths(pairs[j])[0 if c else 1] for j, c in seqs]
 
@@ -112,8 +132,8 @@ def _layout(groups, row_length: int, fit, per: int):
 
 
 def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[int],
-         row_length: int | None = None, row_step: int = ROW_STEP, run_length: "int | RunLayout | None" = None
-         ) -> Plan:
+         row_length: int | None = None, row_step: int = ROW_STEP, run_length: "int | RunLayout | None" = None,
+         shared: bool = False) -> Plan:
     """The packing of one step's pairs (from their lengths only: every process makes the same plan).
 
     `row_length` given (data.packing_length): rows of that length, first-fit in pair order. Else with
@@ -124,13 +144,14 @@ def plan(pairs: Sequence[dict], *, micro: int, shards: int, buckets: Sequence[in
     rows of the bucket length, first-fit in pair order (the layout before the ladder). `run_length` (the run's
     one row length, `run_row_length`): rows of that length filled longest first, whenever the step's longest
     sequence fits it (else this step takes the ladder's length); a `RunLayout` (`run_layout`): rows of its
-    length, as many as the smallest of its counts that holds every group."""
+    length, as many as the smallest of its counts that holds every group. `shared` (data.share_prompt): each
+    pair is one unit of `unit_length` tokens instead of two sequences."""
     b = len(pairs)
     groups = micro * shards
     if b % groups:
         raise DataError(f"{b} pairs do not split into {micro} micro-batches x {shards} data shards")
     per = b // groups
-    seqs = [_group_sequences(pairs, g, per) for g in range(groups)]
+    seqs = [_group_sequences(pairs, g, per, shared) for g in range(groups)]
     if row_length is not None or not row_step:
         if row_length is None:  # the padded batch's length: packing changes the layout, not the programs' lengths
             row_length = batch_length(pairs, buckets)
@@ -169,10 +190,11 @@ class RunLayout:
         return next((c for c in self.counts if c >= need), None) or next(c for c in row_counts(max_rows) if c >= need)
 
 
-def _need(pairs, length: int, micro: int, shards: int) -> int:
+def _need(pairs, length: int, micro: int, shards: int, shared: bool = False) -> int:
     """The most rows of `length` tokens any group of this step needs, filled longest first."""
     per = len(pairs) // (micro * shards)
-    return max(len(first_fit_decreasing(_group_sequences(pairs, g, per)[1], length)) for g in range(micro * shards))
+    return max(len(first_fit_decreasing(_group_sequences(pairs, g, per, shared)[1], length))
+               for g in range(micro * shards))
 
 
 def _fewest_counts(needs: dict[int, int], step_slots: float, compile_slots: float):
@@ -193,7 +215,7 @@ def _fewest_counts(needs: dict[int, int], step_slots: float, compile_slots: floa
 
 def run_layout(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int], longest: int,
                row_step: int = ROW_STEP, max_length: int | None = None, compile_steps: float = 0.0,
-               steps: int | None = None) -> RunLayout:
+               steps: int | None = None, shared: bool = False) -> RunLayout:
     """A packed run's row length and row counts, chosen before its first step from `batches` (its first steps,
     lengths only) to minimise the run's work: token slots over the run's `steps` (default: len(batches)) plus
     `compile_steps` steps' worth of real tokens for every (rows, length) shape, each a compile of the whole step.
@@ -209,12 +231,13 @@ def run_layout(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, bu
     Lengths run from `longest` (the data's longest sequence) in steps of `row_step` up to twice the largest
     padded length of `batches`, and no further than `max_length` (the longest row that keeps the padded rows'
     attention path: on CPU, rows over attention_block_size take the chunked path, 1.6x the work per slot on the
-    tiny config) unless the longest sequence needs more. Ties: fewer counts, then the shorter length."""
+    tiny config) unless the longest sequence needs more. Ties: fewer counts, then the shorter length. `shared`:
+    the pairs as units (`plan`); `longest` is then the longest unit."""
     steps = len(batches) if steps is None else steps
     batches = list(batches)[:max(steps, 1)]
     weight = steps / len(batches)  # each sampled batch stands for this many steps
     groups = micro * shards
-    real = sum(sum(sum(sequence_lengths(p)) for p in pairs) for pairs in batches) / len(batches)
+    real = sum(sum(sum(item_lengths(p, shared)) for p in pairs) for pairs in batches) / len(batches)
     first = -(-longest // row_step) * row_step
     cap = max(2 * max(batch_length(b, buckets) for b in batches), longest)
     if max_length is not None:
@@ -223,7 +246,7 @@ def run_layout(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, bu
     for length in range(first, max(cap, first) + 1, row_step):
         needs: dict[int, int] = {}
         for pairs in batches:
-            n = _need(pairs, length, micro, shards)
+            n = _need(pairs, length, micro, shards, shared)
             needs[n] = needs.get(n, 0) + 1
         cost, counts = _fewest_counts(needs, weight * groups * length, compile_steps * real)
         if best is None or (cost, len(counts)) < (best[0], len(best[1].counts)):
@@ -263,9 +286,29 @@ def run_row_length(batches: Sequence[Sequence[dict]], *, micro: int, shards: int
 
 
 def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[str, np.ndarray]:
-    """The row arrays (M, len(shards) * R, L) of the given data shards (the ones this process's devices hold)."""
+    """The row arrays (M, len(shards) * R, L) of the given data shards (the ones this process's devices hold).
+
+    A shared-prompt unit (pair, None) is laid out as prompt[:-1], then prompt[-1] + chosen, then prompt[-1] +
+    rejected, with segment ids `segments.shared_id` (`attention.visible`: each branch sees the prompt) and each
+    branch's positions continuing the prompt's: the prompt's last token, repeated at the head of each branch, has
+    the hidden state it has in the pair's two sequences, and predicts that branch's first token."""
     bm = len(pairs) // p.micro
     out = {k: np.zeros((p.micro, len(shards) * p.rows_per_group, p.row_length), np.int32) for k in ROW_KEYS}
+
+    def put(m, at, t, tokens, seg, first_position, first_label, seq_id):
+        """`tokens` at t.. of a row; labels from position `first_label` of `tokens` on (the ones before it and
+        the last one unlabelled)."""
+        n, sl = len(tokens), slice(t, t + len(tokens))
+        if not n:  # a one-token prompt's shared part
+            return t
+        out["input_ids"][m, at, sl] = tokens
+        out["segment_ids"][m, at, sl] = seg
+        out["positions"][m, at, sl] = np.arange(first_position, first_position + n)
+        out["labels"][m, at, t:t + n - 1] = tokens[1:]
+        out["loss_mask"][m, at, t + first_label:t + n - 1] = 1  # labels[t'] = tokens[t'+1], a completion token
+        out["sequence_ids"][m, at, sl] = seq_id
+        return t + n
+
     for m in range(p.micro):
         for s_local, d in enumerate(shards):
             for r, row in enumerate(p.rows[m * p.shards + d]):
@@ -273,31 +316,30 @@ def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[s
                 t = 0
                 for seg, (j, chosen) in enumerate(row, start=1):
                     pair = pairs[j]
-                    prompt, completion = pair["prompt"], pair["chosen" if chosen else "rejected"]
-                    seq = np.concatenate([prompt, completion])
-                    n = len(seq)
-                    sl = slice(t, t + n)
-                    out["input_ids"][m, at, sl] = seq
-                    out["segment_ids"][m, at, sl] = seg
-                    out["positions"][m, at, sl] = np.arange(n)
-                    out["labels"][m, at, t:t + n - 1] = seq[1:]
-                    # labels[t'] = seq[t'+1] is a completion token for t'+1 >= len(prompt).
-                    out["loss_mask"][m, at, t + len(prompt) - 1:t + n - 1] = 1
-                    q = j - m * bm
-                    out["sequence_ids"][m, at, sl] = q if chosen else bm + q
-                    t += n
+                    prompt, q = pair["prompt"], j - m * bm
+                    if chosen is None:  # a shared-prompt unit
+                        n = len(prompt)
+                        t = put(m, at, t, prompt[:-1], shared_id(seg, PROMPT), 0, n, q)  # unlabelled
+                        for branch, key, seq_id in ((CHOSEN, "chosen", q), (REJECTED, "rejected", bm + q)):
+                            t = put(m, at, t, np.concatenate([prompt[-1:], pair[key]]), shared_id(seg, branch),
+                                    n - 1, 0, seq_id)
+                        continue
+                    completion = pair["chosen" if chosen else "rejected"]
+                    t = put(m, at, t, np.concatenate([prompt, completion]), seg, 0, len(prompt) - 1,
+                            q if chosen else bm + q)
     return out
 
 
 def padding_fractions(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, buckets: Sequence[int],
                       row_length: int | None = None, row_step: int = ROW_STEP,
-                      run_length: int | None = None) -> tuple[float, float]:
+                      run_length: int | None = None, shared: bool = False) -> tuple[float, float]:
     """(padded, packed): the share of token slots that are padding over the given steps' batches, without and
-    with packing."""
-    real = padded = packed = 0
+    with packing (`shared`: the packed rows' real tokens are the units', the prompt once a pair)."""
+    real = real_packed = padded = packed = 0
     for pairs in batches:
         real += sum(sum(sequence_lengths(p)) for p in pairs)
+        real_packed += sum(sum(item_lengths(p, shared)) for p in pairs)
         padded += 2 * len(pairs) * batch_length(pairs, buckets)
         packed += plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=row_length,
-                       row_step=row_step, run_length=run_length).slots
-    return 1.0 - real / padded, 1.0 - real / packed
+                       row_step=row_step, run_length=run_length, shared=shared).slots
+    return 1.0 - real / padded, 1.0 - real_packed / packed

@@ -19,6 +19,12 @@ One meaning, several paths (`implementation=`), each tested against `xla`:
 The mask, in every path: query i sees key j when j <= i, both carry the same segment id, the key's segment id is
 not 0 (padding), and, with a sliding window w, i - j < w (HF's convention).
 
+Shared prompts (`data.share_prompt`, jsmaug/data/packing.py): a pair laid out once as prompt, chosen branch,
+rejected branch carries the ids of `segments.shared_id` (its unit in the row, and the part), and a query also
+sees the keys of its own unit's prompt (`visible`). Ordinary ids stay below `segments.SHARED`, where nothing
+changes. `xla`, `chunked` and `cudnn` (which sends such rows to `chunked`) take them; `splash` and sliding
+windows do not (the run's config refuses them).
+
 Attention sinks (gpt-oss, `sinks_H`: one learned logit per query head): the sink joins each row's softmax
 denominator and nothing else, `p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h))` (HF's gpt_oss
 `eager_attention_forward`), as a key whose value is 0 would. `xla`, `chunked` (its online softmax starts from the
@@ -39,20 +45,28 @@ from jsmaug.errors import ConfigError
 from jsmaug.models import splash
 
 from jsmaug.parallel import mesh_context
+from jsmaug.segments import PROMPT, SHARED
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
 
 
+def visible(seg_q, seg_k):
+    """Segment ids' part of the mask (broadcast): the same segment, or the key in the prompt of the query's unit."""
+    prompt_of_unit = (seg_k >= SHARED) & ((seg_k & 3) == PROMPT) & ((seg_q >> 2) == (seg_k >> 2))
+    return ((seg_q == seg_k) | prompt_of_unit) & (seg_k > 0)
+
+
 def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None, q_index_BxS=None,
                kv_index_BxT=None):
-    """Causal + same-segment (packing) + not-padding (segment 0) + optional sliding window, as booleans."""
+    """Causal + same-segment (packing; shared prompts: `visible`) + not-padding (segment 0) + optional sliding
+    window, as booleans."""
     kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
     s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
     q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
     k_idx = jnp.arange(t)[None, :] if kv_index_BxT is None else kv_index_BxT
     q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
-    mask = (k_idx <= q_idx) & (segment_ids_BxS[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] > 0)
+    mask = (k_idx <= q_idx) & visible(segment_ids_BxS[:, :, None], kv_seg[:, None, :])
     if sliding_window is not None:
         mask &= (q_idx - k_idx) < sliding_window  # HF: a query sees keys with q - k < window (itself included)
     return mask
@@ -91,7 +105,7 @@ def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window):
     """(B, bq, bk) mask of query block starting at i0 against key block starting at j0."""
     qi = i0 + jnp.arange(bq)[:, None]
     kj = j0 + jnp.arange(bk)[None, :]
-    m = (kj <= qi)[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0)
+    m = (kj <= qi)[None] & visible(seg_q[:, :, None], seg_k[:, None, :])
     if window is not None:
         m &= (qi - kj < window)[None]
     return m
@@ -129,7 +143,7 @@ def _segment_block_ranges(seg, bq, bk):
     (over the batch); for each key block, one past the last query block its keys' segments reach. Blocks
     outside these ranges pair two different segments: fully masked, so skipping them changes nothing."""
     b, s = seg.shape
-    start, end = _segment_bounds(seg)
+    start, end = _segment_bounds(jnp.where(seg >= SHARED, seg & ~3, seg))  # a shared unit's three parts: one span
     first_key_block = jnp.min(start.reshape(b, s // bq, bq), axis=(0, 2)) // bk  # (nq,)
     last_query_block = (jnp.max(end.reshape(b, s // bk, bk), axis=(0, 2)) - 1) // bq + 1  # (nk,)
     return first_key_block, last_query_block

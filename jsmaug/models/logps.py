@@ -140,11 +140,12 @@ def _chunk_loop_bwd(with_aligned, chunk, vd, res, g):
 _chunk_loop.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
 
 
-def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, positions_BxS=None,
-               num_sequences: int | None = None) -> jax.Array:
+def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, num_sequences: int | None = None
+               ) -> jax.Array:
     """LD-DPO's token weights for a [chosen; rejected] batch (TRL 1.16): per pair, the first min(len_c, len_r)
     completion tokens weigh 1 and the rest `ld_alpha`; positions outside the mask weigh 0. Packed rows pass
-    their `sequence_ids` and `positions` (a sequence starts where its position is 0)."""
+    their `sequence_ids`: a sequence's positions are a run of its id in a row (with shared prompts, the rejected
+    branch's run starts past the chosen one, though its positions do not restart at 0)."""
     mask = (jnp.asarray(loss_mask_BxS) > 0).astype(jnp.int32)
     pos = jnp.cumsum(mask, axis=1)  # 1-based position within the completion
     if sequence_ids_BxS is None:
@@ -153,11 +154,13 @@ def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, positions_
         shared = jnp.minimum(lens[:half], lens[half:])
         shared = jnp.concatenate([shared, shared])[:, None]
     else:
-        # Within a packed row, count from the start of each sequence: subtract the count before its start.
-        start = jnp.arange(mask.shape[1])[None, :] - jnp.asarray(positions_BxS)
+        # Within a packed row, count from the start of each sequence's run: subtract the count before it.
+        ids = jnp.asarray(sequence_ids_BxS)
+        idx = jnp.arange(mask.shape[1])[None, :]
+        prev = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+        start = jax.lax.cummax(jnp.where(ids != prev, idx, 0), axis=1)
         before = jnp.where(start > 0, jnp.take_along_axis(pos, jnp.maximum(start - 1, 0), axis=1), 0)
         pos = pos - before
-        ids = jnp.asarray(sequence_ids_BxS)
         lens = jax.ops.segment_sum(mask.reshape(-1), ids.reshape(-1), num_segments=num_sequences)
         half = num_sequences // 2
         shared = jnp.minimum(lens[:half], lens[half:])

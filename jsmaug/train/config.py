@@ -171,6 +171,12 @@ class RunConfig:
         need(self.data.packing_length is None or self.data.max_length <= self.data.packing_length,
              "data.packing_length", f"must hold the longest sequence: >= data.max_length={self.data.max_length}")
         need(self.data.packing_compile_steps >= 0, "data.packing_compile_steps", "must be >= 0")
+        need(not self.data.share_prompt or self.data.packing, "data.share_prompt",
+             "lays pairs out in packed rows: set data.packing=true too")
+        need(not self.data.share_prompt or self.data.packing_length is None
+             or self.data.packing_length >= 2 * self.data.max_length, "data.share_prompt",
+             f"a pair's unit (prompt, chosen, rejected) may take up to 2 x data.max_length = "
+             f"{2 * self.data.max_length} tokens: data.packing_length={self.data.packing_length} must hold it")
         need(self.checkpoint.every > 0, "checkpoint.every", "must be > 0")
         need(self.lora.rank >= 0, "lora.rank", "must be >= 0")
         need(self.lora.alpha > 0, "lora.alpha", "must be > 0")

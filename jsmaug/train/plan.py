@@ -45,7 +45,7 @@ def place_packed(pairs, ref_table, micro: int, mesh, mesh_cfg, data_cfg, buckets
     `run_length`: the run's layout (`packing.run_layout`), where data.packing_length is not set."""
     shards = shd.batch_rows_divisor(mesh, mesh_cfg)
     layout = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=data_cfg.packing_length,
-                          run_length=run_length)
+                          run_length=run_length, shared=data_cfg.share_prompt)
     mine = shd.pairs_by_host(mesh, mesh_cfg, shards)[jax.process_index()]
     r = layout.rows_per_group
     placed = shd.place_rows(packing.materialize(pairs, layout, mine), [d * r + i for d in mine for i in range(r)],
@@ -187,6 +187,19 @@ def resolved_paths(config: ModelConfig, mesh, row_len: int | None = None) -> dic
             "dispatch": expert_parallel.resolve_dispatch(config.moe_dispatch, mesh, config.moe_impl)}
 
 
+def check_shared_prompts(config: ModelConfig, mesh) -> None:
+    """data.share_prompt's limits, named before anything is built: its mask is by segment ids and token order, so
+    no sliding window (a branch's distance to its prompt is not its position's), and no splash kernel (segment
+    ids only: set model.attention_impl=chunked)."""
+    if config.sliding_window is not None and any(config.layer_sliding):
+        raise ConfigError(f"data.share_prompt: not with sliding-window attention ({config.model_type}, window "
+                          f"{config.sliding_window}); set data.share_prompt=false")
+    attn = resolved_paths(config, mesh)["attention"]
+    if attn == "splash":
+        raise ConfigError("data.share_prompt: the splash kernel takes plain segment ids only; set "
+                          "model.attention_impl=chunked (or xla) to share prompts")
+
+
 def quantized_base(cfg: RunConfig, base, base_sh):
     """(shardings, abstract tree) of the frozen base in `lora.base_quant` storage (QLoRA): each quantized
     weight's packed values and scales shard like the weight they replace. Checks every weight's shape first: a
@@ -214,6 +227,8 @@ def plan(cfg: RunConfig, devices=None, config: ModelConfig | None = None, *,
         config = mconf
     config = model_config(cfg) if config is None else config
     mesh = shd.make_mesh(cfg.mesh, config, devices)
+    if cfg.data.share_prompt:
+        check_shared_prompts(config, mesh)
     divisor = shd.batch_rows_divisor(mesh, cfg.mesh)
     if cfg.train.batch_size % divisor or (cfg.train.batch_size // cfg.train.micro_batches) % divisor:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (per micro-batch "

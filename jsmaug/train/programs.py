@@ -109,19 +109,20 @@ def packed_layout(cfg, plan, train_pairs, buckets, log: Callable[[str], None] | 
     if data.packing_length is not None or not len(train_pairs):
         return None
     sample = run_sample(train_pairs, cfg, plan.batch_divisor)
-    longest = max(max(packing.sequence_lengths(p)) for p in train_pairs)
+    shared = data.share_prompt
+    longest = packing.longest_item(train_pairs, shared)
     step = packing.run_row_step(plan.mesh.devices.flat[0].platform)
     padded = max(data_lib.batch_length(b, buckets) for b in sample)
     kw = dict(micro=cfg.train.micro_batches, shards=plan.batch_divisor, buckets=buckets, longest=longest,
-              row_step=step, max_length=attention_row_cap(plan, padded, step), steps=cfg.train.steps)
+              row_step=step, max_length=attention_row_cap(plan, padded, step), steps=cfg.train.steps, shared=shared)
     layout = packing.run_layout(sample, compile_steps=data.packing_compile_steps, **kw)
     if log is None:
         return layout
     fewest = packing.run_layout(sample, compile_steps=0.0, **kw)
     frac = {lay: packing.padding_fractions(sample, micro=kw["micro"], shards=kw["shards"], buckets=buckets,
-                                           run_length=lay) for lay in {layout, fewest}}
+                                           run_length=lay, shared=shared) for lay in {layout, fewest}}
     rows = Counter(packing.plan(b, micro=kw["micro"], shards=kw["shards"], buckets=buckets,
-                                run_length=layout).rows_per_group for b in sample)
+                                run_length=layout, shared=shared).rows_per_group for b in sample)
     needs = ", ".join(f"{r} rows x {n}" for r, n in sorted(rows.items()))
     cap = "" if kw["max_length"] is None else f", rows of at most {kw['max_length']} (the padded rows' attention path)"
     log(f"packing: rows of {layout.length} tokens, {len(layout.counts)} shape{'s' * (len(layout.counts) > 1)} "
@@ -139,7 +140,7 @@ def step_shape(cfg, pairs, buckets, micro: int, shards: int, layout) -> tuple[in
     The packing arguments are those of `plan.place_packed`."""
     if cfg.data.packing:
         p = packing.plan(pairs, micro=micro, shards=shards, buckets=buckets, row_length=cfg.data.packing_length,
-                         run_length=layout)
+                         run_length=layout, shared=cfg.data.share_prompt)
         return (micro, shards * p.rows_per_group, p.row_length)
     return (2, len(pairs), data_lib.batch_length(pairs, buckets))
 

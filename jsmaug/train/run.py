@@ -132,10 +132,13 @@ def _log_padding(cfg: RunConfig, setup: run_setup.Setup, ds) -> None:
     shards = shd.batch_rows_divisor(setup.mesh, cfg.mesh)
     padded, packed = packing.padding_fractions([ds[i] for i in range(n)], micro=cfg.train.micro_batches,
                                                shards=shards, buckets=data_lib.bucket_lengths(cfg.data),
-                                               row_length=cfg.data.packing_length, run_length=setup.run_length)
+                                               row_length=cfg.data.packing_length, run_length=setup.run_length,
+                                               shared=cfg.data.share_prompt)
     use = "on" if cfg.data.packing else "off (data.packing=true to pack)"
     if balanced.is_balanced(cfg.data):
         use += ", steps of near-equal tokens (data.balanced_steps)"
+    if cfg.data.share_prompt:
+        use += ", each pair's prompt once (data.share_prompt)"
     log(f"padding: {padded:.1%} of token slots padded, {packed:.1%} packed, over {n} steps; packing {use}")
 
 

@@ -150,7 +150,7 @@ def token_weights(batch, ld_alpha: float | None):
         return None
     packed = _packing_args(batch)
     return logps_lib.ld_weights(batch["loss_mask"], ld_alpha, packed.get("sequence_ids_BxS"),
-                                batch["positions"] if packed else None, packed.get("num_sequences"))
+                                packed.get("num_sequences"))
 
 
 def reference_logps(config: ModelConfig, ref_params, batch, chunk_size: int = 0, ld_alpha: float | None = None):
