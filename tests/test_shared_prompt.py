@@ -19,7 +19,8 @@ from jsmaug.train import plan as plan_lib, step
 from jsmaug.train.config import LossSection, RunConfig
 from tests.test_packing import _pairs, policy_reference_and_losses  # pairs of very different lengths
 
-CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.0, attention_block_size=8)
+CONF = cfg_lib.tiny(vocab_size=64, num_key_value_heads=2, router_aux_loss_coef=0.0, attention_block_size=8,
+                    shared_prompt_masks=True)  # what a run with data.share_prompt sets
 BUCKETS = (32, 64)
 
 
@@ -84,11 +85,14 @@ def test_a_branch_sees_its_prompt_and_never_the_other_branch(impl):
 
 def test_the_mask_rule_leaves_ordinary_segments_alone():
     seg = jnp.array([[1, 1, 2, 2, shared_id(1, 0), shared_id(1, 1), shared_id(1, 2), shared_id(2, 0), 0]])
-    m = np.asarray(attention.mask_BxSxT(seg, None))[0]
+    m = np.asarray(attention.mask_BxSxT(seg, None, shared=True))[0]
     want = np.zeros_like(m)
     for q, k in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 2), (3, 3), (4, 4), (5, 4), (5, 5), (6, 4), (6, 6), (7, 7)]:
         want[q, k] = True
     np.testing.assert_array_equal(m, want)
+    plain = np.asarray(attention.mask_BxSxT(seg, None))[0]  # without the switch: each id its own segment
+    np.testing.assert_array_equal(plain, want & (seg[0][:, None] == seg[0][None, :]))
+    assert not plain[5, 4] and m[5, 4]
 
 
 def _batches(pairs, micro=1):

@@ -22,8 +22,9 @@ not 0 (padding), and, with a sliding window w, i - j < w (HF's convention).
 Shared prompts (`data.share_prompt`, jsmaug/data/packing.py): a pair laid out once as prompt, chosen branch,
 rejected branch carries the ids of `segments.shared_id` (its unit in the row, and the part), and a query also
 sees the keys of its own unit's prompt (`visible`). Ordinary ids stay below `segments.SHARED`, where nothing
-changes. `xla`, `chunked` and `cudnn` (which sends such rows to `chunked`) take them; `splash` and sliding
-windows do not (the run's config refuses them).
+changes; the rule applies only where asked (`shared`, the model config's `shared_prompt_masks`, which such a run
+sets), so every other program stays as it was. `xla`, `chunked` and `cudnn` (which sends such rows to `chunked`)
+take them; `splash` and sliding windows do not (the run's config refuses them).
 
 Attention sinks (gpt-oss, `sinks_H`: one learned logit per query head): the sink joins each row's softmax
 denominator and nothing else, `p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h))` (HF's gpt_oss
@@ -57,16 +58,22 @@ def visible(seg_q, seg_k):
     return ((seg_q == seg_k) | prompt_of_unit) & (seg_k > 0)
 
 
+def _segments_visible(seg_q, seg_k, shared: bool):
+    """`visible` where shared-prompt units may occur (a static choice); else the plain rule, whose program is
+    the one every other run has always compiled."""
+    return visible(seg_q, seg_k) if shared else (seg_q == seg_k) & (seg_k > 0)
+
+
 def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None, q_index_BxS=None,
-               kv_index_BxT=None):
-    """Causal + same-segment (packing; shared prompts: `visible`) + not-padding (segment 0) + optional sliding
-    window, as booleans."""
+               kv_index_BxT=None, shared: bool = False):
+    """Causal + same-segment (packing; with `shared`, shared-prompt units: `visible`) + not-padding (segment 0)
+    + optional sliding window, as booleans."""
     kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
     s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
     q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
     k_idx = jnp.arange(t)[None, :] if kv_index_BxT is None else kv_index_BxT
     q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
-    mask = (k_idx <= q_idx) & visible(segment_ids_BxS[:, :, None], kv_seg[:, None, :])
+    mask = (k_idx <= q_idx) & _segments_visible(segment_ids_BxS[:, :, None], kv_seg[:, None, :], shared)
     if sliding_window is not None:
         mask &= (q_idx - k_idx) < sliding_window  # HF: a query sees keys with q - k < window (itself included)
     return mask
@@ -101,11 +108,11 @@ def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, sinks_H=None):
 
 # ------------------------------------------------------------------------------------------------ chunked
 
-def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window):
+def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window, shared=False):
     """(B, bq, bk) mask of query block starting at i0 against key block starting at j0."""
     qi = i0 + jnp.arange(bq)[:, None]
     kj = j0 + jnp.arange(bk)[None, :]
-    m = (kj <= qi)[None] & visible(seg_q[:, :, None], seg_k[:, None, :])
+    m = (kj <= qi)[None] & _segments_visible(seg_q[:, :, None], seg_k[:, None, :], shared)
     if window is not None:
         m &= (qi - kj < window)[None]
     return m
@@ -138,12 +145,12 @@ def _segment_bounds(seg_BxS):
     return jnp.where(pad, idx, start), jnp.where(pad, idx + 1, end)
 
 
-def _segment_block_ranges(seg, bq, bk):
+def _segment_block_ranges(seg, bq, bk, shared=False):
     """Packing's block skipping: for each query block, the first key block any of its queries' segments reaches
     (over the batch); for each key block, one past the last query block its keys' segments reach. Blocks
     outside these ranges pair two different segments: fully masked, so skipping them changes nothing."""
     b, s = seg.shape
-    start, end = _segment_bounds(jnp.where(seg >= SHARED, seg & ~3, seg))  # a shared unit's three parts: one span
+    start, end = _segment_bounds(jnp.where(seg >= SHARED, seg & ~3, seg) if shared else seg)  # a unit: one span
     first_key_block = jnp.min(start.reshape(b, s // bq, bq), axis=(0, 2)) // bk  # (nq,)
     last_query_block = (jnp.max(end.reshape(b, s // bk, bk), axis=(0, 2)) - 1) // bq + 1  # (nk,)
     return first_key_block, last_query_block
@@ -154,14 +161,14 @@ def _scores(q_blk, k_blk, scale):
     return jnp.einsum("bqkgd,btkd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk):
+def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared=False):
     """q (B, S, K, G, Dh), k/v (B, S, K, Dh), seg (B, S), sinks (K, G) float32 or None; S a multiple of bq and bk.
     Returns out (B, S, K, G, Dh) in q's dtype and lse (B, K, G, S) float32 (0 for rows that see nothing; with
     sinks, the sink's logit for them)."""
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
-    first_key_block, _ = _segment_block_ranges(seg, bq, bk)
+    first_key_block, _ = _segment_block_ranges(seg, bq, bk, shared)
 
     def q_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
@@ -172,7 +179,7 @@ def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk):
             k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
             seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)
-            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window)[:, None, None]
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared)[:, None, None]
             sc = jnp.where(mask, _scores(q_blk, k_blk, scale), NEG_INF)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -200,11 +207,11 @@ def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk):
     return out, lse
 
 
-def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk):
+def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shared=False):
     b, s, kv, g, dh = q.shape
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
-    _, last_query_block = _segment_block_ranges(seg, bq, bk)
+    _, last_query_block = _segment_block_ranges(seg, bq, bk, shared)
     # D_i = rowsum(dO_i * O_i), per query (B, K, G, S)
     delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -221,7 +228,7 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk):
             seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)
             lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
             delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window)[:, None, None]
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared)[:, None, None]
             p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)  # (B,K,G,bq,bk)
             dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do_blk.dtype), do_blk,
                                  preferred_element_type=jnp.float32)
@@ -249,19 +256,19 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_sinks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunked_core(q, k, v, seg, sinks, window, bq, bk):
-    return _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunked_core(q, k, v, seg, sinks, window, bq, bk, shared=False):
+    return _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared)[0]
 
 
-def _chunked_core_fwd(q, k, v, seg, sinks, window, bq, bk):
-    out, lse = _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk)
+def _chunked_core_fwd(q, k, v, seg, sinks, window, bq, bk, shared=False):
+    out, lse = _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared)
     return out, (q, k, v, seg, sinks, out, lse)
 
 
-def _chunked_core_bwd(window, bq, bk, res, d_out):
+def _chunked_core_bwd(window, bq, bk, shared, res, d_out):
     q, k, v, seg, sinks, out, lse = res
-    dq, dk, dv, d_sinks = _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk)
+    dq, dk, dv, d_sinks = _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shared)
     return dq, dk, dv, None, d_sinks
 
 
@@ -269,7 +276,7 @@ _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
-                      block_size: int = 512, sinks_H=None):
+                      block_size: int = 512, sinks_H=None, shared: bool = False):
     """Memory-efficient causal self-attention (see the module docstring). Any length: the sequence is padded to
     a multiple of the block (padding is segment 0, masked) and cut back."""
     b, s, h, dh = q_BxSxHxDh.shape
@@ -280,14 +287,14 @@ def chunked_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, slidi
     q = pad_seq(q_BxSxHxDh).reshape(b, s + pad, kv, h // kv, dh)
     seg = pad_seq(jnp.asarray(segment_ids_BxS, jnp.int32))
     sinks = None if sinks_H is None else sinks_H.astype(jnp.float32).reshape(kv, h // kv)
-    out = _chunked_core(q, pad_seq(k_BxSxKxDh), pad_seq(v_BxSxKxDh), seg, sinks, sliding_window, blk, blk)
+    out = _chunked_core(q, pad_seq(k_BxSxKxDh), pad_seq(v_BxSxKxDh), seg, sinks, sliding_window, blk, blk, shared)
     return out.reshape(b, s + pad, h, dh)[:, :s]
 
 
 # ------------------------------------------------------------------------------------------------ cudnn
 
 def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding_window: int | None = None,
-                    block_size: int = 512, fused_impl: str = "cudnn"):
+                    block_size: int = 512, fused_impl: str = "cudnn", shared: bool = False):
     """cuDNN's fused attention where each row is one segment then padding; `chunked` for packed rows.
     `fused_impl="xla"` runs the same call through `jax.nn.dot_product_attention`'s XLA path (tests on CPU: the
     segment-ids-to-lengths conversion, the window and the packed-row branch are this function's, not cuDNN's)."""
@@ -304,7 +311,7 @@ def cudnn_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, sliding
                                             implementation=fused_impl)
 
     def fallback(q, k, v):
-        return chunked_attention(q, k, v, seg, sliding_window, block_size)
+        return chunked_attention(q, k, v, seg, sliding_window, block_size, shared=shared)
 
     return jax.lax.cond(simple, fused, fallback, q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
 
@@ -350,16 +357,18 @@ def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = Non
 
 
 def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, sliding_window: int | None = None,
-                   implementation: str = "auto", block_size: int = 512, dtype: str = "float32", sinks_H=None):
+                   implementation: str = "auto", block_size: int = 512, dtype: str = "float32", sinks_H=None,
+                   shared: bool = False):
     """Causal self-attention over a whole sequence (training and scoring; decoding with a cache uses `xla`).
-    `sinks_H`: the attention sinks (one logit per query head), or None."""
+    `sinks_H`: the attention sinks (one logit per query head), or None. `shared`: the segment ids may hold
+    shared-prompt units (`visible`)."""
     impl, _ = resolve_impl(implementation, dtype, q_BxSxHxDh.shape[-1], seq_len=q_BxSxHxDh.shape[1],
                            block_size=block_size, sinks=sinks_H is not None)
     qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
     if impl == "xla":
-        return xla_attention(*qkv, mask_BxSxT(segment_ids_BxS, sliding_window), sinks_H)
+        return xla_attention(*qkv, mask_BxSxT(segment_ids_BxS, sliding_window, shared=shared), sinks_H)
     if impl == "splash":
         return splash.splash_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H=sinks_H)
     if impl == "cudnn":  # (resolve_impl never gives cudnn with sinks)
-        return cudnn_attention(*qkv, segment_ids_BxS, sliding_window, block_size)
-    return chunked_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H)
+        return cudnn_attention(*qkv, segment_ids_BxS, sliding_window, block_size, shared=shared)
+    return chunked_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H, shared)

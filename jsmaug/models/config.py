@@ -123,6 +123,9 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2")
     attention_impl: str = "auto"  # see jsmaug/models/attention.py
     attention_block_size: int = 512  # query and key block of the chunked attention
+    # The attention mask also lets shared-prompt units' branches see their prompt (jsmaug/segments.py); set by a run
+    # with data.share_prompt. Off, the mask's program is the plain segment-id one.
+    shared_prompt_masks: bool = False
 
     def __post_init__(self):
         defaults = _MOE_DEFAULTS.get(self.model_type, _DENSE_DEFAULTS)

@@ -100,7 +100,7 @@ class Attention(nn.Module):
             def attend(window):
                 return lambda q, k, v: attention.self_attention(
                     q, k, v, mask, sliding_window=window, implementation=c.attention_impl,
-                    block_size=c.attention_block_size, dtype=c.dtype, sinks_H=sinks_H)
+                    block_size=c.attention_block_size, dtype=c.dtype, sinks_H=sinks_H, shared=c.shared_prompt_masks)
 
             qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)
             if sliding is None:

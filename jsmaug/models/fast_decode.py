@@ -49,7 +49,8 @@ _KNOWN_FIELDS = frozenset((
     "rope_high_freq_factor rope_original_max_position_embeddings sliding_window max_position_embeddings "
     "router_aux_loss_coef router_jitter_noise output_router_logits tie_word_embeddings bos_token_id eos_token_id "
     "pad_token_id initializer_range param_dtype dtype remat scan_unroll moe_impl moe_block_size moe_capacity_factor moe_token_chunks "
-    "moe_dispatch lora_rank lora_alpha lora_targets attention_impl attention_block_size rope_beta_fast rope_beta_slow "
+    "moe_dispatch lora_rank lora_alpha lora_targets attention_impl attention_block_size shared_prompt_masks "
+    "rope_beta_fast rope_beta_slow "
     "rope_truncate rope_attention_factor rope_mscale rope_mscale_all_dim").split())
 _NEEDS_DEFAULT = ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar")
 

@@ -31,7 +31,7 @@ from jsmaug.train.config import RunConfig
 
 # Fields a run may change on resume (numerics and dispatch); every other model field must match the checkpoint.
 RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "scan_unroll", "moe_impl", "moe_block_size", "moe_capacity_factor", "moe_token_chunks", "moe_dispatch",
-                           "attention_impl", "attention_block_size")
+                           "attention_impl", "attention_block_size", "shared_prompt_masks")
 PADDED_KEYS = ("input_ids", "segment_ids", "positions", "labels", "loss_mask")
 
 
@@ -229,6 +229,7 @@ def plan(cfg: RunConfig, devices=None, config: ModelConfig | None = None, *,
     mesh = shd.make_mesh(cfg.mesh, config, devices)
     if cfg.data.share_prompt:
         check_shared_prompts(config, mesh)
+        config = config.replace(shared_prompt_masks=True)
     divisor = shd.batch_rows_divisor(mesh, cfg.mesh)
     if cfg.train.batch_size % divisor or (cfg.train.batch_size // cfg.train.micro_batches) % divisor:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (per micro-batch "
