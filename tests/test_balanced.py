@@ -17,17 +17,19 @@ def _pairs(n, seed=0):
              "rejected": np.ones(2, np.int32), "index": np.int32(i)} for i, s in enumerate(10 * sizes)]
 
 
-@pytest.mark.parametrize("n,batch,groups", [(40, 8, 1), (43, 8, 2), (36, 6, 3), (16, 8, 4)])
-def test_every_group_takes_one_pair_of_each_length_stratum(n, batch, groups):
+@pytest.mark.parametrize("n,batch,groups,shared", [(40, 8, 1, False), (43, 8, 2, False), (36, 6, 3, False),
+                                                    (16, 8, 4, False), (40, 8, 2, True)])
+def test_every_group_takes_one_pair_of_each_length_stratum(n, batch, groups, shared):
     pairs = _pairs(n)
-    ds = balanced.BalancedBatches(pairs, batch, seed=3, groups=groups)
+    ds = balanced.BalancedBatches(pairs, batch, seed=3, groups=groups, shared=shared)
     m, per = n // batch, batch // groups
     for e in range(2):
         steps = [ds[e * m + k] for k in range(m)]
         used = [int(p["index"]) for s in steps for p in s]
         assert len(used) == len(set(used)) == m * batch  # each pair at most once an epoch; n mod batch sit out
         # Strata from the used pairs' token counts, ranked here (longest first).
-        ranked = sorted(used, key=lambda i: -balanced.pair_tokens(pairs[i]))
+        tokens = packing.unit_length if shared else balanced.pair_tokens
+        ranked = sorted(used, key=lambda i: -tokens(pairs[i]))
         stratum = {i: r // (m * groups) for r, i in enumerate(ranked)}
         for s in steps:
             for g in range(groups):
@@ -78,5 +80,7 @@ def test_the_config_switch_and_its_errors():
     plain = balanced.train_batches(pairs, Cfg(False, None), 8, seed=0)
     assert [int(p["index"]) for p in plain[0]] == [int(p["index"]) for p in data.batches(pairs, 8, seed=0)[0]]
     assert balanced.BalancedBatches(pairs, 8, seed=0, groups=3).groups == 1  # 3 groups do not split 8 pairs
+    p = pairs[3]  # with shared prompts a pair's tokens are its unit's (the prompt once)
+    assert balanced.pair_tokens(p, True) == packing.unit_length(p) == balanced.pair_tokens(p) - len(p["prompt"]) + 1
     with pytest.raises(data.DataError, match="5 pairs, fewer than one step's 8"):
         balanced.BalancedBatches(pairs[:5], 8, seed=0)

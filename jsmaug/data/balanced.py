@@ -8,8 +8,8 @@ row count (10% empty, three more compiles). Balanced steps on the same pairs hol
 shape leaves 7.6% empty (tests/test_balanced.py; the run's figures in docs/performance.md).
 
 How: each epoch (a seeded permutation of the pairs, so every epoch differs), the epoch's pairs are sorted by
-tokens (prompt twice, chosen, rejected; ties in the permutation's order) and cut into `batch_size / groups`
-strata of equal size, longest first. Group-batch k of the epoch takes one pair from each stratum, drawn by a
+tokens (prompt twice, chosen, rejected; the prompt once with shared prompts; ties in the permutation's order)
+and cut into `batch_size / groups` strata of equal size, longest first. Group-batch k of the epoch takes one pair from each stratum, drawn by a
 seeded permutation of each stratum; step i is group-batches i*groups .. i*groups + groups - 1, one per packed
 group (micro-batch x data shard), so each group gets one pair of every length class. Each pair is used once an
 epoch; the `n mod batch_size` pairs left over by the permutation sit that epoch out (others the next). Like
@@ -32,16 +32,19 @@ from jsmaug.data.batches import batches
 from jsmaug.data.files import DataError
 
 
-def pair_tokens(pair) -> int:
-    """The tokens a pair puts into a packed step: prompt + chosen and prompt + rejected."""
-    return 2 * len(pair["prompt"]) + len(pair["chosen"]) + len(pair["rejected"])
+def pair_tokens(pair, shared: bool = False) -> int:
+    """The tokens a pair puts into a packed step: prompt + chosen and prompt + rejected; `shared`
+    (data.share_prompt) its unit, the prompt once (`packing.unit_length`)."""
+    n = len(pair["chosen"]) + len(pair["rejected"])
+    return len(pair["prompt"]) + n + 1 if shared else 2 * len(pair["prompt"]) + n
 
 
 class BalancedBatches:
     """Global batches of `batch_size` pairs, each epoch's steps of near-equal tokens (the module's docstring).
     `ds[i]` is step i's list of pairs, for any i >= 0 (epochs repeat without end)."""
 
-    def __init__(self, examples: Sequence[dict], batch_size: int, *, seed: int, groups: int = 1):
+    def __init__(self, examples: Sequence[dict], batch_size: int, *, seed: int, groups: int = 1,
+                 shared: bool = False):
         if not examples:
             raise DataError("no examples to batch (every pair was dropped, or the files are empty)")
         if len(examples) < batch_size:
@@ -50,7 +53,7 @@ class BalancedBatches:
         self.batch_size, self.seed = batch_size, seed
         self.groups = groups if groups > 0 and batch_size % groups == 0 else 1
         self.steps_per_epoch = len(self.examples) // batch_size
-        self._tokens = np.array([pair_tokens(p) for p in self.examples])
+        self._tokens = np.array([pair_tokens(p, shared) for p in self.examples])
         self._cached: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -88,5 +91,6 @@ def train_batches(examples: Sequence[dict], data_cfg, batch_size: int, *, seed: 
     (`batches.batches`), as `data.balanced_steps` says. `groups`: the packed groups of a step (micro-batches x
     data shards), each balanced on its own."""
     if is_balanced(data_cfg):
-        return BalancedBatches(examples, batch_size, seed=seed, groups=groups)
+        return BalancedBatches(examples, batch_size, seed=seed, groups=groups,
+                               shared=bool(getattr(data_cfg, "share_prompt", False)))
     return batches(examples, batch_size, seed=seed)
