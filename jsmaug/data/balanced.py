@@ -7,13 +7,13 @@ so a run either pads every step to the fullest one (one shape, 24% of the slots 
 row count (10% empty, three more compiles). Balanced steps on the same pairs hold 1,891 to 2,084 tokens, and one
 shape leaves 7.6% empty (tests/test_balanced.py; the run's figures in docs/performance.md).
 
-How: each epoch (a seeded permutation of the pairs, so every epoch differs), the epoch's pairs are sorted by
-tokens (prompt twice, chosen, rejected; the prompt once with shared prompts; ties in the permutation's order)
-and cut into `batch_size / groups` strata of equal size, longest first. Group-batch k of the epoch takes one pair from each stratum, drawn by a
-seeded permutation of each stratum; step i is group-batches i*groups .. i*groups + groups - 1, one per packed
-group (micro-batch x data shard), so each group gets one pair of every length class. Each pair is used once an
-epoch; the `n mod batch_size` pairs left over by the permutation sit that epoch out (others the next). Like
-`batches`, step i is a pure function of (pairs, seed, i): a resumed run gets the same steps, and every process
+How: each epoch (a seeded permutation of the pairs, so every epoch differs), the epoch's pairs are sorted by tokens
+(prompt twice, chosen, rejected; the prompt once with shared prompts; ties in the permutation's order) and cut into
+`batch_size / groups` strata of equal size, longest first. Group-batch k of the epoch takes one pair from each
+stratum, drawn by a seeded permutation of each stratum; step i is group-batches i*groups .. i*groups + groups - 1,
+one per packed group (micro-batch x data shard), so each group gets one pair of every length class. Each pair is
+used once an epoch; the `n mod batch_size` pairs left over by the permutation sit that epoch out (others the next).
+Like `batches`, step i is a pure function of (pairs, seed, i): a resumed run gets the same steps, and every process
 makes the same ones.
 
 This changes which pairs share a step (not which pairs a run sees, nor how often), so a balanced run's losses
