@@ -296,8 +296,8 @@ def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[s
     out = {k: np.zeros((p.micro, len(shards) * p.rows_per_group, p.row_length), np.int32) for k in ROW_KEYS}
 
     def put(m, at, t, tokens, seg, first_position, first_label, seq_id):
-        """`tokens` at t.. of a row; labels from position `first_label` of `tokens` on (the ones before it and
-        the last one unlabelled)."""
+        """`tokens` at t.. of a row: each token's label the next one (the last unlabelled), in the loss from
+        position `first_label` of `tokens` on; positions from `first_position`. Returns where the row goes on."""
         n, sl = len(tokens), slice(t, t + len(tokens))
         if not n:  # a one-token prompt's shared part
             return t
