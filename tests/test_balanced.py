@@ -28,7 +28,7 @@ def test_every_group_takes_one_pair_of_each_length_stratum(n, batch, groups, sha
         used = [int(p["index"]) for s in steps for p in s]
         assert len(used) == len(set(used)) == m * batch  # each pair at most once an epoch; n mod batch sit out
         # Strata from the used pairs' token counts, ranked here (longest first).
-        tokens = packing.unit_length if shared else balanced.pair_tokens
+        tokens = packing.unit_length if shared else (lambda p: sum(packing.sequence_lengths(p)))
         ranked = sorted(used, key=lambda i: -tokens(pairs[i]))
         stratum = {i: r // (m * groups) for r, i in enumerate(ranked)}
         for s in steps:
@@ -60,7 +60,7 @@ def test_balanced_steps_pack_into_one_shape_with_little_padding():
     for name, ds in (("shuffled", data.batches(pairs, 8, seed=0)),
                      ("balanced", balanced.BalancedBatches(pairs, 8, seed=0))):
         steps = [ds[i] for i in range(40)]
-        tokens = [sum(map(balanced.pair_tokens, s)) for s in steps]
+        tokens = [sum(sum(packing.sequence_lengths(p)) for p in s) for s in steps]
         lay = packing.run_layout(steps, micro=1, shards=1, buckets=buckets, longest=longest, row_step=8,
                                  compile_steps=35.0)
         got[name] = (np.std(tokens), lay, packing.padding_fractions(steps, micro=1, shards=1, buckets=buckets,
@@ -70,9 +70,8 @@ def test_balanced_steps_pack_into_one_shape_with_little_padding():
 
 
 def test_the_config_switch_and_its_errors():
-    class Cfg:
-        def __init__(self, packing, balanced_steps):
-            self.packing, self.balanced_steps = packing, balanced_steps
+    def Cfg(packing, balanced_steps):  # noqa: N802
+        return data.DataConfig(train_path="x", packing=packing, balanced_steps=balanced_steps)
     assert [balanced.is_balanced(Cfg(p, b)) for p, b in
             [(True, None), (False, None), (True, False), (False, True)]] == [True, False, False, True]
     pairs = _pairs(20)
@@ -81,6 +80,8 @@ def test_the_config_switch_and_its_errors():
     assert [int(p["index"]) for p in plain[0]] == [int(p["index"]) for p in data.batches(pairs, 8, seed=0)[0]]
     assert balanced.BalancedBatches(pairs, 8, seed=0, groups=3).groups == 1  # 3 groups do not split 8 pairs
     p = pairs[3]  # with shared prompts a pair's tokens are its unit's (the prompt once)
-    assert balanced.pair_tokens(p, True) == packing.unit_length(p) == balanced.pair_tokens(p) - len(p["prompt"]) + 1
+    plain_tokens, shared_tokens = (balanced.BalancedBatches(pairs, 8, seed=0, shared=s).tokens[3]
+                                   for s in (False, True))
+    assert shared_tokens == packing.unit_length(p) == plain_tokens - len(p["prompt"]) + 1
     with pytest.raises(data.DataError, match="5 pairs, fewer than one step's 8"):
         balanced.BalancedBatches(pairs[:5], 8, seed=0)

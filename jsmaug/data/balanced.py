@@ -30,13 +30,7 @@ import numpy as np
 
 from jsmaug.data.batches import batches
 from jsmaug.data.files import DataError
-
-
-def pair_tokens(pair, shared: bool = False) -> int:
-    """The tokens a pair puts into a packed step: prompt + chosen and prompt + rejected; `shared`
-    (data.share_prompt) its unit, the prompt once (`packing.unit_length`)."""
-    n = len(pair["chosen"]) + len(pair["rejected"])
-    return len(pair["prompt"]) + n + 1 if shared else 2 * len(pair["prompt"]) + n
+from jsmaug.data.packing import item_lengths
 
 
 class BalancedBatches:
@@ -53,7 +47,8 @@ class BalancedBatches:
         self.batch_size, self.seed = batch_size, seed
         self.groups = groups if groups > 0 and batch_size % groups == 0 else 1
         self.steps_per_epoch = len(self.examples) // batch_size
-        self._tokens = np.array([pair_tokens(p, shared) for p in self.examples])
+        # the tokens a pair puts into a packed step: its two sequences, or with shared prompts its unit
+        self.tokens = np.array([sum(item_lengths(p, shared)) for p in self.examples])
         self._cached: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -66,7 +61,7 @@ class BalancedBatches:
         rng = np.random.default_rng([self.seed, e])
         m, per_group = self.steps_per_epoch, self.batch_size // self.groups
         used = rng.permutation(len(self.examples))[:m * self.batch_size]
-        order = used[np.argsort(-self._tokens[used], kind="stable")]
+        order = used[np.argsort(-self.tokens[used], kind="stable")]
         strata = order.reshape(per_group, m * self.groups)  # stratum s: the s-th longest share of the pairs
         picks = np.stack([rng.permutation(s) for s in strata], axis=1)  # (group-batches, per_group)
         steps = picks.reshape(m, self.batch_size)
@@ -82,7 +77,7 @@ class BalancedBatches:
 
 def is_balanced(data_cfg) -> bool:
     """`data.balanced_steps`, with null meaning: balanced when packing."""
-    b = getattr(data_cfg, "balanced_steps", None)
+    b = data_cfg.balanced_steps
     return bool(data_cfg.packing) if b is None else bool(b)
 
 
@@ -92,5 +87,5 @@ def train_batches(examples: Sequence[dict], data_cfg, batch_size: int, *, seed: 
     data shards), each balanced on its own."""
     if is_balanced(data_cfg):
         return BalancedBatches(examples, batch_size, seed=seed, groups=groups,
-                               shared=bool(getattr(data_cfg, "share_prompt", False)))
+                               shared=data_cfg.share_prompt)
     return batches(examples, batch_size, seed=seed)
