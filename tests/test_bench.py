@@ -138,3 +138,23 @@ def test_the_gemma3_row_times_gemma3_270ms_shapes_on_both_sides():
             hf_config.tie_word_embeddings) == (262144, 640, 18, True)
     assert hf_config.layer_types.count("full_attention") == 3 and hf_config.layer_types[5] == "full_attention"
     assert hf_config.sliding_window == 512 and hf_config.query_pre_attn_scalar == 256
+
+
+def test_the_side_by_side_benches_run_both_step_models_and_write_them_whole(tmp_path, capsys):
+    """dense_bench.on_both_step_models: the MoE step model then the dense one, a printed line each, the file whole."""
+    import json
+
+    from jsmaug.perf import dense_bench
+
+    seen = []
+
+    def measure(kind, config):
+        seen.append((kind, config.is_moe, config.num_hidden_layers))
+        return {"layers": config.num_hidden_layers}
+
+    out = tmp_path / "side.json"
+    got = dense_bench.on_both_step_models(measure, True, str(out), with_torch=False)
+    assert seen == [("moe", True, 2), ("dense", False, 2)]
+    assert json.loads(out.read_text()) == got == {"moe": {"layers": 2}, "dense": {"layers": 2}}
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["moe", "dense"]
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -33,3 +33,26 @@ def bench_llama_vs_torch(quick: bool, threads: int, rounds: int = 4) -> None:
     record_against_torch("torch/llama_jsmaug_vs_pytorch_dpop_step", jax_step, torch_step, tokens,
                          f"llama {config.num_params() / 1e6:.1f}M params, {pairs} pairs x {length}, {threads} threads",
                          "HF LlamaForCausalLM + PyTorch DPOP step", rounds)
+
+
+def on_both_step_models(measure, quick: bool, json_out: str | None, with_torch: bool = True) -> dict:
+    """`measure(kind, config)` on the MoE step model and on the dense one (tiny with `quick`), each result printed as
+    one JSON line, all of them written whole to `json_out` ({"moe": ..., "dense": ...}): the side-by-side benches'
+    (unroll_bench, unstacked_bench) main loop. `with_torch`: PyTorch on as many threads as the machine's CPUs."""
+    import json
+    import os
+
+    from jsmaug import paths
+    from jsmaug.perf.bench import step_model_config
+
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for kind, config in (("moe", step_model_config(quick)), ("dense", llama_config(quick))):
+        out[kind] = measure(kind, config)
+        print(kind, json.dumps(out[kind]), flush=True)
+    if json_out:
+        paths.atomic_write(json_out, json.dumps(out, indent=1))
+    return out

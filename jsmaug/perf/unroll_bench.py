@@ -9,8 +9,6 @@ HF transformers + PyTorch, in alternating blocks, for the MoE step model and the
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -48,17 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 blocks (a smoke run)")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    out = {}
-    for kind, config in (("moe", bench.step_model_config(args.quick)), ("dense", dense_bench.llama_config(args.quick))):
-        out[kind] = measure(config, blocks=2 if args.quick else 5, calls=2 if args.quick else 4)
-        print(kind, json.dumps(out[kind]), flush=True)
-    if args.json_out:
-        with open(args.json_out + ".tmp", "w") as fh:
-            json.dump(out, fh, indent=1)
-        os.replace(args.json_out + ".tmp", args.json_out)
+    dense_bench.on_both_step_models(
+        lambda kind, config: measure(config, blocks=2 if args.quick else 5, calls=2 if args.quick else 4),
+        args.quick, args.json_out)
     return 0
 
 
