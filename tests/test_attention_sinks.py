@@ -204,7 +204,7 @@ def test_decoder_attention_equals_gpt_oss_attention_with_and_without_the_cache(l
     same rows."""
     import torch
 
-    from jsmaug.models import decoder, rope
+    from jsmaug.models import layer, rope
 
     hf_cfg, module, config, params = _gpt_oss_attention(layer_type)
     sliding = layer_type == "sliding_attention"
@@ -213,7 +213,7 @@ def test_decoder_attention_equals_gpt_oss_attention_with_and_without_the_cache(l
     seg = _segments(b, s)
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     cos, sin = rope.cos_sin(positions, config)
-    attn = decoder.Attention(config)
+    attn = layer.Attention(config)
     got, _ = attn.apply({"params": params}, x, cos, sin, seg, None, None, jnp.asarray(sliding))
     mask = attention.mask_BxSxT(seg, config.sliding_window if sliding else None)
     want = _hf_module_out(hf_cfg, module, x, positions, mask, torch.float32)
@@ -242,7 +242,7 @@ def test_sinks_and_biases_gradients_equal_finite_differences_of_gpt_oss_attentio
     against central differences of GptOssAttention in float64."""
     import torch
 
-    from jsmaug.models import decoder, rope
+    from jsmaug.models import layer, rope
 
     hf_cfg, module, config, params = _gpt_oss_attention("sliding_attention")
     b, s = 2, 11
@@ -255,7 +255,7 @@ def test_sinks_and_biases_gradients_equal_finite_differences_of_gpt_oss_attentio
     real = np.asarray(seg > 0)[..., None]
 
     def loss(p):
-        out, _ = decoder.Attention(config).apply({"params": p}, x, cos, sin, seg, None, None, jnp.asarray(True))
+        out, _ = layer.Attention(config).apply({"params": p}, x, cos, sin, seg, None, None, jnp.asarray(True))
         return jnp.sum(jnp.where(real, out, 0.0) * w)
 
     grads = jax.grad(loss)(params)

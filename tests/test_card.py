@@ -12,8 +12,8 @@ import pytest
 from cli_env import cli_env
 from huggingface_hub import ModelCard
 
-from jsmaug.errors import CheckpointError, DataError
-from jsmaug.eval import card
+from jsmaug.errors import CheckpointError
+from jsmaug.eval import card, card_results
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_ID = "tiny-org/tiny-mixtral"
@@ -154,30 +154,10 @@ def test_lm_eval_results_from_lm_eval_itself(tmp_path, monkeypatch):
                     ("local_arc", "mc.jsonl", 2, "acc", None): 0.75,
                     ("local_arc", "mc.jsonl", 2, "acc_norm", None): 0.25}
     for res in parsed.data.eval_results:
-        assert res.dataset_split == "test" and res.source_url == card.LM_EVAL_URL
+        assert res.dataset_split == "test" and res.source_url == card_results.LM_EVAL_URL
         assert res.source_name == f"lm-evaluation-harness {doc['lm_eval_version']}"
     card.add_results(tmp_path / "m", doc)
     assert _figures(path)[1] == figs
-
-
-def test_lm_eval_groups_hub_datasets_and_bad_files():
-    """A group's aggregate stands for its subtasks; a Hub dataset is named by its path and config."""
-    doc = {"results": {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.01, "alias": "mmlu"},
-                       "mmlu_anatomy": {"acc,none": 0.3, "alias": " - anatomy"},
-                       "arc_challenge": {"acc,none": 0.5, "acc_norm,none": 0.55, "acc_norm_stderr,none": "N/A"}},
-           "groups": {"mmlu": {"acc,none": 0.4}}, "group_subtasks": {"mmlu": ["mmlu_anatomy"], "arc_challenge": []},
-           "configs": {"arc_challenge": {"dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Challenge",
-                                         "test_split": "test", "num_fewshot": 25}},
-           "n-shot": {"mmlu": 5, "mmlu_anatomy": 5, "arc_challenge": 25}, "versions": {}}
-    got = {(r.task_name, r.dataset_type, r.dataset_config, r.dataset_split, r.dataset_args["num_few_shot"],
-            r.metric_type): r.metric_value for r in card.eval_results(doc)}
-    assert got == {("mmlu", "mmlu", None, None, 5, "acc"): 0.4,
-                   ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", 25, "acc"): 0.5,
-                   ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", 25, "acc_norm"): 0.55}
-    with pytest.raises(DataError, match="scores.json: neither a jsmaug OUT.json"):
-        card.eval_results({"results": {"x": {}}}, where="scores.json")
-    with pytest.raises(DataError, match=r"o.json: results\['mc:a.jsonl'\] has none of"):
-        card.eval_results({"results": {"mc:a.jsonl": {"rows": 2}}}, where="o.json")
 
 
 def test_hub_id_of_a_folder(tmp_path, monkeypatch):
