@@ -132,12 +132,16 @@ def test_non_finite_step_is_skipped_and_counted():
     config, params, opt = _setup()
     fn = _step_fn(config, opt)
     state = _state(params, opt)
-    before = jax.tree.map(np.asarray, state.params)
+    state, _ = fn(state, BATCH, params, False)  # moments that are not zero, so keeping them is seen
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     state, m = fn(state, BATCH, params, True)
-    assert int(m["applied"]) == 0 and int(state.skipped) == 1 and int(state.step) == 1
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, before)
+    assert int(m["applied"]) == 0 and int(state.skipped) == 1 and int(state.step) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), (state.params, state.opt_state),
+                 before)  # neither the params nor AdamW's moments (nor its count) moved
     state, m = fn(state, BATCH, params, False)
     assert int(m["applied"]) == 1 and int(state.skipped) == 1
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), (state.params, state.opt_state), before)
+    assert all(jax.tree.leaves(moved[0])) and any(jax.tree.leaves(moved[1]))
 
 
 @pytest.mark.parametrize("loss", [
