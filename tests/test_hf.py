@@ -77,6 +77,10 @@ def test_export_loads_in_transformers_with_same_logits(hub, tmp_path):
     cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert cfg["rope_theta"] == config.rope_theta and cfg["architectures"] == ["MixtralForCausalLM"]
     assert cfg["sliding_window"] is None and cfg["torch_dtype"] == "float32"
+    from transformers import GenerationConfig  # transformers reads the export's generation config as written
+
+    gen = GenerationConfig.from_pretrained(tmp_path / "exp")
+    assert (gen.bos_token_id, gen.eos_token_id) == (config.bos_token_id, config.eos_token_id)
 
 
 def test_fused_layout_imports_to_identical_params(hub, tmp_path):

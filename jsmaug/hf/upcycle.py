@@ -35,7 +35,8 @@ from jsmaug.data.tokenizer_folder import CHECKPOINT_FILES, copy_tokenizer_files
 from jsmaug.errors import CheckpointError
 from jsmaug.hf import layout
 from jsmaug.hf.read import Reader, check_keys_and_shapes, read_config
-from jsmaug.hf.write import commit_dir, parse_size, prepare_out_dir, split_shards, write_shards
+from jsmaug.hf.write import (commit_dir, parse_size, prepare_out_dir, split_shards, write_generation_config,
+                             write_shards)
 from jsmaug.models.config import ModelConfig
 
 MIXTRAL_AUX_LOSS_COEF = 0.02  # the mixtral family's default router_aux_loss_coef (HF's MixtralConfig's too)
@@ -156,9 +157,7 @@ def upcycle(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, num_experts: 
         (tmp / "config.json").write_text(json.dumps(families.to_hf_dict(config, torch_dtype=torch_dtype), indent=2))
         copied = copy_tokenizer_files(hf_dir, tmp, CHECKPOINT_FILES)
         if "generation_config.json" not in copied:
-            (tmp / "generation_config.json").write_text(json.dumps(
-                {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                 "_from_model_config": True}, indent=2))
+            write_generation_config(tmp, config)
         commit_dir(tmp, out_dir)
     except BaseException:
         tmp.rmtree(missing_ok=True)

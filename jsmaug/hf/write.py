@@ -42,6 +42,14 @@ def _take_replicated(mesh, n_idx: int):
     return jax.jit(lambda x, idx: x[tuple(idx[i] for i in range(n_idx))], out_shardings=NamedSharding(mesh, P()))
 
 
+def write_generation_config(folder, config: ModelConfig) -> None:
+    """`folder/generation_config.json` from the model config's bos/eos ids, as transformers derives one from a
+    model config (`_from_model_config`)."""
+    (epath.Path(folder) / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "_from_model_config": True},
+        indent=2))
+
+
 def gather(x, *idx: int) -> np.ndarray:
     """One slice x[idx] of a (possibly sharded, possibly multi-process) array, on the host."""
     if getattr(x, "is_fully_addressable", True):
@@ -230,9 +238,7 @@ def save(out_dir: str | os.PathLike, config: ModelConfig, params, dtype: str | N
         if quantization_config is not None:
             hf_config["quantization_config"] = quantization_config
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-             "_from_model_config": True}, indent=2))
+        write_generation_config(tmp, config)
         if tokenizer_path is not None:
             export_tokenizer_files(tokenizer_path, tmp, chat_template)
         if tmp != out_dir:
