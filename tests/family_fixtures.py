@@ -93,3 +93,36 @@ def hf_logits(model, input_ids, attention_mask=None, output_router_logits=False)
                     **kw)
     aux = getattr(out, "aux_loss", None)
     return out.logits.float().numpy(), None if aux is None else float(aux)
+
+
+def assert_grads_equal_torch(tmp_path: Path, torch_model, config, params, ids, mask) -> dict:
+    """d(sum of the masked label log-probs)/d(every weight) of jsmaug's forward against torch's autograd through
+    `torch_model` (the same weights): jsmaug's gradient tree is exported with hf.save, so each tensor is compared
+    under its HF name (a tied embedding's gradient is the sum of both uses on both sides), each within 1e-4 of its
+    largest entry. Returns torch's gradients by name."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from jsmaug import hf
+    from jsmaug.models import decoder as model
+
+    def loss(p):
+        logits = model.forward(config, p, ids, mask)[0]
+        lp = (jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], logits.shape[-1])).sum(-1)
+        return jnp.sum(lp * mask[:, 1:])
+
+    hf.save(tmp_path / "grads", config, jax.jit(jax.grad(loss))(params))
+    got = load_file(str(tmp_path / "grads/model.safetensors"))
+    torch_model.zero_grad()
+    out = torch_model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+    lp = torch.log_softmax(out[:, :-1], -1).gather(-1, torch.as_tensor(ids[:, 1:, None]))[..., 0]
+    (lp * torch.as_tensor(mask[:, 1:])).sum().backward()
+    want = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
+    assert set(got) == set(want)
+    for name, g in want.items():
+        scale = max(float(np.abs(g).max()), 1e-3)
+        np.testing.assert_allclose(got[name], g, atol=1e-4 * scale, rtol=0, err_msg=name)
+    return want

@@ -132,32 +132,14 @@ def test_gradients_equal_torch_autograds(tmp_path):
     """d(sum of the label log-probs)/d(every weight) against torch's autograd through Gemma3ForCausalLM, on the
     family case's checkpoint: jsmaug's gradient tree is exported with hf.save, so each tensor is compared under
     its HF name (the tied embedding's gradient is the sum of both uses in both)."""
-    import torch
-    from family_fixtures import make_checkpoint
-    from safetensors.numpy import load_file
+    from family_fixtures import assert_grads_equal_torch, make_checkpoint
 
     torch_model = make_checkpoint("gemma3_local_global", tmp_path / "hf", seed=5)
     config, params = hf.load(tmp_path / "hf")
     ids = np.random.default_rng(1).integers(3, config.vocab_size, (2, 14))
     mask = np.ones_like(ids)
     mask[0, 10:] = 0
-
-    def logps(logits, labels):
-        return (jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(labels[:, 1:], logits.shape[-1])).sum(-1)
-
-    def loss(p):
-        return jnp.sum(logps(model.forward(config, p, ids, mask)[0], ids) * mask[:, 1:])
-
-    hf.save(tmp_path / "grads", config, jax.jit(jax.grad(loss))(params))
-    got = load_file(str(tmp_path / "grads/model.safetensors"))
-    out = torch_model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
-    lp = torch.log_softmax(out[:, :-1], -1).gather(-1, torch.as_tensor(ids[:, 1:, None]))[..., 0]
-    (lp * torch.as_tensor(mask[:, 1:])).sum().backward()
-    want = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
-    assert set(got) == set(want)
-    for name, g in want.items():
-        scale = max(float(np.abs(g).max()), 1e-3)
-        np.testing.assert_allclose(got[name], g, atol=1e-4 * scale, rtol=0, err_msg=name)
+    assert_grads_equal_torch(tmp_path, torch_model, config, params, ids, mask)
 
 
 trl = pytest.importorskip("trl", reason="trl is in the test extra (pip install -e '.[test]')")

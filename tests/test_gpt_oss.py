@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_fixtures import hf_logits
+from family_fixtures import assert_grads_equal_torch, hf_logits
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -289,29 +289,11 @@ def test_gradients_equal_torch_autograd(case, tmp_path):
     """d(sum of the label log-probs)/d(every weight), the sinks, router bias and expert biases included, against
     torch's autograd through GptOssForCausalLM; jsmaug's gradient tree is exported with hf.save so each tensor is
     compared under its HF name."""
-    import torch
-
     _, torch_model, config, params = case
     ids = np.random.default_rng(1).integers(3, config.vocab_size, (2, 14))
     mask = np.ones_like(ids)
     mask[0, 10:] = 0
-
-    def loss(p):
-        logits = model.forward(config, p, ids, mask)[0]
-        lp = (jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], logits.shape[-1])).sum(-1)
-        return jnp.sum(lp * mask[:, 1:])
-
-    hf.save(tmp_path / "grads", config, jax.jit(jax.grad(loss))(params))
-    got = load_file(str(tmp_path / "grads/model.safetensors"))
-    torch_model.zero_grad()
-    out = torch_model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
-    lp = torch.log_softmax(out[:, :-1], -1).gather(-1, torch.as_tensor(ids[:, 1:, None]))[..., 0]
-    (lp * torch.as_tensor(mask[:, 1:])).sum().backward()
-    want = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
-    assert set(got) == set(want)
-    for name, g in want.items():
-        scale = max(float(np.abs(g).max()), 1e-3)
-        np.testing.assert_allclose(got[name], g, atol=1e-4 * scale, rtol=0, err_msg=name)
+    want = assert_grads_equal_torch(tmp_path, torch_model, config, params, ids, mask)
     assert float(np.abs(want["model.layers.0.self_attn.sinks"]).min()) > 0
 
 

@@ -14,7 +14,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jsmaug.data import batches as data
+from test_lora import _batch  # the same small pairs (vocabulary 64)
+
 from jsmaug.models import config as cfg_lib, logps as logps_lib, lora, decoder as model, quant
 from jsmaug.models.config import ConfigError
 from jsmaug.train import plan as plan_lib, run as train_run, setup as run_setup, step
@@ -26,14 +27,6 @@ MOE = cfg_lib.tiny(vocab_size=64, lora_rank=4, lora_alpha=8.0, moe_capacity_fact
 DENSE = cfg_lib.tiny(model_type="llama", vocab_size=64, lora_rank=4, lora_alpha=8.0, tie_word_embeddings=True)
 PROJECTIONS = set(lora.TARGETS)
 TABLES = {"embed_tokens", "lm_head"}  # quantized with the projections (lora.EMBEDDINGS)
-
-
-def _batch(seed, n=8):
-    rng = np.random.default_rng(seed)
-    ex = [{"prompt": np.r_[1, rng.integers(3, 64, 4)].astype(np.int32),
-           "chosen": np.r_[rng.integers(3, 64, rng.integers(2, 7)), 2].astype(np.int32),
-           "rejected": np.r_[rng.integers(3, 64, rng.integers(2, 7)), 2].astype(np.int32)} for _ in range(n)]
-    return data.collate(ex, (16,))
 
 
 @functools.lru_cache(maxsize=None)
