@@ -48,11 +48,22 @@ def test_a_unit_is_laid_out_prompt_then_both_branches():
     assert ids[chosen_path].tolist() == [1, 5, 6, 7, 8] and ids[rejected_path].tolist() == [1, 5, 6, 9, 2]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "xla"])
-def test_a_branch_sees_its_prompt_and_never_the_other_branch(impl):
+GEMMA3 = cfg_lib.tiny(model_type="gemma3_text", vocab_size=64, num_hidden_layers=3, head_dim=16,
+                      query_pre_attn_scalar=20, sliding_window=4,
+                      layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                      rope_local_base_freq=100.0, tie_word_embeddings=True, attention_block_size=8,
+                      shared_prompt_masks=True)  # local and global layers in one stack
+
+
+@pytest.mark.parametrize("impl,window", [("chunked", None), ("xla", None), ("chunked", 5), ("xla", 5),
+                                         ("chunked", "gemma3"), ("xla", "gemma3")])
+def test_a_branch_sees_its_prompt_and_never_the_other_branch(impl, window):
     """Hidden states of a unit's positions equal those of the pair's own sequences run alone (so each branch sees
-    the whole prompt and itself); changing the chosen branch leaves the rejected one exactly put."""
-    conf = CONF.replace(attention_impl=impl)
+    the whole prompt and itself; with a sliding window of 5, or Gemma 3's local layers' 4 beside its global ones,
+    the window measured by each sequence's own positions, so the rejected branch still sees its prompt's last
+    tokens across the chosen branch); changing the chosen branch leaves the rejected one exactly put."""
+    conf = (GEMMA3.replace(attention_impl=impl) if window == "gemma3"
+            else CONF.replace(attention_impl=impl, sliding_window=window))
     params = model.init_params(conf, jax.random.key(1))
     pairs = _pairs(3, seed=5)
     lay = packing.plan(pairs, micro=1, shards=1, buckets=BUCKETS, row_length=128, shared=True)
@@ -103,12 +114,15 @@ def _batches(pairs, micro=1):
     return padded, jax.tree.map(np.asarray, shared)
 
 
-def test_shared_prompts_equal_padded_losses_and_gradients():
+@pytest.mark.parametrize("impl,window", [("auto", None), ("chunked", 5), ("xla", 5)])
+def test_shared_prompts_equal_padded_losses_and_gradients(impl, window):
+    """(With a sliding window, the chunked kernel's backward reaches each rejected branch's prompt blocks too.)"""
     pairs = _pairs(8)
     padded, shared = _batches(pairs)
     real_shared = int((shared["segment_ids"] > 0).sum())
     assert real_shared == sum(packing.unit_length(p) for p in pairs) < int((padded["segment_ids"] > 0).sum())
-    params, ref, both = policy_reference_and_losses(CONF, LossSection(type="dpo", beta=0.3))
+    conf = CONF.replace(attention_impl=impl, sliding_window=window)
+    params, ref, both = policy_reference_and_losses(conf, LossSection(type="dpo", beta=0.3))
     for ((l_pad, m_pad), g_pad), ((l_sh, m_sh), g_sh) in zip(both(params, ref, padded),
                                                              both(params, ref, step.unpair(shared))):
         np.testing.assert_allclose(l_sh, l_pad, rtol=1e-5)
@@ -129,8 +143,8 @@ def test_the_config_refuses_what_shared_prompts_cannot_do():
         with_data(packing_length=300, max_length=256).validate()
     assert with_data(packing_length=512, max_length=256).validate()
     cfg = with_data()
-    with pytest.raises(ConfigError, match="not with sliding-window attention"):
-        plan_lib.plan(cfg, jax.devices()[:1], config=CONF.replace(sliding_window=16))
+    windowed = GEMMA3.replace(shared_prompt_masks=False)  # sliding windows are planned, with the shared masks on
+    assert plan_lib.plan(cfg, jax.devices()[:1], config=windowed).mconf.shared_prompt_masks
     with pytest.raises(ConfigError, match="model.attention_impl=chunked"):
         plan_lib.plan(cfg, jax.devices()[:1], config=CONF.replace(attention_impl="splash"))
 

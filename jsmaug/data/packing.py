@@ -289,7 +289,7 @@ def materialize(pairs: Sequence[dict], p: Plan, shards: Sequence[int]) -> dict[s
     """The row arrays (M, len(shards) * R, L) of the given data shards (the ones this process's devices hold).
 
     A shared-prompt unit (pair, None) is laid out as prompt[:-1], then prompt[-1] + chosen, then prompt[-1] +
-    rejected, with segment ids `segments.shared_id` (`attention.visible`: each branch sees the prompt) and each
+    rejected, with segment ids `segments.shared_id` (`segments.visible`: each branch sees the prompt) and each
     branch's positions continuing the prompt's: the prompt's last token, repeated at the head of each branch, has
     the hidden state it has in the pair's two sequences, and predicts that branch's first token."""
     bm = len(pairs) // p.micro

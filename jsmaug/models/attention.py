@@ -20,11 +20,12 @@ The mask, in every path: query i sees key j when j <= i, both carry the same seg
 not 0 (padding), and, with a sliding window w, i - j < w (HF's convention).
 
 Shared prompts (`data.share_prompt`, jsmaug/data/packing.py): a pair laid out once as prompt, chosen branch,
-rejected branch carries the ids of `segments.shared_id` (its unit in the row, and the part), and a query also
-sees the keys of its own unit's prompt (`visible`). Ordinary ids stay below `segments.SHARED`, where nothing
+rejected branch carries the ids of `segments.shared_id` (its unit in the row, and the part), and a query also sees
+the keys of its own unit's prompt (`segments.visible`). Ordinary ids stay below `segments.SHARED`, where nothing
 changes; the rule applies only where asked (`shared`, the model config's `shared_prompt_masks`, which such a run
-sets), so every other program stays as it was. `xla`, `chunked` and `cudnn` (which sends such rows to `chunked`)
-take them; `splash` and sliding windows do not (the run's config refuses them).
+sets), so every other program stays as it was. A sliding window there goes by `segments.window_index` (a branch's
+distance to its prompt is its position's). `xla`, `chunked` and `cudnn` (it sends such rows to `chunked`) take them;
+`splash` does not (the run's config refuses it).
 
 Attention sinks (gpt-oss, `sinks_H`: one learned logit per query head): the sink joins each row's softmax
 denominator and nothing else, `p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sink_h))` (HF's gpt_oss
@@ -46,16 +47,10 @@ from jsmaug.errors import ConfigError
 from jsmaug.models import splash
 
 from jsmaug.parallel import mesh_context
-from jsmaug.segments import PROMPT, SHARED
+from jsmaug.segments import SHARED, segment_bounds, visible, window_index
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
-
-
-def visible(seg_q, seg_k):
-    """Segment ids' part of the mask (broadcast): the same segment, or the key in the prompt of the query's unit."""
-    prompt_of_unit = (seg_k >= SHARED) & ((seg_k & 3) == PROMPT) & ((seg_q >> 2) == (seg_k >> 2))
-    return ((seg_q == seg_k) | prompt_of_unit) & (seg_k > 0)
 
 
 def _segments_visible(seg_q, seg_k, shared: bool):
@@ -67,7 +62,7 @@ def _segments_visible(seg_q, seg_k, shared: bool):
 def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=None, q_index_BxS=None,
                kv_index_BxT=None, shared: bool = False):
     """Causal + same-segment (packing; with `shared`, shared-prompt units: `visible`) + not-padding (segment 0)
-    + optional sliding window, as booleans."""
+    + optional sliding window (with `shared`, by `segments.window_index`), as booleans."""
     kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
     s, t = segment_ids_BxS.shape[1], kv_seg.shape[1]
     q_idx = jnp.arange(s)[None, :] if q_index_BxS is None else q_index_BxS
@@ -75,6 +70,9 @@ def mask_BxSxT(segment_ids_BxS, sliding_window: int | None, kv_segment_ids_BxT=N
     q_idx, k_idx = q_idx[:, :, None], k_idx[:, None, :]
     mask = (k_idx <= q_idx) & _segments_visible(segment_ids_BxS[:, :, None], kv_seg[:, None, :], shared)
     if sliding_window is not None:
+        if shared and kv_segment_ids_BxT is None and q_index_BxS is None:
+            w = window_index(segment_ids_BxS)
+            q_idx, k_idx = w[:, :, None], w[:, None, :]
         mask &= (q_idx - k_idx) < sliding_window  # HF: a query sees keys with q - k < window (itself included)
     return mask
 
@@ -108,13 +106,14 @@ def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask, sinks_H=None):
 
 # ------------------------------------------------------------------------------------------------ chunked
 
-def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window, shared=False):
-    """(B, bq, bk) mask of query block starting at i0 against key block starting at j0."""
+def _block_mask(seg_q, seg_k, i0, j0, bq, bk, window, shared=False, w_q=None, w_k=None):
+    """(B, bq, bk) mask of query block starting at i0 against key block starting at j0; the window by the blocks'
+    `segments.window_index` values `w_q`, `w_k` when given (shared prompts), else by the row's indices."""
     qi = i0 + jnp.arange(bq)[:, None]
     kj = j0 + jnp.arange(bk)[None, :]
     m = (kj <= qi)[None] & _segments_visible(seg_q[:, :, None], seg_k[:, None, :], shared)
     if window is not None:
-        m &= (qi - kj < window)[None]
+        m &= (w_q[:, :, None] - w_k[:, None, :] < window) if w_q is not None else (qi - kj < window)[None]
     return m
 
 
@@ -132,25 +131,12 @@ def _query_block_range(j, bq, bk, nq, window):
     return lo, hi
 
 
-def _segment_bounds(seg_BxS):
-    """Per position, where its segment starts and ends (exclusive); a padding position (segment 0) is its own
-    span. Segments are contiguous runs of one id, as packing lays them out."""
-    s = seg_BxS.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_BxS.shape)
-    prev = jnp.pad(seg_BxS[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    nxt = jnp.pad(seg_BxS[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
-    start = jax.lax.cummax(jnp.where(seg_BxS != prev, idx, 0), axis=1)
-    end = jax.lax.cummin(jnp.where(seg_BxS != nxt, idx + 1, s), axis=1, reverse=True)
-    pad = seg_BxS == 0
-    return jnp.where(pad, idx, start), jnp.where(pad, idx + 1, end)
-
-
 def _segment_block_ranges(seg, bq, bk, shared=False):
     """Packing's block skipping: for each query block, the first key block any of its queries' segments reaches
     (over the batch); for each key block, one past the last query block its keys' segments reach. Blocks
     outside these ranges pair two different segments: fully masked, so skipping them changes nothing."""
     b, s = seg.shape
-    start, end = _segment_bounds(jnp.where(seg >= SHARED, seg & ~3, seg) if shared else seg)  # a unit: one span
+    start, end = segment_bounds(jnp.where(seg >= SHARED, seg & ~3, seg) if shared else seg)  # a unit: one span
     first_key_block = jnp.min(start.reshape(b, s // bq, bq), axis=(0, 2)) // bk  # (nq,)
     last_query_block = (jnp.max(end.reshape(b, s // bk, bk), axis=(0, 2)) - 1) // bq + 1  # (nk,)
     return first_key_block, last_query_block
@@ -169,17 +155,23 @@ def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared=False):
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
     first_key_block, _ = _segment_block_ranges(seg, bq, bk, shared)
+    # Shared prompts with a window: the window by `segments.window_index`, and no block skipping by the window (a
+    # rejected branch reaches back past its chosen branch); the units' own spans still bound the blocks.
+    w_idx = window_index(seg) if shared and window is not None else None
+    block_window = None if w_idx is not None else window
 
     def q_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
         seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)
+        w_q = None if w_idx is None else jax.lax.dynamic_slice_in_dim(w_idx, i * bq, bq, axis=1)
 
         def body(j, carry):
             m, l, acc = carry
             k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
             seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)
-            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared)[:, None, None]
+            w_k = None if w_idx is None else jax.lax.dynamic_slice_in_dim(w_idx, j * bk, bk, axis=1)
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared, w_q, w_k)[:, None, None]
             sc = jnp.where(mask, _scores(q_blk, k_blk, scale), NEG_INF)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -188,7 +180,7 @@ def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared=False):
             pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
-        lo, hi = _key_block_range(i, bq, bk, nk, window)
+        lo, hi = _key_block_range(i, bq, bk, nk, block_window)
         lo = jnp.maximum(lo, first_key_block[i])
         if sinks is None:
             m0, l0 = jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32)
@@ -212,6 +204,8 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shar
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
     _, last_query_block = _segment_block_ranges(seg, bq, bk, shared)
+    w_idx = window_index(seg) if shared and window is not None else None  # as in the forward
+    block_window = None if w_idx is not None else window
     # D_i = rowsum(dO_i * O_i), per query (B, K, G, S)
     delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -220,6 +214,7 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shar
         k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
         v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
         seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)
+        w_k = None if w_idx is None else jax.lax.dynamic_slice_in_dim(w_idx, j * bk, bk, axis=1)
 
         def body(i, inner):
             dq, dk, dv = inner
@@ -228,7 +223,8 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shar
             seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)
             lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
             delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared)[:, None, None]
+            w_q = None if w_idx is None else jax.lax.dynamic_slice_in_dim(w_idx, i * bq, bq, axis=1)
+            mask = _block_mask(seg_q, seg_k, i * bq, j * bk, bq, bk, window, shared, w_q, w_k)[:, None, None]
             p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)  # (B,K,G,bq,bk)
             dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do_blk.dtype), do_blk,
                                  preferred_element_type=jnp.float32)
@@ -241,7 +237,7 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shar
                 dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
             return dq, dk, dv
 
-        lo, hi = _query_block_range(j, bq, bk, nq, window)
+        lo, hi = _query_block_range(j, bq, bk, nq, block_window)
         hi = jnp.minimum(hi, last_query_block[j])
         zeros = jnp.zeros((b, bk, kv, dh), jnp.float32)
         dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
@@ -361,7 +357,7 @@ def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, slidi
                    shared: bool = False):
     """Causal self-attention over a whole sequence (training and scoring; decoding with a cache uses `xla`).
     `sinks_H`: the attention sinks (one logit per query head), or None. `shared`: the segment ids may hold
-    shared-prompt units (`visible`)."""
+    shared-prompt units (`segments.visible`)."""
     impl, _ = resolve_impl(implementation, dtype, q_BxSxHxDh.shape[-1], seq_len=q_BxSxHxDh.shape[1],
                            block_size=block_size, sinks=sinks_H is not None)
     qkv = (q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh)

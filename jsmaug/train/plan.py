@@ -188,12 +188,8 @@ def resolved_paths(config: ModelConfig, mesh, row_len: int | None = None) -> dic
 
 
 def check_shared_prompts(config: ModelConfig, mesh) -> None:
-    """data.share_prompt's limits, named before anything is built: its mask is by segment ids and token order, so
-    no sliding window (a branch's distance to its prompt is not its position's), and no splash kernel (segment
-    ids only: set model.attention_impl=chunked)."""
-    if config.sliding_window is not None and any(config.layer_sliding):
-        raise ConfigError(f"data.share_prompt: not with sliding-window attention ({config.model_type}, window "
-                          f"{config.sliding_window}); set data.share_prompt=false")
+    """data.share_prompt's limit, named before anything is built: no splash kernel (it takes plain segment ids
+    only: set model.attention_impl=chunked). Sliding windows are measured by `segments.window_index`."""
     attn = resolved_paths(config, mesh)["attention"]
     if attn == "splash":
         raise ConfigError("data.share_prompt: the splash kernel takes plain segment ids only; set "
