@@ -100,6 +100,27 @@ def test_auto_choices_per_backend():
     assert attention.resolve_impl("xla", "float32", 128, "cpu") == ("xla", "set in the config")
 
 
+def test_chunked_runs_blocks_of_at_most_256_on_cpu(monkeypatch):
+    """The CPU cap on `chunked`'s block (attention.CPU_CHUNK_BLOCK, chosen by jsmaug.perf.attention_blocks): a
+    512-token block runs as 256 on CPU and stays 512 elsewhere; a smaller block stays; the values do not move."""
+    assert (attention.chunk_block(512, "cpu"), attention.chunk_block(64, "cpu")) == (256, 64)
+    assert attention.chunk_block(512, "gpu") == attention.chunk_block(512, "tpu") == 512
+    assert "blocks of 256" in attention.resolve_impl("auto", "float32", 64, "cpu", seq_len=1024, block_size=512)[1]
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 600, h, 16)).astype(np.float32)) for h in (4, 2, 2))
+    seg = jnp.asarray(np.repeat([1, 2, 3], 200)[None].astype(np.int32))
+    seen, shipped = [], attention.chunked_attention
+
+    def spy(*a, **kw):
+        seen.append(a[5])  # the block
+        return shipped(*a, **kw)
+    monkeypatch.setattr(attention, "chunked_attention", spy)
+    got = attention.self_attention(q, k, v, seg, implementation="chunked", block_size=512)
+    assert seen == [256]
+    want = attention.xla_attention(q, k, v, attention.mask_BxSxT(seg, None))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 
 def test_cudnn_logic_takes_the_fused_call_for_padded_rows_and_chunked_for_packed_ones(monkeypatch):
     # Rows that are one segment then padding go to the fused call; a packed row sends the batch to `chunked`.

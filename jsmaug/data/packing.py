@@ -228,11 +228,12 @@ def run_layout(batches: Sequence[Sequence[dict]], *, micro: int, shards: int, bu
     (`compile_steps=0`: every row count its steps need, the fewest slots). A step's work also has a part that
     does not depend on the layout (the log-probs of the completion tokens), which this leaves out.
 
-    Lengths run from `longest` (the data's longest sequence) in steps of `row_step` up to twice the largest
-    padded length of `batches`, and no further than `max_length` (the longest row that keeps the padded rows'
-    attention path: on CPU, rows over attention_block_size take the chunked path, 1.6x the work per slot on the
-    tiny config) unless the longest sequence needs more. Ties: fewer counts, then the shorter length. `shared`:
-    the pairs as units (`plan`); `longest` is then the longest unit."""
+    Lengths run from `longest` (the data's longest sequence) in steps of `row_step` up to twice the largest padded
+    length of `batches`, and no further than `max_length` (the longest row that keeps the padded rows' attention
+    path: on CPU, rows over attention_block_size take the chunked path, 1.6x the work per slot on the tiny config,
+    measured with 512-token blocks, before chunked's CPU blocks of 256) unless the longest sequence needs more.
+    Ties: fewer counts, then the shorter length. `shared`: the pairs as units (`plan`); `longest` is then the
+    longest unit."""
     steps = len(batches) if steps is None else steps
     batches = list(batches)[:max(steps, 1)]
     weight = steps / len(batches)  # each sampled batch stands for this many steps

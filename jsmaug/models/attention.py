@@ -51,6 +51,10 @@ from jsmaug.segments import SHARED, segment_bounds, visible, window_index
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows never give NaN
+# On CPU, `chunked` runs blocks of at most this many tokens: 1.13-2.17x faster than 512 on 11 of 12 rows of 1,024 to
+# 4,096 tokens, packed or not, 0.98x on the twelfth (`python -m jsmaug.perf.attention_blocks`; docs/performance.md,
+# "Attention blocks on CPU").
+CPU_CHUNK_BLOCK = 256
 
 
 def _segments_visible(seg_q, seg_k, shared: bool):
@@ -347,9 +351,17 @@ def resolve_impl(impl: str, dtype: str, head_dim: int, backend: str | None = Non
     if backend == "cpu" and seq_len is not None and seq_len <= block_size:
         return "xla", f"cpu, rows of {seq_len} <= attention_block_size {block_size} tokens: one block, the plain path"
     if backend == "cpu":
-        return "chunked", (f"memory-efficient pure-JAX attention on cpu for rows over attention_block_size "
-                           f"{block_size} tokens; xla for rows up to it")
+        return "chunked", (f"memory-efficient pure-JAX attention on cpu (blocks of {chunk_block(block_size, backend)})"
+                           f" for rows over attention_block_size {block_size} tokens; xla for rows up to it")
     return "chunked", f"memory-efficient pure-JAX attention on {backend} (dtype {dtype})"
+
+
+def chunk_block(block_size: int, backend: str | None = None) -> int:
+    """The `chunked` kernel's block: `attention_block_size`, at most `CPU_CHUNK_BLOCK` on CPU (where `block_size`
+    still decides which rows take `xla`). Smaller blocks skip more of the causal and packed rows' masked pairs, and
+    on CPU cost little per block."""
+    backend = backend or mesh_context.target_platform()
+    return min(block_size, CPU_CHUNK_BLOCK) if backend == "cpu" else block_size
 
 
 def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, sliding_window: int | None = None,
@@ -367,4 +379,4 @@ def self_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS, *, slidi
         return splash.splash_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H=sinks_H)
     if impl == "cudnn":  # (resolve_impl never gives cudnn with sinks)
         return cudnn_attention(*qkv, segment_ids_BxS, sliding_window, block_size, shared=shared)
-    return chunked_attention(*qkv, segment_ids_BxS, sliding_window, block_size, sinks_H, shared)
+    return chunked_attention(*qkv, segment_ids_BxS, sliding_window, chunk_block(block_size), sinks_H, shared)

@@ -85,9 +85,10 @@ def run_sample(train_pairs, cfg, shards: int) -> list:
 
 def attention_row_cap(plan, padded_length: int, row_step: int) -> int | None:
     """The longest packed row (`padded_length` plus a multiple of `row_step`, up to twice `padded_length`) that
-    takes the attention path rows of `padded_length` take (`plan.resolved_paths`); None when every length does. On CPU `auto` runs
-    rows of up to attention_block_size through `xla` and longer ones through `chunked`, which cost 1.6x as much
-    per token slot in the tiny config's step (rows of 832 and 1248 tokens against 376; docs/performance.md)."""
+    takes the attention path rows of `padded_length` take (`plan.resolved_paths`); None when every length does. On
+    CPU `auto` runs rows of up to attention_block_size through `xla` and longer ones through `chunked`, which cost
+    1.6x as much per token slot in the tiny config's step (rows of 832 and 1248 tokens against 376, with 512-token
+    blocks; docs/performance.md)."""
     from jsmaug.train.plan import resolved_paths
 
     def path(n):
