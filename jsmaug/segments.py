@@ -22,14 +22,20 @@ def visible(seg_q, seg_k):
     return ((seg_q == seg_k) | prompt_of_unit) & (seg_k > 0)
 
 
+def run_starts(ids_BxS):
+    """Per position, where the run of its id (consecutive positions holding one id) starts in the row."""
+    idx = jnp.broadcast_to(jnp.arange(ids_BxS.shape[1], dtype=jnp.int32), ids_BxS.shape)
+    prev = jnp.pad(ids_BxS[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return jax.lax.cummax(jnp.where(ids_BxS != prev, idx, 0), axis=1)
+
+
 def segment_bounds(seg_BxS):
     """Per position, where its segment starts and ends (exclusive); a padding position (segment 0) is its own
     span. Segments are contiguous runs of one id, as packing lays them out."""
     s = seg_BxS.shape[1]
     idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_BxS.shape)
-    prev = jnp.pad(seg_BxS[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
     nxt = jnp.pad(seg_BxS[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
-    start = jax.lax.cummax(jnp.where(seg_BxS != prev, idx, 0), axis=1)
+    start = run_starts(seg_BxS)
     end = jax.lax.cummin(jnp.where(seg_BxS != nxt, idx + 1, s), axis=1, reverse=True)
     pad = seg_BxS == 0
     return jnp.where(pad, idx, start), jnp.where(pad, idx + 1, end)

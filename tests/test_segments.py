@@ -1,14 +1,20 @@
-"""jsmaug/segments.py's rules, on rows written out by hand: each segment's span, and the index a sliding window
-measures by (a rejected branch's row index less its chosen branch's length; everything else its row index)."""
+"""jsmaug/segments.py's rules, on rows written out by hand: runs of one id, each segment's span, and the index a
+sliding window measures by (a rejected branch's row index less its chosen branch's length; everything else its
+row index)."""
 
 import jax.numpy as jnp
 import numpy as np
 
-from jsmaug.segments import CHOSEN, PROMPT, REJECTED, segment_bounds, shared_id, window_index
+from jsmaug.segments import CHOSEN, PROMPT, REJECTED, run_starts, segment_bounds, shared_id, window_index
 
 U1 = [shared_id(1, PROMPT)] * 2 + [shared_id(1, CHOSEN)] * 3 + [shared_id(1, REJECTED)] * 3
 U2 = [shared_id(2, CHOSEN)] * 2 + [shared_id(2, REJECTED)] * 3  # a one-token prompt: no prompt run
 ROW = jnp.array([U1 + U2 + [0] * 3])
+
+
+def test_run_starts_count_padding_as_a_run_like_any_id():
+    ids = jnp.array([[0, 0, 2, 2, 2, 1, 0, 0]])  # packed sequence ids: sequence 0 and padding share the id 0
+    assert np.asarray(run_starts(ids))[0].tolist() == [0, 0, 2, 2, 2, 5, 6, 6]
 
 
 def test_segment_bounds_are_each_runs_span_and_padding_its_own():

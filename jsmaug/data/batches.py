@@ -60,7 +60,7 @@ class DataConfig:
     # shape is set by its fullest group; issue 44's mild pairs: one shape at 7.6% padding against 24%)
     balanced_steps: bool | None = None
     # Packed rows hold each pair once: its prompt, then both completions, each seeing the prompt (jsmaug.data.packing,
-    # jsmaug.segments): the prompt's layers run once a pair, not twice. Needs packing; not with sliding windows
+    # jsmaug.segments): the prompt's layers run once a pair, not twice. Needs packing; not with the splash kernel
     share_prompt: bool = False
     # TFDS instead of files: with tfds_config set, train_path / eval_path name splits ("train", "test").
     tfds_config: str | None = None  # generic | metamath | arc | hellaswag

@@ -146,6 +146,15 @@ def _segment_block_ranges(seg, bq, bk, shared=False):
     return first_key_block, last_query_block
 
 
+def _window_rule(seg, window, shared):
+    """(the `segments.window_index` values the window goes by, or None for the row's indices; the window the block
+    ranges skip by). Shared prompts with a window: by `window_index`, and no block skipping by the window (a
+    rejected branch reaches back past its chosen branch); the units' own spans still bound the blocks."""
+    if shared and window is not None:
+        return window_index(seg), None
+    return None, window
+
+
 def _scores(q_blk, k_blk, scale):
     # q_blk (B, bq, K, G, Dh), k_blk (B, bk, K, Dh) -> (B, K, G, bq, bk) float32
     return jnp.einsum("bqkgd,btkd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
@@ -159,10 +168,7 @@ def _chunked_fwd_impl(q, k, v, seg, sinks, window, bq, bk, shared=False):
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
     first_key_block, _ = _segment_block_ranges(seg, bq, bk, shared)
-    # Shared prompts with a window: the window by `segments.window_index`, and no block skipping by the window (a
-    # rejected branch reaches back past its chosen branch); the units' own spans still bound the blocks.
-    w_idx = window_index(seg) if shared and window is not None else None
-    block_window = None if w_idx is not None else window
+    w_idx, block_window = _window_rule(seg, window, shared)
 
     def q_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
@@ -208,8 +214,7 @@ def _chunked_bwd_impl(q, k, v, seg, sinks, out, lse, d_out, window, bq, bk, shar
     nq, nk = s // bq, s // bk
     scale = dh ** -0.5
     _, last_query_block = _segment_block_ranges(seg, bq, bk, shared)
-    w_idx = window_index(seg) if shared and window is not None else None  # as in the forward
-    block_window = None if w_idx is not None else window
+    w_idx, block_window = _window_rule(seg, window, shared)
     # D_i = rowsum(dO_i * O_i), per query (B, K, G, S)
     delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
 

@@ -22,6 +22,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jsmaug.segments import run_starts
+
 
 class SequenceLogps(NamedTuple):
     logps: jax.Array  # (B,) float32: sum over loss_mask positions of w_t * log p(label_t)
@@ -156,9 +158,7 @@ def ld_weights(loss_mask_BxS, ld_alpha: float, sequence_ids_BxS=None, num_sequen
     else:
         # Within a packed row, count from the start of each sequence's run: subtract the count before it.
         ids = jnp.asarray(sequence_ids_BxS)
-        idx = jnp.arange(mask.shape[1])[None, :]
-        prev = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-        start = jax.lax.cummax(jnp.where(ids != prev, idx, 0), axis=1)
+        start = run_starts(ids)
         before = jnp.where(start > 0, jnp.take_along_axis(pos, jnp.maximum(start - 1, 0), axis=1), 0)
         pos = pos - before
         lens = jax.ops.segment_sum(mask.reshape(-1), ids.reshape(-1), num_segments=num_sequences)
